@@ -1,0 +1,47 @@
+"""Turning whatever the user holds (numpy arrays, tensors, HWC or CHW) into (N, C, H, W) tensors."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+_CHANNEL_SIZES = (1, 3, 4)
+
+
+def as_images(x: Any, *, name: str = "images") -> torch.Tensor:
+    """Return ``x`` as a 4-D tensor (N, C, H, W), keeping its dtype (uint8 stays uint8).
+
+    Accepted: torch tensors or numpy arrays of shape (N, C, H, W), (N, H, W, C) (channels last,
+    the Keras/numpy convention: recognised when the last axis has 1, 3 or 4 entries and the
+    second does not), or (N, H, W) (grey images). Anything else raises a ValueError naming the shape.
+    """
+    if isinstance(x, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(x))
+    elif isinstance(x, torch.Tensor):
+        t = x
+    else:
+        raise TypeError(f"expected {name} as a torch.Tensor or numpy array, received {type(x).__name__}")
+    if t.ndim == 3:
+        t = t.unsqueeze(1)
+    if t.ndim != 4:
+        raise ValueError(f"expected {name} of shape (N, C, H, W) or (N, H, W, C), received shape {tuple(t.shape)}")
+    if t.shape[-1] in _CHANNEL_SIZES and t.shape[1] not in _CHANNEL_SIZES:
+        t = t.permute(0, 3, 1, 2).contiguous()
+    return t
+
+
+def as_labels(y: Any, n: int | None = None, *, name: str = "labels") -> torch.Tensor:
+    """Return ``y`` as an int64 tensor of shape (N,), checking it matches ``n`` images."""
+    t = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
+    if t.ndim == 2 and t.shape[1] == 1:
+        t = t[:, 0]
+    if t.ndim != 1:
+        raise ValueError(f"expected {name} of shape (N,), received shape {tuple(t.shape)}")
+    if t.is_floating_point():
+        if not torch.equal(t, t.round()):
+            raise ValueError(f"expected integer class {name}, received non-integer values")
+    t = t.long()
+    if n is not None and len(t) != n:
+        raise ValueError(f"expected {n} {name} (one per image), received {len(t)}")
+    return t

@@ -1,0 +1,42 @@
+"""Line plots written as PNG (accuracy vs k, training curves)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+
+def save_line_plot(
+    x: Sequence[float],
+    series: Mapping[str, Sequence[float]],
+    path: str | Path,
+    *,
+    xlabel: str = "",
+    ylabel: str = "",
+    title: str = "",
+    errors: Mapping[str, Sequence[float]] | None = None,
+) -> Path:
+    """Write a PNG with one line per named series over ``x`` (error bars where ``errors`` has them)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for label, ys in series.items():
+        xs = list(x)[: len(ys)]
+        if errors and label in errors:
+            ax.errorbar(xs, ys, yerr=errors[label], marker="o", capsize=3, label=label)
+        else:
+            ax.plot(xs, ys, marker="o" if len(ys) < 50 else None, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

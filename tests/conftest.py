@@ -1,0 +1,46 @@
+"""Shared fixtures: the real data root and small real subsets of it."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _data_root() -> Path:
+    env = os.environ.get("IMCLASS_DATA")
+    return Path(env) if env else ROOT.parent / "shared" / "data"
+
+
+# Under xdist each worker gets one thread: two workers on two cores, no oversubscription.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = _data_root()
+    if not (root / "cifar10").is_dir():
+        pytest.fail(f"real data not found under {root}: set IMCLASS_DATA to the shared data folder")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_npz(data_root):
+    """The raw CIFAR-10 arrays (x_train uint8 NHWC, y_train, x_test, y_test)."""
+    with np.load(data_root / "cifar10" / "cifar10.npz", allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="session")
+def cifar_small(cifar_npz):
+    """2,000 training and 500 test CIFAR-10 images as uint8 (N, C, H, W) tensors with labels."""
+    x = torch.from_numpy(cifar_npz["x_train"][:2000]).permute(0, 3, 1, 2).contiguous()
+    y = torch.from_numpy(cifar_npz["y_train"][:2000].astype(np.int64))
+    xt = torch.from_numpy(cifar_npz["x_test"][:500]).permute(0, 3, 1, 2).contiguous()
+    yt = torch.from_numpy(cifar_npz["y_test"][:500].astype(np.int64))
+    return x, y, xt, yt
