@@ -1,16 +1,33 @@
 """Data sets as tensors: CIFAR-10, MNIST, Fashion-MNIST, image folders and arrays.
 
-``load(name_or_path, split="train", root=None, image_size=None) -> ImageDataset``.
+``load(name_or_path, split="train", root=None, image_size=None) -> ImageDataset``: uint8 images
+(N, C, H, W), int64 labels (N,) and class names, all in memory. See docs/data.md.
 """
 from __future__ import annotations
 
 from imclass.data.arrays import as_images, as_labels
 from imclass.data.dataset import ImageDataset
+from imclass.data.datasets import CLASSES, canonical_name, clear_cache, from_arrays, load, names, resize_images
+from imclass.data.download import DownloadError, fetch, resolve_root
+from imclass.data.folder import UnreadableImageError, load_folder
+from imclass.data.split import split_indices, train_val_split
 
-__all__ = ["ImageDataset", "as_images", "as_labels", "load"]
-
-
-def load(name_or_path, split: str = "train", root=None, image_size=None) -> ImageDataset:  # replaced by data helper
-    from imclass.data.datasets import load as _load
-
-    return _load(name_or_path, split=split, root=root, image_size=image_size)
+__all__ = [
+    "CLASSES",
+    "DownloadError",
+    "ImageDataset",
+    "UnreadableImageError",
+    "as_images",
+    "as_labels",
+    "canonical_name",
+    "clear_cache",
+    "fetch",
+    "from_arrays",
+    "load",
+    "load_folder",
+    "names",
+    "resize_images",
+    "resolve_root",
+    "split_indices",
+    "train_val_split",
+]

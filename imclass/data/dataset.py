@@ -1,8 +1,9 @@
 """The in-memory image data set every part of imclass passes around."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -13,6 +14,8 @@ class ImageDataset:
 
     Keeping whole data sets as tensors (CIFAR-10 is 150 MB of pixels) lets training,
     augmentation and k-NN work on batches with no per-sample Python code.
+    ``notes`` holds facts a user must not miss (e.g. "test split has 1,000 of the official
+    10,000 images"); ``source`` is where the data came from (a file or folder).
     """
 
     images: torch.Tensor
@@ -21,6 +24,7 @@ class ImageDataset:
     name: str = ""
     split: str = ""
     notes: list[str] = field(default_factory=list)
+    source: str = ""
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4:
@@ -33,6 +37,14 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.images)
 
+    def __repr__(self) -> str:
+        c, h, w = self.image_shape
+        title = "/".join(p for p in (self.name, self.split) if p) or "ImageDataset"
+        return (
+            f"ImageDataset({title}: {len(self)} images of {c}x{h}x{w} {str(self.images.dtype).replace('torch.', '')}, "
+            f"{self.num_classes} classes)"
+        )
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)
@@ -42,15 +54,41 @@ class ImageDataset:
         """(C, H, W) of one image."""
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
-    def subset(self, indices: Sequence[int] | torch.Tensor | slice) -> "ImageDataset":
-        """A new data set holding only the images at ``indices`` (shares storage for slices)."""
+    def subset(self, indices: Sequence[int] | torch.Tensor | slice, *, split: str | None = None) -> "ImageDataset":
+        """A new data set holding only the images at ``indices`` (a slice, indices or a boolean mask).
+
+        A slice shares storage with this data set; indices and masks copy.
+        """
         if isinstance(indices, slice):
+            images, labels = self.images[indices], self.labels[indices]
+        elif isinstance(indices, torch.Tensor) and indices.dtype == torch.bool:
             images, labels = self.images[indices], self.labels[indices]
         else:
             idx = torch.as_tensor(indices, dtype=torch.long)
             images, labels = self.images[idx], self.labels[idx]
-        return ImageDataset(images, labels, list(self.classes), self.name, self.split, list(self.notes))
+        return dataclasses.replace(
+            self,
+            images=images,
+            labels=labels,
+            classes=list(self.classes),
+            notes=list(self.notes),
+            split=self.split if split is None else split,
+        )
 
     def class_counts(self) -> list[int]:
         """Number of images of each class, in the order of ``classes``."""
         return torch.bincount(self.labels, minlength=self.num_classes).tolist()
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready summary: size, image shape, dtype, class names, per-class counts, notes."""
+        return {
+            "name": self.name,
+            "split": self.split,
+            "size": len(self),
+            "image_shape": list(self.image_shape),
+            "dtype": str(self.images.dtype).replace("torch.", ""),
+            "classes": list(self.classes),
+            "class_counts": self.class_counts(),
+            "notes": list(self.notes),
+            "source": self.source,
+        }

@@ -1,0 +1,152 @@
+"""``imclass data``: look at a data set (sizes, classes, counts), draw example images, download it."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from imclass.cli._common import DataRoot, fail, print_json
+
+data_app = typer.Typer(help="Inspect, show and download data sets (cifar10, mnist, fashion-mnist, image folders).",
+                       no_args_is_help=True)
+
+_NAME = typer.Argument(..., help="cifar10, mnist, fashion-mnist, or a folder of images (one sub-folder per class).")
+_IMAGE_SIZE = typer.Option(None, "--image-size", help="Resize every image: 32 or 32x48 (height x width).")
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, RuntimeError, OSError)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``data`` command group to the ``imclass`` app."""
+    app.add_typer(data_app, name="data")
+
+
+def parse_size(text: str | None) -> int | tuple[int, int] | None:
+    """``"32"`` -> 32, ``"32x48"`` or ``"32,48"`` -> (32, 48); None stays None."""
+    if text is None:
+        return None
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2):
+        fail(f"expected --image-size like 32 or 32x48 (height x width), received {text!r}")
+    return values[0] if len(values) == 1 else (values[0], values[1])
+
+
+def _splits_of(name: str, split: str | None) -> list[str]:
+    from imclass.data.datasets import canonical_name
+    from imclass.data.folder import split_folders
+
+    if split:
+        return [s.strip() for s in split.split(",") if s.strip()]
+    if canonical_name(name) is None and Path(name).expanduser().is_dir():
+        found = split_folders(Path(name).expanduser())
+        if found:
+            return list(found)
+    return ["train", "test"]
+
+
+def _load(name: str, split: str, root: str | None, image_size: str | None):
+    """Load with warnings turned into ``warning:`` lines on stderr (the notes say the rest)."""
+    from imclass.data import load
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = load(name, split=split, root=root, image_size=parse_size(image_size))
+        except _USER_ERRORS as err:
+            fail(str(err))
+    for w in caught:
+        if str(w.message) not in ds.notes:
+            typer.secho(f"warning: {w.message}", fg=typer.colors.YELLOW, err=True)
+    return ds
+
+
+@data_app.command("info")
+def info(
+    name: str = _NAME,
+    data: Optional[str] = DataRoot,
+    split: Optional[str] = typer.Option(None, "--split", help="Split(s) to describe, e.g. train or train,test (default: all)."),
+    image_size: Optional[str] = _IMAGE_SIZE,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Print sizes, image shape, class names and per-class counts of each split."""
+    sets = {s: _load(name, s, data, image_size) for s in _splits_of(name, split)}
+    first = next(iter(sets.values()))
+    if as_json:
+        print_json({"name": first.name, "splits": {s: ds.describe() for s, ds in sets.items()}})
+        return
+    typer.echo(f"{first.name}  ({first.source})")
+    for s, ds in sets.items():
+        c, h, w = ds.image_shape
+        typer.echo(f"  {s:<6} {len(ds):>8,} images  {c}x{h}x{w} {ds.describe()['dtype']}  {ds.num_classes} classes")
+    width = max(len("class"), *(len(c) for c in first.classes)) + 2
+    typer.echo("")
+    typer.echo("  " + "class".ljust(width) + "".join(f"{s:>9}" for s in sets))
+    counts = {s: ds.class_counts() for s, ds in sets.items()}
+    for i, cls in enumerate(first.classes):
+        typer.echo("  " + cls.ljust(width) + "".join(f"{counts[s][i]:>9,}" for s in sets))
+    notes = [n for ds in sets.values() for n in ds.notes]
+    for note in dict.fromkeys(notes):
+        typer.echo(f"note: {note}")
+
+
+@data_app.command("show")
+def show(
+    name: str = _NAME,
+    out: Path = typer.Option(Path("grid.png"), "--out", "-o", help="PNG file to write."),
+    data: Optional[str] = DataRoot,
+    split: str = typer.Option("train", "--split", help="Split to draw from."),
+    per_class: int = typer.Option(10, "--per-class", help="Images per class (one row per class)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random choice of images."),
+    image_size: Optional[str] = _IMAGE_SIZE,
+) -> None:
+    """Write a PNG grid of example images: one row per class, labelled with the class name."""
+    import torch
+
+    from imclass.visualize import save_image_grid
+
+    if per_class < 1:
+        fail(f"expected --per-class >= 1, received {per_class}")
+    ds = _load(name, split, data, image_size)
+    gen = torch.Generator().manual_seed(seed)
+    rows, labels = [], []
+    for c, cls in enumerate(ds.classes):
+        idx = torch.nonzero(ds.labels == c).reshape(-1)
+        if len(idx):
+            pick = idx[torch.randperm(len(idx), generator=gen)[:per_class]]
+            rows.append([ds.images[i] for i in pick])
+            labels.append(cls)
+    _, h, w = ds.image_shape
+    path = save_image_grid(rows, out, row_labels=labels, scale=max(1, round(64 / max(h, w))))
+    typer.echo(f"wrote {path} ({len(rows)} classes x up to {per_class} images from {ds.name}/{split})")
+
+
+@data_app.command("download")
+def download(
+    name: str = typer.Argument(..., help="cifar10, mnist or fashion-mnist."),
+    data: Optional[str] = DataRoot,
+) -> None:
+    """Download a data set's official files into <data root>/<name>/, checking their MD5 sums."""
+    from imclass.data import canonical_name, fetch, names
+
+    key = canonical_name(name)
+    if key is None:
+        fail(f"unknown data set {name!r}: expected one of {', '.join(names())}")
+    try:
+        folder = fetch(key, data)
+    except _USER_ERRORS as err:
+        fail(str(err))
+    typer.echo(f"{key} is in {folder}")
+
+
+@data_app.command("list")
+def list_() -> None:
+    """List the data sets known by name."""
+    from imclass.data import CLASSES
+
+    for key, classes in CLASSES.items():
+        typer.echo(f"{key:<14} {len(classes)} classes: {', '.join(classes)}")

@@ -1,0 +1,283 @@
+"""``imclass train``, ``imclass evaluate`` and ``imclass predict``: the run-folder commands."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+
+from imclass.cli._common import DataRoot, fail, print_json
+
+
+def register(app: typer.Typer) -> None:
+    """Add the top-level commands ``train``, ``evaluate`` and ``predict`` to ``app``."""
+    app.command("train")(train)
+    app.command("evaluate")(evaluate)
+    app.command("predict")(predict)
+
+
+# --------------------------------------------------------------------------------------------
+# train
+
+
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="JSON or TOML file of options (flags override it)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Architecture name (`imclass models list`)."),
+    model_option: Optional[List[str]] = typer.Option(
+        None, "--model-option", "-o", help="Extra model option KEY=VALUE (JSON value), repeatable."
+    ),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Start from this model file or run folder (fine-tune)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="cifar10, mnist, fashion-mnist or an image folder."),
+    data_root: Optional[str] = DataRoot,
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to SIZE x SIZE."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N training and test images."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", "-e", help="Passes over the training set [10]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per step [32]."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam, adamw, sgd or rmsprop [adam]."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate [1e-3]."),
+    momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD momentum [0.9]."),
+    nesterov: Optional[bool] = typer.Option(None, "--nesterov/--no-nesterov", help="Nesterov momentum (SGD)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="L2 weight decay [0]."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Learning-rate schedule: cosine, onecycle, step, linear."),
+    warmup_epochs: Optional[int] = typer.Option(None, "--warmup-epochs", help="Linear warm-up epochs [0]."),
+    label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", help="Label smoothing [0]."),
+    augment: Optional[str] = typer.Option(None, "--augment", help="none, flip, crop, crop_flip, crop_flip_cutout [none]."),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Hold out this fraction for validation."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed [0]."),
+    out: Optional[str] = typer.Option(None, "--out", help="Run folder [runs/<model>-<dataset>]."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from OUT/checkpoint.pt."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, mps [auto]."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="'fast': the fast CIFAR-10 recipe."),
+    target: Optional[int] = typer.Option(None, "--target", help="Fast recipe accuracy target: 90, 94 or 95."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (accuracy, loss, seconds, ...)."),
+) -> None:
+    """Train a model and save it to a run folder (model.safetensors, config.json, history, curves).
+
+    With --dataset cifar10 and no --model, the fast CIFAR-10 recipe runs.
+    """
+    from imclass.train.run import load_config, train_from_config
+
+    try:
+        options = _parse_model_options(model_option or [])
+        cfg = load_config(
+            config,
+            model=model,
+            weights=weights,
+            dataset=dataset,
+            data_root=data_root,
+            image_size=image_size,
+            limit=limit,
+            epochs=epochs,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            schedule=schedule,
+            warmup_epochs=warmup_epochs,
+            label_smoothing=label_smoothing,
+            augment=augment,
+            val_fraction=val_fraction,
+            seed=seed,
+            out=out,
+            resume=resume,
+            device=device,
+            recipe=recipe,
+            target=target,
+            verbose=False if as_json else None,
+        )
+        if options:
+            cfg.model_options = {**cfg.model_options, **options}
+        result = train_from_config(cfg)
+    except (ValueError, TypeError, FileNotFoundError, NotImplementedError, ImportError) as err:
+        fail(str(err))
+    if as_json:
+        print_json(result)
+    else:
+        typer.echo(
+            f"test accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
+            f"({result['seconds']:.1f} s training)  saved {result['model_file']}"
+        )
+
+
+def _parse_model_options(items: list[str]) -> dict[str, Any]:
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected --model-option KEY=VALUE, received {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value  # a bare word: keep it as a string
+    return options
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate
+
+
+def evaluate(
+    run: Path = typer.Argument(..., help="Run folder or .safetensors model file."),
+    dataset: str = typer.Argument(..., help="cifar10, mnist, fashion-mnist or an image folder."),
+    split: str = typer.Option("test", "--split", help="Which split to evaluate on."),
+    data_root: Optional[str] = DataRoot,
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N images."),
+    confusion: bool = typer.Option(False, "--confusion", help="Also print the confusion matrix."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Accuracy, loss and per-class accuracy of a saved model on a data set split."""
+    from imclass import data as imdata
+    from imclass.io import load
+
+    try:
+        predictor = load(run)
+        data = imdata.load(dataset, split=split, root=data_root, image_size=_resize_for(predictor))
+        if limit is not None:
+            if limit < 1:
+                raise ValueError(f"expected --limit >= 1, received {limit}")
+            data = data.subset(slice(0, limit))
+        _check_classes(predictor, data, run)
+        report = _evaluate(predictor, data)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        fail(str(err))
+    report.update({"dataset": dataset, "split": split, "images": len(data)})
+    if not confusion:
+        report.pop("confusion_matrix")
+    if as_json:
+        print_json(report)
+        return
+    loss = f"  loss {report['loss']:.4f}" if report.get("loss") is not None else ""
+    typer.echo(f"{dataset} {split} ({len(data)} images): accuracy {report['accuracy']:.4f}{loss}")
+    width = max(len(c) for c in data.classes)
+    for name, acc in report["per_class_accuracy"].items():
+        typer.echo(f"  {name:<{width}}  {acc:.4f}" if acc is not None else f"  {name:<{width}}  (no images)")
+    if confusion:
+        typer.echo("confusion matrix (rows: true class, columns: predicted class):")
+        for name, row in zip(data.classes, report["confusion_matrix"]):
+            typer.echo(f"  {name:<{width}}  " + " ".join(f"{v:5d}" for v in row))
+
+
+def _evaluate(predictor: Any, data) -> dict[str, Any]:
+    import torch
+    from sklearn.metrics import confusion_matrix
+
+    metrics: dict[str, Any] = {}
+    if hasattr(predictor, "evaluate") and hasattr(predictor, "model"):
+        metrics = dict(predictor.evaluate(data))
+    predicted = torch.as_tensor(predictor.predict(data.images)).cpu()
+    n = data.num_classes
+    cm = confusion_matrix(data.labels.numpy(), predicted.numpy(), labels=list(range(n)))
+    support = cm.sum(axis=1)
+    per_class = {
+        name: (float(cm[i, i] / support[i]) if support[i] else None) for i, name in enumerate(data.classes)
+    }
+    return {
+        "accuracy": float(metrics.get("accuracy", (predicted == data.labels).double().mean().item())),
+        "loss": float(metrics["loss"]) if "loss" in metrics else None,
+        "per_class_accuracy": per_class,
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def _check_classes(predictor: Any, data, run: Path) -> None:
+    classes = getattr(predictor, "classes", None)
+    if classes is not None and len(classes) != data.num_classes:
+        raise ValueError(
+            f"{run}: the model knows {len(classes)} classes but the data set has {data.num_classes} ({data.classes})"
+        )
+
+
+def _resize_for(predictor: Any) -> int | tuple[int, int] | None:
+    size = getattr(predictor, "input_size", None)
+    if not size:
+        return None
+    _, h, w = size
+    return h if h == w else (h, w)
+
+
+# --------------------------------------------------------------------------------------------
+# predict
+
+
+def predict(
+    run: Path = typer.Argument(..., help="Run folder or .safetensors model file."),
+    images: List[Path] = typer.Argument(..., help="Image files (PNG, JPEG, ...)."),
+    top: int = typer.Option(3, "--top", "-k", help="How many classes to show per image."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Class names and probabilities for image files, using a saved model.
+
+    An image that is missing or unreadable is reported and skipped; the others are still
+    predicted (exit code 1 when any failed).
+    """
+    import torch
+
+    from imclass.io import load
+
+    if top < 1:
+        fail(f"expected --top >= 1, received --top {top}")
+    try:
+        predictor = load(run)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        fail(str(err))
+    size = getattr(predictor, "input_size", None)
+    results, errors = [], []
+    batch, names = [], []
+    for path in images:
+        try:
+            batch.append(read_image(path, size))
+            names.append(str(path))
+        except ValueError as err:
+            errors.append({"image": str(path), "error": str(err)})
+    if batch:
+        x = torch.stack(batch)
+        probs = _probabilities(predictor, x)
+        classes = list(getattr(predictor, "classes", None) or [str(i) for i in range(probs.shape[1])])
+        k = min(top, probs.shape[1])
+        values, indices = probs.topk(k, dim=1)
+        for name, v, i in zip(names, values.tolist(), indices.tolist()):
+            results.append({"image": name, "top": [{"class": classes[c], "probability": p} for p, c in zip(v, i)]})
+    if as_json:
+        print_json({"predictions": results, "errors": errors})
+    else:
+        for r in results:
+            typer.echo(r["image"] + ": " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]))
+        for e in errors:
+            typer.secho(f"error: {e['error']}", fg=typer.colors.RED, err=True)
+    if errors:
+        raise typer.Exit(1)
+
+
+def read_image(path: Path, size: tuple[int, int, int] | list[int] | None):
+    """One image file as a uint8 tensor (C, H, W), converted to C channels and resized to (H, W)."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            channels = size[0] if size else 3
+            img = img.convert("L" if channels == 1 else "RGB")
+            if size and img.size != (size[2], size[1]):
+                img = img.resize((size[2], size[1]), Image.BILINEAR)
+            array = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"{path}: not a readable image ({err})") from None
+    t = torch.from_numpy(array.copy())
+    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()  # (H, W, C) -> (C, H, W)
+
+
+def _probabilities(predictor: Any, x):
+    import torch
+
+    if hasattr(predictor, "predict_proba"):
+        return torch.as_tensor(predictor.predict_proba(x)).float().cpu()
+    predicted = torch.as_tensor(predictor.predict(x)).cpu()  # a predictor without probabilities: one-hot
+    n = len(getattr(predictor, "classes", None) or []) or int(predicted.max()) + 1
+    return torch.nn.functional.one_hot(predicted, n).float()

@@ -1,0 +1,191 @@
+"""Where data lives and how it gets there: the data root, official URLs, checksums, extraction.
+
+A file is downloaded to a temporary name in its final folder, its MD5 checked while it streams,
+and only then renamed into place, so a partial or corrupt download never masquerades as data.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_ROOT = "~/.cache/imclass"
+ENV_VAR = "IMCLASS_DATA"
+_CHUNK = 1 << 20
+
+
+class DownloadError(RuntimeError):
+    """A data file could not be fetched, or its checksum did not match."""
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One official distribution file: its name, where to fetch it, its MD5 sum."""
+
+    filename: str
+    url: str
+    md5: str
+    extracts_to: str = ""  # for an archive: the folder it unpacks to (its presence means "already there")
+
+
+_MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"  # the mirror torchvision uses
+_FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+
+RESOURCES: dict[str, tuple[Resource, ...]] = {
+    "cifar10": (
+        Resource(
+            "cifar-10-python.tar.gz",
+            "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+            "c58f30108f718f92721af3b95e74349a",
+            extracts_to="cifar-10-batches-py",
+        ),
+    ),
+    "mnist": tuple(
+        Resource(f, _MNIST_URL + f, md5)
+        for f, md5 in (
+            ("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+            ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
+            ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+            ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
+        )
+    ),
+    "fashion-mnist": tuple(
+        Resource(f, _FASHION_URL + f, md5)
+        for f, md5 in (
+            ("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+            ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
+            ("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
+            ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"),
+        )
+    ),
+}
+
+
+def resolve_root(root: str | os.PathLike | None = None) -> Path:
+    """The data root: ``root`` when given, else ``$IMCLASS_DATA``, else ``~/.cache/imclass``."""
+    if root is None or str(root) == "":
+        root = os.environ.get(ENV_VAR) or DEFAULT_ROOT
+    return Path(root).expanduser()
+
+
+def md5sum(path: str | os.PathLike) -> str:
+    """The hex MD5 of a file, read in 1 MiB chunks."""
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fix_hint(dest: Path) -> str:
+    return (
+        f"put the file at {dest} yourself (from the URL above or a copy), "
+        f"or point root= / --data / ${ENV_VAR} at a folder that already holds it"
+    )
+
+
+def download_file(url: str, dest: str | os.PathLike, md5: str | None = None, *, timeout: float = 60.0) -> Path:
+    """Download ``url`` to ``dest``, checking ``md5``; nothing appears at ``dest`` unless it all succeeds.
+
+    Raises DownloadError naming the file, the URL, what was expected and how to fix it.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    h = hashlib.md5()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as response:
+                    total = int(response.headers.get("Content-Length") or 0) or None
+                    with _progress(total, dest.name) as bar:
+                        for chunk in iter(lambda: response.read(_CHUNK), b""):
+                            out.write(chunk)
+                            h.update(chunk)
+                            bar.update(len(chunk))
+            except (urllib.error.URLError, OSError, ValueError) as err:
+                reason = getattr(err, "reason", err)
+                raise DownloadError(
+                    f"could not download {dest.name} from {url} ({reason}). "
+                    f"If this machine is offline, {_fix_hint(dest)}"
+                ) from err
+        if md5 is not None and h.hexdigest() != md5:
+            raise DownloadError(
+                f"checksum mismatch for {dest.name} downloaded from {url}: expected MD5 {md5}, "
+                f"received {h.hexdigest()} (the partial or corrupt file was deleted). "
+                f"Try again later, or {_fix_hint(dest)}"
+            )
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def _progress(total: int | None, desc: str):
+    from tqdm.auto import tqdm
+
+    # disable=None: a bar on a terminal, silence in logs and tests
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=None, leave=False)
+
+
+def check_file(path: Path, md5: str) -> None:
+    """Raise DownloadError when the file at ``path`` does not have the expected MD5."""
+    got = md5sum(path)
+    if got != md5:
+        raise DownloadError(
+            f"checksum mismatch for {path}: expected MD5 {md5}, received {got}; "
+            f"delete the file to download it again, or replace it with the official one"
+        )
+
+
+def extract_tar(archive: str | os.PathLike, dest_dir: str | os.PathLike) -> Path:
+    """Extract a .tar.gz into ``dest_dir`` through a temporary folder, so a half extraction never shows."""
+    archive, dest_dir = Path(archive), Path(dest_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest_dir))
+    try:
+        try:
+            with tarfile.open(archive, "r:*") as tar:
+                if hasattr(tarfile, "data_filter"):  # no absolute paths, links out of the folder or devices
+                    tar.extractall(tmp, filter="data")
+                else:  # Python < 3.10.12 / 3.11.4
+                    tar.extractall(tmp)
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise DownloadError(f"could not extract {archive} ({err}); delete it to download it again") from err
+        for entry in tmp.iterdir():
+            target = dest_dir / entry.name
+            if target.exists():
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+            os.replace(entry, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest_dir
+
+
+def fetch(name: str, root: str | os.PathLike | None = None, *, force: bool = False) -> Path:
+    """Download (and for CIFAR-10 extract) the official files of data set ``name`` into ``<root>/<name>/``.
+
+    Files already present are kept unless ``force``. Returns the data set's folder.
+    """
+    if name not in RESOURCES:
+        raise ValueError(f"unknown data set {name!r} to download: expected one of {', '.join(RESOURCES)}")
+    folder = resolve_root(root) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for res in RESOURCES[name]:
+        dest = folder / res.filename
+        if res.extracts_to and (folder / res.extracts_to).is_dir() and not force:
+            continue
+        if force or not dest.exists():
+            download_file(res.url, dest, res.md5)
+        else:
+            check_file(dest, res.md5)
+        if res.extracts_to:
+            extract_tar(dest, folder)
+            dest.unlink()  # the extracted files are the data; the archive is not needed any more
+    return folder

@@ -1,0 +1,266 @@
+"""Class-per-folder image trees (``root/<class>/<image>``) read into one uint8 tensor.
+
+Two layouts are understood:
+
+* a **split tree**: ``root/train/<class>/...`` plus ``root/test/<class>/...`` (or ``root/val/...``);
+  the folders are the splits and the class list is the union of the class folders of all splits;
+* a **plain tree**: ``root/<class>/...``; it is split reproducibly, 20% of each class held out as
+  ``"test"`` and the rest as ``"train"`` (seed 0), or read whole with ``split="all"``.
+
+Images are decoded with Pillow (JPEG, PNG, BMP, GIF, WebP) in a thread pool, as RGB, or as one
+grey channel when every image is grey. Unreadable files are skipped with one warning listing them
+(``strict=True`` makes that an error).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from imclass.data.dataset import ImageDataset
+from imclass.data.split import split_indices
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+TEST_FRACTION = 0.2  # share of each class held out as "test" in a plain tree
+SPLIT_SEED = 0
+_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+_SHOWN = 10  # unreadable files named in a message before "... and N more"
+
+
+class UnreadableImageError(ValueError):
+    """Image files that Pillow could not decode (raised with ``strict=True``)."""
+
+
+def parse_image_size(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    """``32`` -> ``(32, 32)``, ``(h, w)`` -> ``(h, w)``; None stays None. Rejects non-positive sizes."""
+    if image_size is None:
+        return None
+    if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
+        size = (int(image_size), int(image_size))
+    elif isinstance(image_size, (tuple, list)) and len(image_size) == 2:
+        size = (int(image_size[0]), int(image_size[1]))
+    else:
+        raise ValueError(f"expected image_size as an int or (height, width), received {image_size!r}")
+    if min(size) < 1:
+        raise ValueError(f"expected a positive image_size, received {image_size!r}")
+    return size
+
+
+def _subfolders(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def split_folders(root: Path) -> dict[str, Path]:
+    """The split sub-folders of a split tree (``train`` plus ``test`` and/or ``val``), else ``{}``."""
+    found = {name: root / name for name in ("train", "val", "test") if (root / name).is_dir()}
+    return found if "train" in found and len(found) > 1 else {}
+
+
+def list_images(folder: Path, classes: Sequence[str]) -> tuple[list[Path], list[int]]:
+    """Image files under ``folder/<class>/`` (searched recursively, sorted) and their class indices."""
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        class_dir = folder / name
+        if not class_dir.is_dir():
+            continue
+        found = []
+        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            found += [Path(dirpath) / f for f in filenames if _is_image(f)]
+        found.sort()
+        paths += found
+        labels += [label] * len(found)
+    return paths, labels
+
+
+def _decode(path: Path, size: tuple[int, int] | None) -> np.ndarray | str:
+    """One image as (H, W) grey or (H, W, 3) RGB uint8, resized to ``size``; on failure the reason."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if size is not None and im.format == "JPEG" and im.mode in ("RGB", "L"):
+                im.draft(im.mode, (size[1], size[0]))  # cheap DCT downscale, to at least the target size
+            im = im.convert("L") if im.mode in _GREY_MODES else im.convert("RGB")
+            if size is not None and im.size != (size[1], size[0]):
+                im = im.resize((size[1], size[0]), Image.BILINEAR)  # PIL sizes are (width, height)
+            return np.array(im, dtype=np.uint8)  # a writable copy (torch warns about read-only arrays)
+    except Exception as err:  # a worker never raises: the caller reports every bad file at once
+        return f"{type(err).__name__}: {err}"
+
+
+def _probe_size(path: Path) -> tuple[int, int] | str:
+    """(height, width) from the file header, without decoding the pixels."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size[1], im.size[0]
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+
+
+def _map(fn, items: list, workers: int | None, desc: str) -> list:
+    from tqdm.auto import tqdm
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, disable=None, leave=False))
+
+
+def _report_bad(bad: list[tuple[Path, str]], root: Path, strict: bool) -> None:
+    if not bad:
+        return
+    shown = "; ".join(f"{_rel(p, root)} ({why})" for p, why in bad[:_SHOWN])
+    more = f"; and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
+    message = f"{len(bad)} unreadable image file(s) in {root}: {shown}{more}"
+    if strict:
+        raise UnreadableImageError(message)
+    warnings.warn(f"skipped {message} (pass strict=True to make this an error)", stacklevel=3)
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _size_error(sizes: list[tuple[int, int]], paths: list[Path], root: Path) -> ValueError:
+    counts = Counter(sizes)
+    example = {}
+    for s, p in zip(sizes, paths):
+        example.setdefault(s, p)
+    listed = ", ".join(
+        f"{h}x{w} ({n} file{'s' if n > 1 else ''}, e.g. {_rel(example[(h, w)], root)})"
+        for (h, w), n in counts.most_common(5)
+    )
+    more = f" and {len(counts) - 5} other sizes" if len(counts) > 5 else ""
+    (h, w), _ = counts.most_common(1)[0]
+    return ValueError(
+        f"images in {root} have {len(counts)} different sizes (height x width): {listed}{more}; "
+        f"pass image_size={h} or image_size=({h}, {w}) (--image-size on the command line) to resize them all"
+    )
+
+
+def read_images(
+    paths: Sequence[Path],
+    image_size: int | tuple[int, int] | None = None,
+    *,
+    strict: bool = False,
+    root: Path | None = None,
+    workers: int | None = None,
+) -> tuple[torch.Tensor, list[int]]:
+    """Decode image files into a uint8 (N, C, H, W) tensor; also return the indices that were read.
+
+    Without ``image_size`` all images must share one size (else a ValueError lists the sizes).
+    Unreadable files are left out with one warning (or an UnreadableImageError when ``strict``).
+    """
+    size = parse_image_size(image_size)
+    paths = list(paths)
+    if root is None:
+        root = Path(os.path.commonpath([str(p) for p in paths])) if paths else Path(".")
+    bad: list[tuple[Path, str]] = []
+    if size is None:  # check sizes from the headers before decoding everything
+        probed = _map(_probe_size, paths, workers, "sizes")
+        bad = [(p, r) for p, r in zip(paths, probed) if isinstance(r, str)]
+        ok = [(p, r) for p, r in zip(paths, probed) if not isinstance(r, str)]
+        if len({r for _, r in ok}) > 1:
+            _report_bad(bad, root, strict)
+            raise _size_error([r for _, r in ok], [p for p, _ in ok], root)
+    decoded = _map(lambda p: _decode(p, size), paths, workers, "images")
+    bad_paths = {p for p, _ in bad}
+    bad += [(p, r) for p, r in zip(paths, decoded) if isinstance(r, str) and p not in bad_paths]
+    bad.sort()
+    _report_bad(bad, root, strict)
+    kept = [i for i, r in enumerate(decoded) if not isinstance(r, str)]
+    if not kept:
+        raise ValueError(f"none of the {len(paths)} image files in {root} could be read")
+    arrays = [decoded[i] for i in kept]
+    shapes = {a.shape[:2] for a in arrays}
+    if len(shapes) > 1:  # a header that lied about the size; rare
+        raise _size_error([a.shape[:2] for a in arrays], [paths[i] for i in kept], root)
+    grey = all(a.ndim == 2 for a in arrays)
+    h, w = arrays[0].shape[:2]
+    out = torch.empty((len(arrays), 1 if grey else 3, h, w), dtype=torch.uint8)
+    for i, a in enumerate(arrays):
+        t = torch.from_numpy(a)
+        if grey:
+            out[i, 0] = t
+        elif a.ndim == 2:
+            out[i] = t.unsqueeze(0)  # grey image in a colour set: broadcast to 3 channels
+        else:
+            out[i] = t.permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
+    return out, kept
+
+
+def load_folder(
+    path: str | os.PathLike,
+    split: str = "train",
+    image_size: int | tuple[int, int] | None = None,
+    *,
+    strict: bool = False,
+    test_fraction: float = TEST_FRACTION,
+    seed: int = SPLIT_SEED,
+    workers: int | None = None,
+) -> ImageDataset:
+    """Read one split of a class-per-folder image tree (see the module docstring for the layouts)."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such folder: {root}")
+    splits = split_folders(root)
+    notes: list[str] = []
+    if splits:
+        classes = sorted({c.name for folder in splits.values() for c in _subfolders(folder)})
+        if split == "test" and "test" not in splits:
+            notes.append(f"{root} has no test/ folder: val/ is used as the test split")
+            split_dir = splits["val"]
+        elif split in splits:
+            split_dir = splits[split]
+        else:
+            hint = " (use imclass.data.train_val_split on the train split)" if split == "val" else ""
+            raise ValueError(
+                f"{root} has split folders {', '.join(splits)}, received split={split!r}{hint}"
+            )
+        paths, labels = list_images(split_dir, classes)
+    else:
+        classes = [c.name for c in _subfolders(root)]
+        paths, labels = list_images(root, classes)
+        if split in ("train", "test"):
+            train_idx, test_idx = split_indices(torch.tensor(labels), test_fraction, seed=seed)
+            chosen = (train_idx if split == "train" else test_idx).tolist()
+            paths, labels = [paths[i] for i in chosen], [labels[i] for i in chosen]
+            notes.append(
+                f"{split} split of a plain class-per-folder tree: "
+                f"{test_fraction:.0%} of each class held out as test, the rest train (seed {seed})"
+            )
+        elif split != "all":
+            raise ValueError(
+                f"expected split 'train', 'test' or 'all' for a folder without train/ and test/ sub-folders "
+                f"({root}), received split={split!r}"
+                + (" (use imclass.data.train_val_split on the train split)" if split == "val" else "")
+            )
+        split_dir = root
+    if not classes:
+        raise ValueError(
+            f"no class folders in {root}: expected one sub-folder per class holding "
+            f"{'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} files"
+        )
+    if not paths:
+        raise ValueError(
+            f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {split_dir} for split {split!r}"
+        )
+    images, kept = read_images(paths, image_size, strict=strict, root=root, workers=workers)
+    label_t = torch.tensor([labels[i] for i in kept], dtype=torch.long)
+    return ImageDataset(images, label_t, classes, name=root.name, split=split, notes=notes, source=str(root))

@@ -1,0 +1,80 @@
+"""Batches straight from in-memory tensors: no Dataset, no workers, no per-sample Python.
+
+The whole data set is moved to the device once (as uint8: CIFAR-10 is 150 MB); each epoch draws
+one permutation and a batch is a single index gather ``images[idx]``. The permutation of epoch
+``e`` depends only on ``(seed, e)``, so a run resumed at any epoch or batch sees the same batches
+as an uninterrupted one without storing any generator state.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+
+def derive_seed(*keys: int) -> int:
+    """A well-mixed 63-bit seed from integer keys (``(seed, epoch, stream)``), stable across runs."""
+    state = np.random.SeedSequence([int(k) & 0xFFFFFFFFFFFFFFFF for k in keys]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 ^ int(state[1])
+
+
+class TensorLoader:
+    """Iterate over ``(images, labels)`` batches of in-memory tensors, shuffled per epoch.
+
+    Parameters
+    ----------
+    images, labels:
+        uint8 images (N, C, H, W) and int64 labels (N,); moved to ``device`` once.
+    batch_size:
+        images per batch (the last batch is smaller unless ``drop_last``).
+    shuffle:
+        draw a new permutation each epoch from ``seed`` and the epoch number.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int = 32,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"expected batch_size >= 1, received batch_size={batch_size}")
+        if len(images) != len(labels):
+            raise ValueError(f"expected one label per image ({len(images)}), received {len(labels)} labels")
+        if len(images) == 0:
+            raise ValueError("expected at least one image, received an empty data set")
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device)
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.drop_last = drop_last and len(images) >= batch_size
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        n = len(self.images)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The sample order of ``epoch`` (a permutation when shuffling), on the loader's device."""
+        n = len(self.images)
+        if not self.shuffle:
+            return torch.arange(n, device=self.device)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 0))
+        return torch.randperm(n, generator=g).to(self.device)
+
+    def batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield the batches of ``epoch`` from batch number ``start`` on (for resuming mid-epoch)."""
+        order = self.order(epoch)
+        for b in range(start, len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield self.images[idx], self.labels[idx]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.batches(0)

@@ -1,0 +1,356 @@
+"""Model files: one ``.safetensors`` file holding the weights and, in its metadata, how to rebuild the model.
+
+    imclass.save(clf, "runs/x/model.safetensors")
+    clf = imclass.load("runs/x")            # a run folder or the file itself
+
+The metadata key ``imclass`` holds a JSON object::
+
+    {"format": 1, "kind": "classifier" | "knn" | "model",
+     "architecture": {"name": ..., "options": {...}}  or  {"sequential": <Sequential.get_config()>},
+     "classes": [...], "preprocessing": {"mean": [...], "std": [...], "input_size": [C, H, W]},
+     "final_activation": "softmax" | null, "train_config": {...} | null}
+
+Loading never unpickles: the architecture is rebuilt from the JSON (through the model registry or
+``Sequential.from_config``) and the tensors are read by safetensors. A file that is truncated,
+not an imclass model, names an unknown architecture or holds weights of another shape raises a
+``ModelFileError`` naming the file and the problem.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+__all__ = ["FORMAT_VERSION", "ModelFileError", "load", "load_weights", "read_metadata", "save"]
+
+FORMAT_VERSION = 1
+METADATA_KEY = "imclass"
+MODEL_FILENAME = "model.safetensors"
+KINDS = ("classifier", "knn", "model")
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be read or rebuilt (the message names the file and the problem)."""
+
+
+# --------------------------------------------------------------------------------------------
+# save
+
+
+def save(
+    obj: Any,
+    path: str | os.PathLike,
+    *,
+    train_config: dict | None = None,
+    input_size: tuple[int, int, int] | list[int] | None = None,
+) -> Path:
+    """Write ``obj`` (a ``Classifier``, a ``KNN`` or a bare model) to one ``.safetensors`` file.
+
+    ``path`` may be a folder: the file is then ``<folder>/model.safetensors``. ``train_config``
+    (the resolved training config) and ``input_size`` ``(C, H, W)`` are recorded in the metadata
+    when given; otherwise ``input_size`` is taken from the object when it knows it. The write is
+    atomic (a temporary file renamed over the target). Returns the path written.
+    """
+    path = Path(path)
+    if path.is_dir() or (not path.suffix and not path.exists()):
+        path = path / MODEL_FILENAME
+    if obj.__class__.__name__ == "KNN" or hasattr(obj, "get_state") and hasattr(type(obj), "from_state"):
+        tensors, header = _knn_payload(obj)
+    elif isinstance(obj, nn.Module):
+        tensors, header = _module_payload(obj, kind="model", classes=None, mean=None, std=None, input_size=input_size)
+    elif isinstance(getattr(obj, "model", None), nn.Module):
+        tensors, header = _module_payload(
+            obj.model,
+            kind="classifier",
+            classes=getattr(obj, "classes", None),
+            mean=getattr(obj, "mean", None),
+            std=getattr(obj, "std", None),
+            input_size=input_size if input_size is not None else _input_size_of(obj),
+        )
+    else:
+        raise TypeError(f"expected a Classifier, a KNN or a torch.nn.Module to save, received {type(obj).__name__}")
+    header["train_config"] = train_config
+    _write_atomic(path, tensors, header)
+    return path
+
+
+def _module_payload(model: nn.Module, *, kind: str, classes, mean, std, input_size) -> tuple[dict, dict]:
+    header = {
+        "format": FORMAT_VERSION,
+        "kind": kind,
+        "architecture": _architecture_of(model),
+        "classes": _as_str_list(classes),
+        "preprocessing": {
+            "mean": _as_float_list(mean),
+            "std": _as_float_list(std),
+            "input_size": _as_int_list(input_size if input_size is not None else _input_size_of(model)),
+        },
+        "final_activation": getattr(model, "final_activation", None),
+    }
+    return _state_tensors(model.state_dict()), header
+
+
+def _knn_payload(knn: Any) -> tuple[dict, dict]:
+    tensors, config = knn.get_state()
+    tensors = {name: torch.as_tensor(t) for name, t in tensors.items()}
+    header = {
+        "format": FORMAT_VERSION,
+        "kind": "knn",
+        "knn": config,
+        "classes": _as_str_list(getattr(knn, "classes", None) or getattr(knn, "classes_", None) or config.get("classes")),
+    }
+    return _state_tensors(tensors), header
+
+
+def _architecture_of(model: nn.Module) -> dict:
+    spec = getattr(model, "imclass_spec", None)
+    if spec is not None:
+        return {"name": spec["name"], "options": _jsonable(spec.get("options", {}), "model options")}
+    if hasattr(model, "get_config") and type(model).__name__ == "Sequential":
+        return {"sequential": _jsonable(model.get_config(), "Sequential config")}
+    raise TypeError(
+        f"cannot save a {type(model).__name__}: expected a model built by imclass.models.create(...) "
+        "(it records imclass_spec) or an imclass.Sequential (it has get_config())"
+    )
+
+
+def _state_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share memory (tied weights) or are not contiguous.
+    out, seen = {}, set()
+    for name, t in state.items():
+        t = t.detach().to("cpu").contiguous()
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size():
+            t = t.clone()  # a view into a bigger or shared buffer gets its own copy
+        seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
+
+
+def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], header: dict) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # a unique name beside the target (same file system, so the rename is atomic), created by save_file
+    # itself so that it gets the usual permissions
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(header)})
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# load
+
+
+def load(path: str | os.PathLike, *, device: str = "auto") -> Any:
+    """Rebuild what ``save`` wrote: a ``Classifier`` (model in eval mode), a ``KNN`` or a bare model.
+
+    ``path`` is a ``.safetensors`` file or a run folder holding ``model.safetensors``.
+    """
+    path = _resolve(path)
+    header = read_metadata(path)
+    tensors = _read_tensors(path)
+    kind = header["kind"]
+    if kind == "knn":
+        return _rebuild_knn(path, header, tensors)
+    model = _rebuild_model(path, header["architecture"])
+    _load_state(model, tensors, path)
+    model.eval()
+    if kind == "model":
+        return model
+    from imclass.train import Classifier
+
+    pre = header.get("preprocessing") or {}
+    clf = Classifier(model, classes=header.get("classes"), mean=pre.get("mean"), std=pre.get("std"), device=device)
+    clf.model.eval()
+    clf.input_size = tuple(pre["input_size"]) if pre.get("input_size") else None
+    clf.train_config = header.get("train_config")
+    return clf
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The ``imclass`` JSON header of a model file (or run folder), checked, without reading the weights."""
+    from safetensors import safe_open
+
+    path = _resolve(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error type for a bad header
+        raise ModelFileError(f"{path}: not a readable .safetensors file (corrupted or truncated?): {err}") from None
+    if METADATA_KEY not in metadata:
+        raise ModelFileError(
+            f"{path}: not an imclass model file (its safetensors metadata has no {METADATA_KEY!r} entry; "
+            f"found keys {sorted(metadata)})"
+        )
+    try:
+        header = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as err:
+        raise ModelFileError(f"{path}: the {METADATA_KEY!r} metadata is not valid JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{path}: expected a JSON object in the {METADATA_KEY!r} metadata, received {header!r:.80}")
+    version = header.get("format")
+    if version != FORMAT_VERSION:
+        raise ModelFileError(f"{path}: expected model file format {FORMAT_VERSION}, received format={version!r}")
+    if header.get("kind") not in KINDS:
+        raise ModelFileError(f"{path}: expected kind in {list(KINDS)}, received kind={header.get('kind')!r}")
+    if header["kind"] != "knn" and not isinstance(header.get("architecture"), dict):
+        raise ModelFileError(f"{path}: the model file does not say which architecture it holds ('architecture' missing)")
+    return header
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
+    """Load weights from a local file into an existing ``model`` (for fine-tuning or transfer).
+
+    Accepts an imclass/any ``.safetensors`` file, or a ``.pt``/``.pth`` state dict read with
+    ``torch.load(weights_only=True)`` (never unpickling arbitrary objects). With ``strict=False``
+    only the tensors whose names and shapes match are copied. Returns ``model``.
+    """
+    path = _resolve(path)
+    if path.suffix in (".pt", ".pth", ".bin"):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ModelFileError(f"{path}: not a readable weights-only torch file: {err}") from None
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            state = state["model"]  # a training checkpoint {"model": state_dict, "optimizer": ...}
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ModelFileError(f"{path}: expected a state dict (name -> tensor), received {type(state).__name__}")
+    else:
+        state = _read_tensors(path)
+    if not strict:
+        own = model.state_dict()
+        state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        if not state:
+            raise ModelFileError(f"{path}: no tensor in the file matches the model by name and shape")
+        model.load_state_dict(state, strict=False)
+        return model
+    _load_state(model, state, path)
+    return model
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        if not (path / MODEL_FILENAME).is_file():
+            raise ModelFileError(f"{path}: expected a run folder holding {MODEL_FILENAME}, found none")
+        return path / MODEL_FILENAME
+    if not path.exists():
+        raise ModelFileError(f"{path}: no such model file or run folder")
+    return path
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:
+        raise ModelFileError(f"{path}: cannot read the weights (corrupted or truncated file?): {err}") from None
+
+
+def _rebuild_model(path: Path, arch: dict) -> nn.Module:
+    try:
+        if "sequential" in arch:
+            from imclass.layers import Sequential
+
+            return Sequential.from_config(arch["sequential"])
+        if "name" in arch:
+            from imclass import models
+
+            return models.create(arch["name"], **(arch.get("options") or {}))
+    except Exception as err:
+        raise ModelFileError(f"{path}: cannot rebuild the architecture {_short(arch)}: {err}") from None
+    raise ModelFileError(f"{path}: unknown architecture description {_short(arch)} (expected 'name' or 'sequential')")
+
+
+def _load_state(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    wrong = [
+        f"{k}: model {tuple(own[k].shape)} vs file {tuple(tensors[k].shape)}"
+        for k in own
+        if k in tensors and own[k].shape != tensors[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing from the file: {_few(missing)}")
+    if unexpected:
+        problems.append(f"not in the model: {_few(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatch: {_few(wrong)}")
+    if problems:
+        raise ModelFileError(f"{path}: the weights do not match the architecture ({'; '.join(problems)})")
+    model.load_state_dict(tensors, strict=True)
+
+
+def _rebuild_knn(path: Path, header: dict, tensors: dict[str, torch.Tensor]) -> Any:
+    from imclass.knn import KNN
+
+    try:
+        return KNN.from_state(tensors, header.get("knn") or {})
+    except Exception as err:
+        raise ModelFileError(f"{path}: cannot rebuild the k-NN classifier: {err}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _input_size_of(obj: Any) -> list[int] | None:
+    """(C, H, W) the object expects, when it says so (Classifier, Sequential, timm model)."""
+    for attr in ("input_size", "image_shape"):
+        value = getattr(obj, attr, None)
+        if value is not None and len(value) == 3:
+            return list(value)
+    shape = getattr(obj, "input_shape", None)  # imclass.Sequential: (C, H, W); Keras style: (H, W, C)
+    if shape is not None and len(shape) == 3:
+        channels_last = shape[-1] in (1, 3, 4) and shape[0] not in (1, 3, 4)
+        return [shape[2], shape[0], shape[1]] if channels_last else list(shape)
+    cfg = getattr(obj, "pretrained_cfg", None) or getattr(obj, "default_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return list(cfg["input_size"])
+    model = getattr(obj, "model", None)
+    if isinstance(model, nn.Module) and model is not obj:
+        return _input_size_of(model)
+    return None
+
+
+def _as_float_list(x: Any) -> list[float] | None:
+    if x is None:
+        return None
+    return [float(v) for v in torch.as_tensor(x, dtype=torch.float64).flatten().tolist()]
+
+
+def _as_int_list(x: Any) -> list[int] | None:
+    return None if x is None else [int(v) for v in x]
+
+
+def _as_str_list(x: Any) -> list[str] | None:
+    return None if x is None else [str(v) for v in x]
+
+
+def _jsonable(obj: Any, what: str) -> Any:
+    try:
+        return json.loads(json.dumps(obj))
+    except TypeError as err:
+        raise TypeError(f"cannot save the {what}: it must be JSON-serialisable ({err})") from None
+
+
+def _few(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _short(obj: Any, n: int = 120) -> str:
+    text = json.dumps(obj)
+    return text if len(text) <= n else text[: n - 3] + "..."

@@ -1,0 +1,546 @@
+"""Nearest neighbour and k-nearest-neighbour classifiers on raw pixels (the course's first classifier).
+
+``KNN`` follows scikit-learn's estimator contract (``fit`` returns ``self``, learned state ends in ``_``,
+``predict_proba`` columns follow ``classes_``) and reproduces ``KNeighborsClassifier(algorithm="brute")``
+exactly, ties included:
+
+- neighbours are ordered by distance, then by training index (the earlier training image wins a tie);
+- the vote takes the class with the most votes (or the largest summed weight), and among tied classes
+  the smallest label.
+
+uint8 pixels make the distances integers, and imclass computes them EXACTLY, so no rounding can reorder
+two neighbours: L1 as sums of absolute byte differences (a compiled AVX2 kernel when numba is installed,
+else ``torch.cdist`` in float32, exact because every partial sum is an integer below 2^24), squared L2 as
+``|a|^2 + |b|^2 - 2 a.b`` with the dot products from a float64 matrix product (exact: every partial sum is
+an integer below 2^53) or from the integer kernel. Float inputs (or features) take a float64 path.
+
+The search runs over chunks of queries and of training rows, so memory stays bounded (about
+``batch_size x train chunk`` distances at a time) whatever the data set size.
+
+Example
+-------
+>>> import torch, imclass
+>>> x = torch.tensor([[0, 0], [0, 1], [5, 5], [6, 5]], dtype=torch.uint8)
+>>> knn = imclass.KNN(k=3, metric="l1").fit(x, [0, 0, 1, 1])
+>>> knn.predict(torch.tensor([[1, 1], [5, 6]], dtype=torch.uint8)).tolist()
+[0, 1]
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from imclass.data.arrays import as_images, as_labels
+
+__all__ = ["KNN", "NearestNeighbor", "KSelection", "choose_k", "neighbour_grid"]
+
+METRICS = ("l1", "l2", "cosine")
+WEIGHTS = ("uniform", "distance")
+BACKENDS = ("auto", "torch", "numba", "faiss")
+_METRIC_ALIASES = {"manhattan": "l1", "cityblock": "l1", "euclidean": "l2"}
+_TRAIN_CHUNK = 4096  # training rows compared with a query chunk at once
+_MAX_BLOCK = 2**23  # query chunk x training chunk distances at once (64 MB of float64), when batch_size is None
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"expected {name} to be one of {options}, received {value!r}")
+
+
+def _rows(x: Any, name: str) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Images (any layout ``as_images`` accepts) or feature vectors (N, D) -> contiguous rows (N, D) and the sample shape."""
+    if isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim == 2:
+        t = torch.as_tensor(x)
+    else:
+        t = as_images(x, name=name)
+    if len(t) == 0:
+        raise ValueError(f"expected at least one sample in {name}, received 0")
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"expected {name} as uint8 pixels or real numbers, received dtype {t.dtype}")
+    shape = tuple(t.shape[1:])
+    return t.reshape(len(t), -1).contiguous(), shape
+
+
+# ----------------------------------------------------------------------------- distance blocks
+# A block function maps (query rows (m, D), training rows (n, D)) to "ranking distances" (m, n):
+# squared L2, L1, or cosine distance, as float64 (exact integers on the uint8 path) or int64.
+
+
+def _l2_block_torch(q: torch.Tensor, t: torch.Tensor, qn: torch.Tensor, tn: torch.Tensor) -> torch.Tensor:
+    # |q|^2 + |t|^2 - 2 q.t in float64: exact for uint8 pixels (integers below 2^53)
+    d = torch.addmm(tn.unsqueeze(0), q.double(), t.double().T, beta=1, alpha=-2)
+    return d.add_(qn.unsqueeze(1)).clamp_(min=0)
+
+
+def _l1_block_torch(q: torch.Tensor, t: torch.Tensor, exact: bool) -> torch.Tensor:
+    # float32 is exact for uint8 while D * 255 < 2^24 (every partial sum is a small integer)
+    dtype = torch.float32 if exact and q.shape[1] * 255 < 2**24 else torch.float64
+    return torch.cdist(q.to(dtype), t.to(dtype), p=1).double()
+
+
+def _cosine_block(q: torch.Tensor, t: torch.Tensor, qn: torch.Tensor, tn: torch.Tensor) -> torch.Tensor:
+    # 1 - cos(q, t); a zero vector has similarity 0 with everything (as scikit-learn's normalize)
+    sim = (q.double() @ t.double().T).div_(qn.unsqueeze(1)).div_(tn.unsqueeze(0))
+    return sim.neg_().add_(1).clamp_(0, 2)
+
+
+def _norms(rows: torch.Tensor, metric: str) -> torch.Tensor | None:
+    """Per-row quantity the block function needs: squared norms (L2), norms with 0 -> 1 (cosine)."""
+    if metric == "l1":
+        return None
+    sq = torch.cat([(c.double() ** 2).sum(1) for c in rows.split(_TRAIN_CHUNK)])
+    if metric == "l2":
+        return sq
+    n = sq.sqrt()
+    return torch.where(n == 0, torch.ones_like(n), n)
+
+
+# ----------------------------------------------------------------------------- k smallest, ties by index
+
+
+def _smallest_k(d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest entries of each row of ``d`` (m, n), ordered by (value, column): a stable top-k.
+
+    ``torch.topk`` picks an arbitrary member of a tie; rows where the k-th value is tied with a value left
+    out are redone with a stable sort, so the lower column always wins (scikit-learn's rule).
+    """
+    k = min(k, d.shape[1])
+    vals, idx = torch.topk(d, k, dim=1, largest=False, sorted=False)
+    kth = vals.max(dim=1).values
+    tied = (d <= kth.unsqueeze(1)).sum(1) > k
+    # order the selected entries by (value, column): sort by column, then stable sort by value
+    idx, order = idx.sort(dim=1)
+    vals = vals.gather(1, order)
+    vals, order = vals.sort(dim=1, stable=True)
+    idx = idx.gather(1, order)
+    if tied.any():
+        rows = tied.nonzero().squeeze(1)
+        v, i = d[rows].sort(dim=1, stable=True)
+        vals[rows], idx[rows] = v[:, :k], i[:, :k]
+    return vals, idx
+
+
+def _merge(best: tuple[torch.Tensor, torch.Tensor] | None, new: tuple[torch.Tensor, torch.Tensor], k: int):
+    """Merge two (value, index) lists sorted by (value, index); ``new`` holds the later training rows."""
+    if best is None:
+        return new
+    vals = torch.cat([best[0], new[0].to(best[0].dtype)], dim=1)
+    idx = torch.cat([best[1], new[1]], dim=1)
+    vals, order = vals.sort(dim=1, stable=True)  # stable: earlier (lower-index) rows first on ties
+    return vals[:, :k], idx.gather(1, order)[:, :k]
+
+
+# ----------------------------------------------------------------------------- voting
+
+
+def _vote(neigh: torch.Tensor, dist: torch.Tensor, n_classes: int, weights: str) -> torch.Tensor:
+    """Summed votes (m, n_classes) float64 from neighbour class indices and distances (m, k).
+
+    ``distance`` weights are 1/d as in scikit-learn; a query with neighbours at distance 0 gives its whole
+    vote to those neighbours.
+    """
+    if weights == "uniform":
+        w = torch.ones(dist.shape, dtype=torch.float64)
+    else:
+        dist = dist.double()
+        zero = dist == 0
+        w = torch.where(zero, torch.zeros_like(dist), 1.0 / torch.where(zero, torch.ones_like(dist), dist))
+        has_zero = zero.any(1, keepdim=True)
+        w = torch.where(has_zero, zero.double(), w)
+    votes = torch.zeros(len(neigh), n_classes, dtype=torch.float64)
+    return votes.scatter_add_(1, neigh, w)
+
+
+# ----------------------------------------------------------------------------- the estimator
+
+
+class KNN:
+    """k-nearest-neighbour classifier on raw pixels (or any feature vectors), exact and chunked.
+
+    Parameters
+    ----------
+    k:
+        number of neighbours that vote (``k=1``: the nearest neighbour classifier).
+    metric:
+        ``"l1"`` (sum of absolute differences), ``"l2"`` (Euclidean) or ``"cosine"`` (1 - cosine similarity).
+    weights:
+        ``"uniform"`` (one vote per neighbour) or ``"distance"`` (votes weighted by 1/distance).
+    backend:
+        ``"auto"`` (the compiled numba kernels for uint8 pixels when available, else torch), ``"torch"``,
+        ``"numba"`` (exact integer kernels, uint8 input only) or ``"faiss"`` (float32, needs faiss; ties and
+        near-ties may then be ordered differently).
+    batch_size:
+        queries compared at once (None: chosen to keep about 64 MB of distances in memory).
+    verbose:
+        show a progress bar over query chunks.
+
+    Attributes (after ``fit``)
+    --------------------------
+    ``classes_`` (sorted distinct labels, int64), ``n_samples_fit_``, ``n_features_in_``, ``sample_shape_``.
+    """
+
+    def __init__(
+        self,
+        k: int = 1,
+        metric: str = "l2",
+        weights: str = "uniform",
+        backend: str = "auto",
+        batch_size: int | None = None,
+        verbose: bool = False,
+    ) -> None:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"expected k to be a positive integer, received k={k!r}")
+        _check_choice("metric", _METRIC_ALIASES.get(metric, metric), METRICS)
+        _check_choice("weights", weights, WEIGHTS)
+        _check_choice("backend", backend, BACKENDS)
+        if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+            raise ValueError(f"expected batch_size to be a positive integer or None, received {batch_size!r}")
+        self.k = int(k)
+        self.metric = metric
+        self.weights = weights
+        self.backend = backend
+        self.batch_size = batch_size
+        self.verbose = verbose
+
+    def __repr__(self) -> str:
+        return (f"KNN(k={self.k}, metric={self.metric!r}, weights={self.weights!r}, backend={self.backend!r}, "
+                f"batch_size={self.batch_size!r})")
+
+    @property
+    def metric_(self) -> str:
+        """The canonical metric name (``"l1"``, ``"l2"`` or ``"cosine"``)."""
+        return _METRIC_ALIASES.get(self.metric, self.metric)
+
+    # -- fitting ---------------------------------------------------------------------------------
+    def fit(self, images: Any, labels: Any) -> "KNN":
+        """Memorise the training images and labels (k-NN has no other training). Returns ``self``."""
+        rows, shape = _rows(images, "images")
+        y = as_labels(labels, len(rows))
+        self._fit_X = rows
+        self.classes_, self._fit_y = torch.unique(y, sorted=True, return_inverse=True)
+        self.n_samples_fit_ = len(rows)
+        self.n_features_in_ = rows.shape[1]
+        self.sample_shape_ = shape
+        self._cache: dict[str, Any] = {}
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "_fit_X"):
+            raise RuntimeError(f"this {type(self).__name__} is not fitted yet: call fit(images, labels) first")
+
+    def _queries(self, images: Any) -> torch.Tensor:
+        self._check_fitted()
+        rows, shape = _rows(images, "images")
+        if rows.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"expected samples with {self.n_features_in_} values each (shape {self.sample_shape_}, like the "
+                f"training data), received {rows.shape[1]} (shape {shape})"
+            )
+        return rows
+
+    # -- search ----------------------------------------------------------------------------------
+    def _resolve_backend(self, exact: bool) -> str:
+        from imclass import _knn_kernels
+
+        backend = self.backend
+        if backend == "numba":
+            if not _knn_kernels.available():
+                raise RuntimeError("backend='numba' needs numba and an x86-64 CPU with AVX2: pip install numba")
+            if not exact:
+                raise ValueError("backend='numba' computes exact integer distances: expected uint8 images for "
+                                 "both training and queries, received floats (use backend='torch')")
+            if self.metric_ == "cosine":
+                raise ValueError("backend='numba' supports metric 'l1' and 'l2', received 'cosine'")
+        if backend == "faiss":
+            try:
+                import faiss  # noqa: F401
+            except ImportError as err:
+                raise RuntimeError("backend='faiss' needs faiss: pip install faiss-cpu") from err
+        if backend == "auto":
+            fast = (exact and self.metric_ in _knn_kernels.FAST_METRICS and _knn_kernels.available()
+                    and (self.metric_ != "l2" or self.n_features_in_ <= _knn_kernels.MAX_L2_FEATURES))
+            backend = "numba" if fast else "torch"
+        return backend
+
+    def _block_fn(self, backend: str, exact: bool) -> Callable[[torch.Tensor, slice], torch.Tensor]:
+        """A function (query rows, training slice) -> ranking distances, with train-side values cached."""
+        metric, X = self.metric_, self._fit_X
+        if backend == "numba":
+            from imclass import _knn_kernels
+
+            train = _knn_kernels.prepare(X.numpy())
+            if metric == "l1":
+                return lambda q, s: torch.from_numpy(_knn_kernels.l1_distances(q.numpy(), train[s]))
+            tn = self._cached("sqnorm_int", lambda: (X.long() ** 2).sum(1))
+
+            def l2(q: torch.Tensor, s: slice) -> torch.Tensor:
+                dots = torch.from_numpy(_knn_kernels.dot_products(q.numpy(), train[s]))
+                return (q.long() ** 2).sum(1, keepdim=True) + tn[s].unsqueeze(0) - 2 * dots
+
+            return l2
+        if metric == "l1":
+            return lambda q, s: _l1_block_torch(q, X[s], exact)
+        tn = self._cached(f"norms_{metric}", lambda: _norms(X, metric))
+        block = _l2_block_torch if metric == "l2" else _cosine_block
+        return lambda q, s: block(q, X[s], _norms(q, metric), tn[s])
+
+    def _cached(self, key: str, make: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def _search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ranking distances (m, k), training indices (m, k)) of the k nearest training rows of each query."""
+        exact = queries.dtype == torch.uint8 and self._fit_X.dtype == torch.uint8
+        backend = self._resolve_backend(exact)
+        if backend == "faiss":
+            return self._search_faiss(queries, k)
+        n = self.n_samples_fit_
+        chunk = _TRAIN_CHUNK if backend == "torch" else 4 * _TRAIN_CHUNK
+        batch = self.batch_size or max(64, _MAX_BLOCK // min(n, chunk))
+        block = self._block_fn(backend, exact)
+        from tqdm.auto import tqdm
+
+        out_d, out_i = [], []
+        starts = range(0, len(queries), batch)
+        for q0 in tqdm(starts, desc=f"{self.k}-NN {self.metric_}", unit="chunk", disable=not self.verbose):
+            q = queries[q0:q0 + batch]
+            best = None
+            for t0 in range(0, n, chunk):
+                vals, idx = _smallest_k(block(q, slice(t0, t0 + chunk)), k)
+                best = _merge(best, (vals, idx + t0), k)
+            out_d.append(best[0])
+            out_i.append(best[1])
+        return torch.cat(out_d), torch.cat(out_i)
+
+    def _search_faiss(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import faiss
+
+        metric = self.metric_
+
+        def prep(rows: torch.Tensor) -> np.ndarray:
+            x = rows.float().numpy()
+            if metric == "cosine":
+                x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
+            return np.ascontiguousarray(x, dtype=np.float32)
+
+        def build():
+            X = prep(self._fit_X)
+            index = {"l2": faiss.IndexFlatL2, "l1": lambda d: faiss.IndexFlat(d, faiss.METRIC_L1),
+                     "cosine": faiss.IndexFlatIP}[metric](X.shape[1])
+            index.add(X)
+            return index
+
+        index = self._cached("faiss", build)
+        d, i = index.search(prep(queries), k)
+        d = torch.from_numpy(d).double()
+        if metric == "cosine":
+            d = (1 - d).clamp(0, 2)
+        return d, torch.from_numpy(i).long()
+
+    def _distances(self, ranking: torch.Tensor) -> torch.Tensor:
+        """Ranking distances -> reported distances (L2: the square root), float64."""
+        d = ranking.double()
+        return d.clamp(min=0).sqrt() if self.metric_ == "l2" else d
+
+    # -- public queries -------------------------------------------------------------------------
+    def kneighbors(self, images: Any, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distances (float64) and training indices (int64) of the ``k`` nearest training samples, nearest first."""
+        queries = self._queries(images)
+        k = self.k if k is None else k
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"expected k to be a positive integer, received k={k!r}")
+        if k > self.n_samples_fit_:
+            raise ValueError(f"expected k <= the number of training samples ({self.n_samples_fit_}), received k={k}")
+        ranking, idx = self._search(queries, int(k))
+        return self._distances(ranking), idx
+
+    def _votes(self, images: Any) -> torch.Tensor:
+        dist, idx = self.kneighbors(images)
+        return _vote(self._fit_y[idx], dist, len(self.classes_), self.weights)
+
+    def predict(self, images: Any) -> torch.Tensor:
+        """Predicted labels (int64): the majority (or weighted) vote, smallest label among tied classes."""
+        return self.classes_[self._votes(images).argmax(1)]
+
+    def predict_proba(self, images: Any) -> torch.Tensor:
+        """Vote shares (float64, (N, len(classes_))), columns in the order of ``classes_``."""
+        votes = self._votes(images)
+        return votes / votes.sum(1, keepdim=True)
+
+    def score(self, images: Any, labels: Any) -> float:
+        """Accuracy of ``predict(images)`` against ``labels`` (a float in [0, 1])."""
+        pred = self.predict(images)
+        y = as_labels(labels, len(pred))
+        return float((pred == y).double().mean())
+
+    # -- serialisation hooks (imclass.io) -----------------------------------------------------
+    def get_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, config) that rebuild this fitted model with ``KNN.from_state``: data, labels, settings."""
+        self._check_fitted()
+        tensors = {
+            "train_images": self._fit_X.reshape(self.n_samples_fit_, *self.sample_shape_).contiguous(),
+            "train_labels": self.classes_[self._fit_y].contiguous(),
+            "classes": self.classes_.clone(),
+        }
+        config = {"kind": "knn", "k": self.k, "metric": self.metric, "weights": self.weights,
+                  "backend": self.backend, "batch_size": self.batch_size, "sample_shape": list(self.sample_shape_),
+                  "classes": self.classes_.tolist()}
+        return tensors, config
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> "KNN":
+        """Rebuild a fitted KNN from ``get_state()`` output (checks the pieces fit together)."""
+        missing = [key for key in ("train_images", "train_labels") if key not in tensors]
+        if missing:
+            raise ValueError(f"expected tensors 'train_images' and 'train_labels' in a k-NN state, missing {missing}")
+        settings = {key: config[key] for key in ("k", "metric", "weights", "backend", "batch_size") if key in config}
+        model = cls(**settings).fit(tensors["train_images"], tensors["train_labels"])
+        if "classes" in tensors and not torch.equal(tensors["classes"].long(), model.classes_):
+            raise ValueError(f"k-NN state is inconsistent: classes {tensors['classes'].tolist()} do not match the "
+                             f"training labels {model.classes_.tolist()}")
+        return model
+
+
+NearestNeighbor = KNN
+"""The nearest neighbour classifier of the lecture: ``NearestNeighbor(metric="l1")`` is ``KNN(k=1, ...)``."""
+
+
+# ----------------------------------------------------------------------------- choosing k
+
+
+@dataclass
+class KSelection:
+    """Accuracy for each k on held-out data: ``mean``/``std`` over folds (std 0 for one validation split)."""
+
+    ks: list[int]
+    mean: list[float]
+    std: list[float]
+    scores: list[list[float]]  # scores[f][j]: accuracy of ks[j] on fold f
+    method: str  # "validation" or "cross-validation"
+    metric: str
+    plot: str | None = None
+    best_k: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        best = max(range(len(self.ks)), key=lambda j: (round(self.mean[j], 12), -self.ks[j]))
+        self.best_k = self.ks[best]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self) | {"best_k": self.best_k}
+
+
+def _check_ks(ks: Sequence[int]) -> list[int]:
+    ks = [int(k) for k in ks]
+    if not ks or any(k < 1 for k in ks):
+        raise ValueError(f"expected a non-empty list of positive k values, received {ks}")
+    return sorted(set(ks))
+
+
+def choose_k(
+    images: Any,
+    labels: Any,
+    ks: Sequence[int] = (1, 3, 5, 7, 10, 20),
+    *,
+    metric: str = "l2",
+    weights: str = "uniform",
+    folds: int | None = None,
+    val_fraction: float | None = None,
+    seed: int = 0,
+    plot: str | Path | None = None,
+    backend: str = "auto",
+    batch_size: int | None = None,
+    verbose: bool = False,
+) -> KSelection:
+    """Accuracy of k-NN for each k on held-out training data: a validation split or k-fold cross-validation.
+
+    The course's recipe: never tune k on the test set. With ``val_fraction`` one random split is held out;
+    with ``folds`` (the default, 5) each fold is held out in turn and the mean and std over folds reported.
+    The neighbour lists are searched ONCE per held-out part, for the largest k, and every smaller k reads
+    its first k entries (exactly what a separate search would return, ties included), so trying many k
+    costs about as much as one. ``plot`` writes the accuracy-vs-k PNG (error bars = std over folds).
+    """
+    ks = _check_ks(ks)
+    if folds is not None and val_fraction is not None:
+        raise ValueError("expected either folds or val_fraction, received both")
+    if val_fraction is None and folds is None:
+        folds = 5
+    rows, _ = _rows(images, "images")
+    y = as_labels(labels, len(rows))
+    n = len(rows)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    if val_fraction is not None:
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"expected 0 < val_fraction < 1, received {val_fraction}")
+        n_val = max(1, round(n * val_fraction))
+        parts = [perm[:n_val]]
+        method = "validation"
+    else:
+        if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2 or folds > n:
+            raise ValueError(f"expected 2 <= folds <= number of samples ({n}), received folds={folds!r}")
+        parts = list(perm.tensor_split(folds))
+        method = "cross-validation"
+    k_max = max(ks)
+    scores = []
+    for held in parts:
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[held] = False
+        train_idx = keep.nonzero().squeeze(1)
+        if k_max > len(train_idx):
+            raise ValueError(f"expected every k <= the training part's size ({len(train_idx)}), received k={k_max}")
+        model = KNN(k=k_max, metric=metric, weights=weights, backend=backend, batch_size=batch_size,
+                    verbose=verbose).fit(rows[train_idx], y[train_idx])
+        dist, idx = model.kneighbors(rows[held])
+        neigh = model._fit_y[idx]
+        truth = y[held]
+        fold_scores = []
+        for k in ks:
+            pred = model.classes_[_vote(neigh[:, :k], dist[:, :k], len(model.classes_), weights).argmax(1)]
+            fold_scores.append(float((pred == truth).double().mean()))
+        scores.append(fold_scores)
+    s = torch.tensor(scores, dtype=torch.float64)
+    std = s.std(0, correction=0) if len(parts) > 1 else torch.zeros(len(ks), dtype=torch.float64)
+    result = KSelection(ks, s.mean(0).tolist(), std.tolist(), scores, method, _METRIC_ALIASES.get(metric, metric))
+    if plot is not None:
+        from imclass.visualize import save_line_plot
+
+        label = f"{result.metric} ({method})"
+        errors = {label: result.std} if len(parts) > 1 else None
+        title = f"k-NN accuracy vs k ({len(parts)}-fold CV)" if len(parts) > 1 else "k-NN accuracy vs k (validation)"
+        save_line_plot(ks, {label: result.mean}, plot, xlabel="k", ylabel="accuracy", title=title, errors=errors)
+        result.plot = str(plot)
+    return result
+
+
+# ----------------------------------------------------------------------------- the lecture's picture
+
+
+def neighbour_grid(
+    model: KNN,
+    images: Any,
+    path: str | Path,
+    *,
+    n_neighbours: int = 10,
+    row_labels: Sequence[str] | None = None,
+) -> Path:
+    """Write the lecture's figure: each row a query image followed by its ``n_neighbours`` nearest training images.
+
+    ``model`` must have been fitted on images (not feature vectors); its training images are shown.
+    """
+    model._check_fitted()
+    if len(model.sample_shape_) != 3:
+        raise ValueError(f"expected a model fitted on images (C, H, W), received samples of shape {model.sample_shape_}")
+    queries = as_images(images)
+    _, idx = model.kneighbors(queries, k=min(n_neighbours, model.n_samples_fit_))
+    train = model._fit_X.reshape(-1, *model.sample_shape_)
+    rows = [[q] + [train[j] for j in row.tolist()] for q, row in zip(queries, idx)]
+    from imclass.visualize import save_image_grid
+
+    return save_image_grid(rows, path, row_labels=row_labels)

@@ -1,0 +1,44 @@
+"""Training: ``Classifier`` (compile / fit / evaluate / predict), callbacks, optimizers, schedules.
+
+See docs/training.md.
+"""
+from __future__ import annotations
+
+from imclass.train.callbacks import (
+    Callback,
+    CSVLogger,
+    EarlyStopping,
+    LRFinder,
+    ModelCheckpoint,
+    ProgressBar,
+    TensorBoard,
+    TrainingCurves,
+)
+from imclass.train.checkpoint import load_checkpoint, save_checkpoint
+from imclass.train.classifier import Classifier, LRFindResult, TrainConfig, channel_stats, resolve_device
+from imclass.train.optim import Schedule, make_optimizer, make_schedule
+from imclass.train.state import History, TrainingDiverged, TrainState
+
+__all__ = [
+    "CSVLogger",
+    "Callback",
+    "Classifier",
+    "EarlyStopping",
+    "History",
+    "LRFindResult",
+    "LRFinder",
+    "ModelCheckpoint",
+    "ProgressBar",
+    "Schedule",
+    "TensorBoard",
+    "TrainConfig",
+    "TrainState",
+    "TrainingCurves",
+    "TrainingDiverged",
+    "channel_stats",
+    "load_checkpoint",
+    "make_optimizer",
+    "make_schedule",
+    "resolve_device",
+    "save_checkpoint",
+]

@@ -1,0 +1,674 @@
+"""``Classifier``: a model plus its preprocessing, trained with ``compile`` / ``fit`` like Keras.
+
+    clf = Classifier(model).compile("sgd", lr=0.05, schedule="cosine", weight_decay=5e-4)
+    history = clf.fit(train, epochs=10, batch_size=128, validation=0.1, augment="crop_flip", seed=0)
+    clf.evaluate(test)["accuracy"], clf.predict(images)
+
+The loop (``fit``) works on whole in-memory uint8 tensors moved to the device once; a batch
+is an index gather, scaled to float and normalised on the device. Losses and correct counts
+are summed on the device and read back once per epoch (or per progress-bar refresh), so a
+GPU step never waits for the host.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from imclass.data.arrays import as_images, as_labels
+from imclass.data.augment import make_augment
+from imclass.data.dataset import ImageDataset
+from imclass.data.loader import TensorLoader, derive_seed
+from imclass.train import checkpoint as ckpt
+from imclass.train.callbacks import LRFinder, ProgressBar, run_event, sort_callbacks
+from imclass.train.optim import make_optimizer, make_schedule
+from imclass.train.state import History, TrainingDiverged, TrainState
+
+LOSSES = ("cross_entropy",)
+METRICS = ("accuracy",)
+AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    """The resolved ``compile`` options (saved beside checkpoints and in model files)."""
+
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    loss: str = "cross_entropy"
+    label_smoothing: float = 0.0
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    schedule: str | dict | None = None
+    warmup_epochs: float = 0
+    metrics: tuple[str, ...] = ("accuracy",)
+    l2: float = 0.0
+    grad_clip: float | None = None
+    amp: str | None = None
+    compile: bool = False
+    channels_last: bool = False
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _as_data(data: Any, name: str = "data") -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
+    """``ImageDataset`` or ``(images, labels)`` -> (images (N, C, H, W), labels (N,), classes or None)."""
+    if isinstance(data, ImageDataset):
+        return data.images, data.labels, list(data.classes)
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        images = as_images(data[0], name=f"{name} images")
+        return images, as_labels(data[1], len(images), name=f"{name} labels"), None
+    raise TypeError(f"expected {name} as an ImageDataset or an (images, labels) pair, received {type(data).__name__}")
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of images on the [0, 1] scale (uint8 is divided
+    by 255), computed in float64 chunks so that 50,000 images need no float copy."""
+    scale = 255.0 if images.dtype == torch.uint8 else 1.0
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    for start in range(0, len(images), chunk):
+        x = images[start : start + chunk].to(torch.float64).cpu() / scale
+        total += x.sum(dim=(0, 2, 3))
+        total_sq += x.square().sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+class Classifier:
+    """A model with its classes and input normalisation, and a training loop.
+
+    Parameters
+    ----------
+    model:
+        a ``torch.nn.Module`` mapping float (N, C, H, W) to logits (N, num_classes).
+    classes:
+        class names (taken from the training ``ImageDataset`` at ``fit`` when not given).
+    mean, std:
+        per-channel normalisation on the [0, 1] scale; computed from the training images at
+        the first ``fit`` when not given.
+    device:
+        ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
+    """
+
+    def __init__(self, model: torch.nn.Module, classes: Sequence[str] | None = None, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, device: str | torch.device = "auto") -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"expected model as a torch.nn.Module, received {type(model).__name__}")
+        if (mean is None) != (std is None):
+            raise ValueError("expected both mean and std, or neither (to compute them at fit)")
+        if std is not None and any(s <= 0 for s in std):
+            raise ValueError(f"expected std > 0 for every channel, received std={list(std)}")
+        self.device = resolve_device(device)
+        self.model = model.to(self.device)
+        self.classes = list(classes) if classes is not None else None
+        self.mean = [float(m) for m in mean] if mean is not None else None
+        self.std = [float(s) for s in std] if std is not None else None
+        self.config: TrainConfig | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.history = History()
+        self._schedule_spec: Any = None
+        self._loss_fn: Callable | None = None
+        self._forward: Callable = self.model
+        self._scaler = None
+
+    # ------------------------------------------------------------------ configuration
+    def compile(
+        self,
+        optimizer: str | torch.optim.Optimizer = "adam",
+        lr: float = 1e-3,
+        loss: str | Callable = "cross_entropy",
+        label_smoothing: float = 0.0,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        schedule: str | dict | Callable | torch.optim.lr_scheduler.LRScheduler | None = None,
+        warmup_epochs: float = 0,
+        metrics: Sequence[str] = ("accuracy",),
+        l2: float = 0.0,
+        grad_clip: float | None = None,
+        amp: str | None = None,
+        compile: bool = False,
+        channels_last: bool = False,
+    ) -> "Classifier":
+        """Choose the optimizer, loss, learning-rate schedule and numerics; returns ``self``.
+
+        ``optimizer`` is a name (``sgd``, ``adam``, ``adamw``, ``rmsprop``) or a ready
+        ``torch.optim.Optimizer`` over the model's parameters (param groups, own settings).
+        ``schedule`` is ``None`` (constant), a name (``step``, ``exponential``, ``cosine``,
+        ``onecycle``, ``linear``), a dict of ``Schedule`` options, a callable ``step -> factor``
+        of the base learning rate, or a torch ``LRScheduler`` built on ``optimizer`` (stepped
+        per batch). ``warmup_epochs`` adds a linear warm-up to any of them except the last.
+        ``loss`` is ``"cross_entropy"`` (on logits, with ``label_smoothing``) or a callable
+        ``(logits, labels) -> mean loss``. ``l2`` adds ``l2 * sum(w**2)`` over weight
+        matrices/kernels to the loss (Keras ``kernel_regularizer``); ``weight_decay`` is the
+        optimizer's. ``amp`` (``"bf16"``/``"fp16"``) and ``compile`` apply on CUDA only; CPU
+        stays float32. ``channels_last`` stores the model and batches as NHWC.
+        """
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"expected 0 <= label_smoothing < 1, received label_smoothing={label_smoothing}")
+        if l2 < 0:
+            raise ValueError(f"expected l2 >= 0, received l2={l2}")
+        if warmup_epochs < 0:
+            raise ValueError(f"expected warmup_epochs >= 0, received warmup_epochs={warmup_epochs}")
+        unknown = [m for m in metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"expected metrics from {METRICS}, received {unknown}")
+        if amp is not None and amp not in AMP_DTYPES:
+            raise ValueError(f"expected amp None, 'bf16' or 'fp16', received amp={amp!r}")
+        if isinstance(loss, str) and loss not in LOSSES:
+            raise ValueError(f"expected loss in {LOSSES} or a callable, received loss={loss!r}")
+        if isinstance(optimizer, torch.optim.Optimizer):
+            self.optimizer, opt_name = optimizer, type(optimizer).__name__.lower()
+        elif isinstance(optimizer, str):
+            self.optimizer = make_optimizer(optimizer, self.model.parameters(), lr=lr, weight_decay=weight_decay,
+                                            momentum=momentum, nesterov=nesterov)
+            opt_name = optimizer.lower()
+        else:
+            raise TypeError(f"expected optimizer as a name or a torch.optim.Optimizer, received {type(optimizer).__name__}")
+        for group in self.optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        if self.device.type != "cuda" and (amp or compile):
+            warnings.warn(f"amp/compile apply on CUDA only; training on {self.device} stays float32 eager", stacklevel=2)
+            amp, compile = None, False
+        self.config = TrainConfig(
+            optimizer=opt_name, lr=float(self.optimizer.param_groups[0]["initial_lr"]),
+            loss=loss if isinstance(loss, str) else getattr(loss, "__name__", "custom"),
+            label_smoothing=label_smoothing, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+            schedule=schedule if isinstance(schedule, (str, dict)) or schedule is None else "custom",
+            warmup_epochs=warmup_epochs, metrics=tuple(metrics), l2=l2, grad_clip=grad_clip, amp=amp,
+            compile=compile, channels_last=channels_last,
+        )
+        self._schedule_spec = schedule
+        if callable(loss):
+            self._loss_fn = loss
+        else:
+            self._loss_fn = lambda logits, y: F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self._forward = torch.compile(self.model) if compile else self.model
+        self._scaler = torch.amp.GradScaler("cuda") if amp in ("fp16", "float16") else None
+        return self
+
+    def training_config(self) -> dict[str, Any]:
+        """The resolved ``compile`` options as plain values (for model files and run folders)."""
+        return asdict(self.config) if self.config is not None else {}
+
+    # ------------------------------------------------------------------ preprocessing
+    def _check_ready(self, what: str) -> None:
+        if self.mean is None or self.std is None:
+            raise RuntimeError(
+                f"cannot {what} before the input normalisation is known: call fit() first, "
+                "or create the Classifier with mean= and std="
+            )
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (or float on [0, 1]) batch -> normalised float32 on the device."""
+        x = x.to(self.device, non_blocking=True)
+        pixel = 255.0 if x.dtype == torch.uint8 else 1.0
+        if x.shape[1] != len(self.mean):
+            raise ValueError(f"expected images with {len(self.mean)} channels, received shape {tuple(x.shape)}")
+        scale, shift = self._norm_consts(pixel)
+        x = torch.addcmul(shift, x.float(), scale)  # x / (pixel * std) - mean / std
+        if self.config is not None and self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _norm_consts(self, pixel: float) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (pixel, self.device, tuple(self.mean), tuple(self.std))
+        if getattr(self, "_norm_key", None) != key:
+            mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)
+            std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1)
+            self._norm_cache = (1.0 / (pixel * std), -mean / std)
+            self._norm_key = key
+        return self._norm_cache
+
+    def _autocast(self):
+        if self.config is None or not self.config.amp or self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=AMP_DTYPES[self.config.amp])
+
+    # ------------------------------------------------------------------ training
+    def fit(
+        self,
+        data: Any,
+        epochs: int = 1,
+        batch_size: int = 32,
+        validation: Any = None,
+        augment: str | Callable | None = None,
+        callbacks: Sequence[Any] = (),
+        seed: int | None = None,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
+        verbose: bool = True,
+        checkpoint_every: int | None = None,
+        validation_batch_size: int = 512,
+    ) -> History:
+        """Train for ``epochs`` epochs; returns the :class:`History` (also ``self.history``).
+
+        ``validation`` is ``None``, a fraction of ``data`` held out (seeded split), or a data set.
+        ``augment`` is ``None``, ``"crop_flip"`` (and friends, see ``imclass.data.augment``) or a
+        callable ``(images, generator, epoch) -> images`` applied on the device to normalised
+        float batches. One ``seed`` fixes the shuffling, augmentation, dropout and validation
+        split: a CPU run repeats bit for bit. With ``checkpoint_dir``, ``checkpoint.pt`` is
+        written atomically at each epoch end (and every ``checkpoint_every`` steps); with
+        ``resume=True`` a run continues from it and ends exactly as an uninterrupted run would.
+        A NaN or infinite loss raises :class:`TrainingDiverged` (the checkpoint stays the last good one).
+        """
+        if self.config is None or self.optimizer is None:
+            raise RuntimeError("call compile() before fit(), e.g. clf.compile('adam', lr=1e-3)")
+        if epochs < 0:
+            raise ValueError(f"expected epochs >= 0, received epochs={epochs}")
+        if batch_size < 1:
+            raise ValueError(f"expected batch_size >= 1, received batch_size={batch_size}")
+        if checkpoint_every is not None and checkpoint_every < 1:
+            raise ValueError(f"expected checkpoint_every >= 1, received checkpoint_every={checkpoint_every}")
+        if resume and checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir (the folder holding checkpoint.pt)")
+        images, labels, classes = _as_data(data)
+        ckpt_path = Path(checkpoint_dir) / ckpt.CHECKPOINT_NAME if checkpoint_dir is not None else None
+        saved = ckpt.load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
+        if saved is not None:
+            seed = saved["seed"]
+        elif seed is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+        images, labels, val = self._split_validation(images, labels, validation, seed)
+        self._set_classes(classes, labels)
+        if val is not None:
+            self._check_labels(val[1], "validation labels")
+        if self.mean is None:
+            self.mean, self.std = channel_stats(images)
+        loader = TensorLoader(images, labels, batch_size, shuffle=True, seed=seed, device=self.device)
+        steps_per_epoch = len(loader)
+        factor, torch_scheduler = self._make_schedule(epochs, steps_per_epoch)
+        augment_fn = make_augment(augment)
+        aug_gen = torch.Generator(device=self.device)
+        cbs = sort_callbacks(list(callbacks) + ([ProgressBar()] if verbose else []))
+        history = History()
+        state = TrainState(self, self.model, self.optimizer, epochs, steps_per_epoch, history, batch_size=batch_size,
+                           checkpoint_dir=str(checkpoint_dir) if checkpoint_dir is not None else None)
+        start_batch = 0
+        if saved is not None:
+            start_batch = self._restore(saved, state, cbs, aug_gen, torch_scheduler, len(images), batch_size)
+            if state.epoch >= epochs or saved.get("stopped"):
+                self.history = history
+                return history
+        else:
+            torch.manual_seed(seed)
+        self.history = history
+        meta = {"seed": seed, "n_train": len(images), "batch_size": batch_size}
+        self.model.train()
+        run_event(cbs, "on_train_begin", state)
+        try:
+            for epoch in range(state.epoch, epochs):
+                state.epoch = epoch
+                if start_batch == 0:
+                    aug_gen.manual_seed(derive_seed(seed, epoch, 1))
+                    state.loss_sum = torch.zeros((), device=self.device)
+                    state.correct = torch.zeros((), device=self.device, dtype=torch.int64)
+                    state.seen, state.batch = 0, 0
+                    epoch_seconds = 0.0
+                else:
+                    epoch_seconds = state.logs.pop("_seconds", 0.0)
+                state.logs = {}
+                self.model.train()
+                run_event(cbs, "on_epoch_begin", state)
+                t0 = time.perf_counter()
+                for b, (xb, yb) in enumerate(loader.batches(epoch, start_batch), start=start_batch):
+                    state.batch = b
+                    if factor is not None:
+                        f = factor(state.step)
+                        for group in self.optimizer.param_groups:
+                            group["lr"] = group["initial_lr"] * f
+                    run_event(cbs, "on_batch_begin", state)
+                    loss, correct = self._train_step(xb, yb, augment_fn, aug_gen, epoch)
+                    if torch_scheduler is not None:
+                        torch_scheduler.step()
+                    state.step += 1
+                    state.batch_loss = loss
+                    state.loss_sum += loss * len(yb)
+                    state.correct += correct
+                    state.seen += len(yb)
+                    if self.device.type == "cpu" and not torch.isfinite(loss):
+                        self._diverged(epoch, b, state.step, ckpt_path)
+                    run_event(cbs, "on_batch_end", state)
+                    if ckpt_path is not None and checkpoint_every and state.step % checkpoint_every == 0 \
+                            and b + 1 < steps_per_epoch and not state.stop_training:
+                        self._check_finite(state, epoch, ckpt_path)
+                        elapsed = epoch_seconds + time.perf_counter() - t0
+                        self._save(ckpt_path, state, cbs, aug_gen, torch_scheduler, meta, batch=b + 1,
+                                   extra_logs={"_seconds": elapsed})
+                    if state.stop_training:
+                        break
+                start_batch = 0
+                self._check_finite(state, epoch, ckpt_path)
+                seconds = epoch_seconds + time.perf_counter() - t0
+                logs = {"epoch": epoch + 1, **state.running()}
+                if val is not None:
+                    v = self._evaluate_tensors(val[0], val[1], validation_batch_size)
+                    logs.update({"val_loss": v["loss"], "val_accuracy": v["accuracy"]})
+                    self.model.train()
+                logs["lr"] = float(self.optimizer.param_groups[0]["lr"])
+                logs["seconds"] = seconds
+                history.append(logs)
+                state.logs = logs
+                run_event(cbs, "on_epoch_end", state)
+                done = state.stop_training or epoch + 1 == epochs
+                if ckpt_path is not None:
+                    self._save(ckpt_path, state, cbs, aug_gen, torch_scheduler, meta, batch=0, epoch=epoch + 1,
+                               finished=done, stopped=state.stop_training)
+                if state.stop_training:
+                    break
+        finally:
+            run_event(cbs, "on_train_end", state)
+            self.model.eval()
+        return history
+
+    def _train_step(self, xb, yb, augment_fn, aug_gen, epoch) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self._normalise(xb)
+        if augment_fn is not None:
+            x = augment_fn(x, aug_gen, epoch)
+        with self._autocast():
+            logits = self._forward(x)
+        if logits.ndim != 2 or logits.shape[0] != len(yb):
+            raise ValueError(f"expected the model to return logits (N={len(yb)}, classes), received {tuple(logits.shape)}")
+        if logits.shape[1] < len(self.classes):
+            raise ValueError(
+                f"the model outputs {logits.shape[1]} logits per image but the data has {len(self.classes)} classes"
+            )
+        loss = self._loss_fn(logits.float(), yb)
+        if self.config.l2:
+            loss = loss + self.config.l2 * sum(p.square().sum() for p in self.model.parameters() if p.ndim > 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self._scaler is not None:
+            self._scaler.scale(loss).backward()
+            self._scaler.unscale_(self.optimizer)
+            self._clip()
+            self._scaler.step(self.optimizer)
+            self._scaler.update()
+        else:
+            loss.backward()
+            self._clip()
+            self.optimizer.step()
+        loss = loss.detach()
+        correct = (logits.detach().argmax(1) == yb).sum()
+        return loss, correct
+
+    def _clip(self) -> None:
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+
+    def _make_schedule(self, epochs: int, steps_per_epoch: int):
+        spec = self._schedule_spec
+        if isinstance(spec, torch.optim.lr_scheduler.LRScheduler):
+            return None, spec
+        warmup = round(self.config.warmup_epochs * steps_per_epoch)
+        total = max(epochs * steps_per_epoch, 1)
+        return make_schedule(spec, total_steps=total, steps_per_epoch=steps_per_epoch, warmup_steps=warmup), None
+
+    def _split_validation(self, images, labels, validation, seed):
+        if validation is None:
+            return images, labels, None
+        if isinstance(validation, float):
+            if not 0.0 < validation < 1.0:
+                raise ValueError(f"expected a validation fraction in (0, 1), received {validation}")
+            n_val = max(1, round(len(images) * validation))
+            if n_val >= len(images):
+                raise ValueError(f"validation={validation} leaves no training images out of {len(images)}")
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(derive_seed(seed, 0, 2)))
+            val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
+            return images[train_idx], labels[train_idx], (images[val_idx], labels[val_idx])
+        v_images, v_labels, _ = _as_data(validation, "validation")
+        return images, labels, (v_images, v_labels)
+
+    def _set_classes(self, classes, labels) -> None:
+        if self.classes is None:
+            self.classes = classes if classes is not None else [str(i) for i in range(int(labels.max()) + 1)]
+        self._check_labels(labels, "labels")
+
+    def _check_labels(self, labels: torch.Tensor, name: str) -> None:
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(self.classes)):
+            raise ValueError(
+                f"expected {name} in 0..{len(self.classes) - 1} ({len(self.classes)} classes), "
+                f"received values from {int(labels.min())} to {int(labels.max())}"
+            )
+
+    # ------------------------------------------------------------------ divergence and checkpoints
+    def _check_finite(self, state: TrainState, epoch: int, ckpt_path) -> None:
+        if state.loss_sum is not None and not torch.isfinite(state.loss_sum):
+            self._diverged(epoch, state.batch, state.step, ckpt_path)
+
+    @staticmethod
+    def _diverged(epoch: int, batch: int, step: int, ckpt_path) -> None:
+        where = f"the last good checkpoint is {ckpt_path}" if ckpt_path is not None and ckpt_path.is_file() else \
+            "no checkpoint was written"
+        raise TrainingDiverged(
+            f"loss became NaN or infinite in epoch {epoch + 1}, at or before batch {batch + 1} (step {step}); "
+            f"lower the learning rate or check the data ({where})"
+        )
+
+    def _save(self, path, state, cbs, aug_gen, torch_scheduler, meta, *, batch, epoch=None, finished=False,
+              stopped=False, extra_logs=None) -> None:
+        payload = {
+            **meta,
+            "epoch": state.epoch if epoch is None else epoch,
+            "batch": batch,
+            "step": state.step,
+            "finished": finished,
+            "stopped": stopped,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": torch_scheduler.state_dict() if torch_scheduler is not None else None,
+            "scaler": self._scaler.state_dict() if self._scaler is not None else None,
+            "rng": ckpt.rng_states(),
+            "augment_rng": aug_gen.get_state(),
+            "history": state.history.to_dict(),
+            "running": {"loss_sum": state.loss_sum, "correct": state.correct, "seen": state.seen,
+                        **(extra_logs or {})} if batch else None,
+            "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else {} for cb in cbs],
+            "classes": list(self.classes),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "config": {k: v for k, v in self.training_config().items() if not isinstance(v, dict)},
+        }
+        ckpt.save_checkpoint(path, payload)
+
+    def _restore(self, saved, state, cbs, aug_gen, torch_scheduler, n_train, batch_size) -> int:
+        if saved["n_train"] != n_train or saved["batch_size"] != batch_size:
+            raise ValueError(
+                f"the checkpoint was written for {saved['n_train']} training images in batches of "
+                f"{saved['batch_size']}, received {n_train} images in batches of {batch_size}"
+            )
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if torch_scheduler is not None and saved["scheduler"] is not None:
+            torch_scheduler.load_state_dict(saved["scheduler"])
+        if self._scaler is not None and saved["scaler"] is not None:
+            self._scaler.load_state_dict(saved["scaler"])
+        self.classes, self.mean, self.std = list(saved["classes"]), list(saved["mean"]), list(saved["std"])
+        ckpt.set_rng_states(saved["rng"])
+        aug_gen.set_state(saved["augment_rng"].to(aug_gen.get_state().device))
+        state.history.history.update(History(saved["history"]).history)
+        state.epoch, state.step, state.batch = saved["epoch"], saved["step"], saved["batch"]
+        states = saved["callbacks"]
+        if len(states) == len(cbs):
+            for cb, cb_state in zip(cbs, states):
+                if cb_state and hasattr(cb, "load_state_dict"):
+                    cb.load_state_dict(cb_state)
+        running = saved["running"]
+        if saved["batch"] and running is not None:
+            state.loss_sum = running["loss_sum"].to(self.device)
+            state.correct = running["correct"].to(self.device)
+            state.seen = running["seen"]
+            state.logs = {"_seconds": running.get("_seconds", 0.0)}
+        return saved["batch"]
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def _logits(self, images: torch.Tensor, batch_size: int = 512, tta: Any = None) -> torch.Tensor:
+        self._check_ready("predict or evaluate")
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        try:
+            for start in range(0, len(images), batch_size):
+                x = self._normalise(images[start : start + batch_size])
+                with self._autocast():
+                    out.append(self._tta(x, tta).float())
+        finally:
+            self.model.train(was_training)
+        if not out:
+            raise ValueError("expected at least one image, received none")
+        return torch.cat(out)
+
+    def _tta(self, x: torch.Tensor, tta: Any) -> torch.Tensor:
+        if tta is None:
+            return self._forward(x)
+        if callable(tta):
+            return tta(self._forward, x)
+        if tta == "flip":
+            return 0.5 * (self._forward(x) + self._forward(x.flip(3)))
+        try:
+            from imclass.tta import tta_logits
+        except ImportError:
+            raise ValueError(f"expected tta None, 'flip' or a callable (model, x) -> logits, received {tta!r}") from None
+        return tta_logits(self._forward, x, tta)
+
+    def _evaluate_tensors(self, images, labels, batch_size: int, tta: Any = None) -> dict[str, float]:
+        logits = self._logits(images, batch_size, tta)
+        labels = labels.to(logits.device)
+        loss_fn = self._loss_fn or F.cross_entropy
+        loss = loss_fn(logits, labels)
+        correct = (logits.argmax(1) == labels).sum()
+        values = torch.stack([loss.float(), correct.float()]).tolist()
+        return {"accuracy": values[1] / len(labels), "loss": values[0], "n": len(labels)}
+
+    def evaluate(self, data: Any, batch_size: int = 512, tta: Any = None) -> dict[str, float]:
+        """Accuracy and mean loss on labelled data (``ImageDataset`` or ``(images, labels)``).
+
+        ``tta``: ``None``, ``"flip"`` (average with the mirrored images), a callable
+        ``(model, x) -> logits``, or a mode of ``imclass.tta.tta_logits``.
+        """
+        images, labels, _ = _as_data(data)
+        self._check_ready("evaluate")
+        if self.classes is not None:
+            self._check_labels(labels, "labels")
+        return self._evaluate_tensors(images, labels, batch_size, tta)
+
+    def predict_logits(self, x: Any, batch_size: int = 512, tta: Any = None) -> torch.Tensor:
+        """Raw model outputs (N, num_classes) on the CPU for images (uint8, or float on [0, 1])."""
+        return self._logits(as_images(x), batch_size, tta).cpu()
+
+    def predict_proba(self, x: Any, batch_size: int = 512, tta: Any = None) -> torch.Tensor:
+        """Class probabilities (N, num_classes): the softmax of the logits; columns follow ``classes``."""
+        return self.predict_logits(x, batch_size, tta).softmax(1)
+
+    def predict(self, x: Any, batch_size: int = 512, tta: Any = None) -> torch.Tensor:
+        """Predicted class indices as an int64 tensor (N,)."""
+        return self.predict_logits(x, batch_size, tta).argmax(1)
+
+    # ------------------------------------------------------------------ learning-rate finder
+    def lr_find(self, data: Any, start_lr: float = 1e-7, end_lr: float = 10.0, num_steps: int = 100,
+                batch_size: int = 32, seed: int = 0, plot: str | Path | None = None) -> "LRFindResult":
+        """Learning-rate range test: train briefly with an exponentially growing learning rate,
+        then put the model and optimizer back as they were. Returns the curve and a suggestion
+        (the steepest descent of the smoothed loss); ``plot`` writes it as a PNG."""
+        if self.config is None:
+            raise RuntimeError("call compile() before lr_find()")
+        model_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        opt_state = _clone(self.optimizer.state_dict())
+        history, mean, std, classes = self.history, self.mean, self.std, self.classes
+        finder = LRFinder(start_lr, end_lr, num_steps)
+        n = len(_as_data(data)[0])
+        epochs = math.ceil(num_steps / max(1, math.ceil(n / batch_size)))
+        schedule, self._schedule_spec = self._schedule_spec, None
+        try:
+            self.fit(data, epochs=epochs, batch_size=batch_size, callbacks=[finder], seed=seed, verbose=False)
+        except TrainingDiverged:
+            pass
+        finally:
+            self._schedule_spec = schedule
+            self.model.load_state_dict(model_state)
+            self.optimizer.load_state_dict(opt_state)
+            self.history = history
+            if mean is not None:
+                self.mean, self.std = mean, std
+            self.classes = classes if classes is not None else self.classes
+        result = LRFindResult(finder.lrs, finder.losses)
+        if plot is not None:
+            result.plot(plot)
+        return result
+
+
+def _clone(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone(v) for v in obj]
+    return obj
+
+
+@dataclass
+class LRFindResult:
+    """Learning rates tried, the smoothed loss at each, and the suggested learning rate."""
+
+    lrs: list[float]
+    losses: list[float]
+    suggestion: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.suggestion = suggest_lr(self.lrs, self.losses)
+
+    def plot(self, path: str | Path) -> Path:
+        """Write loss against learning rate (log scale) as a PNG, the suggestion marked."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        ax.plot(self.lrs, self.losses)
+        ax.set_xscale("log")
+        if math.isfinite(self.suggestion):
+            ax.axvline(self.suggestion, color="tab:red", ls="--", label=f"suggestion {self.suggestion:.2g}")
+            ax.legend()
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("loss (smoothed)")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+
+def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> float:
+    """The learning rate where the loss falls fastest (per log-lr), before the loss minimum."""
+    finite = [(lr, loss) for lr, loss in zip(lrs, losses) if math.isfinite(loss)]
+    if len(finite) < 3:
+        return float("nan")
+    lr_t = torch.tensor([f[0] for f in finite], dtype=torch.float64)
+    loss_t = torch.tensor([f[1] for f in finite], dtype=torch.float64)
+    end = int(loss_t.argmin()) + 1
+    if end < 3:
+        return float(lr_t[0])
+    slope = (loss_t[1:end] - loss_t[: end - 1]) / (lr_t[1:end].log() - lr_t[: end - 1].log())
+    return float(lr_t[int(slope.argmin())])

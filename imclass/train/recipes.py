@@ -1,0 +1,371 @@
+"""The fast CIFAR-10 recipe: FastNet + airbench's training ideas, run by imclass's own engine.
+
+    clf, result = run_fast_recipe(train, test, target=90, seed=0)
+    result["accuracy"], result["seconds"]
+
+Every piece is small and separate, and goes through ``Classifier.compile`` / ``fit``:
+
+- :func:`init_whitening` (imclass.models.fastnet) sets the first conv from the data;
+- :func:`fast_optimizer`: SGD + Nesterov, BN shifts at 64x the learning rate, decay per step
+  independent of the learning rate (hyper-parameters per 1024 examples, "kilostep scale");
+- :func:`triangular`: learning rate 0.2 -> 1 over the first 20% of the steps, then -> 0;
+- :class:`FlipTranslate`: alternating flips (each image is mirrored in every other epoch) and a
+  random 2-pixel reflect translation, as one augment callable + callback;
+- :class:`Lookahead`: every 5 steps the weights are pulled to an EMA whose decay grows as
+  (progress)^3; the EMA weights are the final model;
+- :class:`FreezeWhitenBias`: the whitening conv's bias learns only in the first epochs;
+- :class:`StopAtStep`: fractional epochs (airbench trains 9.9);
+- test-time augmentation level 2 (imclass.tta).
+
+``FAST_TARGETS`` maps the ``--target`` knob (90, 94, 95) to width and epochs measured on a
+2-core CPU (see docs/fast.md).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from imclass.data.augment import random_crop
+from imclass.data.dataset import ImageDataset
+from imclass.data.loader import derive_seed
+from imclass.models import create
+from imclass.models.fastnet import init_whitening
+
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "FAST_TARGETS",
+    "FastConfig",
+    "FlipTranslate",
+    "FreezeWhitenBias",
+    "Lookahead",
+    "StopAtStep",
+    "fast_config",
+    "fast_optimizer",
+    "fast_recipe",
+    "run_fast_recipe",
+    "triangular",
+]
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass
+class FastConfig:
+    """Everything the fast recipe needs; airbench94's values unless noted.
+
+    ``lr`` and ``weight_decay`` are per 1024 examples in airbench's units (summed loss,
+    "kilostep scale"); :func:`fast_optimizer` turns them into torch values for any batch size.
+    """
+
+    widths: tuple[int, int, int] = (64, 256, 256)
+    depth: int = 2
+    act: str = "gelu"
+    epochs: float = 9.9
+    batch_size: int = 1024
+    lr: float = 11.5
+    momentum: float = 0.85
+    weight_decay: float = 0.0153
+    bias_scaler: float = 64.0
+    label_smoothing: float = 0.2
+    warmup_fraction: float = 0.2
+    warmup_start: float = 0.2
+    whiten_bias_epochs: int = 3
+    whiten_images: int = 5000
+    translate: int = 2
+    lookahead_every: int = 5
+    lookahead_decay: float = 0.95
+    tta: int = 2
+    channels_last: bool = True
+    amp: str | None = "bf16"  # CUDA only (the engine keeps CPU float32)
+    compile: bool = False  # torch.compile, CUDA only in the engine
+
+    def __post_init__(self) -> None:
+        self.widths = tuple(int(w) for w in self.widths)
+        if self.epochs <= 0:
+            raise ValueError(f"expected epochs > 0, received epochs={self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"expected batch_size >= 1, received batch_size={self.batch_size}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"expected 0 <= momentum < 1, received momentum={self.momentum}")
+
+
+# The --target knob. Measured on the 2-core CPU (AMD EPYC Zen 3), see docs/fast.md.
+FAST_TARGETS: dict[int, FastConfig] = {
+    90: FastConfig(widths=(32, 128, 128), epochs=5, batch_size=512),
+    94: FastConfig(widths=(64, 256, 256), epochs=9.9, batch_size=1024),
+    95: FastConfig(widths=(128, 384, 384), depth=3, epochs=15, batch_size=1024),
+}
+
+
+def fast_config(target: int = 90, **overrides: Any) -> FastConfig:
+    """The :class:`FastConfig` of an accuracy ``target`` (90, 94 or 95), with field ``overrides``."""
+    if int(target) not in FAST_TARGETS:
+        raise ValueError(f"expected target in {sorted(FAST_TARGETS)}, received target={target!r}")
+    unknown = set(overrides) - set(FastConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown fast-recipe options {sorted(unknown)}; known: {sorted(FastConfig.__dataclass_fields__)}")
+    return replace(FAST_TARGETS[int(target)], **overrides)
+
+
+# ---------------------------------------------------------------------- optimizer and schedule
+def fast_optimizer(model: nn.Module, cfg: FastConfig) -> torch.optim.SGD:
+    """SGD + Nesterov with airbench's scaling, for a loss that is the batch *mean*.
+
+    airbench sums the loss over the batch and uses ``lr / kilostep`` with
+    ``kilostep = 1024 * (1 + 1 / (1 - momentum))``; with a mean loss the same step needs
+    ``lr * batch / kilostep``. Weight decay is set so that the decay per step is
+    ``weight_decay * batch / kilostep`` for every group (torch multiplies it by the group lr).
+    Batch-norm shifts get ``bias_scaler`` x the learning rate.
+    """
+    kilostep = 1024 * (1 + 1 / (1 - cfg.momentum))
+    lr = cfg.lr * cfg.batch_size / kilostep
+    decay = cfg.weight_decay * cfg.batch_size / kilostep
+    bn_biases, others = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad and not (module is getattr(model, "whiten", None) and name == "bias"):
+                continue
+            (bn_biases if isinstance(module, nn.BatchNorm2d) else others).append(p)
+    lr_bias = lr * cfg.bias_scaler
+    groups = [
+        {"params": bn_biases, "lr": lr_bias, "weight_decay": decay / lr_bias},
+        {"params": others, "lr": lr, "weight_decay": decay / lr},
+    ]
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
+
+
+def triangular(total_steps: int, warmup_fraction: float = 0.2, start: float = 0.2):
+    """Learning-rate factor ``step -> f``: ``start`` -> 1 linearly over ``warmup_fraction`` of
+    the steps, then linearly to 0 at ``total_steps``."""
+    if total_steps < 1:
+        raise ValueError(f"expected total_steps >= 1, received total_steps={total_steps}")
+    peak = max(1, int(warmup_fraction * total_steps))
+
+    def factor(step: int) -> float:
+        if step < peak:
+            return start + (1 - start) * step / peak
+        return max(0.0, (total_steps - step) / max(1, total_steps - peak))
+
+    return factor
+
+
+# ---------------------------------------------------------------------- callbacks
+class Lookahead:
+    """EMA of the weights pulled back into the model every ``every`` steps (airbench's lookahead).
+
+    At step ``t`` of ``T`` the EMA moves toward the model with decay
+    ``decay**every * (t / T)**3`` (so it follows the model early and averages late), then the
+    model takes the EMA's weights. At the end the model keeps the EMA.
+    """
+
+    order = -10
+
+    def __init__(self, every: int = 5, decay: float = 0.95, total_steps: int | None = None) -> None:
+        self.every, self.decay, self.total_steps = every, decay, total_steps
+        self.ema: dict[str, torch.Tensor] | None = None
+
+    def on_train_begin(self, state) -> None:
+        self.total = self.total_steps or state.total_steps
+        if self.ema is None:
+            self.ema = {k: v.detach().clone() for k, v in state.model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def _pull(self, model: nn.Module, decay: float) -> None:
+        params = model.state_dict()
+        for k, ema in self.ema.items():
+            ema.lerp_(params[k], 1 - decay)
+            params[k].copy_(ema)
+
+    def on_batch_end(self, state) -> None:
+        if state.step % self.every == 0:
+            self._pull(state.model, self.decay**self.every * min(1.0, state.step / self.total) ** 3)
+
+    def on_train_end(self, state) -> None:
+        if self.ema is not None and state.step >= self.total:
+            self._pull(state.model, 1.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema} if self.ema is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "ema" in state:
+            self.ema = state["ema"]
+
+
+class FreezeWhitenBias:
+    """Train the whitening conv's bias only during the first ``epochs`` epochs."""
+
+    def __init__(self, epochs: int = 3) -> None:
+        self.epochs = epochs
+
+    def on_epoch_begin(self, state) -> None:
+        state.model.whiten.bias.requires_grad_(state.epoch < self.epochs)
+
+
+class StopAtStep:
+    """End training after ``steps`` optimizer steps (fractional epochs)."""
+
+    order = 100
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_batch_end(self, state) -> None:
+        if state.step >= self.steps:
+            state.stop_training = True
+
+
+class FlipTranslate:
+    """Alternating flips + random reflect translation: the augment callable *and* its callback.
+
+    Epoch 0 mirrors a random half of the images; every later epoch mirrors exactly the images
+    the previous epoch did not, so each image is seen both ways in every pair of epochs (less
+    redundancy than independent coin flips). Knowing which images a batch holds needs the
+    batch's indices: taken from ``state.batch_indices`` when the engine provides it, else
+    recomputed from the loader's seeded permutation (``seed`` must be the ``fit`` seed).
+    Pass the same object as ``augment=`` and in ``callbacks=``.
+    """
+
+    order = -20
+
+    def __init__(self, n_images: int, batch_size: int, seed: int, translate: int = 2) -> None:
+        self.n, self.batch_size, self.seed, self.translate = n_images, batch_size, seed, translate
+        g = torch.Generator().manual_seed(derive_seed(seed, 0, 7))
+        self.first_flips = torch.rand(n_images, generator=g) < 0.5  # which images epoch 0 mirrors
+        self._order: torch.Tensor | None = None
+        self._order_epoch = -1
+        self._flip: torch.Tensor | None = None
+
+    def flips(self, indices: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Bool mask: which of the images ``indices`` are mirrored in ``epoch``."""
+        return self.first_flips[indices.cpu()] ^ bool(epoch % 2)
+
+    def _batch_indices(self, state) -> torch.Tensor:
+        indices = getattr(state, "batch_indices", None)
+        if indices is not None:
+            return indices
+        if self._order_epoch != state.epoch:  # the same permutation TensorLoader draws
+            g = torch.Generator().manual_seed(derive_seed(self.seed, state.epoch, 0))
+            self._order, self._order_epoch = torch.randperm(self.n, generator=g), state.epoch
+        return self._order[state.batch * self.batch_size : (state.batch + 1) * self.batch_size]
+
+    def on_batch_begin(self, state) -> None:
+        self._flip = self.flips(self._batch_indices(state), state.epoch)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator, epoch: int) -> torch.Tensor:
+        if self._flip is not None and len(self._flip) == len(x):
+            x = torch.where(self._flip.to(x.device)[:, None, None, None], x.flip(3), x)
+            self._flip = None
+        if self.translate:
+            x = random_crop(x, self.translate, generator, mode="reflect")
+        return x
+
+
+# ---------------------------------------------------------------------- the recipe
+def _as_dataset(data: Any, name: str) -> ImageDataset:
+    if isinstance(data, ImageDataset):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        from imclass.data.arrays import as_images, as_labels
+
+        images = as_images(data[0], name=f"{name} images")
+        labels = as_labels(data[1], len(images), name=f"{name} labels")
+        return ImageDataset(images, labels, [str(i) for i in range(int(labels.max()) + 1)])
+    raise TypeError(f"expected {name} as an ImageDataset or an (images, labels) pair, received {type(data).__name__}")
+
+
+def fast_recipe(
+    train: Any,
+    cfg: FastConfig,
+    seed: int = 0,
+    device: str = "auto",
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    callbacks: tuple = (),
+    verbose: bool = True,
+):
+    """Build the FastNet classifier for ``cfg`` and train it on ``train``; returns the ``Classifier``.
+
+    The model is ``imclass.models.create("fastnet", widths=..., depth=..., act=...)`` with its
+    whitening conv set from the first ``cfg.whiten_images`` training images.
+    """
+    from imclass.train.classifier import Classifier
+
+    train = _as_dataset(train, "train")
+    torch.manual_seed(seed)
+    model = create("fastnet", num_classes=train.num_classes, in_chans=train.image_shape[0], widths=list(cfg.widths),
+                   depth=cfg.depth, act=cfg.act)
+    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if train.image_shape[0] == 3 else ([0.5] * train.image_shape[0],) * 2
+    clf = Classifier(model, classes=train.classes, mean=mean, std=std, device=device)
+    sample = train.images[: cfg.whiten_images].float() / 255  # (n, C, H, W) on [0, 1]
+    sample = (sample - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    init_whitening(model, sample.to(clf.device))
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
+    clf.compile(
+        optimizer=fast_optimizer(model, cfg),
+        label_smoothing=cfg.label_smoothing,
+        momentum=cfg.momentum,
+        nesterov=True,
+        schedule=triangular(total_steps, cfg.warmup_fraction, cfg.warmup_start),
+        amp=cfg.amp if clf.device.type == "cuda" else None,
+        compile=cfg.compile and clf.device.type == "cuda",
+        channels_last=cfg.channels_last,
+    )
+    augment = FlipTranslate(len(train), cfg.batch_size, seed, cfg.translate)
+    cbs = [augment, Lookahead(cfg.lookahead_every, cfg.lookahead_decay, total_steps),
+           FreezeWhitenBias(cfg.whiten_bias_epochs), StopAtStep(total_steps), *callbacks]
+    clf.fit(train, epochs=math.ceil(total_steps / steps_per_epoch), batch_size=cfg.batch_size, augment=augment,
+            callbacks=cbs, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume, verbose=verbose)
+    clf.recipe = {"name": "fast", **asdict(cfg)}
+    return clf
+
+
+def run_fast_recipe(
+    dataset_train: Any,
+    dataset_test: Any,
+    target: int = 90,
+    seed: int = 0,
+    out: str | Path | None = None,
+    device: str = "auto",
+    verbose: bool = True,
+    **overrides: Any,
+) -> tuple[Any, dict[str, Any]]:
+    """Train the fast recipe for ``target`` (90, 94 or 95) and evaluate it with TTA on ``dataset_test``.
+
+    Returns ``(classifier, result)`` with ``result`` holding ``accuracy``, ``loss``,
+    ``seconds`` (wall time of training + evaluation), ``train_seconds``, ``eval_seconds``,
+    ``epochs``, ``target``, ``seed``, ``config`` and ``device``. ``overrides`` change fields of
+    the target's :class:`FastConfig` (e.g. ``epochs=3``). With ``out``, the run's checkpoint is
+    kept in that folder (saving the model file is the caller's job: ``imclass.save``).
+    """
+    cfg = fast_config(target, **overrides)
+    test = _as_dataset(dataset_test, "test")
+    start = time.perf_counter()
+    clf = fast_recipe(dataset_train, cfg, seed=seed, device=device, checkpoint_dir=out, verbose=verbose)
+    train_seconds = time.perf_counter() - start
+    metrics = clf.evaluate(test, tta=cfg.tta)
+    seconds = time.perf_counter() - start
+    result = {
+        "accuracy": metrics["accuracy"],
+        "loss": metrics["loss"],
+        "n_test": metrics.get("n", len(test)),
+        "seconds": seconds,
+        "train_seconds": train_seconds,
+        "eval_seconds": seconds - train_seconds,
+        "epochs": cfg.epochs,
+        "target": int(target),
+        "seed": seed,
+        "device": str(clf.device),
+        "threads": torch.get_num_threads(),
+        "config": asdict(cfg),
+    }
+    return clf, result
