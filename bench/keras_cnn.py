@@ -69,26 +69,22 @@ def keras_model():
     return model
 
 
-def run_keras(x, y, xt, yt, *, warmup: int, steps: int, epochs: int, seed: int) -> dict:
-    import keras
+class KerasSide:
+    """The Keras model and recipe on the images as the Keras example holds them (float32 NHWC in [0, 1])."""
 
-    keras.utils.set_random_seed(seed)
-    model = keras_model()
-    xf, xtf = x.astype("float32") / 255.0, xt.astype("float32") / 255.0
-    if epochs:
-        start = time.perf_counter()
-        model.fit(xf, y, batch_size=BATCH, epochs=epochs, verbose=0, shuffle=True)
-        seconds = time.perf_counter() - start
-        per_epoch = seconds / epochs
-    else:
-        model.fit(xf[: warmup * BATCH], y[: warmup * BATCH], batch_size=BATCH, epochs=1, verbose=0)
-        part = slice(warmup * BATCH, (warmup + steps) * BATCH)
-        start = time.perf_counter()
-        model.fit(xf[part], y[part], batch_size=BATCH, epochs=1, verbose=0)
-        seconds = time.perf_counter() - start
-        per_epoch = seconds / steps * math.ceil(len(x) / BATCH)
-    _, accuracy = model.evaluate(xtf, yt, batch_size=500, verbose=0)
-    return {"seconds": seconds, "seconds_per_epoch": per_epoch, "accuracy": float(accuracy)}
+    def __init__(self, x: np.ndarray, y: np.ndarray, seed: int) -> None:
+        import keras
+
+        keras.utils.set_random_seed(seed)
+        self.x, self.y = x.astype("float32") / 255.0, y
+        self.model = keras_model()
+        self.name = f"keras {keras.__version__} (torch backend)"
+
+    def train(self, part: slice, epochs: int = 1) -> None:
+        self.model.fit(self.x[part], self.y[part], batch_size=BATCH, epochs=epochs, verbose=0, shuffle=True)
+
+    def accuracy(self, xt: np.ndarray, yt: np.ndarray) -> float:
+        return float(self.model.evaluate(xt.astype("float32") / 255.0, yt, batch_size=500, verbose=0)[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,70 +92,70 @@ def run_keras(x, y, xt, yt, *, warmup: int, steps: int, epochs: int, seed: int) 
 
 
 def imclass_model():
-    """The same network from imclass's layers (Keras-style API, final softmax kept as logits + softmax)."""
-    from imclass.layers import Conv2D, Dense, Dropout, Flatten, MaxPooling2D, Sequential
+    """The same network from imclass's registry (written with imclass.layers; softmax kept as logits + softmax)."""
+    from imclass import models
 
-    return Sequential(
-        [
-            Conv2D(32, 3, padding="same", activation="relu"),
-            Conv2D(32, 3, activation="relu"),
-            MaxPooling2D(),
-            Dropout(0.25),
-            Conv2D(64, 3, padding="same", activation="relu"),
-            Conv2D(64, 3, activation="relu"),
-            MaxPooling2D(),
-            Dropout(0.25),
-            Flatten(),
-            Dense(256, activation="relu"),
-            Dropout(0.5),
-            Dense(10, activation="softmax"),
-        ],
-        input_shape=(32, 32, 3),
-    )
+    return models.create("keras_cnn", num_classes=10)
 
 
-def run_imclass(x, y, xt, yt, *, warmup: int, steps: int, epochs: int, seed: int, profile: bool) -> dict:
-    from imclass.train import Classifier
+class ImclassSide:
+    """The same model and recipe with imclass: ``Classifier(...).compile("adam", lr=1e-3).fit(...)``
+    on uint8 (N, C, H, W) tensors (scaled to [0, 1] on the device by the engine, inside the step)."""
 
-    torch.manual_seed(seed)
-    clf = Classifier(imclass_model(), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), device="cpu")
-    clf.compile("adam", lr=LR)
-    if epochs:
-        start = time.perf_counter()
-        clf.fit((x, y), epochs=epochs, batch_size=BATCH, seed=seed, verbose=False)
-        seconds = time.perf_counter() - start
-        per_epoch = seconds / epochs
-    else:
-        clf.fit((x[: warmup * BATCH], y[: warmup * BATCH]), epochs=1, batch_size=BATCH, seed=seed, verbose=False)
-        part = slice(warmup * BATCH, (warmup + steps) * BATCH)
-        start = time.perf_counter()
-        clf.fit((x[part], y[part]), epochs=1, batch_size=BATCH, seed=seed, verbose=False)
-        seconds = time.perf_counter() - start
-        per_epoch = seconds / steps * math.ceil(len(x) / BATCH)
-    accuracy = clf.evaluate((xt, yt))["accuracy"]
-    result = {"seconds": seconds, "seconds_per_epoch": per_epoch, "accuracy": float(accuracy)}
-    if profile:
-        result["profile"] = profile_imclass(clf, x, y)
-    return result
+    name = "imclass"
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, seed: int) -> None:
+        from imclass.train import Classifier
+
+        torch.manual_seed(seed)
+        self.x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> (N, C, H, W)
+        self.y = torch.from_numpy(y)
+        self.seed = seed
+        # mean 0 / std 1: images only scaled to [0, 1], as the Keras example does
+        self.clf = Classifier(imclass_model(), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), device="cpu")
+        self.clf.compile("adam", lr=LR)
+        self.calls = 0
+
+    def train(self, part: slice, epochs: int = 1) -> None:
+        self.calls += 1  # a new shuffling seed for each call, as Keras reshuffles
+        self.clf.fit((self.x[part], self.y[part]), epochs=epochs, batch_size=BATCH, seed=self.seed + self.calls,
+                     verbose=False)
+
+    def accuracy(self, xt: np.ndarray, yt: np.ndarray) -> float:
+        return float(self.clf.evaluate((xt, yt))["accuracy"])
 
 
-def profile_imclass(clf, x, y, steps: int = 50) -> str:
+def timed_steps(sides: list, warmup: int, steps: int, rounds: int) -> dict[str, float]:
+    """Seconds per step of each side: warm-up, then ``rounds`` rounds of ``steps / rounds`` steps, the
+    sides taking turns in every round so that a change in the machine's load hits both alike."""
+    for side in sides:
+        side.train(slice(0, warmup * BATCH))
+    per_round = max(1, steps // rounds)
+    seconds = {side.name: 0.0 for side in sides}
+    start = warmup * BATCH
+    for r in range(rounds):
+        part = slice(start + r * per_round * BATCH, start + (r + 1) * per_round * BATCH)
+        for side in sides if r % 2 == 0 else sides[::-1]:
+            t0 = time.perf_counter()
+            side.train(part)
+            seconds[side.name] += time.perf_counter() - t0
+    return {name: s / (per_round * rounds) for name, s in seconds.items()}
+
+
+def profile_imclass(side: ImclassSide, steps: int = 50) -> str:
     """The torch profiler's table of the ops an imclass training run of ``steps`` steps spends its time in."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        clf.fit((x[: steps * BATCH], y[: steps * BATCH]), epochs=1, batch_size=BATCH, verbose=False)
+        side.train(slice(0, steps * BATCH))
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
 
 
-def profile_keras(x, y, steps: int = 50) -> str:
+def profile_keras(side: KerasSide, steps: int = 50) -> str:
     from torch.profiler import ProfilerActivity, profile
 
-    model = keras_model()
-    xf = x[: steps * BATCH].astype("float32") / 255.0
-    model.fit(xf[: 5 * BATCH], y[: 5 * BATCH], batch_size=BATCH, verbose=0)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        model.fit(xf, y[: steps * BATCH], batch_size=BATCH, epochs=1, verbose=0)
+        side.train(slice(0, steps * BATCH))
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
 
 
@@ -171,6 +167,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("IMCLASS_DATA", "../shared/data")))
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps first (timed-steps mode)")
     parser.add_argument("--steps", type=int, default=300, help="timed steps (timed-steps mode)")
+    parser.add_argument("--rounds", type=int, default=6, help="the timed steps in this many turns per side")
     parser.add_argument("--epochs", type=int, default=0, help="full epochs instead of timed steps")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
@@ -186,30 +183,39 @@ def main() -> None:
         mode = f"{args.epochs} full epoch(s) on all {len(x)} training images"
     else:
         mode = (
-            f"timed steps: {args.warmup} warm-up + {args.steps} timed steps of {BATCH}; "
-            f"seconds/epoch extrapolated to {math.ceil(len(x) / BATCH)} steps; "
+            f"timed steps: {args.warmup} warm-up + {args.steps} timed steps of {BATCH} in {args.rounds} alternating "
+            f"turns; seconds/epoch extrapolated to {math.ceil(len(x) / BATCH)} steps; "
             f"accuracy after {args.warmup + args.steps} steps only (use --epochs N for a full-accuracy run)"
         )
     print(f"Keras CNN on CIFAR-10, batch {BATCH}, Adam {LR}, torch {torch.__version__}, {args.threads} threads")
     print(f"mode: {mode}")
     print(f"test accuracy on the {len(xt)} official test images of the shared data")
 
-    kw = dict(warmup=args.warmup, steps=args.steps, epochs=args.epochs, seed=args.seed)
-    results = {}
+    sides = []
     if args.only != "keras":
-        results["imclass"] = run_imclass(x, y, xt, yt, profile=args.profile, **kw)
+        sides.append(ImclassSide(x, y, args.seed))
     if args.only != "imclass":
-        import keras
-
-        results[f"keras {keras.__version__} (torch)"] = run_keras(x, y, xt, yt, **kw)
-    for name, r in results.items():
-        print(f"{name:>24}: {r['seconds_per_epoch']:7.1f} s/epoch  ({r['seconds']:.1f} s timed)  test accuracy {r['accuracy']:.4f}")
-    if len(results) == 2:
-        (a, b) = results.values()
-        print(f"{'speed ratio':>24}: imclass is {b['seconds_per_epoch'] / a['seconds_per_epoch']:.2f}x Keras's speed")
+        sides.append(KerasSide(x, y, args.seed))
+    steps_per_epoch = math.ceil(len(x) / BATCH)
+    if args.epochs:
+        per_step = {}
+        for side in sides:
+            t0 = time.perf_counter()
+            side.train(slice(None), epochs=args.epochs)
+            per_step[side.name] = (time.perf_counter() - t0) / (args.epochs * steps_per_epoch)
+    else:
+        per_step = timed_steps(sides, args.warmup, args.steps, args.rounds)
+    for side in sides:
+        print(
+            f"{side.name:>32}: {per_step[side.name] * 1000:6.1f} ms/step = {per_step[side.name] * steps_per_epoch:6.1f} s/epoch"
+            f"   test accuracy {side.accuracy(xt, yt):.4f}"
+        )
+    if len(sides) == 2:
+        a, b = (per_step[side.name] for side in sides)
+        print(f"{'speed ratio':>32}: imclass runs {b / a:.2f}x as fast as Keras")
     if args.profile:
-        print("\nimclass, 50 steps, by self CPU time:\n" + results["imclass"]["profile"])
-        print("\nKeras, 50 steps, by self CPU time:\n" + profile_keras(x, y))
+        for side, fn in zip(sides, (profile_imclass, profile_keras) if args.only != "keras" else (profile_keras,)):
+            print(f"\n{side.name}, 50 steps, by self CPU time:\n" + fn(side))
 
 
 if __name__ == "__main__":

@@ -23,12 +23,12 @@ _LAZY = {
     "KNN": "imclass.knn",
     "NearestNeighbor": "imclass.knn",
     "Sequential": "imclass.layers",
-    "summary": "imclass.summary",
+    "summary": "imclass.summarize",
     "Classifier": "imclass.train",
     "save": "imclass.io",
     "load": "imclass.io",
 }
-_SUBMODULES = {"data", "models", "layers", "train", "evaluate", "visualize", "knn", "io", "cli"}
+_SUBMODULES = {"data", "models", "layers", "train", "evaluate", "visualize", "knn", "io", "cli", "summarize"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 

@@ -10,6 +10,7 @@ written ``Dense(units, activation="maxout")`` computes ``units * k`` pre-activat
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable
 
 import torch
@@ -27,9 +28,9 @@ class Maxout(nn.Module):
 
     def __init__(self, k: int = 2):
         super().__init__()
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"expected a positive integer for k (maxout pieces), received k={k!r}")
-        self.k = k
+        self.k = int(k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         width = x.shape[1]
@@ -71,10 +72,14 @@ def resolve_activation(name: str, **params: Any) -> tuple[str, dict[str, Any]]:
         allowed = sorted(defaults) or "none"
         raise ValueError(f"activation {name!r} takes parameters {allowed}, received {unknown}")
     full = {**defaults, **params}
-    if name == "maxout" and (isinstance(full["k"], bool) or not isinstance(full["k"], int) or full["k"] < 1):
+    if name == "maxout" and (isinstance(full["k"], bool) or not isinstance(full["k"], numbers.Integral) or full["k"] < 1):
         raise ValueError(f"expected a positive integer for k (maxout pieces), received k={full['k']!r}")
-    if name in ("leaky_relu", "elu") and not isinstance(full["alpha"], (int, float)):
+    if name in ("leaky_relu", "elu") and (isinstance(full["alpha"], bool) or not isinstance(full["alpha"], numbers.Real)):
         raise ValueError(f"expected a number for alpha, received alpha={full['alpha']!r}")
+    if "alpha" in full:
+        full["alpha"] = float(full["alpha"])
+    if "k" in full:
+        full["k"] = int(full["k"])
     return name, full
 
 

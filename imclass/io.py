@@ -32,6 +32,7 @@ FORMAT_VERSION = 1
 METADATA_KEY = "imclass"
 MODEL_FILENAME = "model.safetensors"
 KINDS = ("classifier", "knn", "model")
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 
 class ModelFileError(ValueError):
@@ -46,35 +47,40 @@ def save(
     obj: Any,
     path: str | os.PathLike,
     *,
+    classes: list[str] | None = None,
     train_config: dict | None = None,
     input_size: tuple[int, int, int] | list[int] | None = None,
 ) -> Path:
     """Write ``obj`` (a ``Classifier``, a ``KNN`` or a bare model) to one ``.safetensors`` file.
 
-    ``path`` may be a folder: the file is then ``<folder>/model.safetensors``. ``train_config``
-    (the resolved training config) and ``input_size`` ``(C, H, W)`` are recorded in the metadata
-    when given; otherwise ``input_size`` is taken from the object when it knows it. The write is
-    atomic (a temporary file renamed over the target). Returns the path written.
+    ``path`` may be a folder: the file is then ``<folder>/model.safetensors``. Also recorded:
+    ``classes`` (names; a Classifier knows its own, a KNN has integer labels 0..n-1 that these
+    name), ``train_config`` (the resolved training config; default: a Classifier's ``compile``
+    options) and ``input_size`` ``(C, H, W)`` (default: what the object knows: an ``input_size``
+    attribute, a Sequential's ``input_shape``, a timm model's ``pretrained_cfg``, a KNN's sample
+    shape). The write is atomic (a temporary file renamed over the target). Returns the path.
     """
     path = Path(path)
     if path.is_dir() or (not path.suffix and not path.exists()):
         path = path / MODEL_FILENAME
-    if obj.__class__.__name__ == "KNN" or hasattr(obj, "get_state") and hasattr(type(obj), "from_state"):
-        tensors, header = _knn_payload(obj)
+    if hasattr(obj, "get_state") and hasattr(type(obj), "from_state"):  # a KNN
+        tensors, header = _knn_payload(obj, classes, input_size)
     elif isinstance(obj, nn.Module):
-        tensors, header = _module_payload(obj, kind="model", classes=None, mean=None, std=None, input_size=input_size)
+        tensors, header = _module_payload(obj, kind="model", classes=classes, mean=None, std=None, input_size=input_size)
     elif isinstance(getattr(obj, "model", None), nn.Module):
         tensors, header = _module_payload(
             obj.model,
             kind="classifier",
-            classes=getattr(obj, "classes", None),
+            classes=classes if classes is not None else getattr(obj, "classes", None),
             mean=getattr(obj, "mean", None),
             std=getattr(obj, "std", None),
             input_size=input_size if input_size is not None else _input_size_of(obj),
         )
     else:
         raise TypeError(f"expected a Classifier, a KNN or a torch.nn.Module to save, received {type(obj).__name__}")
-    header["train_config"] = train_config
+    if train_config is None and hasattr(obj, "training_config"):
+        train_config = obj.training_config() or None  # the Classifier's compile options
+    header["train_config"] = _jsonable(train_config, "train_config")
     _write_atomic(path, tensors, header)
     return path
 
@@ -95,14 +101,18 @@ def _module_payload(model: nn.Module, *, kind: str, classes, mean, std, input_si
     return _state_tensors(model.state_dict()), header
 
 
-def _knn_payload(knn: Any) -> tuple[dict, dict]:
+def _knn_payload(knn: Any, classes: Any, input_size: Any) -> tuple[dict, dict]:
     tensors, config = knn.get_state()
     tensors = {name: torch.as_tensor(t) for name, t in tensors.items()}
+    shape = config.get("sample_shape")
+    if input_size is None and shape is not None and len(shape) == 3:
+        input_size = shape
     header = {
         "format": FORMAT_VERSION,
         "kind": "knn",
-        "knn": config,
-        "classes": _as_str_list(getattr(knn, "classes", None) or getattr(knn, "classes_", None) or config.get("classes")),
+        "knn": _jsonable(config, "k-NN config"),
+        "classes": _as_str_list(classes),  # names of the labels 0..n-1, when known
+        "preprocessing": {"mean": None, "std": None, "input_size": _as_int_list(input_size)},
     }
     return _state_tensors(tensors), header
 
@@ -157,6 +167,11 @@ def load(path: str | os.PathLike, *, device: str = "auto") -> Any:
     ``path`` is a ``.safetensors`` file or a run folder holding ``model.safetensors``.
     """
     path = _resolve(path)
+    if path.suffix in TORCH_SUFFIXES:
+        raise ModelFileError(
+            f"{path}: expected an imclass .safetensors model file; a torch file holds weights only: build the "
+            "model and copy them in with imclass.io.load_weights(model, path)"
+        )
     header = read_metadata(path)
     tensors = _read_tensors(path)
     kind = header["kind"]
@@ -216,7 +231,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
     only the tensors whose names and shapes match are copied. Returns ``model``.
     """
     path = _resolve(path)
-    if path.suffix in (".pt", ".pth", ".bin"):
+    if path.suffix in TORCH_SUFFIXES:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
@@ -242,7 +257,8 @@ def _resolve(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         if not (path / MODEL_FILENAME).is_file():
-            raise ModelFileError(f"{path}: expected a run folder holding {MODEL_FILENAME}, found none")
+            hint = " (training not finished? `imclass train --resume --out` it)" if (path / "checkpoint.pt").is_file() else ""
+            raise ModelFileError(f"{path}: expected a run folder holding {MODEL_FILENAME}, found none{hint}")
         return path / MODEL_FILENAME
     if not path.exists():
         raise ModelFileError(f"{path}: no such model file or run folder")

@@ -182,7 +182,8 @@ class KNN:
 
     Attributes (after ``fit``)
     --------------------------
-    ``classes_`` (sorted distinct labels, int64), ``n_samples_fit_``, ``n_features_in_``, ``sample_shape_``.
+    ``classes_`` (sorted distinct labels, int64), ``n_samples_fit_``, ``n_features_in_``, ``sample_shape_``;
+    ``backend_`` (the backend the last search used).
     """
 
     def __init__(
@@ -299,6 +300,7 @@ class KNN:
         """(ranking distances (m, k), training indices (m, k)) of the k nearest training rows of each query."""
         exact = queries.dtype == torch.uint8 and self._fit_X.dtype == torch.uint8
         backend = self._resolve_backend(exact)
+        self.backend_ = backend
         if backend == "faiss":
             return self._search_faiss(queries, k)
         n = self.n_samples_fit_
@@ -347,7 +349,10 @@ class KNN:
     def _distances(self, ranking: torch.Tensor) -> torch.Tensor:
         """Ranking distances -> reported distances (L2: the square root), float64."""
         d = ranking.double()
-        return d.clamp(min=0).sqrt() if self.metric_ == "l2" else d
+        if self.metric_ != "l2":
+            return d
+        # numpy's sqrt is correctly rounded (IEEE), torch's vectorised one can be 1 ulp off
+        return torch.from_numpy(np.sqrt(d.clamp(min=0).numpy()))
 
     # -- public queries -------------------------------------------------------------------------
     def kneighbors(self, images: Any, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -367,7 +372,8 @@ class KNN:
 
     def predict(self, images: Any) -> torch.Tensor:
         """Predicted labels (int64): the majority (or weighted) vote, smallest label among tied classes."""
-        return self.classes_[self._votes(images).argmax(1)]
+        votes = self._votes(images)
+        return self.classes_[votes.argmax(1)]
 
     def predict_proba(self, images: Any) -> torch.Tensor:
         """Vote shares (float64, (N, len(classes_))), columns in the order of ``classes_``."""

@@ -28,6 +28,7 @@ Input shapes (without the batch dimension) follow one rule:
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from typing import Any, ClassVar, Iterable, Sequence
 
@@ -101,20 +102,22 @@ def _fmt(shape: Iterable[int]) -> str:
     return "(" + ", ".join(["N", *(str(d) for d in shape)]) + ")"
 
 
+def _is_int(value: Any, low: int = 1) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+
+
 def _check_int(name: str, value: Any, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if not _is_int(value, low):
         kind = "a positive integer" if low == 1 else f"an integer >= {low}"
         raise ValueError(f"expected {kind} for {name}, received {name}={value!r}")
-    return value
+    return int(value)
 
 
 def _pair(name: str, value: Any) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return (value, value)
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value
-    ):
-        return (value[0], value[1])
+    if _is_int(value):
+        return (int(value), int(value))
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value):
+        return (int(value[0]), int(value[1]))
     raise ValueError(f"expected a positive integer or a pair of them for {name}, received {name}={value!r}")
 
 
@@ -392,7 +395,7 @@ class Dropout(Layer):
 
     def __init__(self, rate: float, name: str | None = None, input_shape: int | Sequence[int] | None = None):
         super().__init__(name, input_shape)
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= rate < 1:
             raise ValueError(f"expected a rate in [0, 1), received rate={rate!r}")
         self.rate = float(rate)
 
@@ -430,9 +433,9 @@ class BatchNormalization(Layer):
     def __init__(self, momentum: float = 0.99, epsilon: float = 1e-3, name: str | None = None,
                  input_shape: int | Sequence[int] | None = None):
         super().__init__(name, input_shape)
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0 <= momentum < 1:
             raise ValueError(f"expected a momentum in [0, 1), received momentum={momentum!r}")
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or epsilon <= 0:
+        if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or epsilon <= 0:
             raise ValueError(f"expected a positive epsilon, received epsilon={epsilon!r}")
         self.momentum, self.epsilon = float(momentum), float(epsilon)
 
@@ -597,6 +600,15 @@ class Sequential(nn.Module):
         """``"softmax"`` when the model ends with a softmax that ``forward`` leaves out, else None."""
         last = list(self._modules.values())[-1:] if self._modules else []
         return "softmax" if last and isinstance(last[0], nn.Softmax) else None
+
+    @final_activation.setter
+    def final_activation(self, value: str | None) -> None:
+        # The layers decide it; accept a caller restating it (e.g. a loader copying a model file's value).
+        if value != self.final_activation:
+            raise ValueError(
+                f"this Sequential's final activation is {self.final_activation!r} (set by its last layer), "
+                f"received {value!r}"
+            )
 
     def _classifier_index(self) -> int | None:
         for i in range(len(self.layers) - 1, -1, -1):

@@ -161,7 +161,7 @@ def test_predict_pngs_and_a_bad_image(mnist_run, data_root, tmp_path):
     import imclass
 
     clf = imclass.load(out)  # the CLI's probabilities are the model's on the resized images
-    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).resize((28, 28), Image.BILINEAR))).unsqueeze(0)
+    x = torch.stack([torch.from_numpy(np.array(Image.open(p).resize((28, 28), Image.BILINEAR))).unsqueeze(0)
                      for p in paths])
     probs = clf.predict_proba(x)
     for row, pred in zip(probs, report["predictions"]):
@@ -185,6 +185,7 @@ def test_resume_continues_the_run(mnist_run, data_root, tmp_path):
     assert [line.split(",")[0] for line in history[1:]] == ["1", "2"]  # epoch 1 kept, epoch 2 added
 
 
+@pytest.mark.filterwarnings("ignore:cifar10 test split has 1,000")
 def test_train_fast_recipe_is_the_cifar10_default(data_root, tmp_path):
     out = tmp_path / "fast"
     result = json_out(invoke("train", "--dataset", "cifar10", "--data", data_root, "--limit", 256, "--epochs", 1,
@@ -195,6 +196,24 @@ def test_train_fast_recipe_is_the_cifar10_default(data_root, tmp_path):
     clf = imclass.load(out)
     assert clf.train_config["fast_recipe"]["widths"] == [8, 16, 16]
     assert clf.model.imclass_spec["name"] == "fastnet"
+
+
+def test_evaluate_and_predict_a_saved_knn(data_root, tmp_path):
+    import imclass
+    from imclass.data import load
+
+    train = load("fashion-mnist", split="train", root=data_root).subset(slice(0, 500))
+    test = load("fashion-mnist", split="test", root=data_root).subset(slice(0, 50))
+    knn = imclass.KNN(k=1, metric="l1", backend="torch").fit(train.images, train.labels)
+    path = imclass.save(knn, tmp_path / "knn.safetensors", classes=train.classes)
+    report = json_out(invoke("evaluate", path, "fashion-mnist", "--data", data_root, "--limit", 50, "--json"))
+    expected = (knn.predict(test.images) == test.labels).double().mean().item()
+    assert report["accuracy"] == pytest.approx(expected) and report["loss"] is None
+
+    image = tmp_path / "item.png"
+    Image.fromarray(test.images[0, 0].numpy()).save(image)
+    pred = json_out(invoke("predict", path, image, "--top", 1, "--json"))["predictions"][0]["top"][0]
+    assert pred == {"class": train.classes[int(knn.predict(test.images[:1])[0])], "probability": 1.0}
 
 
 @pytest.mark.parametrize(

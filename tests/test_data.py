@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import imclass.data as data
 from imclass.data import datasets, download as dl
@@ -60,6 +61,7 @@ def test_cifar10_npz_test_split_is_smaller_and_says_so(data_root, cifar_npz, fre
     assert again.notes == ds.notes
 
 
+@pytest.mark.filterwarnings("ignore:cifar10 test split has")
 def test_repeated_loads_are_independent_copies(data_root):
     a = data.load("cifar10", split="test", root=data_root)
     a.images.zero_()
@@ -94,7 +96,8 @@ def test_cifar10_python_batches_load_like_the_arrays(tmp_path, cifar_npz, fresh_
     x, y = cifar_npz["x_train"][:20], cifar_npz["y_train"][:20]
     xt, yt = cifar_npz["x_test"][:6], cifar_npz["y_test"][:6]
     _write_batches(tmp_path / "cifar10" / "cifar-10-batches-py", x, y, xt, yt, per_batch=4)
-    train = data.load("cifar10", "train", root=tmp_path, download=False)
+    with pytest.warns(UserWarning, match="cifar10 train split has 20 of the official 50,000 images"):
+        train = data.load("cifar10", "train", root=tmp_path, download=False)
     assert torch.equal(train.images, torch.from_numpy(x).permute(0, 3, 1, 2))
     assert torch.equal(train.labels, torch.from_numpy(y).long())
     assert train.classes == data.CLASSES["cifar10"]
@@ -104,6 +107,7 @@ def test_cifar10_python_batches_load_like_the_arrays(tmp_path, cifar_npz, fresh_
     assert test.labels.tolist() == yt.tolist()
 
 
+@pytest.mark.filterwarnings("ignore:cifar10 train split has")
 def test_cifar10_batches_refuse_foreign_pickles(tmp_path, cifar_npz):
     x, y = cifar_npz["x_train"][:5], cifar_npz["y_train"][:5]
     folder = tmp_path / "cifar10" / "cifar-10-batches-py"
@@ -308,7 +312,8 @@ def test_cifar10_download_extracts_the_tarball(tmp_path, monkeypatch, cifar_npz,
     res = dl.Resource("cifar-10-python.tar.gz", tarball.as_uri(), md5, extracts_to="cifar-10-batches-py")
     monkeypatch.setitem(dl.RESOURCES, "cifar10", (res,))
     root = tmp_path / "root"
-    ds = data.load("cifar10", root=root)
+    with pytest.warns(UserWarning, match="train split has 10 of the official"):
+        ds = data.load("cifar10", root=root)
     assert torch.equal(ds.images, torch.from_numpy(x).permute(0, 3, 1, 2)) and ds.labels.tolist() == y.tolist()
     assert sorted(p.name for p in (root / "cifar10").iterdir()) == ["cifar-10-batches-py"]  # tarball removed
 
@@ -342,3 +347,14 @@ def test_subset_by_slice_indices_and_mask():
     assert picked.images.flatten().tolist() == [1, 3, 4] and picked.split == "val" and picked.name == "toy"
     assert repr(picked) == "ImageDataset(toy/val: 3 images of 1x1x1 uint8, 2 classes)"
     assert picked.describe()["class_counts"] == [0, 3]
+
+
+@settings(max_examples=40, deadline=None)
+@given(labels=st.lists(st.integers(0, 4), min_size=1, max_size=60), fraction=st.floats(0.05, 0.95), seed=st.integers(0, 2**31))
+def test_split_indices_partition_every_class(labels, fraction, seed):
+    y = torch.tensor(labels)
+    keep, held = data.split_indices(y, fraction, seed=seed)
+    assert sorted(keep.tolist() + held.tolist()) == list(range(len(y)))
+    assert keep.tolist() == sorted(keep.tolist()) and held.tolist() == sorted(held.tolist())
+    for c in set(labels):
+        assert int((y[held] == c).sum()) == round(fraction * labels.count(c))

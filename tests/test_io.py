@@ -20,6 +20,11 @@ def small_fastnet() -> torch.nn.Module:
     return models.create("fastnet", num_classes=10, widths=(8, 16, 16), depth=1)
 
 
+def small_mlp() -> torch.nn.Module:
+    """A cheap registry model (a Sequential of Dense layers) for tests that train."""
+    return models.create("mlp", num_classes=10, hidden=[32])
+
+
 def course_cnn():
     """A small course-style Sequential (Keras layers), softmax output kept as logits."""
     from imclass.layers import Conv2D, Dense, Dropout, Flatten, MaxPooling2D, Sequential
@@ -75,16 +80,14 @@ def test_bare_registry_model_round_trip(tmp_path):
 
 
 def test_registry_classifier_round_trip_and_metadata(tmp_path, images):
-    clf = trained_classifier(small_fastnet(), images)
+    clf = trained_classifier(small_mlp(), images)
     path = save(clf, tmp_path / "run", train_config={"epochs": 1, "lr": 1e-3})
     assert path == tmp_path / "run" / "model.safetensors"
 
     header = read_metadata(path)
     assert header["format"] == 1 and header["kind"] == "classifier"
-    assert header["architecture"] == {
-        "name": "fastnet",
-        "options": {"num_classes": 10, "widths": [8, 16, 16], "depth": 1},
-    }
+    assert header["architecture"] == {"name": "mlp", "options": {"num_classes": 10, "hidden": [32]}}
+    assert header["preprocessing"]["input_size"] == [3, 32, 32]  # from the Sequential's input shape
     assert header["classes"] == CLASSES
     assert header["preprocessing"]["mean"] == pytest.approx([0.49, 0.48, 0.45])
     assert header["preprocessing"]["std"] == pytest.approx([0.25, 0.24, 0.26])
@@ -115,12 +118,15 @@ def test_sequential_classifier_round_trip(tmp_path, images):
 
 def test_knn_round_trip(tmp_path, images):
     x, y, xt, _ = images
-    knn = imclass.KNN(k=3, metric="l1").fit(x, y)
-    path = save(knn, tmp_path / "knn.safetensors")
-    assert read_metadata(path)["kind"] == "knn"
+    knn = imclass.KNN(k=3, metric="l1", backend="torch").fit(x, y)
+    path = save(knn, tmp_path / "knn.safetensors", classes=CLASSES)
+    header = read_metadata(path)
+    assert (header["kind"], header["classes"], header["knn"]["k"], header["knn"]["metric"]) == ("knn", CLASSES, 3, "l1")
+    assert header["preprocessing"]["input_size"] == [3, 32, 32]
     again = load(path)
-    assert type(again) is type(knn)
-    assert torch.equal(torch.as_tensor(again.predict(xt)), torch.as_tensor(knn.predict(xt)))
+    assert type(again) is type(knn) and (again.k, again.metric) == (3, "l1")
+    assert torch.equal(again.predict(xt), knn.predict(xt))
+    torch.testing.assert_close(again.predict_proba(xt), knn.predict_proba(xt), rtol=0, atol=0)
 
 
 def test_overwrite_is_atomic_and_leaves_no_temp_file(tmp_path):
@@ -136,7 +142,7 @@ def test_overwrite_is_atomic_and_leaves_no_temp_file(tmp_path):
 
 
 def test_fine_tune_after_load(tmp_path, images):
-    clf = trained_classifier(small_fastnet(), images)
+    clf = trained_classifier(small_mlp(), images)
     save(clf, tmp_path / "run")
     again = load(tmp_path / "run")
     x, y, xt, yt = images
@@ -239,8 +245,13 @@ def test_weights_that_do_not_match_the_architecture(tmp_path):
 def test_missing_paths(tmp_path):
     with pytest.raises(ModelFileError, match=r"nope\.safetensors: no such model file or run folder"):
         load(tmp_path / "nope.safetensors")
-    with pytest.raises(ModelFileError, match=r"expected a run folder holding model\.safetensors"):
+    with pytest.raises(ModelFileError, match=r"expected a run folder holding model\.safetensors, found none$"):
         load(tmp_path)
+    torch.save({"model": {}}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ModelFileError, match=r"found none \(training not finished\?"):
+        load(tmp_path)
+    with pytest.raises(ModelFileError, match=r"checkpoint\.pt: expected an imclass \.safetensors model file.*load_weights"):
+        load(tmp_path / "checkpoint.pt")
 
 
 def test_save_refuses_what_it_cannot_rebuild(tmp_path):

@@ -28,6 +28,15 @@ from imclass.layers import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: one thread is faster than two fighting over a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -226,6 +235,15 @@ def test_arguments_are_checked_in_init(make, message):
         make()
 
 
+def test_numpy_numbers_are_accepted_and_configs_stay_json():
+    import numpy as np
+
+    model = Sequential([Dense(np.int64(4), activation={"name": "maxout", "k": np.int64(2)}, input_dim=np.int32(3)),
+                        Dropout(np.float32(0.5))])
+    assert model.output_shape == (4,)
+    json.dumps(model.get_config())
+
+
 def test_kernel_larger_than_input_is_explained():
     with pytest.raises(ValueError, match=r"kernel \(5, 5\) does not fit the input \(N, 1, 3, 3\)"):
         Sequential([Conv2D(2, 5)], input_shape=(1, 3, 3))
@@ -302,6 +320,13 @@ def test_final_softmax_is_recorded_not_applied():
     separate = Sequential([Dense(3, input_dim=4), Activation("softmax")])
     assert separate.final_activation == "softmax"
     assert Sequential([Dense(3, input_dim=4)]).final_activation is None
+
+
+def test_final_activation_can_be_restated_not_contradicted():
+    model = Sequential([Dense(3, activation="softmax", input_dim=4)])
+    model.final_activation = "softmax"  # e.g. a loader copying a model file's header
+    with pytest.raises(ValueError, match="final activation is 'softmax' \\(set by its last layer\\), received None"):
+        model.final_activation = None
 
 
 def test_softmax_before_the_end_is_applied():

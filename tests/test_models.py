@@ -11,22 +11,38 @@ from typer.testing import CliRunner
 
 import imclass.models as models
 from imclass.layers import Sequential
-from imclass.models.resnet import PadShortcut
+from imclass.models.resnet import PadShortcut, _wide
 
 TIMM_SMALL = "timm:resnet10t"
 ALL = [*models.names(), TIMM_SMALL]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: one thread is faster than two fighting over a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _small(name: str, **options) -> torch.nn.Module:
+    # 16x16 inputs keep the registry-wide tests fast; image-size-bound models are built for them.
+    if name in ("mlp", "keras_cnn", "lenet5", "alexnet"):
+        options["img_size"] = 16
+    return models.create(name, **options)
+
+
 @pytest.mark.parametrize("name", ALL)
-def test_every_model_gives_logits_and_gradients(name):
+def test_every_model_gives_logits_gradients_and_a_replaceable_head(name):
     torch.manual_seed(0)
-    model = models.create(name, num_classes=7)
-    assert model.imclass_spec == {"name": name, "options": {"num_classes": 7}}
-    x = torch.randn(2, 3, 32, 32)
+    model = _small(name, num_classes=7)
+    assert model.imclass_spec["name"] == name and model.imclass_spec["options"]["num_classes"] == 7
+    x = torch.randn(2, 3, 16, 16)
     logits = model(x)
     assert logits.shape == (2, 7) and torch.isfinite(logits).all()
     F.cross_entropy(logits, torch.tensor([0, 6])).backward()
@@ -34,24 +50,21 @@ def test_every_model_gives_logits_and_gradients(name):
     missing = [n for n, p in trainable if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, f"parameters without a finite gradient: {missing}"
 
-
-@pytest.mark.parametrize("name", ALL)
-def test_every_model_follows_the_timm_head_contract(name):
-    model = models.create(name).eval()
-    x = torch.randn(2, 3, 32, 32)
+    # timm's contract: forward = forward_head(forward_features), a classifier that can be replaced
+    model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(model.forward_head(model.forward_features(x)), model(x))
-        pre = model.forward_head(model.forward_features(x), pre_logits=True)
-        assert pre.shape[0] == 2 and pre.dim() == 2
+        features = model.forward_features(x)
+        torch.testing.assert_close(model.forward_head(features), model(x))
+        assert model.forward_head(features, pre_logits=True).shape[0] == 2
         model.reset_classifier(4)
         assert model(x).shape == (2, 4)
     assert model.get_classifier().out_features == 4
 
 
-@pytest.mark.parametrize("name", [n for n in models.names() if n != "fastnet"])
+@pytest.mark.parametrize("name", ["mlp", "keras_cnn", "lenet5", "alexnet", "resnet20", "resnet18_cifar", "fastnet"])
 def test_models_take_other_channel_counts(name):
-    model = models.create(name, num_classes=3, in_chans=1)
-    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 3)
+    model = _small(name, num_classes=3, in_chans=1)
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 3)
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -63,6 +76,9 @@ def test_models_take_other_channel_counts(name):
     ("resnet110", 1_727_962),
     # kuangliu/pytorch-cifar ResNet18
     ("resnet18_cifar", 11_173_962),
+    # Zagoruyko & Komodakis: WRN-16-4 "2.7M", WRN-28-10 "36.5M"
+    ("wrn16_4", 2_748_890),
+    ("wrn28_10", 36_479_194),
     ("keras_cnn", 658_218),
 ])
 def test_known_parameter_counts(name, expected):
@@ -98,6 +114,17 @@ def test_option_b_shortcuts_add_projections():
         models.create("resnet20", shortcut="C")
 
 
+def test_wrn16_4_count_by_hand():
+    def block(cin, cout):  # BN(cin), conv3x3, BN(cout), conv3x3, 1x1 projection when the width changes
+        return 2 * cin + 9 * cin * cout + 2 * cout + 9 * cout * cout + (cin * cout if cin != cout else 0)
+
+    body = block(16, 64) + block(64, 64) + block(64, 128) + block(128, 128) + block(128, 256) + block(256, 256)
+    total = 3 * 9 * 16 + body + 2 * 256 + (256 * 10 + 10)
+    assert n_params(models.create("wrn16_4")) == total
+    with pytest.raises(ValueError, match="expected a depth of 6n \\+ 4"):
+        _wide(15, 2, 10, 3, 0.0, 0.0)
+
+
 def test_option_a_shortcut_subsamples_and_zero_pads():
     x = torch.randn(2, 16, 8, 8)
     out = PadShortcut(16, 32, 2)(x)
@@ -117,8 +144,8 @@ def test_sequential_models_round_trip_through_their_config(name):
 
 
 def test_unknown_names_are_explained():
-    with pytest.raises(ValueError, match="unknown model 'resnet21'.*Did you mean"):
-        models.create("resnet21")
+    with pytest.raises(ValueError, match=r"unknown model 'ResNet'\. Did you mean \[.*'resnet20'"):
+        models.create("ResNet")
     with pytest.raises(ValueError, match=r"unknown timm model 'resnet10tt'\. Did you mean.*resnet10t"):
         models.create("timm:resnet10tt")
 

@@ -95,7 +95,7 @@ def summary_command(
 ) -> None:
     """Print a model's layers, output shapes and parameter counts (like Keras's model.summary())."""
     from imclass.models import create
-    from imclass.summary import summary
+    from imclass.summarize import summary
 
     options: dict[str, Any] = {}
     for item in option or []:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -130,17 +131,20 @@ def evaluate(
 ) -> None:
     """Accuracy, loss and per-class accuracy of a saved model on a data set split."""
     from imclass import data as imdata
-    from imclass.io import load
 
     try:
-        predictor = load(run)
-        data = imdata.load(dataset, split=split, root=data_root, image_size=_resize_for(predictor))
+        if limit is not None and limit < 1:
+            raise ValueError(f"expected --limit >= 1, received {limit}")
+        saved = load_saved(run)
+        size = saved.input_size
+        data = imdata.load(dataset, split=split, root=data_root, image_size=tuple(size[1:]) if size else None)
         if limit is not None:
-            if limit < 1:
-                raise ValueError(f"expected --limit >= 1, received {limit}")
             data = data.subset(slice(0, limit))
-        _check_classes(predictor, data, run)
-        report = _evaluate(predictor, data)
+        if saved.classes is not None and len(saved.classes) != data.num_classes:
+            raise ValueError(
+                f"{run}: the model knows {len(saved.classes)} classes but {dataset} has {data.num_classes}"
+            )
+        report = _evaluate(saved.predictor, data)
     except (ValueError, TypeError, FileNotFoundError) as err:
         fail(str(err))
     report.update({"dataset": dataset, "split": split, "images": len(data)})
@@ -164,10 +168,13 @@ def _evaluate(predictor: Any, data) -> dict[str, Any]:
     import torch
     from sklearn.metrics import confusion_matrix
 
-    metrics: dict[str, Any] = {}
-    if hasattr(predictor, "evaluate") and hasattr(predictor, "model"):
-        metrics = dict(predictor.evaluate(data))
-    predicted = torch.as_tensor(predictor.predict(data.images)).cpu()
+    loss = None
+    if hasattr(predictor, "predict_logits"):  # a Classifier: one pass gives the loss and the predictions
+        logits = predictor.predict_logits(data.images).float().cpu()
+        loss = torch.nn.functional.cross_entropy(logits, data.labels).item()
+        predicted = logits.argmax(1)
+    else:  # a KNN
+        predicted = torch.as_tensor(predictor.predict(data.images)).cpu()
     n = data.num_classes
     cm = confusion_matrix(data.labels.numpy(), predicted.numpy(), labels=list(range(n)))
     support = cm.sum(axis=1)
@@ -175,27 +182,37 @@ def _evaluate(predictor: Any, data) -> dict[str, Any]:
         name: (float(cm[i, i] / support[i]) if support[i] else None) for i, name in enumerate(data.classes)
     }
     return {
-        "accuracy": float(metrics.get("accuracy", (predicted == data.labels).double().mean().item())),
-        "loss": float(metrics["loss"]) if "loss" in metrics else None,
+        "accuracy": (predicted == data.labels).double().mean().item(),
+        "loss": loss,
         "per_class_accuracy": per_class,
         "confusion_matrix": cm.tolist(),
     }
 
 
-def _check_classes(predictor: Any, data, run: Path) -> None:
-    classes = getattr(predictor, "classes", None)
-    if classes is not None and len(classes) != data.num_classes:
-        raise ValueError(
-            f"{run}: the model knows {len(classes)} classes but the data set has {data.num_classes} ({data.classes})"
-        )
+@dataclass
+class Saved:
+    """A loaded model file: the predictor, its class names and the input size (C, H, W) it expects."""
+
+    predictor: Any
+    classes: list[str] | None
+    input_size: list[int] | None
+
+    def class_names(self, n_columns: int) -> list[str]:
+        """Names of the probability columns: a Classifier's are its classes; a KNN's are its sorted labels."""
+        labels = getattr(self.predictor, "classes_", None)  # a KNN: columns follow its label values
+        if labels is not None:
+            labels = [int(v) for v in labels]
+            return [self.classes[v] if self.classes and v < len(self.classes) else str(v) for v in labels]
+        return list(self.classes) if self.classes else [str(i) for i in range(n_columns)]
 
 
-def _resize_for(predictor: Any) -> int | tuple[int, int] | None:
-    size = getattr(predictor, "input_size", None)
-    if not size:
-        return None
-    _, h, w = size
-    return h if h == w else (h, w)
+def load_saved(run: Path) -> Saved:
+    """Load a model file or run folder with the metadata the commands need (errors name the file)."""
+    from imclass.io import load, read_metadata
+
+    header = read_metadata(run)
+    predictor = load(run)
+    return Saved(predictor, header.get("classes"), (header.get("preprocessing") or {}).get("input_size"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,15 +232,13 @@ def predict(
     """
     import torch
 
-    from imclass.io import load
-
     if top < 1:
         fail(f"expected --top >= 1, received --top {top}")
     try:
-        predictor = load(run)
+        saved = load_saved(run)
     except (ValueError, TypeError, FileNotFoundError) as err:
         fail(str(err))
-    size = getattr(predictor, "input_size", None)
+    size = saved.input_size
     results, errors = [], []
     batch, names = [], []
     for path in images:
@@ -234,8 +249,8 @@ def predict(
             errors.append({"image": str(path), "error": str(err)})
     if batch:
         x = torch.stack(batch)
-        probs = _probabilities(predictor, x)
-        classes = list(getattr(predictor, "classes", None) or [str(i) for i in range(probs.shape[1])])
+        probs = _probabilities(saved.predictor, x)
+        classes = saved.class_names(probs.shape[1])
         k = min(top, probs.shape[1])
         values, indices = probs.topk(k, dim=1)
         for name, v, i in zip(names, values.tolist(), indices.tolist()):
@@ -278,6 +293,4 @@ def _probabilities(predictor: Any, x):
 
     if hasattr(predictor, "predict_proba"):
         return torch.as_tensor(predictor.predict_proba(x)).float().cpu()
-    predicted = torch.as_tensor(predictor.predict(x)).cpu()  # a predictor without probabilities: one-hot
-    n = len(getattr(predictor, "classes", None) or []) or int(predicted.max()) + 1
-    return torch.nn.functional.one_hot(predicted, n).float()
+    raise TypeError(f"expected a model with predict_proba, received {type(predictor).__name__}")

@@ -182,7 +182,13 @@ def fetch(name: str, root: str | os.PathLike | None = None, *, force: bool = Fal
         if res.extracts_to and (folder / res.extracts_to).is_dir() and not force:
             continue
         if force or not dest.exists():
-            download_file(res.url, dest, res.md5)
+            try:
+                download_file(res.url, dest, res.md5)
+            except DownloadError as err:
+                if len(RESOURCES[name]) == 1:
+                    raise
+                needed = ", ".join(r.filename for r in RESOURCES[name])
+                raise DownloadError(f"{err} ({name} needs all of {needed} in {folder})") from err.__cause__
         else:
             check_file(dest, res.md5)
         if res.extracts_to:

@@ -70,11 +70,17 @@ class TensorLoader:
         return torch.randperm(n, generator=g).to(self.device)
 
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield the batches of ``epoch`` from batch number ``start`` on (for resuming mid-epoch)."""
+        """Yield the ``(images, labels)`` batches of ``epoch`` from batch number ``start`` on
+        (for resuming mid-epoch)."""
+        for _, images, labels in self.indexed_batches(epoch, start):
+            yield images, labels
+
+    def indexed_batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Like :meth:`batches`, with the sample indices of each batch first: ``(indices, images, labels)``."""
         order = self.order(epoch)
         for b in range(start, len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            yield self.images[idx], self.labels[idx]
+            yield idx, self.images[idx], self.labels[idx]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.batches(0)

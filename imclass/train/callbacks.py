@@ -123,7 +123,7 @@ class EarlyStopping(Callback):
                 self._best_weights = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
             return
         self.wait += 1
-        if self.wait > self.patience:
+        if self.wait >= self.patience:
             state.stop_training = True
             self.stopped_epoch = state.epoch
 
@@ -146,7 +146,9 @@ class ModelCheckpoint(Callback):
     """Save the model at epoch ends: the best one by ``monitor`` (``save_best_only``), or every
     ``every`` epochs (``path`` may contain ``{epoch}``).
 
-    Files are written with ``imclass.io.save`` (a ``.safetensors`` model file with its config).
+    Files are written with ``imclass.io.save`` (a ``.safetensors`` model file with its config)
+    when the model can be rebuilt from one (a registry model or an ``imclass.Sequential``); any
+    other ``nn.Module`` gets its weights only (safetensors; read back with ``imclass.io.load_weights``).
     """
 
     order = 60
@@ -184,14 +186,15 @@ class ModelCheckpoint(Callback):
 
 def _save_model(state: TrainState, path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    try:
+    model = state.model
+    if hasattr(model, "imclass_spec") or hasattr(model, "get_config"):  # rebuildable: a full model file
         from imclass.io import save
-    except ImportError:  # model files not available: plain safetensors weights
-        from safetensors.torch import save_file
 
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.model.state_dict().items()}, path)
+        save(state.classifier, path)
         return
-    save(state.classifier, path)
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, path)
 
 
 class CSVLogger(Callback):
@@ -334,15 +337,16 @@ class LRFinder(Callback):
         return self.start_lr * (self.end_lr / self.start_lr) ** (i / (self.num_steps - 1))
 
     def on_batch_begin(self, state: TrainState) -> None:
+        self._lr = self.lr_at(state.step)
         for group in state.optimizer.param_groups:
-            group["lr"] = self.lr_at(state.step)
+            group["lr"] = self._lr
 
     def on_batch_end(self, state: TrainState) -> None:
         loss = state.batch_loss.item()
         i = len(self.losses)
         self._avg = self.smoothing * loss + (1 - self.smoothing) * self._avg
         smoothed = self._avg / (1 - (1 - self.smoothing) ** (i + 1))  # bias-corrected running mean
-        self.lrs.append(self.lr_at(state.step))
+        self.lrs.append(self._lr)
         self.losses.append(smoothed)
         self._best = min(self._best, smoothed)
         if not math.isfinite(loss) or smoothed > self.diverge * self._best or i + 1 >= self.num_steps:

@@ -329,8 +329,8 @@ class Classifier:
                 self.model.train()
                 run_event(cbs, "on_epoch_begin", state)
                 t0 = time.perf_counter()
-                for b, (xb, yb) in enumerate(loader.batches(epoch, start_batch), start=start_batch):
-                    state.batch = b
+                for b, (idx, xb, yb) in enumerate(loader.indexed_batches(epoch, start_batch), start=start_batch):
+                    state.batch, state.batch_indices = b, idx
                     if factor is not None:
                         f = factor(state.step)
                         for group in self.optimizer.param_groups:
@@ -541,12 +541,8 @@ class Classifier:
             return self._forward(x)
         if callable(tta):
             return tta(self._forward, x)
-        if tta == "flip":
-            return 0.5 * (self._forward(x) + self._forward(x.flip(3)))
-        try:
-            from imclass.tta import tta_logits
-        except ImportError:
-            raise ValueError(f"expected tta None, 'flip' or a callable (model, x) -> logits, received {tta!r}") from None
+        from imclass.tta import tta_logits
+
         return tta_logits(self._forward, x, tta)
 
     def _evaluate_tensors(self, images, labels, batch_size: int, tta: Any = None) -> dict[str, float]:
@@ -561,8 +557,8 @@ class Classifier:
     def evaluate(self, data: Any, batch_size: int = 512, tta: Any = None) -> dict[str, float]:
         """Accuracy and mean loss on labelled data (``ImageDataset`` or ``(images, labels)``).
 
-        ``tta``: ``None``, ``"flip"`` (average with the mirrored images), a callable
-        ``(model, x) -> logits``, or a mode of ``imclass.tta.tta_logits``.
+        ``tta``: ``None``, a level or name of ``imclass.tta.tta_logits`` (``"flip"``, ``2`` /
+        ``"flip_translate"``), or a callable ``(model, x) -> logits``.
         """
         images, labels, _ = _as_data(data)
         self._check_ready("evaluate")

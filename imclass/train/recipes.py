@@ -291,6 +291,7 @@ def fast_recipe(
     resume: bool = False,
     callbacks: tuple = (),
     verbose: bool = True,
+    checkpoint_every: int | None = None,
 ):
     """Build the FastNet classifier for ``cfg`` and train it on ``train``; returns the ``Classifier``.
 
@@ -324,7 +325,8 @@ def fast_recipe(
     cbs = [augment, Lookahead(cfg.lookahead_every, cfg.lookahead_decay, total_steps),
            FreezeWhitenBias(cfg.whiten_bias_epochs), StopAtStep(total_steps), *callbacks]
     clf.fit(train, epochs=math.ceil(total_steps / steps_per_epoch), batch_size=cfg.batch_size, augment=augment,
-            callbacks=cbs, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume, verbose=verbose)
+            callbacks=cbs, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume, verbose=verbose,
+            checkpoint_every=checkpoint_every)
     clf.recipe = {"name": "fast", **asdict(cfg)}
     return clf
 
@@ -337,6 +339,8 @@ def run_fast_recipe(
     out: str | Path | None = None,
     device: str = "auto",
     verbose: bool = True,
+    resume: bool = False,
+    checkpoint_every: int | None = None,
     **overrides: Any,
 ) -> tuple[Any, dict[str, Any]]:
     """Train the fast recipe for ``target`` (90, 94 or 95) and evaluate it with TTA on ``dataset_test``.
@@ -345,12 +349,15 @@ def run_fast_recipe(
     ``seconds`` (wall time of training + evaluation), ``train_seconds``, ``eval_seconds``,
     ``epochs``, ``target``, ``seed``, ``config`` and ``device``. ``overrides`` change fields of
     the target's :class:`FastConfig` (e.g. ``epochs=3``). With ``out``, the run's checkpoint is
-    kept in that folder (saving the model file is the caller's job: ``imclass.save``).
+    kept in that folder (each epoch, and every ``checkpoint_every`` steps) and ``resume=True``
+    continues an interrupted run from it; saving the model file is the caller's job
+    (``imclass.save``). ``seconds`` then covers only this call.
     """
     cfg = fast_config(target, **overrides)
     test = _as_dataset(dataset_test, "test")
     start = time.perf_counter()
-    clf = fast_recipe(dataset_train, cfg, seed=seed, device=device, checkpoint_dir=out, verbose=verbose)
+    clf = fast_recipe(dataset_train, cfg, seed=seed, device=device, checkpoint_dir=out, resume=resume,
+                      verbose=verbose, checkpoint_every=checkpoint_every)
     train_seconds = time.perf_counter() - start
     metrics = clf.evaluate(test, tta=cfg.tta)
     seconds = time.perf_counter() - start

@@ -316,6 +316,9 @@ def _build_classifier(cfg: TrainConfig, train_set):
             pass  # same number of classes under other names (e.g. digits "0".."9"): keep the head
         elif hasattr(model, "reset_classifier"):
             model.reset_classifier(train_set.num_classes)  # a new head for the new classes
+            spec = getattr(model, "imclass_spec", None)
+            if spec is not None:  # the model file must rebuild the new head
+                spec["options"] = {**spec["options"], "num_classes": train_set.num_classes}
         else:
             raise ValueError(
                 f"{cfg.weights}: the model has {len(start.classes)} classes, the data set {train_set.num_classes}, "

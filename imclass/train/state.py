@@ -59,7 +59,7 @@ class TrainState:
 
     ``epoch`` counts from 0 (the epoch running, or just finished at ``on_epoch_end``); ``step``
     is the number of optimizer steps done so far over the whole run; ``batch`` the index of the
-    batch within the epoch. ``batch_loss`` is the last batch's mean loss as a device tensor (read
+    batch within the epoch, ``batch_indices`` the training-set indices of its images. ``batch_loss`` is the last batch's mean loss as a device tensor (read
     it with ``.item()`` only when needed: that waits for the GPU). ``logs`` holds the epoch's
     metrics at ``on_epoch_end``. Set ``stop_training = True`` to end training after the current
     batch.
@@ -75,6 +75,7 @@ class TrainState:
     step: int = 0
     batch: int = 0
     batch_size: int = 0
+    batch_indices: torch.Tensor | None = None
     batch_loss: torch.Tensor | None = None
     logs: dict[str, Any] = field(default_factory=dict)
     stop_training: bool = False

@@ -10,8 +10,6 @@ on the leaf modules (and on modules that own parameters directly) record each ou
 """
 from __future__ import annotations
 
-import sys
-import types
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -141,14 +139,3 @@ def summary(model: nn.Module, input_shape: int | Sequence[int] | None = None, *,
     if final:
         print_fn(f"Final activation: {final} (not applied in forward; the model returns logits)")
     return total
-
-
-class _CallableModule(types.ModuleType):
-    # Importing ``imclass.summary`` binds this *module* to ``imclass.summary``, shadowing the lazily
-    # exported function of the same name; making the module callable keeps ``imclass.summary(model, ...)``
-    # working either way.
-    def __call__(self, model: nn.Module, input_shape: int | Sequence[int] | None = None, **kw: Any) -> int:
-        return summary(model, input_shape, **kw)
-
-
-sys.modules[__name__].__class__ = _CallableModule

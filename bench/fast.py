@@ -1,0 +1,191 @@
+"""Time-to-accuracy of the fast CIFAR-10 recipe, and the course's Keras CNN for the same wall time.
+
+    python bench/fast.py --target 90 --seeds 0 1 2        # the timed multi-seed run (quiet CPU!)
+    python bench/fast.py --target 90 --seeds 0 --no-baseline
+    python bench/fast.py --throughput                      # img/s of FastNet widths (engine vs bare loop)
+
+Each seed trains ``imclass.train.recipes.run_fast_recipe`` on all 50,000 CIFAR-10 training
+images and evaluates with TTA on the 1,000 official test images of the shared data: the
+"seconds" are wall time of training + evaluation (the data are loaded before the clock
+starts). Then the Keras-style CNN (``imclass.models.create("keras_cnn")``, Adam 1e-3, batch 32,
+images on [0, 1], no augmentation) is trained by the same engine until the mean wall time of
+the fast runs is spent, and evaluated: the ratio of the accuracies is what the recipe buys.
+A JSON summary is printed last (and written to ``--json PATH``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from imclass.data.dataset import ImageDataset  # noqa: E402
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def load_cifar(root: Path) -> tuple[ImageDataset, ImageDataset]:
+    """All 50,000 training images and the 1,000 official test images as ``ImageDataset``s."""
+    with np.load(root / "cifar10" / "cifar10.npz", allow_pickle=False) as z:
+        def as_ds(x, y, split):
+            return ImageDataset(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(),
+                                torch.from_numpy(y.astype(np.int64)), list(CLASSES), "cifar10", split)
+        return as_ds(z["x_train"], z["y_train"], "train"), as_ds(z["x_test"], z["y_test"], "test")
+
+
+class TimeBudget:
+    """Stop training once ``seconds`` of wall time have passed since the first batch began."""
+
+    order = 100
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.start: float | None = None
+
+    def on_train_begin(self, state) -> None:
+        self.start = time.perf_counter()
+
+    def on_batch_end(self, state) -> None:
+        if time.perf_counter() - self.start >= self.seconds:
+            state.stop_training = True
+
+
+def run_baseline(train: ImageDataset, test: ImageDataset, seconds: float, seed: int = 0) -> dict:
+    """The Keras-style CNN trained by the engine (Adam 1e-3, batch 32) for ``seconds`` of wall
+    time including its evaluation (the clock covers the same work as the fast runs')."""
+    from imclass.models import create
+    from imclass.train import Classifier
+
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    clf = Classifier(create("keras_cnn"), classes=CLASSES, mean=[0.0] * 3, std=[1.0] * 3, device="cpu")
+    clf.compile("adam", lr=1e-3)
+    budget = TimeBudget(max(1.0, seconds - 5.0))  # leave ~5 s for its evaluation
+    history = clf.fit(train, epochs=1000, batch_size=32, callbacks=[budget], seed=seed, verbose=False)
+    steps = sum(1 for _ in history["epoch"])
+    metrics = clf.evaluate(test)
+    return {"model": "keras_cnn", "accuracy": metrics["accuracy"], "seconds": time.perf_counter() - start,
+            "epochs_started": steps}
+
+
+def throughput(widths_list, batch_size: int = 512, images: int = 2048) -> list[dict]:
+    """Training img/s of FastNet variants through the engine (``Classifier.fit`` on ``images``
+    random images, one epoch after a warm-up epoch) and through a bare loop, back to back."""
+    import torch.nn.functional as F
+
+    from imclass.models import create
+    from imclass.train import Classifier
+
+    rows = []
+    x = torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8)
+    y = torch.randint(0, 10, (images,))
+    for widths, depth, act in widths_list:
+        model = create("fastnet", widths=widths, depth=depth, act=act)
+        clf = Classifier(model, classes=CLASSES, mean=[0.5] * 3, std=[0.25] * 3, device="cpu")
+        clf.compile("sgd", lr=0.01, momentum=0.85, nesterov=True, label_smoothing=0.2, channels_last=True)
+        clf.fit((x[:batch_size], y[:batch_size]), epochs=1, batch_size=batch_size, verbose=False)  # warm-up
+        t = time.perf_counter()
+        clf.fit((x, y), epochs=1, batch_size=batch_size, verbose=False)
+        engine = images / (time.perf_counter() - t)
+        # bare loop: same model, same batches, no engine
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.85, nesterov=True)
+        xf = ((x.float() / 255 - 0.5) / 0.25).contiguous(memory_format=torch.channels_last)
+        t = time.perf_counter()
+        for xb, yb in zip(xf.split(batch_size), y.split(batch_size)):
+            loss = F.cross_entropy(model(xb), yb, label_smoothing=0.2)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        bare = images / (time.perf_counter() - t)
+        row = {"widths": list(widths), "depth": depth, "act": act, "batch_size": batch_size,
+               "engine_img_s": round(engine, 1), "bare_img_s": round(bare, 1),
+               "s_per_epoch_engine": round(50000 / engine, 1)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", type=int, default=90, help="90, 94 or 95 (FAST_TARGETS)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=float, default=None, help="override the target's epochs")
+    p.add_argument("--widths", type=int, nargs=3, default=None, help="override the target's widths")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--no-baseline", action="store_true", help="skip the Keras-style CNN comparison")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--throughput", action="store_true", help="only measure img/s of FastNet widths")
+    p.add_argument("--data", type=Path, default=None, help="data root (default $IMCLASS_DATA)")
+    p.add_argument("--json", type=Path, default=None, help="also write the summary here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.throughput:
+        variants = [((32, 128, 128), 2, "gelu"), ((32, 128, 128), 2, "relu"), ((32, 128, 128), 1, "gelu"),
+                    ((48, 192, 192), 2, "gelu"), ((64, 256, 256), 2, "gelu")]
+        rows = throughput(variants)
+        return {"throughput": rows, "threads": torch.get_num_threads()}
+
+    from imclass.train.recipes import run_fast_recipe
+
+    root = args.data or Path(os.environ.get("IMCLASS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    train, test = load_cifar(root)
+    overrides = {k: v for k, v in {"epochs": args.epochs, "widths": args.widths, "batch_size": args.batch_size}.items()
+                 if v is not None}
+    runs = []
+    for seed in args.seeds:
+        _, result = run_fast_recipe(train, test, target=args.target, seed=seed, device="cpu", verbose=False, **overrides)
+        cfg = result.pop("config")
+        runs.append(result)
+        print(f"fast target={args.target} seed={seed}: accuracy {result['accuracy']:.4f} (1k official test images) "
+              f"in {result['seconds']:.1f} s (train {result['train_seconds']:.1f} s + eval {result['eval_seconds']:.1f} s)",
+              flush=True)
+    accs = [r["accuracy"] for r in runs]
+    secs = [r["seconds"] for r in runs]
+    summary = {
+        "target": args.target,
+        "config": cfg,
+        "threads": torch.get_num_threads(),
+        "cpu": _cpu_name(),
+        "runs": runs,
+        "accuracy_mean": statistics.mean(accs),
+        "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "accuracy_min": min(accs),
+        "accuracy_max": max(accs),
+        "seconds_mean": statistics.mean(secs),
+        "seconds_max": max(secs),
+    }
+    print(f"fast: {summary['accuracy_mean']:.4f} +/- {summary['accuracy_std']:.4f} (min {min(accs):.4f}, "
+          f"max {max(accs):.4f}) over {len(accs)} seeds, {summary['seconds_mean']:.1f} s mean wall time")
+    if not args.no_baseline:
+        base = run_baseline(train, test, summary["seconds_mean"])
+        summary["baseline"] = base
+        summary["accuracy_ratio"] = summary["accuracy_mean"] / base["accuracy"]
+        print(f"keras_cnn (Adam 1e-3, batch 32) in the same {base['seconds']:.1f} s: accuracy {base['accuracy']:.4f}; "
+              f"ratio fast/keras_cnn = {summary['accuracy_ratio']:.2f}")
+    print(json.dumps(summary))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""``imclass knn``: nearest neighbour / k-NN on raw pixels, with k chosen by cross-validation if asked."""
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Optional
+
+import typer
+
+from imclass.cli._common import DataRoot, fail, print_json
+
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, RuntimeError, OSError)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the top-level ``knn`` command to the ``imclass`` app."""
+    app.command("knn")(knn)
+
+
+def parse_ks(text: str) -> list[int]:
+    """``"1,3,5"`` -> [1, 3, 5]; anything else is a clear error."""
+    try:
+        ks = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        ks = []
+    if not ks or min(ks) < 1:
+        fail(f"expected --ks as positive integers separated by commas (like 1,3,5,7), received {text!r}")
+    return ks
+
+
+def _limit(ds, n: Optional[int], flag: str):
+    if n is None:
+        return ds
+    if n < 1:
+        fail(f"expected {flag} >= 1, received {n}")
+    return ds.subset(slice(0, n))
+
+
+def _load(name: str, split: str, root: Optional[str]):
+    from imclass.data import load
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = load(name, split=split, root=root)
+        except _USER_ERRORS as err:
+            fail(str(err))
+    for w in caught:
+        typer.secho(f"warning: {w.message}", fg=typer.colors.YELLOW, err=True)
+    return ds
+
+
+def knn(
+    dataset: str = typer.Option("cifar10", "--dataset", "-d", help="cifar10, mnist, fashion-mnist or a folder of images."),
+    metric: str = typer.Option("l2", "--metric", "-m", help="l1, l2 or cosine."),
+    k: int = typer.Option(1, "--k", "-k", help="Neighbours that vote (ignored with --cv, which chooses k)."),
+    weights: str = typer.Option("uniform", "--weights", help="uniform or distance (votes weighted by 1/distance)."),
+    data: Optional[str] = DataRoot,
+    train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Use only the first N training images."),
+    test_limit: Optional[int] = typer.Option(None, "--test-limit", help="Use only the first N test images."),
+    cv: bool = typer.Option(False, "--cv", help="Choose k by cross-validation on the training images first."),
+    ks: str = typer.Option("1,3,5,7,10,20", "--ks", help="k values tried by --cv."),
+    folds: int = typer.Option(5, "--folds", help="Folds for --cv."),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
+                                                 help="With --cv: one validation split of this fraction instead of folds."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the cross-validation split."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="With --cv: write the accuracy-vs-k PNG here."),
+    neighbours_png: Optional[str] = typer.Option(None, "--neighbours-png",
+                                                 help="Write the test images / nearest training images grid here."),
+    backend: str = typer.Option("auto", "--backend", help="auto, torch, numba or faiss."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Queries per chunk (default: automatic)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
+) -> None:
+    """Classify test images by their nearest training images (raw pixels): accuracy and time."""
+    from imclass.knn import KNN, choose_k, neighbour_grid
+
+    if plot and not cv:
+        fail("--plot draws the accuracy-vs-k curve of --cv: add --cv")
+    try:
+        model = KNN(k=k, metric=metric, weights=weights, backend=backend, batch_size=batch_size, verbose=not as_json)
+    except ValueError as err:
+        fail(str(err))
+    k_values = parse_ks(ks) if cv else None
+    t_load = time.perf_counter()
+    train = _limit(_load(dataset, "train", data), train_limit, "--train-limit")
+    test = _limit(_load(dataset, "test", data), test_limit, "--test-limit")
+    t_load = time.perf_counter() - t_load
+
+    result: dict = {"dataset": dataset, "metric": model.metric_, "weights": weights,
+                    "n_train": len(train), "n_test": len(test), "load_seconds": round(t_load, 3)}
+    start = time.perf_counter()
+    try:
+        if cv:
+            selection = choose_k(train.images, train.labels, k_values, metric=metric, weights=weights,
+                                 folds=None if val_fraction is not None else folds, val_fraction=val_fraction,
+                                 seed=seed, plot=plot, backend=backend, batch_size=batch_size, verbose=not as_json)
+            result["cv"] = selection.to_dict()
+            model.k = selection.best_k
+            if not as_json:
+                _print_selection(selection)
+        if model.k > len(train):
+            fail(f"expected --k <= the number of training images ({len(train)}), received {model.k}")
+        model.fit(train.images, train.labels)
+        pred = model.predict(test.images)
+    except _USER_ERRORS as err:
+        fail(str(err))
+    seconds = time.perf_counter() - start
+    accuracy = float((pred == test.labels).double().mean())
+    result |= {"k": model.k, "backend": model.backend_, "accuracy": accuracy, "seconds": round(seconds, 3)}
+    if neighbours_png:
+        names = [test.classes[int(c)] for c in test.labels[:10]]
+        neighbour_grid(model, test.images[:10], neighbours_png, n_neighbours=10, row_labels=names)
+        result["neighbours_png"] = neighbours_png
+    if as_json:
+        print_json(result)
+        return
+    typer.echo(f"{model.k}-NN ({model.metric_}, {weights}) on {dataset}: accuracy {accuracy:.2%} on {len(test)} test "
+               f"images with {len(train)} training images, {seconds:.1f} s ({model.backend_} backend)")
+    if neighbours_png:
+        typer.echo(f"wrote {neighbours_png}")
+
+
+def _print_selection(selection) -> None:
+    typer.echo(f"choosing k by {selection.method} ({selection.metric}):")
+    for k, mean, std in zip(selection.ks, selection.mean, selection.std):
+        mark = "  <- best" if k == selection.best_k else ""
+        typer.echo(f"  k={k:<4d} accuracy {mean:.2%} +/- {std:.2%}{mark}")
+    if selection.plot:
+        typer.echo(f"wrote {selection.plot}")
