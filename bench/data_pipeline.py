@@ -4,12 +4,15 @@ For the Keras CIFAR-10 CNN (``imclass.models.create("keras_cnn")``) at batch 32 
   pipeline = index gather of a uint8 batch from the in-memory training set + uint8 -> float
              + normalisation + random crop (reflect padding 4) + horizontal flip;
   step     = the same pipeline plus forward, backward and an SGD step (``Classifier._train_step``).
-Median over repeated batches after a warm-up. Run:  .venv/bin/python bench/data_pipeline.py
+Median (and minimum) over repeated batches after a warm-up, with one torch thread by default
+(the machine is shared; pass a thread count as first argument to change it).
+Run:  .venv/bin/python bench/data_pipeline.py [threads]
 """
 from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -22,16 +25,18 @@ from imclass.models import create
 from imclass.train import Classifier
 
 
-def median_ms(fn, repeats: int) -> float:
+def time_ms(fn, repeats: int) -> tuple[float, float]:
+    """(median, minimum) wall time of ``fn`` in milliseconds."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(times), 1000 * min(times)
 
 
 def main() -> None:
+    torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
     root = Path(os.environ.get("IMCLASS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
     with np.load(root / "cifar10" / "cifar10.npz") as z:
         images = torch.from_numpy(z["x_train"]).permute(0, 3, 1, 2).contiguous()  # (50000, 3, 32, 32) uint8
@@ -58,11 +63,11 @@ def main() -> None:
         clf.model.train()
         for _ in range(5):
             step()
-        t_pipe = median_ms(pipeline, 200)
-        t_step = median_ms(step, 30)
-        print(f"batch {batch_size:4d}: pipeline {t_pipe:7.3f} ms, full step {t_step:8.2f} ms "
-              f"-> data loading + augmentation = {100 * t_pipe / t_step:4.1f}% of a step "
-              f"({batch_size / t_pipe * 1000:,.0f} img/s for the pipeline alone)")
+        (t_pipe, min_pipe), (t_step, min_step) = time_ms(pipeline, 200), time_ms(step, 30)
+        print(f"batch {batch_size:4d}: pipeline {t_pipe:6.2f} ms (min {min_pipe:5.2f}), "
+              f"full step {t_step:7.1f} ms (min {min_step:6.1f}) -> loading + augmentation = "
+              f"{100 * t_pipe / t_step:4.1f}% of a step (median; {100 * min_pipe / min_step:4.1f}% by minimum), "
+              f"pipeline alone {batch_size / t_pipe * 1000:,.0f} img/s")
 
 
 if __name__ == "__main__":

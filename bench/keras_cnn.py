@@ -7,13 +7,16 @@ The model (the Keras CIFAR-10 example the course uses):
 trained with batch 32, Adam lr 1e-3, images scaled to [0, 1], no augmentation.
 
 Two modes:
-    python bench/keras_cnn.py                  # timed steps: --warmup steps, then --steps timed steps each
+    python bench/keras_cnn.py                  # timed steps (default: 30 warm-up, then 300 timed steps each)
     python bench/keras_cnn.py --epochs 10      # full epochs on all 50,000 images: seconds/epoch + test accuracy
 
-In the timed-steps mode seconds/epoch is extrapolated from the timed steps (1,563 steps of 32 make an
-epoch) and the test accuracies are those after warm-up + timed steps only: they check that both
-learn at the same rate, not the final accuracy (use --epochs for that). Test accuracy is on the
-1,000 official CIFAR-10 test images of the shared data.
+In the timed-steps mode the sides take turns (--rounds turns each) so that a change in the load of
+the machine hits both alike; seconds/epoch is extrapolated from the timed steps (1,563 steps of 32
+make an epoch) and the test accuracies are those after warm-up + timed steps only: they check that
+both learn at the same rate, not the final accuracy (use --epochs for that). Test accuracy is on
+the 1,000 official CIFAR-10 test images of the shared data. ``--torch-loop`` adds a third side, a
+plain PyTorch training loop on the same model, to tell the engine's overhead from torch's kernels;
+``--profile`` prints the torch profiler's table of each side.
 
 Needs keras (`pip install 'keras>=3.3,<4'`, in the `bench` extra). KERAS_BACKEND is set to torch.
 """
@@ -142,16 +145,38 @@ def timed_steps(sides: list, warmup: int, steps: int, rounds: int) -> dict[str, 
     return {name: s / (per_round * rounds) for name, s in seconds.items()}
 
 
-def profile_imclass(side: ImclassSide, steps: int = 50) -> str:
-    """The torch profiler's table of the ops an imclass training run of ``steps`` steps spends its time in."""
-    from torch.profiler import ProfilerActivity, profile
+class TorchLoopSide:
+    """A plain PyTorch loop on the same imclass model: the floor an engine can reach with these kernels."""
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        side.train(slice(0, steps * BATCH))
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    name = "plain torch loop"
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, seed: int) -> None:
+        torch.manual_seed(seed)
+        self.x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> (N, C, H, W)
+        self.y = torch.from_numpy(y)
+        self.model = imclass_model()
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LR)
+
+    def train(self, part: slice, epochs: int = 1) -> None:
+        x, y = self.x[part], self.y[part]
+        self.model.train()
+        for _ in range(epochs):
+            order = torch.randperm(len(x))
+            for idx in order.split(BATCH):
+                loss = torch.nn.functional.cross_entropy(self.model(x[idx].float() / 255), y[idx])
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+
+    def accuracy(self, xt: np.ndarray, yt: np.ndarray) -> float:
+        self.model.eval()
+        with torch.no_grad():
+            logits = self.model(torch.from_numpy(xt).permute(0, 3, 1, 2).float() / 255)
+        return float((logits.argmax(1) == torch.from_numpy(yt)).double().mean())
 
 
-def profile_keras(side: KerasSide, steps: int = 50) -> str:
+def profile_side(side, steps: int = 50) -> str:
+    """The torch profiler's table of the ops ``steps`` training steps of a side spend their time in."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -172,7 +197,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=["imclass", "keras"], help="run one side only")
-    parser.add_argument("--profile", action="store_true", help="print the torch profiler table of both (50 steps)")
+    parser.add_argument("--torch-loop", action="store_true", help="add a plain PyTorch loop on the same model")
+    parser.add_argument("--profile", action="store_true", help="print the torch profiler table of each (50 steps)")
     args = parser.parse_args()
     if os.environ["KERAS_BACKEND"] != "torch":
         raise SystemExit(f"expected KERAS_BACKEND=torch, received {os.environ['KERAS_BACKEND']!r}")
@@ -196,6 +222,8 @@ def main() -> None:
         sides.append(ImclassSide(x, y, args.seed))
     if args.only != "imclass":
         sides.append(KerasSide(x, y, args.seed))
+    if args.torch_loop:
+        sides.append(TorchLoopSide(x, y, args.seed))
     steps_per_epoch = math.ceil(len(x) / BATCH)
     if args.epochs:
         per_step = {}
@@ -206,16 +234,17 @@ def main() -> None:
     else:
         per_step = timed_steps(sides, args.warmup, args.steps, args.rounds)
     for side in sides:
+        step = per_step[side.name]
         print(
-            f"{side.name:>32}: {per_step[side.name] * 1000:6.1f} ms/step = {per_step[side.name] * steps_per_epoch:6.1f} s/epoch"
+            f"{side.name:>32}: {step * 1000:6.1f} ms/step = {step * steps_per_epoch:6.1f} s/epoch"
             f"   test accuracy {side.accuracy(xt, yt):.4f}"
         )
-    if len(sides) == 2:
-        a, b = (per_step[side.name] for side in sides)
+    if args.only is None:
+        a, b = per_step[sides[0].name], per_step[sides[1].name]
         print(f"{'speed ratio':>32}: imclass runs {b / a:.2f}x as fast as Keras")
     if args.profile:
-        for side, fn in zip(sides, (profile_imclass, profile_keras) if args.only != "keras" else (profile_keras,)):
-            print(f"\n{side.name}, 50 steps, by self CPU time:\n" + fn(side))
+        for side in sides:
+            print(f"\n{side.name}, 50 steps, by self CPU time:\n" + profile_side(side))
 
 
 if __name__ == "__main__":

@@ -66,7 +66,9 @@ def save(
     if hasattr(obj, "get_state") and hasattr(type(obj), "from_state"):  # a KNN
         tensors, header = _knn_payload(obj, classes, input_size)
     elif isinstance(obj, nn.Module):
-        tensors, header = _module_payload(obj, kind="model", classes=classes, mean=None, std=None, input_size=input_size)
+        tensors, header = _module_payload(
+            obj, kind="model", classes=classes, mean=None, std=None, input_size=input_size
+        )
     elif isinstance(getattr(obj, "model", None), nn.Module):
         tensors, header = _module_payload(
             obj.model,
@@ -120,13 +122,26 @@ def _knn_payload(knn: Any, classes: Any, input_size: Any) -> tuple[dict, dict]:
 def _architecture_of(model: nn.Module) -> dict:
     spec = getattr(model, "imclass_spec", None)
     if spec is not None:
-        return {"name": spec["name"], "options": _jsonable(spec.get("options", {}), "model options")}
+        options = dict(spec.get("options", {}))
+        heads = _num_classes_of(model)
+        if heads is not None and heads != options.get("num_classes", heads):
+            options["num_classes"] = heads  # reset_classifier(n) was called after create(): rebuild the new head
+        return {"name": spec["name"], "options": _jsonable(options, "model options")}
     if hasattr(model, "get_config") and type(model).__name__ == "Sequential":
         return {"sequential": _jsonable(model.get_config(), "Sequential config")}
     raise TypeError(
         f"cannot save a {type(model).__name__}: expected a model built by imclass.models.create(...) "
         "(it records imclass_spec) or an imclass.Sequential (it has get_config())"
     )
+
+
+def _num_classes_of(model: nn.Module) -> int | None:
+    """Outputs of the model's classifier now (timm contract), or None when it does not say."""
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int):
+        return n
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return head.out_features if isinstance(head, nn.Linear) else None
 
 
 def _state_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -212,14 +227,16 @@ def read_metadata(path: str | os.PathLike) -> dict:
     except json.JSONDecodeError as err:
         raise ModelFileError(f"{path}: the {METADATA_KEY!r} metadata is not valid JSON: {err}") from None
     if not isinstance(header, dict):
-        raise ModelFileError(f"{path}: expected a JSON object in the {METADATA_KEY!r} metadata, received {header!r:.80}")
+        raise ModelFileError(
+            f"{path}: expected a JSON object in the {METADATA_KEY!r} metadata, received {header!r:.80}"
+        )
     version = header.get("format")
     if version != FORMAT_VERSION:
         raise ModelFileError(f"{path}: expected model file format {FORMAT_VERSION}, received format={version!r}")
     if header.get("kind") not in KINDS:
         raise ModelFileError(f"{path}: expected kind in {list(KINDS)}, received kind={header.get('kind')!r}")
     if header["kind"] != "knn" and not isinstance(header.get("architecture"), dict):
-        raise ModelFileError(f"{path}: the model file does not say which architecture it holds ('architecture' missing)")
+        raise ModelFileError(f"{path}: the model file does not say which architecture it holds (no 'architecture')")
     return header
 
 
@@ -257,7 +274,8 @@ def _resolve(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         if not (path / MODEL_FILENAME).is_file():
-            hint = " (training not finished? `imclass train --resume --out` it)" if (path / "checkpoint.pt").is_file() else ""
+            unfinished = (path / "checkpoint.pt").is_file()
+            hint = " (training not finished? `imclass train --resume --out` it)" if unfinished else ""
             raise ModelFileError(f"{path}: expected a run folder holding {MODEL_FILENAME}, found none{hint}")
         return path / MODEL_FILENAME
     if not path.exists():

@@ -275,16 +275,12 @@ class KNN:
         if backend == "numba":
             from imclass import _knn_kernels
 
-            train = _knn_kernels.prepare(X.numpy())
+            train = self._cached("numba_rows", lambda: _knn_kernels.prepare(X.numpy()))
             if metric == "l1":
                 return lambda q, s: torch.from_numpy(_knn_kernels.l1_distances(q.numpy(), train[s]))
-            tn = self._cached("sqnorm_int", lambda: (X.long() ** 2).sum(1))
-
-            def l2(q: torch.Tensor, s: slice) -> torch.Tensor:
-                dots = torch.from_numpy(_knn_kernels.dot_products(q.numpy(), train[s]))
-                return (q.long() ** 2).sum(1, keepdim=True) + tn[s].unsqueeze(0) - 2 * dots
-
-            return l2
+            tsq = self._cached("sqnorm_int", lambda: _knn_kernels.squared_norms(X.numpy()))
+            # ranking distances |t|^2 - 2 q.t: the row constant |q|^2 is added back after the selection
+            return lambda q, s: torch.from_numpy(_knn_kernels.l2_ranking(q.numpy(), train[s], tsq[s]))
         if metric == "l1":
             return lambda q, s: _l1_block_torch(q, X[s], exact)
         tn = self._cached(f"norms_{metric}", lambda: _norms(X, metric))
@@ -307,18 +303,22 @@ class KNN:
         chunk = _TRAIN_CHUNK if backend == "torch" else 4 * _TRAIN_CHUNK
         batch = self.batch_size or max(64, _MAX_BLOCK // min(n, chunk))
         block = self._block_fn(backend, exact)
+        row_constant = backend == "numba" and self.metric_ == "l2"  # its ranking leaves out |q|^2
         from tqdm.auto import tqdm
 
         out_d, out_i = [], []
         starts = range(0, len(queries), batch)
-        for q0 in tqdm(starts, desc=f"{self.k}-NN {self.metric_}", unit="chunk", disable=not self.verbose):
+        for q0 in tqdm(starts, desc=f"{k}-NN {self.metric_}", unit="chunk", disable=not self.verbose):
             q = queries[q0:q0 + batch]
             best = None
             for t0 in range(0, n, chunk):
                 vals, idx = _smallest_k(block(q, slice(t0, t0 + chunk)), k)
                 best = _merge(best, (vals, idx + t0), k)
-            out_d.append(best[0])
-            out_i.append(best[1])
+            vals, idx = best
+            if row_constant:
+                vals = vals + (q.long() ** 2).sum(1, keepdim=True)
+            out_d.append(vals)
+            out_i.append(idx)
         return torch.cat(out_d), torch.cat(out_i)
 
     def _search_faiss(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

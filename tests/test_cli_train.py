@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from imclass.cli import app
-from imclass.train.run import TrainConfig, config_from_dict, load_config
+from imclass.train.run import RunConfig, config_from_dict, load_config
 
 runner = CliRunner()
 
@@ -30,7 +30,7 @@ def test_toml_config_then_flags_override(tmp_path):
     assert cfg.epochs == 5  # the flag wins over the file
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float)  # a flag left out (None) keeps the file's value
     assert cfg.model_options == {"hidden": [32]}
-    assert cfg.momentum == TrainConfig().momentum  # neither file nor flag: the default
+    assert cfg.momentum == RunConfig().momentum  # neither file nor flag: the default
 
 
 def test_json_config(tmp_path):
@@ -56,6 +56,8 @@ def test_unknown_key_is_named(tmp_path):
         ({"augment": "mixup"}, "expected augment in"),
         ({"target": 99}, "expected target in"),
         ({"epochs": "ten"}, "expected epochs as int, received 'ten'"),
+        ({"epochs": True}, "expected epochs as int, received True"),
+        ({"model_options": [1]}, "expected model_options as dict, received \\[1\\]"),
         ({"val_fraction": 1.0}, "expected 0 <= val_fraction < 1"),
     ],
 )
@@ -76,9 +78,9 @@ def test_bad_config_file(tmp_path):
 
 
 def test_cifar10_without_model_is_the_fast_recipe():
-    assert TrainConfig(dataset="cifar10").uses_fast_recipe
-    assert not TrainConfig(dataset="cifar10", model="keras_cnn").uses_fast_recipe
-    assert TrainConfig(dataset="mnist", model="mlp", recipe="fast").uses_fast_recipe
+    assert RunConfig(dataset="cifar10").uses_fast_recipe
+    assert not RunConfig(dataset="cifar10", model="keras_cnn").uses_fast_recipe
+    assert RunConfig(dataset="mnist", model="mlp", recipe="fast").uses_fast_recipe
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,8 +102,10 @@ def mnist_run(tmp_path_factory, data_root):
     """A 1-epoch MLP on 256 MNIST images, trained through the CLI with a config file and a flag."""
     folder = tmp_path_factory.mktemp("runs")
     config = folder / "mlp.toml"
-    config.write_text(f'model = "mlp"\ndataset = "mnist"\nepochs = 1\nlr = 0.002\nlimit = 256\ndata_root = "{data_root}"\n'
-                      '[model_options]\nhidden = [64]\n')
+    config.write_text(
+        f'model = "mlp"\ndataset = "mnist"\nepochs = 1\nlr = 0.002\nlimit = 256\ndata_root = "{data_root}"\n'
+        "[model_options]\nhidden = [64]\n"
+    )
     out = folder / "mlp"
     result = invoke("train", "--config", config, "--batch-size", "16", "--out", out, "--json")
     return out, json_out(result)
@@ -177,12 +181,38 @@ def test_resume_continues_the_run(mnist_run, data_root, tmp_path):
 
     run = tmp_path / "resumed"
     shutil.copytree(out, run)
-    result = json_out(invoke("train", "--model", "mlp", "-o", "hidden=[64]", "--dataset", "mnist", "--data", data_root,
-                             "--limit", 256, "--batch-size", 16, "--lr", 0.002, "--epochs", 2, "--out", run,
-                             "--resume", "--json"))
-    assert result["epochs"] == 2
+    # the run's own config.json supplies model, data, batch size, lr...; the flags extend it to 2 epochs
+    result = json_out(invoke("train", "--out", run, "--resume", "--epochs", 2, "--json"))
+    assert result["epochs"] == 2 and result["model"] == "mlp"
+    assert json.loads((run / "config.json").read_text())["batch_size"] == 16
     history = (run / "history.csv").read_text().strip().splitlines()
     assert [line.split(",")[0] for line in history[1:]] == ["1", "2"]  # epoch 1 kept, epoch 2 added
+
+
+def test_fine_tune_a_saved_model_on_new_classes(mnist_run, data_root, tmp_path):
+    """--weights: the MNIST MLP gets a new 3-class head and learns digits 0/1/2 from a folder of PNGs."""
+    out, _ = mnist_run
+    from imclass.data import load
+
+    digits = load("mnist", split="train", root=data_root).subset(slice(0, 600))
+    for split, part in (("train", slice(0, 500)), ("test", slice(500, 600))):
+        for i in torch.nonzero(digits.labels[part] < 3).flatten().tolist():
+            folder = tmp_path / "digits" / split / f"d{int(digits.labels[part][i])}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(digits.images[part][i, 0].numpy()).save(folder / f"{i}.png")
+    result = json_out(invoke("train", "--weights", out, "--dataset", tmp_path / "digits", "--epochs", 3,
+                             "--lr", 0.002, "--out", tmp_path / "ft", "--json"))
+    assert result["accuracy"] > 0.8  # three easy digits, from pretrained features
+
+    import imclass
+
+    clf = imclass.load(tmp_path / "ft")
+    assert clf.classes == ["d0", "d1", "d2"]
+    assert clf.model.imclass_spec["options"]["num_classes"] == 3  # the file rebuilds the new head
+    before = imclass.load(out).model.state_dict()
+    after = clf.model.state_dict()
+    assert after["dense_1.weight"].shape == (3, 64)  # the new head
+    assert not torch.equal(after["dense.weight"], before["dense.weight"])  # the hidden layer was fine-tuned
 
 
 @pytest.mark.filterwarnings("ignore:cifar10 test split has 1,000")

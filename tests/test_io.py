@@ -129,6 +129,14 @@ def test_knn_round_trip(tmp_path, images):
     torch.testing.assert_close(again.predict_proba(xt), knn.predict_proba(xt), rtol=0, atol=0)
 
 
+def test_a_reset_classifier_is_saved(tmp_path):
+    model = small_fastnet()
+    model.reset_classifier(3)  # transfer learning: a new head after create()
+    again = load(save(model, tmp_path / "m.safetensors"))
+    assert again.head.out_features == 3
+    assert torch.equal(again.head.weight, model.head.weight)
+
+
 def test_overwrite_is_atomic_and_leaves_no_temp_file(tmp_path):
     path = tmp_path / "m.safetensors"
     save(small_fastnet(), path)
@@ -191,7 +199,8 @@ def test_truncated_file(tmp_path):
     path = save(small_fastnet(), tmp_path / "m.safetensors")
     data = path.read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ModelFileError, match=r"cut\.safetensors: not a readable \.safetensors file \(corrupted or truncated\?\)"):
+    cut = r"cut\.safetensors: not a readable \.safetensors file \(corrupted or truncated\?\)"
+    with pytest.raises(ModelFileError, match=cut):
         load(tmp_path / "cut.safetensors")
     (tmp_path / "head.safetensors").write_bytes(data[:40])
     with pytest.raises(ModelFileError, match=r"head\.safetensors: not a readable \.safetensors file"):
@@ -220,7 +229,8 @@ def _rewrite(path, out, **changes):
 def test_unknown_architecture_and_format(tmp_path):
     path = save(small_fastnet(), tmp_path / "m.safetensors")
     bad = _rewrite(path, tmp_path / "arch.safetensors", architecture={"name": "no_such_net", "options": {}})
-    with pytest.raises(ModelFileError, match=r"arch\.safetensors: cannot rebuild the architecture .*unknown model 'no_such_net'"):
+    unknown = r"arch\.safetensors: cannot rebuild the architecture .*unknown model 'no_such_net'"
+    with pytest.raises(ModelFileError, match=unknown):
         load(bad)
     bad = _rewrite(path, tmp_path / "fmt.safetensors", format=7)
     with pytest.raises(ModelFileError, match=r"fmt\.safetensors: expected model file format 1, received format=7"):
@@ -232,13 +242,17 @@ def test_unknown_architecture_and_format(tmp_path):
 
 def test_weights_that_do_not_match_the_architecture(tmp_path):
     path = save(small_fastnet(), tmp_path / "m.safetensors")
-    bad = _rewrite(
-        path, tmp_path / "wide.safetensors", architecture={"name": "fastnet", "options": {"widths": [8, 16, 32], "depth": 1}}
+    wider = {"name": "fastnet", "options": {"widths": [8, 16, 32], "depth": 1}}
+    bad = _rewrite(path, tmp_path / "wide.safetensors", architecture=wider)
+    mismatch = (
+        r"wide\.safetensors: the weights do not match the architecture \(.*shape mismatch: "
+        r"groups\.2\.layers\.0\.weight: model \(32, 16, 3, 3\) vs file \(16, 16, 3, 3\)"
     )
-    with pytest.raises(ModelFileError, match=r"wide\.safetensors: the weights do not match the architecture \(.*shape mismatch: groups\.2\.layers\.0\.weight: model \(32, 16, 3, 3\) vs file \(16, 16, 3, 3\)"):
+    with pytest.raises(ModelFileError, match=mismatch):
         load(bad)
-    bad = _rewrite(path, tmp_path / "deep.safetensors", architecture={"name": "fastnet", "options": {"widths": [8, 16, 16], "depth": 2}})
-    with pytest.raises(ModelFileError, match=r"weights do not match the architecture \(missing from the file: groups\."):
+    deeper = {"name": "fastnet", "options": {"widths": [8, 16, 16], "depth": 2}}
+    bad = _rewrite(path, tmp_path / "deep.safetensors", architecture=deeper)
+    with pytest.raises(ModelFileError, match=r"do not match the architecture \(missing from the file: groups\."):
         load(bad)
 
 
@@ -250,7 +264,7 @@ def test_missing_paths(tmp_path):
     torch.save({"model": {}}, tmp_path / "checkpoint.pt")
     with pytest.raises(ModelFileError, match=r"found none \(training not finished\?"):
         load(tmp_path)
-    with pytest.raises(ModelFileError, match=r"checkpoint\.pt: expected an imclass \.safetensors model file.*load_weights"):
+    with pytest.raises(ModelFileError, match=r"checkpoint\.pt: expected an imclass \.safetensors model.*load_weights"):
         load(tmp_path / "checkpoint.pt")
 
 

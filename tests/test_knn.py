@@ -280,3 +280,18 @@ def test_cli_cv_and_errors(data_root, tmp_path):
     ):
         result = runner.invoke(app, base + extra)
         assert result.exit_code == 2 and message in result.output, (extra, result.output)
+
+
+@pytest.mark.skipif("numba" not in BACKENDS, reason="numba kernels not available here")
+@pytest.mark.parametrize("m, n, d", [(5, 7, 33), (4, 2, 32), (9, 3, 784), (1, 1, 1), (3, 5, 3072)])
+def test_integer_kernels_match_numpy_including_padding_and_extremes(m, n, d):
+    rng = np.random.default_rng(d)
+    q = rng.integers(0, 256, (m, d), dtype=np.uint8)
+    t = rng.integers(0, 256, (n, d), dtype=np.uint8)
+    q[0], t[0] = 255, 0  # the largest possible distances and dot products must not overflow
+    diff = q[:, None, :].astype(np.int64) - t[None, :, :].astype(np.int64)
+    np.testing.assert_array_equal(_knn_kernels.l1_distances(q, t), np.abs(diff).sum(-1))
+    sq = (q.astype(np.int64) ** 2).sum(1, keepdims=True)
+    np.testing.assert_array_equal(_knn_kernels.l2_ranking(q, t) + sq, (diff**2).sum(-1))
+    with pytest.raises(ValueError, match=r"expected at most 33025 values per row"):
+        _knn_kernels.l2_ranking(np.zeros((1, 40000), np.uint8), np.zeros((1, 40000), np.uint8))

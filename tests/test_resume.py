@@ -75,13 +75,12 @@ def test_kill_9_twice_then_resume_matches_an_uninterrupted_run(tmp_path, data_ro
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
 
-    reference = _run(script, tmp_path / "ref.pt", tmp_path / "ref_ckpt", 0.0, npz)
-    assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()[-2000:]
+    reference = _run(script, tmp_path / "ref.pt", tmp_path / "ref_ckpt", 0.0, npz)  # runs alongside the killed ones
 
     ckpt_dir = tmp_path / "ckpt"
     ckpt = ckpt_dir / "checkpoint.pt"
     previous = None
-    for kill_delay in (0.0, 0.13):  # right after a checkpoint appears, then at an arbitrary later moment
+    for kill_delay in (0.0, 0.17):  # right after a checkpoint appears, then at an arbitrary later moment
         proc = _run(script, tmp_path / "out.pt", ckpt_dir, 0.03, npz)
         _wait_for_change(ckpt, proc, previous)
         time.sleep(kill_delay)
@@ -96,6 +95,7 @@ def test_kill_9_twice_then_resume_matches_an_uninterrupted_run(tmp_path, data_ro
 
     resumed = _run(script, tmp_path / "out.pt", ckpt_dir, 0.0, npz)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
+    assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()[-2000:]
 
     ref = torch.load(tmp_path / "ref.pt", weights_only=True)
     out = torch.load(tmp_path / "out.pt", weights_only=True)

@@ -23,42 +23,49 @@ def register(app: typer.Typer) -> None:
 
 
 def train(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="JSON or TOML file of options (flags override it)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML or JSON file of options (flags win)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Architecture name (`imclass models list`)."),
     model_option: Optional[List[str]] = typer.Option(
         None, "--model-option", "-o", help="Extra model option KEY=VALUE (JSON value), repeatable."
     ),
-    weights: Optional[str] = typer.Option(None, "--weights", help="Start from this model file or run folder (fine-tune)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="cifar10, mnist, fashion-mnist or an image folder."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Fine-tune the model of this file or run folder."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="cifar10, mnist, fashion-mnist or a folder."),
     data_root: Optional[str] = DataRoot,
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to SIZE x SIZE."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N training and test images."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", "-e", help="Passes over the training set [10]."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per step [32]."),
-    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam, adamw, sgd or rmsprop [adam]."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate [1e-3]."),
-    momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD momentum [0.9]."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", "-e", help="Passes over the training set (default 10)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per step (default 32)."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam, adamw, sgd or rmsprop (default adam)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default 1e-3)."),
+    momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD momentum (default 0.9)."),
     nesterov: Optional[bool] = typer.Option(None, "--nesterov/--no-nesterov", help="Nesterov momentum (SGD)."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="L2 weight decay [0]."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="Learning-rate schedule: cosine, onecycle, step, linear."),
-    warmup_epochs: Optional[int] = typer.Option(None, "--warmup-epochs", help="Linear warm-up epochs [0]."),
-    label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", help="Label smoothing [0]."),
-    augment: Optional[str] = typer.Option(None, "--augment", help="none, flip, crop, crop_flip, crop_flip_cutout [none]."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="L2 weight decay (default 0)."),
+    schedule: Optional[str] = typer.Option(
+        None, "--schedule", help="Learning-rate schedule: step, exponential, cosine, onecycle, linear (default none)."
+    ),
+    warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help="Linear warm-up epochs (default 0)."),
+    label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", help="Label smoothing (default 0)."),
+    augment: Optional[str] = typer.Option(
+        None, "--augment", help="none, flip, crop, crop_flip, crop_flip_cutout (default none)."
+    ),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Hold out this fraction for validation."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed [0]."),
-    out: Optional[str] = typer.Option(None, "--out", help="Run folder [runs/<model>-<dataset>]."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Run folder (default runs/<model>-<dataset>)."),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from OUT/checkpoint.pt."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, mps [auto]."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, mps (default auto)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="'fast': the fast CIFAR-10 recipe."),
     target: Optional[int] = typer.Option(None, "--target", help="Fast recipe accuracy target: 90, 94 or 95."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (accuracy, loss, seconds, ...)."),
 ) -> None:
     """Train a model and save it to a run folder (model.safetensors, config.json, history, curves).
 
-    With --dataset cifar10 and no --model, the fast CIFAR-10 recipe runs.
+    With --dataset cifar10 and no --model, the fast CIFAR-10 recipe runs. `--out DIR --resume`
+    alone continues the run in DIR with the config it saved (other flags override it).
     """
-    from imclass.train.run import load_config, train_from_config
+    from imclass.train.run import CONFIG_FILE, load_config, train_from_config
 
+    if resume and config is None and out is not None and (Path(out) / CONFIG_FILE).is_file():
+        config = Path(out) / CONFIG_FILE  # continue the run with its own config
     try:
         options = _parse_model_options(model_option or [])
         cfg = load_config(
@@ -92,7 +99,11 @@ def train(
         if options:
             cfg.model_options = {**cfg.model_options, **options}
         result = train_from_config(cfg)
-    except (ValueError, TypeError, FileNotFoundError, NotImplementedError, ImportError) as err:
+    except KeyboardInterrupt:
+        fail("interrupted; the run folder keeps the last checkpoint: add --resume to continue", code=130)
+    except FloatingPointError as err:  # TrainingDiverged: a NaN or infinite loss
+        fail(f"{err} (try a smaller --lr)")
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
         fail(str(err))
     if as_json:
         print_json(result)

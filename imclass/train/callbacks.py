@@ -218,7 +218,8 @@ class CSVLogger(Callback):
 
 
 class TensorBoard(Callback):
-    """Log epoch metrics (and the batch loss every ``batch_every`` steps) for TensorBoard."""
+    """Log epoch metrics (and the batch loss every ``batch_every`` steps) for TensorBoard,
+    against the global step."""
 
     order = 70
 
@@ -230,7 +231,8 @@ class TensorBoard(Callback):
     def on_train_begin(self, state: TrainState) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self._writer = SummaryWriter(self.log_dir, purge_step=state.epoch or None)
+        # a resumed run first drops what a killed run logged after its checkpoint
+        self._writer = SummaryWriter(self.log_dir, purge_step=state.step or None)
 
     def on_batch_end(self, state: TrainState) -> None:
         if self.batch_every and state.step % self.batch_every == 0 and state.batch_loss is not None:
@@ -239,7 +241,7 @@ class TensorBoard(Callback):
     def on_epoch_end(self, state: TrainState) -> None:
         for key, value in state.logs.items():
             if key != "epoch" and isinstance(value, (int, float)):
-                self._writer.add_scalar(f"epoch/{key}", value, state.epoch + 1)
+                self._writer.add_scalar(f"epoch/{key}", value, state.step)
         self._writer.flush()
 
     def on_train_end(self, state: TrainState) -> None:

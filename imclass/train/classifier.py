@@ -57,6 +57,25 @@ class TrainConfig:
     channels_last: bool = False
 
 
+@dataclass
+class _Run:
+    """What one ``fit`` call set up, shared by its epochs."""
+
+    loader: TensorLoader
+    factor: Callable[[int], float] | None
+    torch_scheduler: Any
+    augment: Callable | None
+    aug_gen: torch.Generator
+    callbacks: list
+    user_callbacks: list
+    ckpt_path: Path | None
+    checkpoint_every: int | None
+    val: tuple[torch.Tensor, torch.Tensor] | None
+    val_batch_size: int
+    meta: dict[str, Any]
+    seconds: float = 0.0  # training time of the current epoch so far
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
     if str(device) == "auto":
@@ -291,93 +310,96 @@ class Classifier:
         self._set_classes(classes, labels)
         if val is not None:
             self._check_labels(val[1], "validation labels")
+            val = (val[0].to(self.device), val[1].to(self.device))
         if self.mean is None:
             self.mean, self.std = channel_stats(images)
         loader = TensorLoader(images, labels, batch_size, shuffle=True, seed=seed, device=self.device)
         steps_per_epoch = len(loader)
         factor, torch_scheduler = self._make_schedule(epochs, steps_per_epoch)
-        augment_fn = make_augment(augment)
-        aug_gen = torch.Generator(device=self.device)
-        cbs = sort_callbacks(list(callbacks) + ([ProgressBar()] if verbose else []))
+        user_cbs = list(callbacks)  # their states are saved in this order (stable across verbose on/off)
+        run = _Run(
+            loader=loader, factor=factor, torch_scheduler=torch_scheduler, augment=make_augment(augment),
+            aug_gen=torch.Generator(device=self.device), callbacks=sort_callbacks(user_cbs + [ProgressBar()] * verbose),
+            user_callbacks=user_cbs, ckpt_path=ckpt_path, checkpoint_every=checkpoint_every, val=val,
+            val_batch_size=validation_batch_size, meta={"seed": seed, "n_train": len(images), "batch_size": batch_size},
+        )
         history = History()
         state = TrainState(self, self.model, self.optimizer, epochs, steps_per_epoch, history, batch_size=batch_size,
                            checkpoint_dir=str(checkpoint_dir) if checkpoint_dir is not None else None)
+        self.history = history
         start_batch = 0
         if saved is not None:
-            start_batch = self._restore(saved, state, cbs, aug_gen, torch_scheduler, len(images), batch_size)
+            start_batch = self._restore(saved, state, run, len(images), batch_size)
             if state.epoch >= epochs or saved.get("stopped"):
-                self.history = history
                 return history
         else:
             torch.manual_seed(seed)
-        self.history = history
-        meta = {"seed": seed, "n_train": len(images), "batch_size": batch_size}
-        self.model.train()
-        run_event(cbs, "on_train_begin", state)
+        run_event(run.callbacks, "on_train_begin", state)
         try:
             for epoch in range(state.epoch, epochs):
-                state.epoch = epoch
-                if start_batch == 0:
-                    aug_gen.manual_seed(derive_seed(seed, epoch, 1))
-                    state.loss_sum = torch.zeros((), device=self.device)
-                    state.correct = torch.zeros((), device=self.device, dtype=torch.int64)
-                    state.seen, state.batch = 0, 0
-                    epoch_seconds = 0.0
-                else:
-                    epoch_seconds = state.logs.pop("_seconds", 0.0)
-                state.logs = {}
-                self.model.train()
-                run_event(cbs, "on_epoch_begin", state)
-                t0 = time.perf_counter()
-                for b, (idx, xb, yb) in enumerate(loader.indexed_batches(epoch, start_batch), start=start_batch):
-                    state.batch, state.batch_indices = b, idx
-                    if factor is not None:
-                        f = factor(state.step)
-                        for group in self.optimizer.param_groups:
-                            group["lr"] = group["initial_lr"] * f
-                    run_event(cbs, "on_batch_begin", state)
-                    loss, correct = self._train_step(xb, yb, augment_fn, aug_gen, epoch)
-                    if torch_scheduler is not None:
-                        torch_scheduler.step()
-                    state.step += 1
-                    state.batch_loss = loss
-                    state.loss_sum += loss * len(yb)
-                    state.correct += correct
-                    state.seen += len(yb)
-                    if self.device.type == "cpu" and not torch.isfinite(loss):
-                        self._diverged(epoch, b, state.step, ckpt_path)
-                    run_event(cbs, "on_batch_end", state)
-                    if ckpt_path is not None and checkpoint_every and state.step % checkpoint_every == 0 \
-                            and b + 1 < steps_per_epoch and not state.stop_training:
-                        self._check_finite(state, epoch, ckpt_path)
-                        elapsed = epoch_seconds + time.perf_counter() - t0
-                        self._save(ckpt_path, state, cbs, aug_gen, torch_scheduler, meta, batch=b + 1,
-                                   extra_logs={"_seconds": elapsed})
-                    if state.stop_training:
-                        break
+                self._train_epoch(run, state, epoch, start_batch)
                 start_batch = 0
-                self._check_finite(state, epoch, ckpt_path)
-                seconds = epoch_seconds + time.perf_counter() - t0
-                logs = {"epoch": epoch + 1, **state.running()}
-                if val is not None:
-                    v = self._evaluate_tensors(val[0], val[1], validation_batch_size)
-                    logs.update({"val_loss": v["loss"], "val_accuracy": v["accuracy"]})
-                    self.model.train()
-                logs["lr"] = float(self.optimizer.param_groups[0]["lr"])
-                logs["seconds"] = seconds
-                history.append(logs)
-                state.logs = logs
-                run_event(cbs, "on_epoch_end", state)
-                done = state.stop_training or epoch + 1 == epochs
-                if ckpt_path is not None:
-                    self._save(ckpt_path, state, cbs, aug_gen, torch_scheduler, meta, batch=0, epoch=epoch + 1,
-                               finished=done, stopped=state.stop_training)
+                self._end_epoch(run, state, epoch)
                 if state.stop_training:
                     break
         finally:
-            run_event(cbs, "on_train_end", state)
+            run_event(run.callbacks, "on_train_end", state)
             self.model.eval()
         return history
+
+    def _train_epoch(self, run: "_Run", state: TrainState, epoch: int, start_batch: int) -> None:
+        """The batches of one epoch (from ``start_batch`` when resuming mid-epoch)."""
+        state.epoch = epoch
+        if start_batch == 0:
+            run.aug_gen.manual_seed(derive_seed(run.meta["seed"], epoch, 1))
+            state.loss_sum = torch.zeros((), device=self.device)
+            state.correct = torch.zeros((), device=self.device, dtype=torch.int64)
+            state.seen, state.batch, run.seconds = 0, 0, 0.0
+        state.logs = {}
+        self.model.train()
+        run_event(run.callbacks, "on_epoch_begin", state)
+        t0 = time.perf_counter()
+        for b, (idx, xb, yb) in enumerate(run.loader.indexed_batches(epoch, start_batch), start=start_batch):
+            state.batch, state.batch_indices = b, idx
+            if run.factor is not None:
+                f = run.factor(state.step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = group["initial_lr"] * f
+            run_event(run.callbacks, "on_batch_begin", state)
+            loss, correct = self._train_step(xb, yb, run.augment, run.aug_gen, epoch)
+            if run.torch_scheduler is not None:
+                run.torch_scheduler.step()
+            state.step += 1
+            state.batch_loss = loss
+            state.loss_sum += loss * len(yb)
+            state.correct += correct
+            state.seen += len(yb)
+            if self.device.type == "cpu" and not torch.isfinite(loss):  # free on CPU; on GPU: at epoch end
+                self._diverged(state, run.ckpt_path)
+            run_event(run.callbacks, "on_batch_end", state)
+            if state.stop_training:
+                break
+            if run.ckpt_path is not None and run.checkpoint_every and state.step % run.checkpoint_every == 0 \
+                    and b + 1 < len(run.loader):
+                self._check_finite(state, run.ckpt_path)
+                self._save(run, state, batch=b + 1, seconds=run.seconds + time.perf_counter() - t0)
+        run.seconds += time.perf_counter() - t0
+
+    def _end_epoch(self, run: "_Run", state: TrainState, epoch: int) -> None:
+        """Check the loss, validate, log the epoch, tell the callbacks, write the checkpoint."""
+        self._check_finite(state, run.ckpt_path)
+        logs = {"epoch": epoch + 1, **state.running()}
+        if run.val is not None:
+            v = self._evaluate_tensors(run.val[0], run.val[1], run.val_batch_size)
+            logs.update({"val_loss": v["loss"], "val_accuracy": v["accuracy"]})
+        logs["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        logs["seconds"] = run.seconds
+        state.history.append(logs)
+        state.logs = logs
+        run_event(run.callbacks, "on_epoch_end", state)
+        if run.ckpt_path is not None:
+            done = state.stop_training or epoch + 1 == state.epochs
+            self._save(run, state, batch=0, epoch=epoch + 1, finished=done, stopped=state.stop_training)
 
     def _train_step(self, xb, yb, augment_fn, aug_gen, epoch) -> tuple[torch.Tensor, torch.Tensor]:
         x = self._normalise(xb)
@@ -449,23 +471,24 @@ class Classifier:
             )
 
     # ------------------------------------------------------------------ divergence and checkpoints
-    def _check_finite(self, state: TrainState, epoch: int, ckpt_path) -> None:
+    def _check_finite(self, state: TrainState, ckpt_path: Path | None) -> None:
         if state.loss_sum is not None and not torch.isfinite(state.loss_sum):
-            self._diverged(epoch, state.batch, state.step, ckpt_path)
+            self._diverged(state, ckpt_path)
 
     @staticmethod
-    def _diverged(epoch: int, batch: int, step: int, ckpt_path) -> None:
+    def _diverged(state: TrainState, ckpt_path: Path | None) -> None:
         where = f"the last good checkpoint is {ckpt_path}" if ckpt_path is not None and ckpt_path.is_file() else \
             "no checkpoint was written"
         raise TrainingDiverged(
-            f"loss became NaN or infinite in epoch {epoch + 1}, at or before batch {batch + 1} (step {step}); "
-            f"lower the learning rate or check the data ({where})"
+            f"loss became NaN or infinite in epoch {state.epoch + 1}, at or before batch {state.batch + 1} "
+            f"(step {state.step}); lower the learning rate or check the data ({where})"
         )
 
-    def _save(self, path, state, cbs, aug_gen, torch_scheduler, meta, *, batch, epoch=None, finished=False,
-              stopped=False, extra_logs=None) -> None:
+    def _save(self, run: "_Run", state: TrainState, *, batch: int, epoch: int | None = None, finished: bool = False,
+              stopped: bool = False, seconds: float = 0.0) -> None:
+        """Write the whole training state (``batch > 0``: a checkpoint in the middle of an epoch)."""
         payload = {
-            **meta,
+            **run.meta,
             "epoch": state.epoch if epoch is None else epoch,
             "batch": batch,
             "step": state.step,
@@ -473,22 +496,23 @@ class Classifier:
             "stopped": stopped,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": torch_scheduler.state_dict() if torch_scheduler is not None else None,
+            "scheduler": run.torch_scheduler.state_dict() if run.torch_scheduler is not None else None,
             "scaler": self._scaler.state_dict() if self._scaler is not None else None,
             "rng": ckpt.rng_states(),
-            "augment_rng": aug_gen.get_state(),
+            "augment_rng": run.aug_gen.get_state(),
             "history": state.history.to_dict(),
             "running": {"loss_sum": state.loss_sum, "correct": state.correct, "seen": state.seen,
-                        **(extra_logs or {})} if batch else None,
-            "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else {} for cb in cbs],
+                        "seconds": seconds} if batch else None,
+            "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else {} for cb in run.user_callbacks],
             "classes": list(self.classes),
             "mean": list(self.mean),
             "std": list(self.std),
             "config": {k: v for k, v in self.training_config().items() if not isinstance(v, dict)},
         }
-        ckpt.save_checkpoint(path, payload)
+        ckpt.save_checkpoint(run.ckpt_path, payload)
 
-    def _restore(self, saved, state, cbs, aug_gen, torch_scheduler, n_train, batch_size) -> int:
+    def _restore(self, saved: dict, state: TrainState, run: "_Run", n_train: int, batch_size: int) -> int:
+        """Load a checkpoint into the model, optimizer, RNGs, callbacks and ``state``; returns the batch to start at."""
         if saved["n_train"] != n_train or saved["batch_size"] != batch_size:
             raise ValueError(
                 f"the checkpoint was written for {saved['n_train']} training images in batches of "
@@ -496,17 +520,20 @@ class Classifier:
             )
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
-        if torch_scheduler is not None and saved["scheduler"] is not None:
-            torch_scheduler.load_state_dict(saved["scheduler"])
+        if run.torch_scheduler is not None and saved["scheduler"] is not None:
+            run.torch_scheduler.load_state_dict(saved["scheduler"])
         if self._scaler is not None and saved["scaler"] is not None:
             self._scaler.load_state_dict(saved["scaler"])
         self.classes, self.mean, self.std = list(saved["classes"]), list(saved["mean"]), list(saved["std"])
         ckpt.set_rng_states(saved["rng"])
-        aug_gen.set_state(saved["augment_rng"].to(aug_gen.get_state().device))
+        run.aug_gen.set_state(saved["augment_rng"].cpu())
         state.history.history.update(History(saved["history"]).history)
         state.epoch, state.step, state.batch = saved["epoch"], saved["step"], saved["batch"]
-        states = saved["callbacks"]
-        if len(states) == len(cbs):
+        states, cbs = saved["callbacks"], run.user_callbacks
+        if len(states) != len(cbs):
+            warnings.warn(f"the checkpoint holds the state of {len(states)} callbacks, received {len(cbs)} callbacks: "
+                          "their states are not restored", stacklevel=3)
+        else:
             for cb, cb_state in zip(cbs, states):
                 if cb_state and hasattr(cb, "load_state_dict"):
                     cb.load_state_dict(cb_state)
@@ -514,8 +541,7 @@ class Classifier:
         if saved["batch"] and running is not None:
             state.loss_sum = running["loss_sum"].to(self.device)
             state.correct = running["correct"].to(self.device)
-            state.seen = running["seen"]
-            state.logs = {"_seconds": running.get("_seconds", 0.0)}
+            state.seen, run.seconds = running["seen"], running["seconds"]
         return saved["batch"]
 
     # ------------------------------------------------------------------ inference

@@ -1,6 +1,6 @@
 """A whole training run from one config: data, model, training, test evaluation, run folder.
 
-    cfg = TrainConfig(model="keras_cnn", dataset="cifar10", epochs=10, out="runs/x")
+    cfg = RunConfig(model="keras_cnn", dataset="cifar10", epochs=10, out="runs/x")
     result = train_from_config(cfg)     # {"accuracy": ..., "loss": ..., "seconds": ..., ...}
 
 The same config comes from a JSON or TOML file (``load_config(path, **overrides)``), flat keys
@@ -15,21 +15,25 @@ import dataclasses
 import json
 import math
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "load_config", "config_from_dict", "train_from_config", "AUGMENTATIONS"]
+__all__ = ["AUGMENTATIONS", "RunConfig", "TrainConfig", "config_from_dict", "load_config", "train_from_config"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
-SCHEDULES = (None, "cosine", "onecycle", "step", "linear")
+SCHEDULES = (None, "step", "exponential", "cosine", "onecycle", "linear")
 AUGMENTATIONS = ("none", "flip", "crop", "crop_flip", "crop_flip_cutout")
 TARGETS = (90, 94, 95)
 
 
 @dataclass
-class TrainConfig:
-    """Everything a training run needs; saved as ``config.json`` beside the model it produced."""
+class RunConfig:
+    """Everything a training run needs; saved as ``config.json`` beside the model it produced.
+
+    (Not to be confused with ``imclass.train.TrainConfig``, the resolved ``compile`` options.)
+    """
 
     model: str | None = None  # registry name (imclass models list); None with cifar10 -> the fast recipe
     model_options: dict = field(default_factory=dict)  # extra keyword options for models.create
@@ -46,7 +50,7 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = 0.0
     schedule: str | None = None
-    warmup_epochs: int = 0
+    warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     augment: str = "none"
     val_fraction: float = 0.0  # hold out this fraction of the training images for validation
@@ -60,7 +64,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs is None or self.epochs > 0, f"expected epochs >= 1, received epochs={self.epochs}")
-        _check(self.batch_size is None or self.batch_size >= 1, f"expected batch_size >= 1, received batch_size={self.batch_size}")
+        _check(
+            self.batch_size is None or self.batch_size >= 1,
+            f"expected batch_size >= 1, received batch_size={self.batch_size}",
+        )
         _check(self.lr > 0 and math.isfinite(self.lr), f"expected lr > 0, received lr={self.lr}")
         _check(self.weight_decay >= 0, f"expected weight_decay >= 0, received weight_decay={self.weight_decay}")
         _check(self.warmup_epochs >= 0, f"expected warmup_epochs >= 0, received warmup_epochs={self.warmup_epochs}")
@@ -78,8 +85,8 @@ class TrainConfig:
         _check(self.schedule in SCHEDULES, f"expected schedule in {list(SCHEDULES)}, received {self.schedule!r}")
         _check(self.augment in AUGMENTATIONS, f"expected augment in {list(AUGMENTATIONS)}, received {self.augment!r}")
         _check(self.recipe in (None, "fast"), f"expected recipe 'fast' or none, received recipe={self.recipe!r}")
-        _check(self.target is None or self.target in TARGETS, f"expected target in {list(TARGETS)}, received {self.target}")
-        _check(isinstance(self.model_options, dict), f"expected model_options as a table, received {self.model_options!r}")
+        _check(self.target in (None, *TARGETS), f"expected target in {list(TARGETS)}, received {self.target}")
+        _check(isinstance(self.model_options, dict), f"expected model_options as a dict, received {self.model_options}")
 
     @property
     def uses_fast_recipe(self) -> bool:
@@ -87,8 +94,16 @@ class TrainConfig:
         return self.recipe == "fast" or (self.model is None and self.weights is None and self.dataset == "cifar10")
 
     def to_dict(self) -> dict:
-        """The config as plain JSON-ready values (what ``config.json`` holds)."""
+        """The config as plain JSON-ready values."""
         return dataclasses.asdict(self)
+
+    def run_dict(self) -> dict:
+        """What ``config.json`` holds: the config less how this command was run (``resume``, ``verbose``),
+        so that ``imclass train --out DIR --resume`` can read it back."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("resume", "verbose")}
+
+
+TrainConfig = RunConfig  # the name used in the design notes
 
 
 def _check(ok: bool, message: str) -> None:
@@ -96,35 +111,33 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-
-
-def config_from_dict(values: dict[str, Any], *, source: str = "config") -> TrainConfig:
-    """Build a ``TrainConfig`` from a mapping, refusing unknown keys (``source`` names it in errors)."""
+def config_from_dict(values: dict[str, Any], *, source: str = "config") -> RunConfig:
+    """Build a ``RunConfig`` from a mapping, refusing unknown keys and values of the wrong type
+    (``source`` names the file in errors). ``batch-size`` and ``batch_size`` are the same key."""
     values = {k.replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - set(_FIELDS))
+    unknown = sorted(set(values) - set(_TYPES))
     if unknown:
-        raise ValueError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(_FIELDS)}")
-    for key, value in list(values.items()):
-        expected = _expected_type(key)
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            values[key] = value = float(value)  # `lr = 1` in a file means 1.0
-        wrong_bool = isinstance(value, bool) and expected is not bool
-        if value is not None and expected is not None and (wrong_bool or not isinstance(value, expected)):
-            raise ValueError(f"{source}: expected {key} as {expected.__name__}, received {value!r}")
-    return TrainConfig(**values)
+        raise ValueError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(_TYPES)}")
+    for key, value in values.items():
+        expected = _TYPES[key]
+        if float in expected and isinstance(value, int) and not isinstance(value, bool):
+            value = values[key] = float(value)  # `lr = 1` in a file means 1.0
+        if value is None and type(None) in expected:
+            continue
+        if isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
+            names = " or ".join(t.__name__ for t in expected if t is not type(None))
+            raise ValueError(f"{source}: expected {key} as {names}, received {value!r}")
+    return RunConfig(**values)
 
 
-def _expected_type(key: str) -> type | None:
-    default = _FIELDS[key].default
-    if default is dataclasses.MISSING:
-        return dict
-    if isinstance(default, bool):
-        return bool
-    if isinstance(default, (int, float, str)):
-        return type(default)
-    return {"model": str, "weights": str, "data_root": str, "image_size": int, "limit": int, "schedule": str,
-            "out": str, "recipe": str, "target": int, "epochs": int, "batch_size": int}.get(key)
+def _field_types() -> dict[str, tuple[type, ...]]:
+    """Field name -> the types its annotation allows (``int | None`` -> ``(int, NoneType)``)."""
+    hints = typing.get_type_hints(RunConfig)
+    return {name: tuple(typing.get_origin(t) or t for t in (typing.get_args(hint) or (hint,)))
+            for name, hint in hints.items()}
+
+
+_TYPES = _field_types()
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -151,7 +164,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in values.items()}
 
 
-def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
     """Defaults, then the keys of the config file ``path``, then ``overrides`` (None = not given)."""
     values = read_config_file(path) if path is not None else {}
     source = f"config file {path}" if path is not None else "config"
@@ -165,9 +178,10 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
 
 DEFAULT_EPOCHS = 10
 DEFAULT_BATCH_SIZE = 32
+DEFAULT_TARGET = 90  # of the fast recipe
 
 
-def train_from_config(cfg: TrainConfig) -> dict[str, Any]:
+def train_from_config(cfg: RunConfig) -> dict[str, Any]:
     """Train and test the model ``cfg`` describes; write the run folder; return the figures.
 
     Returns a dict with at least ``accuracy`` and ``loss`` (on the test split), ``seconds``
@@ -187,30 +201,33 @@ def train_from_config(cfg: TrainConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(cfg, out=str(out))
     start = time.perf_counter()
-    if cfg.uses_fast_recipe:
-        clf, metrics, extra = _fit_fast_recipe(cfg, train_set, test_set, out)
-    else:
-        clf, metrics, extra = _fit_model(cfg, train_set, test_set, out)
+    fit = _fit_fast_recipe if cfg.uses_fast_recipe else _fit_model
+    clf, metrics, cfg, details = fit(cfg, train_set, test_set, out)
     seconds = time.perf_counter() - start
-    resolved = {**cfg.to_dict(), **extra.pop("resolved", {})}
-    (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
-    model_file = save(clf, out / MODEL_FILE, train_config=resolved, input_size=list(train_set.image_shape))
+    _write_config(cfg, out)
+    train_config = {**cfg.run_dict(), **details}
+    model_file = save(clf, out / MODEL_FILE, train_config=train_config, input_size=list(train_set.image_shape))
     return {
         "accuracy": float(metrics["accuracy"]),
         "loss": float(metrics["loss"]),
         "seconds": seconds,
-        "epochs": resolved["epochs"],
-        "model": resolved["model"],
+        "model": cfg.model,
         "dataset": cfg.dataset,
+        "epochs": cfg.epochs,
         "train_images": len(train_set),
         "test_images": len(test_set),
-        **extra,
+        **details,
         "out": str(out),
         "model_file": str(model_file),
     }
 
 
+def _write_config(cfg: RunConfig, out: Path) -> None:
+    (out / CONFIG_FILE).write_text(json.dumps(cfg.run_dict(), indent=2) + "\n")
+
+
 MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
 
 
 def _run_callbacks(out: Path) -> list:
@@ -219,11 +236,12 @@ def _run_callbacks(out: Path) -> list:
     return [CSVLogger(out / "history.csv"), TrainingCurves(out / "curves.png")]
 
 
-def _fit_model(cfg: TrainConfig, train_set, test_set, out: Path):
+def _fit_model(cfg: RunConfig, train_set, test_set, out: Path):
     """Compile and fit a registry (or loaded) model as ``cfg`` says; evaluate it on ``test_set``."""
-    epochs = cfg.epochs or DEFAULT_EPOCHS
-    batch_size = cfg.batch_size or DEFAULT_BATCH_SIZE
+    cfg = dataclasses.replace(cfg, epochs=cfg.epochs or DEFAULT_EPOCHS, batch_size=cfg.batch_size or DEFAULT_BATCH_SIZE)
     clf = _build_classifier(cfg, train_set)
+    if cfg.model is None:  # fine-tuning a model file: name its architecture
+        cfg = dataclasses.replace(cfg, model=_model_name(clf.model))
     clf.compile(
         cfg.optimizer,
         lr=cfg.lr,
@@ -234,11 +252,11 @@ def _fit_model(cfg: TrainConfig, train_set, test_set, out: Path):
         schedule=cfg.schedule,
         warmup_epochs=cfg.warmup_epochs,
     )
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")  # before a long run starts
+    _write_config(cfg, out)  # before a long run starts
     clf.fit(
         train_set,
-        epochs=epochs,
-        batch_size=batch_size,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
         validation=cfg.val_fraction or None,
         augment=None if cfg.augment == "none" else cfg.augment,
         callbacks=_run_callbacks(out),
@@ -247,22 +265,21 @@ def _fit_model(cfg: TrainConfig, train_set, test_set, out: Path):
         resume=cfg.resume,
         verbose=cfg.verbose,
     )
-    metrics = clf.evaluate(test_set)
-    resolved = {"epochs": epochs, "batch_size": batch_size, "model": cfg.model or _model_name(clf.model)}
-    return clf, metrics, {"resolved": resolved}
+    return clf, clf.evaluate(test_set), cfg, {}
 
 
-def _fit_fast_recipe(cfg: TrainConfig, train_set, test_set, out: Path):
+def _fit_fast_recipe(cfg: RunConfig, train_set, test_set, out: Path):
     """The fast CIFAR-10 recipe for ``cfg.target``; ``model_options`` (and epochs, batch size) override it."""
     from imclass.train import recipes
 
-    target = cfg.target or 90
+    cfg = dataclasses.replace(cfg, recipe="fast", target=cfg.target or DEFAULT_TARGET)
     overrides = dict(cfg.model_options)
     if cfg.epochs is not None:
         overrides["epochs"] = cfg.epochs
     if cfg.batch_size is not None:
         overrides["batch_size"] = cfg.batch_size
-    fast = recipes.fast_config(target, **overrides)
+    fast = recipes.fast_config(cfg.target, **overrides)
+    _write_config(cfg, out)  # before a long run starts
     clf = recipes.fast_recipe(
         train_set,
         fast,
@@ -274,10 +291,8 @@ def _fit_fast_recipe(cfg: TrainConfig, train_set, test_set, out: Path):
         verbose=cfg.verbose,
     )
     metrics = clf.evaluate(test_set, tta=fast.tta)
-    recipe = dataclasses.asdict(fast)
-    resolved = {"model": "fastnet", "recipe": "fast", "target": target, "epochs": fast.epochs,
-                "batch_size": fast.batch_size, "fast_recipe": recipe}
-    return clf, metrics, {"resolved": resolved, "target": target, "tta": fast.tta}
+    details = {"model": "fastnet", "target": cfg.target, "epochs": fast.epochs, "fast_recipe": dataclasses.asdict(fast)}
+    return clf, metrics, cfg, details
 
 
 def _model_name(model) -> str | None:
@@ -285,7 +300,7 @@ def _model_name(model) -> str | None:
     return spec["name"] if spec else type(model).__name__
 
 
-def _load_data(cfg: TrainConfig):
+def _load_data(cfg: RunConfig):
     from imclass import data as imdata
 
     size = cfg.image_size
@@ -297,7 +312,7 @@ def _load_data(cfg: TrainConfig):
     return train_set, test_set
 
 
-def _build_classifier(cfg: TrainConfig, train_set):
+def _build_classifier(cfg: RunConfig, train_set):
     """A fresh model from the registry, or the model of the file ``cfg.weights`` (fine-tuning)."""
     from imclass.train import Classifier
 
@@ -309,16 +324,13 @@ def _build_classifier(cfg: TrainConfig, train_set):
 
     start = load(cfg.weights, device=cfg.device)
     if not hasattr(start, "model"):
-        raise ValueError(f"{cfg.weights}: expected a classifier model file to fine-tune, received a {type(start).__name__}")
+        raise ValueError(f"{cfg.weights}: expected a classifier model file to fine-tune, not a {type(start).__name__}")
     model = start.model
     if start.classes is not None and list(start.classes) != list(train_set.classes):
         if len(start.classes) == train_set.num_classes:
             pass  # same number of classes under other names (e.g. digits "0".."9"): keep the head
         elif hasattr(model, "reset_classifier"):
-            model.reset_classifier(train_set.num_classes)  # a new head for the new classes
-            spec = getattr(model, "imclass_spec", None)
-            if spec is not None:  # the model file must rebuild the new head
-                spec["options"] = {**spec["options"], "num_classes": train_set.num_classes}
+            model.reset_classifier(train_set.num_classes)  # a new head for the new classes (imclass.save records it)
         else:
             raise ValueError(
                 f"{cfg.weights}: the model has {len(start.classes)} classes, the data set {train_set.num_classes}, "

@@ -1,0 +1,128 @@
+"""The numba half of ``imclass._knn_kernels`` (imported only when numba is installed and the CPU has AVX2).
+
+Two LLVM intrinsics compute a 4 x 2 block of distances (4 query rows against 2 training rows) with
+``vpsadbw`` (L1) or ``vpmaddwd`` (dot products) and 8 vector accumulators kept in registers; the drivers
+tile the training rows (a tile stays in the L2 cache) and run blocks of 4 queries in parallel.
+Compiled code is cached on disk (``cache=True``), so only the first run pays the compilation.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+QUERY_BLOCK = 4
+TRAIN_BLOCK = 2
+
+i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+v32i8, v16i8, v16i16 = ir.VectorType(i8, 32), ir.VectorType(i8, 16), ir.VectorType(i16, 16)
+v4i64, v8i32 = ir.VectorType(i64, 4), ir.VectorType(i32, 8)
+
+
+def _row_pointers(context, builder, aryty, ary, first, count):
+    # pointers (i8*) to rows first .. first+count-1 of a C-contiguous 2-D uint8 array
+    arr = context.make_array(aryty)(context, builder, ary)
+    stride = builder.extract_value(arr.strides, 0)
+    base = builder.bitcast(arr.data, i8.as_pointer())
+    return [builder.gep(base, [builder.mul(builder.add(first, ir.Constant(i64, r)), stride)]) for r in range(count)]
+
+
+def _load(builder, ptr, offset, vty):
+    return builder.load(builder.bitcast(builder.gep(ptr, [offset]), vty.as_pointer()), align=1)
+
+
+def _hsum(builder, vec, n):
+    total = builder.extract_element(vec, ir.Constant(i32, 0))
+    total = builder.sext(total, i64) if total.type != i64 else total
+    for lane in range(1, n):
+        x = builder.extract_element(vec, ir.Constant(i32, lane))
+        total = builder.add(total, builder.sext(x, i64) if x.type != i64 else x)
+    return total
+
+
+def _make_block_intrinsic(kind):
+    """An intrinsic ``block(q, t, i, j)`` -> 8 int64 sums: rows i..i+3 of q against rows j, j+1 of t.
+
+    ``kind="sad"``: sums of absolute differences (``vpsadbw`` on 32 bytes, 64-bit lanes).
+    ``kind="dot"``: dot products (bytes widened to 16 bits, ``vpmaddwd`` on 16 of them, 32-bit lanes).
+    The loop runs over the row length / 32 (sad) or / 16 (dot); rows are padded to 32 bytes.
+    """
+
+    @intrinsic
+    def block(typingctx, q, t, i, j):
+        sig = types.UniTuple(types.int64, QUERY_BLOCK * TRAIN_BLOCK)(q, t, types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            qty, tty = signature.args[0], signature.args[1]
+            qary, tary, qi, tj = args
+            qrows = _row_pointers(context, builder, qty, qary, qi, QUERY_BLOCK)
+            trows = _row_pointers(context, builder, tty, tary, tj, TRAIN_BLOCK)
+            ncols = builder.extract_value(context.make_array(qty)(context, builder, qary).shape, 1)
+            if kind == "sad":
+                acc_ty, step, in_ty = v4i64, 32, v32i8
+                fnty = ir.FunctionType(v4i64, [v32i8, v32i8])
+                op = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx2.psad.bw")
+            else:
+                acc_ty, step, in_ty = v8i32, 16, v16i8
+                fnty = ir.FunctionType(v8i32, [v16i16, v16i16])
+                op = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx2.pmadd.wd")
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(acc_ty, None)) for _ in range(8)]
+            nsteps = builder.udiv(ncols, ir.Constant(i64, step))
+            with cgutils.for_range(builder, nsteps) as loop:
+                off = builder.mul(loop.index, ir.Constant(i64, step))
+                qv = [_load(builder, p, off, in_ty) for p in qrows]
+                tv = [_load(builder, p, off, in_ty) for p in trows]
+                if kind != "sad":
+                    qv = [builder.zext(v, v16i16) for v in qv]
+                    tv = [builder.zext(v, v16i16) for v in tv]
+                for a in range(QUERY_BLOCK):
+                    for b in range(TRAIN_BLOCK):
+                        slot = accs[a * TRAIN_BLOCK + b]
+                        builder.store(builder.add(builder.load(slot), builder.call(op, [qv[a], tv[b]])), slot)
+            lanes = 4 if kind == "sad" else 8
+            sums = [_hsum(builder, builder.load(s), lanes) for s in accs]
+            return context.make_tuple(builder, signature.return_type, sums)
+
+        return sig, codegen
+
+    return block
+
+
+sad_block = _make_block_intrinsic("sad")
+dot_block = _make_block_intrinsic("dot")
+
+# The drivers: training tiles of ``tile`` rows (kept in the L2 cache) in turn; within a tile, blocks of 4
+# queries in parallel, each against every pair of training rows of the tile. Two functions rather than
+# one factory so that numba can cache them on disk.
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def l1_driver(queries, train, out, tile):
+    """out[i, j] = sum |queries[i] - train[j]| for uint8 rows (counts: queries % 4 == 0, train % 2 == 0)."""
+    nq, nt = queries.shape[0], train.shape[0]
+    for t0 in range(0, nt, tile):
+        t1 = min(t0 + tile, nt)
+        for qb in prange(nq // QUERY_BLOCK):
+            i = qb * QUERY_BLOCK
+            for j in range(t0, t1, TRAIN_BLOCK):
+                r = sad_block(queries, train, i, j)
+                out[i, j], out[i, j + 1], out[i + 1, j], out[i + 1, j + 1] = r[0], r[1], r[2], r[3]
+                out[i + 2, j], out[i + 2, j + 1], out[i + 3, j], out[i + 3, j + 1] = r[4], r[5], r[6], r[7]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def l2_driver(queries, train, train_sq, out, tile):
+    """out[i, j] = |train[j]|^2 - 2 queries[i] . train[j]: the squared L2 distance less |queries[i]|^2,
+    which is the same for the whole row and so does not change the ranking (layout rules of ``l1_driver``)."""
+    nq, nt = queries.shape[0], train.shape[0]
+    for t0 in range(0, nt, tile):
+        t1 = min(t0 + tile, nt)
+        for qb in prange(nq // QUERY_BLOCK):
+            i = qb * QUERY_BLOCK
+            for j in range(t0, t1, TRAIN_BLOCK):
+                r = dot_block(queries, train, i, j)
+                a, b = train_sq[j], train_sq[j + 1]
+                out[i, j], out[i, j + 1], out[i + 1, j], out[i + 1, j + 1] = a - 2 * r[0], b - 2 * r[1], a - 2 * r[2], b - 2 * r[3]
+                out[i + 2, j], out[i + 2, j + 1] = a - 2 * r[4], b - 2 * r[5]
+                out[i + 3, j], out[i + 3, j + 1] = a - 2 * r[6], b - 2 * r[7]
