@@ -16,7 +16,8 @@ make an epoch) and the test accuracies are those after warm-up + timed steps onl
 both learn at the same rate, not the final accuracy (use --epochs for that). Test accuracy is on
 the 1,000 official CIFAR-10 test images of the shared data. ``--torch-loop`` adds a third side, a
 plain PyTorch training loop on the same model, to tell the engine's overhead from torch's kernels;
-``--profile`` prints the torch profiler's table of each side.
+``--channels-last`` trains imclass with ``compile(channels_last=True)`` (NHWC memory format, the same
+math); ``--profile`` prints the torch profiler's table of each side.
 
 Needs keras (`pip install 'keras>=3.3,<4'`, in the `bench` extra). KERAS_BACKEND is set to torch.
 """
@@ -105,18 +106,17 @@ class ImclassSide:
     """The same model and recipe with imclass: ``Classifier(...).compile("adam", lr=1e-3).fit(...)``
     on uint8 (N, C, H, W) tensors (scaled to [0, 1] on the device by the engine, inside the step)."""
 
-    name = "imclass"
-
-    def __init__(self, x: np.ndarray, y: np.ndarray, seed: int) -> None:
+    def __init__(self, x: np.ndarray, y: np.ndarray, seed: int, channels_last: bool = False) -> None:
         from imclass.train import Classifier
 
+        self.name = "imclass" + (" (channels_last)" if channels_last else "")
         torch.manual_seed(seed)
         self.x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> (N, C, H, W)
         self.y = torch.from_numpy(y)
         self.seed = seed
         # mean 0 / std 1: images only scaled to [0, 1], as the Keras example does
         self.clf = Classifier(imclass_model(), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), device="cpu")
-        self.clf.compile("adam", lr=LR)
+        self.clf.compile("adam", lr=LR, channels_last=channels_last)
         self.calls = 0
 
     def train(self, part: slice, epochs: int = 1) -> None:
@@ -198,6 +198,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=["imclass", "keras"], help="run one side only")
     parser.add_argument("--torch-loop", action="store_true", help="add a plain PyTorch loop on the same model")
+    parser.add_argument("--channels-last", action="store_true", help="imclass with compile(channels_last=True)")
     parser.add_argument("--profile", action="store_true", help="print the torch profiler table of each (50 steps)")
     args = parser.parse_args()
     if os.environ["KERAS_BACKEND"] != "torch":
@@ -219,7 +220,7 @@ def main() -> None:
 
     sides = []
     if args.only != "keras":
-        sides.append(ImclassSide(x, y, args.seed))
+        sides.append(ImclassSide(x, y, args.seed, channels_last=args.channels_last))
     if args.only != "imclass":
         sides.append(KerasSide(x, y, args.seed))
     if args.torch_loop:

@@ -2,7 +2,7 @@
 
 Two LLVM intrinsics compute a 4 x 2 block of distances (4 query rows against 2 training rows) with
 ``vpsadbw`` (L1) or ``vpmaddwd`` (dot products) and 8 vector accumulators kept in registers; the drivers
-tile the training rows (a tile stays in the L2 cache) and run blocks of 4 queries in parallel.
+run groups of 32 queries in parallel, each walking the training rows in tiles that stay in the L2 cache.
 Compiled code is cached on disk (``cache=True``), so only the first run pays the compilation.
 """
 from __future__ import annotations
@@ -92,23 +92,26 @@ def _make_block_intrinsic(kind):
 sad_block = _make_block_intrinsic("sad")
 dot_block = _make_block_intrinsic("dot")
 
-# The drivers: training tiles of ``tile`` rows (kept in the L2 cache) in turn; within a tile, blocks of 4
-# queries in parallel, each against every pair of training rows of the tile. Two functions rather than
-# one factory so that numba can cache them on disk.
+# The drivers. One parallel loop over groups of GROUP queries (numba ``prange``; a single launch, since
+# every launch synchronises the threads, which costs dearly on a busy machine); each group walks the
+# training rows tile by tile (a tile of ``tile`` rows stays in the L2 cache while the group's blocks of 4
+# queries pass over it). Two functions rather than one factory so that numba can cache them on disk.
+GROUP = 8 * QUERY_BLOCK
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def l1_driver(queries, train, out, tile):
     """out[i, j] = sum |queries[i] - train[j]| for uint8 rows (counts: queries % 4 == 0, train % 2 == 0)."""
     nq, nt = queries.shape[0], train.shape[0]
-    for t0 in range(0, nt, tile):
-        t1 = min(t0 + tile, nt)
-        for qb in prange(nq // QUERY_BLOCK):
-            i = qb * QUERY_BLOCK
-            for j in range(t0, t1, TRAIN_BLOCK):
-                r = sad_block(queries, train, i, j)
-                out[i, j], out[i, j + 1], out[i + 1, j], out[i + 1, j + 1] = r[0], r[1], r[2], r[3]
-                out[i + 2, j], out[i + 2, j + 1], out[i + 3, j], out[i + 3, j + 1] = r[4], r[5], r[6], r[7]
+    for g in prange((nq + GROUP - 1) // GROUP):
+        q0, q1 = g * GROUP, min(g * GROUP + GROUP, nq)
+        for t0 in range(0, nt, tile):
+            t1 = min(t0 + tile, nt)
+            for i in range(q0, q1, QUERY_BLOCK):
+                for j in range(t0, t1, TRAIN_BLOCK):
+                    r = sad_block(queries, train, i, j)
+                    out[i, j], out[i, j + 1], out[i + 1, j], out[i + 1, j + 1] = r[0], r[1], r[2], r[3]
+                    out[i + 2, j], out[i + 2, j + 1], out[i + 3, j], out[i + 3, j + 1] = r[4], r[5], r[6], r[7]
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -116,13 +119,15 @@ def l2_driver(queries, train, train_sq, out, tile):
     """out[i, j] = |train[j]|^2 - 2 queries[i] . train[j]: the squared L2 distance less |queries[i]|^2,
     which is the same for the whole row and so does not change the ranking (layout rules of ``l1_driver``)."""
     nq, nt = queries.shape[0], train.shape[0]
-    for t0 in range(0, nt, tile):
-        t1 = min(t0 + tile, nt)
-        for qb in prange(nq // QUERY_BLOCK):
-            i = qb * QUERY_BLOCK
-            for j in range(t0, t1, TRAIN_BLOCK):
-                r = dot_block(queries, train, i, j)
-                a, b = train_sq[j], train_sq[j + 1]
-                out[i, j], out[i, j + 1], out[i + 1, j], out[i + 1, j + 1] = a - 2 * r[0], b - 2 * r[1], a - 2 * r[2], b - 2 * r[3]
-                out[i + 2, j], out[i + 2, j + 1] = a - 2 * r[4], b - 2 * r[5]
-                out[i + 3, j], out[i + 3, j + 1] = a - 2 * r[6], b - 2 * r[7]
+    for g in prange((nq + GROUP - 1) // GROUP):
+        q0, q1 = g * GROUP, min(g * GROUP + GROUP, nq)
+        for t0 in range(0, nt, tile):
+            t1 = min(t0 + tile, nt)
+            for i in range(q0, q1, QUERY_BLOCK):
+                for j in range(t0, t1, TRAIN_BLOCK):
+                    r = dot_block(queries, train, i, j)
+                    a, b = train_sq[j], train_sq[j + 1]
+                    out[i, j], out[i, j + 1] = a - 2 * r[0], b - 2 * r[1]
+                    out[i + 1, j], out[i + 1, j + 1] = a - 2 * r[2], b - 2 * r[3]
+                    out[i + 2, j], out[i + 2, j + 1] = a - 2 * r[4], b - 2 * r[5]
+                    out[i + 3, j], out[i + 3, j + 1] = a - 2 * r[6], b - 2 * r[7]

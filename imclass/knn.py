@@ -27,7 +27,6 @@ Example
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -54,7 +53,7 @@ def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
 
 
 def _rows(x: Any, name: str) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Images (any layout ``as_images`` accepts) or feature vectors (N, D) -> contiguous rows (N, D) and the sample shape."""
+    """Images (any layout ``as_images`` accepts) or feature vectors (N, D) -> rows (N, D) and the sample shape."""
     if isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim == 2:
         t = torch.as_tensor(x)
     else:
@@ -107,13 +106,15 @@ def _norms(rows: torch.Tensor, metric: str) -> torch.Tensor | None:
 def _smallest_k(d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k smallest entries of each row of ``d`` (m, n), ordered by (value, column): a stable top-k.
 
-    ``torch.topk`` picks an arbitrary member of a tie; rows where the k-th value is tied with a value left
-    out are redone with a stable sort, so the lower column always wins (scikit-learn's rule).
+    ``torch.topk`` picks an arbitrary member of a tie. It is asked for k + 1 entries: where the (k+1)-th
+    smallest value equals the k-th, a tie straddles the cut and the row is redone with a stable sort, so
+    the lower column always wins (scikit-learn's rule).
     """
     k = min(k, d.shape[1])
-    vals, idx = torch.topk(d, k, dim=1, largest=False, sorted=False)
-    kth = vals.max(dim=1).values
-    tied = (d <= kth.unsqueeze(1)).sum(1) > k
+    extra = int(k < d.shape[1])
+    vals, idx = torch.topk(d, k + extra, dim=1, largest=False, sorted=True)
+    tied = vals[:, k - 1] == vals[:, k] if extra else torch.zeros(len(d), dtype=torch.bool)
+    vals, idx = vals[:, :k], idx[:, :k]
     # order the selected entries by (value, column): sort by column, then stable sort by value
     idx, order = idx.sort(dim=1)
     vals = vals.gather(1, order)
@@ -542,7 +543,8 @@ def neighbour_grid(
     """
     model._check_fitted()
     if len(model.sample_shape_) != 3:
-        raise ValueError(f"expected a model fitted on images (C, H, W), received samples of shape {model.sample_shape_}")
+        raise ValueError(f"expected a model fitted on images (C, H, W), received samples of shape "
+                         f"{model.sample_shape_}")
     queries = as_images(images)
     _, idx = model.kneighbors(queries, k=min(n_neighbours, model.n_samples_fit_))
     train = model._fit_X.reshape(-1, *model.sample_shape_)

@@ -153,3 +153,17 @@ def test_lr_find_returns_a_curve_and_leaves_the_model_untouched(data, tmp_path):
     assert (tmp_path / "lr.png").is_file()
     assert all(torch.equal(v, before[k]) for k, v in clf.model.state_dict().items())
     assert len(clf.history) == 0
+
+
+def test_model_checkpoint_writes_an_imclass_model_file_for_registry_models(data, tmp_path):
+    import imclass
+    from imclass.models import create
+
+    train, val = data
+    torch.manual_seed(0)
+    clf = Classifier(create("mlp", hidden=[32])).compile("adam", lr=1e-3)
+    clf.fit(train, epochs=2, batch_size=32, validation=val, verbose=False,
+            callbacks=[ModelCheckpoint(tmp_path / "last.safetensors", save_best_only=False)])
+    loaded = imclass.load(tmp_path / "last.safetensors")
+    assert loaded.mean == pytest.approx(clf.mean) and loaded.classes == clf.classes
+    assert torch.allclose(loaded.predict_logits(val[0]), clf.predict_logits(val[0]), atol=1e-6)

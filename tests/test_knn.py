@@ -44,16 +44,23 @@ def _oracle_l_p(Q, X, metric):
     return np.sqrt((diff**2).sum(-1).astype(np.float64))
 
 
+_SK_ANSWERS: dict = {}  # scikit-learn's (predict, predict_proba), computed once for every backend
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("metric", ["l1", "l2"])
 def test_predictions_equal_sklearn_brute(small, metric, backend):
     x, y, xt, _, X, Q = small
     for weights in ("uniform", "distance"):
         for k in (1, 3, 5, 10):
-            sk = _sk(metric, k, weights, X, y.numpy())
+            key = (metric, weights, k)
+            if key not in _SK_ANSWERS:
+                sk = _sk(metric, k, weights, X, y.numpy())
+                _SK_ANSWERS[key] = sk.predict(Q).tolist(), sk.predict_proba(Q)
+            sk_pred, sk_proba = _SK_ANSWERS[key]
             model = KNN(k, metric=metric, weights=weights, backend=backend).fit(x, y)
-            assert model.predict(xt).tolist() == sk.predict(Q).tolist(), (metric, weights, k)
-            np.testing.assert_allclose(model.predict_proba(xt).numpy(), sk.predict_proba(Q), rtol=0, atol=1e-12)
+            assert model.predict(xt).tolist() == sk_pred, key
+            np.testing.assert_allclose(model.predict_proba(xt).numpy(), sk_proba, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -107,8 +107,10 @@ def test_kill_9_twice_then_resume_matches_an_uninterrupted_run(tmp_path, data_ro
 
 def test_checkpoint_is_written_atomically_and_read_weights_only(tmp_path):
     path = tmp_path / "run" / "checkpoint.pt"
+    path.parent.mkdir()
+    (path.parent / ".checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpoint from a killed run")
     save_checkpoint(path, {"model": {"w": torch.arange(3.0)}, "epoch": 2, "history": {"loss": [1.0, 0.5]}})
-    assert [p.name for p in path.parent.iterdir()] == ["checkpoint.pt"]  # no temporary file left
+    assert [p.name for p in path.parent.iterdir()] == ["checkpoint.pt"]  # no temporary file left, stale ones gone
     loaded = load_checkpoint(path.parent)
     assert loaded["epoch"] == 2 and torch.equal(loaded["model"]["w"], torch.arange(3.0))
     path.write_bytes(b"not a checkpoint")
@@ -133,3 +135,34 @@ def test_resume_with_other_batch_size_is_refused(tmp_path, cifar_small):
     # resuming a finished run returns its history without training more
     h = clf.fit((x[:64], y[:64]), epochs=1, batch_size=16, checkpoint_dir=tmp_path, resume=True, verbose=False)
     assert h["epoch"] == [1]
+
+
+def test_interrupted_in_process_run_resumes_from_a_mid_epoch_checkpoint(tmp_path, cifar_small):
+    from torch import nn
+
+    from imclass.train import Classifier
+
+    x, y, _, _ = cifar_small
+    data = (x[:160], y[:160])  # 5 steps per epoch
+
+    def run(ckpt_dir, callbacks=(), resume=False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.3), nn.Linear(256, 10))
+        clf = Classifier(model).compile("adam", lr=3e-3, schedule="onecycle")
+        h = clf.fit(data, epochs=3, batch_size=32, augment="crop_flip", seed=5, checkpoint_dir=ckpt_dir,
+                    checkpoint_every=3, resume=resume, callbacks=callbacks, verbose=False)
+        return clf.model.state_dict(), h
+
+    class Crash:
+        def on_batch_end(self, state):
+            if state.step == 8:  # after the mid-epoch checkpoint at step 6 (epoch 2, batch 1)
+                raise KeyboardInterrupt
+
+    ref_weights, ref_history = run(tmp_path / "ref")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run", [Crash()])
+    saved = load_checkpoint(tmp_path / "run")
+    assert (saved["epoch"], saved["batch"], saved["step"]) == (1, 1, 6)
+    weights, history = run(tmp_path / "run", resume=True)
+    assert history["loss"] == ref_history["loss"] and history["accuracy"] == ref_history["accuracy"]
+    assert all(torch.equal(weights[k], v) for k, v in ref_weights.items())

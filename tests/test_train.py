@@ -19,8 +19,8 @@ def tiny_cnn(num_classes=10, dropout=0.0, seed=0):
     return nn.Sequential(
         nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),  # (N, 16, 16, 16)
         nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),  # (N, 32, 8, 8)
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Dropout(dropout), nn.Linear(32, num_classes),
+        nn.MaxPool2d(2), nn.Flatten(),  # (N, 512)
+        nn.Dropout(dropout), nn.Linear(512, num_classes),
     )
 
 
@@ -39,7 +39,7 @@ def test_tiny_cnn_learns_real_cifar_subset(small):
     assert set(history.keys()) >= {"loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"}
     assert history["loss"][-1] < history["loss"][0]
     result = clf.evaluate((xt, yt))
-    assert result["accuracy"] > 0.22  # chance is 0.10; 500 images: sd about 0.013
+    assert result["accuracy"] > 0.28  # chance is 0.10; seeds 0-2 reach 0.35-0.39 (500 images: sd about 0.02)
     assert result["accuracy"] == pytest.approx(history["val_accuracy"][-1])
     assert clf.classes == train.classes
     # mean/std computed from the training images, on the [0, 1] scale
@@ -62,10 +62,14 @@ def test_numpy_channels_last_and_float_inputs_give_the_same_predictions(small, c
     # evaluate works without compile when mean/std are known (plain cross-entropy)
     expected = nn.functional.cross_entropy(p_tensor, yt).item()
     assert clf.evaluate((as_numpy_hwc, cifar_npz["y_test"][:500]))["loss"] == pytest.approx(expected, rel=1e-5)
+    # test-time augmentation: "flip" averages the logits of the images and their mirror images
+    mirrored = clf.predict_logits(xt.flip(-1))
+    assert torch.allclose(clf.predict_logits(xt, tta="flip"), (p_tensor + mirrored) / 2, atol=1e-5)
+    assert clf.evaluate((xt, yt), tta="flip")["n"] == 500
     # fit accepts numpy arrays (NHWC uint8, uint8 labels)
     clf.compile("sgd", lr=0.01)
     h = clf.fit((cifar_npz["x_train"][:64], cifar_npz["y_train"][:64]), epochs=1, batch_size=32, verbose=False)
-    assert len(h) == 1 and clf.classes == [str(i) for i in range(10)]
+    assert len(h) == 1 and clf.classes == [str(i) for i in range(10)] and clf.input_size == (3, 32, 32)
 
 
 def test_same_seed_repeats_bit_for_bit_and_other_seed_differs(small):

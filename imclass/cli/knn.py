@@ -51,7 +51,8 @@ def _load(name: str, split: str, root: Optional[str]):
 
 
 def knn(
-    dataset: str = typer.Option("cifar10", "--dataset", "-d", help="cifar10, mnist, fashion-mnist or a folder of images."),
+    dataset: str = typer.Option("cifar10", "--dataset", "-d",
+                                help="cifar10, mnist, fashion-mnist or a folder of images."),
     metric: str = typer.Option("l2", "--metric", "-m", help="l1, l2 or cosine."),
     k: int = typer.Option(1, "--k", "-k", help="Neighbours that vote (ignored with --cv, which chooses k)."),
     weights: str = typer.Option("uniform", "--weights", help="uniform or distance (votes weighted by 1/distance)."),
@@ -61,8 +62,8 @@ def knn(
     cv: bool = typer.Option(False, "--cv", help="Choose k by cross-validation on the training images first."),
     ks: str = typer.Option("1,3,5,7,10,20", "--ks", help="k values tried by --cv."),
     folds: int = typer.Option(5, "--folds", help="Folds for --cv."),
-    val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
-                                                 help="With --cv: one validation split of this fraction instead of folds."),
+    val_fraction: Optional[float] = typer.Option(
+        None, "--val-fraction", help="With --cv: one validation split of this fraction instead of folds."),
     seed: int = typer.Option(0, "--seed", help="Seed of the cross-validation split."),
     plot: Optional[str] = typer.Option(None, "--plot", help="With --cv: write the accuracy-vs-k PNG here."),
     neighbours_png: Optional[str] = typer.Option(None, "--neighbours-png",

@@ -9,6 +9,11 @@ from typing import Any, List, Optional
 import typer
 
 from imclass.cli._common import DataRoot, fail, print_json
+from imclass.data.download import DownloadError
+
+# what bad input raises (an unknown name, a missing or corrupt file, data that cannot be fetched):
+# reported as one `error: ...` line; anything else is a bug and keeps its traceback
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError, DownloadError)
 
 
 def register(app: typer.Typer) -> None:
@@ -103,14 +108,14 @@ def train(
         fail("interrupted; the run folder keeps the last checkpoint: add --resume to continue", code=130)
     except FloatingPointError as err:  # TrainingDiverged: a NaN or infinite loss
         fail(f"{err} (try a smaller --lr)")
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
+    except USER_ERRORS as err:
         fail(str(err))
     if as_json:
         print_json(result)
     else:
         typer.echo(
             f"test accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
-            f"({result['seconds']:.1f} s training)  saved {result['model_file']}"
+            f"({result['seconds']:.1f} s)  saved {result['model_file']}"
         )
 
 
@@ -156,7 +161,7 @@ def evaluate(
                 f"{run}: the model knows {len(saved.classes)} classes but {dataset} has {data.num_classes}"
             )
         report = _evaluate(saved.predictor, data)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except USER_ERRORS as err:
         fail(str(err))
     report.update({"dataset": dataset, "split": split, "images": len(data)})
     if not confusion:
@@ -247,7 +252,7 @@ def predict(
         fail(f"expected --top >= 1, received --top {top}")
     try:
         saved = load_saved(run)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except USER_ERRORS as err:
         fail(str(err))
     size = saved.input_size
     results, errors = [], []
@@ -259,8 +264,13 @@ def predict(
         except ValueError as err:
             errors.append({"image": str(path), "error": str(err)})
     if batch:
-        x = torch.stack(batch)
-        probs = _probabilities(saved.predictor, x)
+        try:
+            if len({t.shape for t in batch}) == 1:
+                probs = _probabilities(saved.predictor, torch.stack(batch))
+            else:  # a model without a fixed input size, images of several sizes: one at a time
+                probs = torch.cat([_probabilities(saved.predictor, t.unsqueeze(0)) for t in batch])
+        except USER_ERRORS as err:
+            fail(f"{run}: cannot predict these images: {err}")
         classes = saved.class_names(probs.shape[1])
         k = min(top, probs.shape[1])
         values, indices = probs.topk(k, dim=1)

@@ -35,10 +35,11 @@ class Callback:
     def on_train_end(self, state: TrainState) -> None: ...
 
     def state_dict(self) -> dict[str, Any]:
+        """What must survive a resume (tensors and plain values); saved in training checkpoints."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        """Take back what :meth:`state_dict` returned."""
 
 
 def run_event(callbacks: list, event: str, state: TrainState) -> None:
@@ -113,6 +114,7 @@ class EarlyStopping(Callback):
 
     @property
     def best(self) -> float:
+        """The best value of the monitored metric so far."""
         return self._m.best
 
     def on_epoch_end(self, state: TrainState) -> None:
@@ -336,6 +338,7 @@ class LRFinder(Callback):
         self._best = math.inf
 
     def lr_at(self, i: int) -> float:
+        """The learning rate of step ``i`` of the range test."""
         return self.start_lr * (self.end_lr / self.start_lr) ** (i / (self.num_steps - 1))
 
     def on_batch_begin(self, state: TrainState) -> None:

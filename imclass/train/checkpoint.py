@@ -36,6 +36,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a run killed while writing
+        stale.unlink(missing_ok=True)
     return path
 
 

@@ -53,7 +53,7 @@ class TrainConfig:
     l2: float = 0.0
     grad_clip: float | None = None
     amp: str | None = None
-    compile: bool = False
+    compile: bool | str = False
     channels_last: bool = False
 
 
@@ -138,6 +138,7 @@ class Classifier:
         self.classes = list(classes) if classes is not None else None
         self.mean = [float(m) for m in mean] if mean is not None else None
         self.std = [float(s) for s in std] if std is not None else None
+        self.input_size: tuple[int, int, int] | None = None  # (C, H, W) of the training images, set by fit
         self.config: TrainConfig | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.history = History()
@@ -145,6 +146,8 @@ class Classifier:
         self._loss_fn: Callable | None = None
         self._forward: Callable = self.model
         self._scaler = None
+        self._norm_key: tuple | None = None
+        self._norm_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ configuration
     def compile(
@@ -162,7 +165,7 @@ class Classifier:
         l2: float = 0.0,
         grad_clip: float | None = None,
         amp: str | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
         channels_last: bool = False,
     ) -> "Classifier":
         """Choose the optimizer, loss, learning-rate schedule and numerics; returns ``self``.
@@ -176,8 +179,8 @@ class Classifier:
         ``loss`` is ``"cross_entropy"`` (on logits, with ``label_smoothing``) or a callable
         ``(logits, labels) -> mean loss``. ``l2`` adds ``l2 * sum(w**2)`` over weight
         matrices/kernels to the loss (Keras ``kernel_regularizer``); ``weight_decay`` is the
-        optimizer's. ``amp`` (``"bf16"``/``"fp16"``) and ``compile`` apply on CUDA only; CPU
-        stays float32. ``channels_last`` stores the model and batches as NHWC.
+        optimizer's. ``amp`` (``"bf16"``/``"fp16"``) and ``compile`` (``True`` or a
+        ``torch.compile`` mode such as ``"max-autotune"``) apply on CUDA only; CPU stays float32. ``channels_last`` stores the model and batches as NHWC.
         """
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"expected 0 <= label_smoothing < 1, received label_smoothing={label_smoothing}")
@@ -220,7 +223,10 @@ class Classifier:
             self._loss_fn = lambda logits, y: F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self._forward = torch.compile(self.model) if compile else self.model
+        if compile:
+            self._forward = torch.compile(self.model, mode=compile if isinstance(compile, str) else None)
+        else:
+            self._forward = self.model
         self._scaler = torch.amp.GradScaler("cuda") if amp in ("fp16", "float16") else None
         return self
 
@@ -243,14 +249,15 @@ class Classifier:
         if x.shape[1] != len(self.mean):
             raise ValueError(f"expected images with {len(self.mean)} channels, received shape {tuple(x.shape)}")
         scale, shift = self._norm_consts(pixel)
+        channels_last = self.config is not None and self.config.channels_last
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)  # cheapest on the 1-byte pixels
         x = torch.addcmul(shift, x.float(), scale)  # x / (pixel * std) - mean / std
-        if self.config is not None and self.config.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
     def _norm_consts(self, pixel: float) -> tuple[torch.Tensor, torch.Tensor]:
         key = (pixel, self.device, tuple(self.mean), tuple(self.std))
-        if getattr(self, "_norm_key", None) != key:
+        if self._norm_key != key:
             mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)
             std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1)
             self._norm_cache = (1.0 / (pixel * std), -mean / std)
@@ -313,6 +320,7 @@ class Classifier:
             val = (val[0].to(self.device), val[1].to(self.device))
         if self.mean is None:
             self.mean, self.std = channel_stats(images)
+        self.input_size = tuple(images.shape[1:])
         loader = TensorLoader(images, labels, batch_size, shuffle=True, seed=seed, device=self.device)
         steps_per_epoch = len(loader)
         factor, torch_scheduler = self._make_schedule(epochs, steps_per_epoch)
@@ -440,6 +448,8 @@ class Classifier:
         if isinstance(spec, torch.optim.lr_scheduler.LRScheduler):
             return None, spec
         warmup = round(self.config.warmup_epochs * steps_per_epoch)
+        if spec is None and not warmup:  # constant: leave the learning rates alone (callbacks may set them)
+            return None, None
         total = max(epochs * steps_per_epoch, 1)
         return make_schedule(spec, total_steps=total, steps_per_epoch=steps_per_epoch, warmup_steps=warmup), None
 
@@ -507,7 +517,7 @@ class Classifier:
             "classes": list(self.classes),
             "mean": list(self.mean),
             "std": list(self.std),
-            "config": {k: v for k, v in self.training_config().items() if not isinstance(v, dict)},
+            "config": self.training_config(),
         }
         ckpt.save_checkpoint(run.ckpt_path, payload)
 
@@ -530,10 +540,10 @@ class Classifier:
         state.history.history.update(History(saved["history"]).history)
         state.epoch, state.step, state.batch = saved["epoch"], saved["step"], saved["batch"]
         states, cbs = saved["callbacks"], run.user_callbacks
-        if len(states) != len(cbs):
+        if len(states) != len(cbs) and any(states):
             warnings.warn(f"the checkpoint holds the state of {len(states)} callbacks, received {len(cbs)} callbacks: "
                           "their states are not restored", stacklevel=3)
-        else:
+        elif len(states) == len(cbs):
             for cb, cb_state in zip(cbs, states):
                 if cb_state and hasattr(cb, "load_state_dict"):
                     cb.load_state_dict(cb_state)

@@ -39,6 +39,7 @@ class History:
         return len(self.history.get("epoch", []))
 
     def keys(self):
+        """The names of the logged metrics."""
         return self.history.keys()
 
     def last(self) -> dict[str, Any]:
@@ -94,4 +95,5 @@ class TrainState:
 
     @property
     def total_steps(self) -> int:
+        """Optimizer steps of the whole run (``epochs * steps_per_epoch``)."""
         return self.epochs * self.steps_per_epoch
