@@ -73,7 +73,7 @@ def _make_block_intrinsic(kind):
                 off = builder.mul(loop.index, ir.Constant(i64, step))
                 qv = [_load(builder, p, off, in_ty) for p in qrows]
                 tv = [_load(builder, p, off, in_ty) for p in trows]
-                if kind != "sad":
+                if kind == "dot":
                     qv = [builder.zext(v, v16i16) for v in qv]
                     tv = [builder.zext(v, v16i16) for v in tv]
                 for a in range(QUERY_BLOCK):
@@ -131,3 +131,4 @@ def l2_driver(queries, train, train_sq, out, tile):
                     out[i + 1, j], out[i + 1, j + 1] = a - 2 * r[2], b - 2 * r[3]
                     out[i + 2, j], out[i + 2, j + 1] = a - 2 * r[4], b - 2 * r[5]
                     out[i + 3, j], out[i + 3, j + 1] = a - 2 * r[6], b - 2 * r[7]
+

@@ -181,6 +181,15 @@ def test_load_weights_into_a_model_from_safetensors_and_pt(tmp_path):
     assert torch.equal(target.head.weight, head)
 
 
+def test_load_weights_from_a_training_checkpoint(tmp_path, images):
+    clf = trained_classifier(small_mlp(), images, steps=1)
+    x, y, _, _ = images
+    clf.fit((x[:32], y[:32]), epochs=1, batch_size=32, checkpoint_dir=tmp_path, verbose=False)
+    model = load_weights(small_mlp(), tmp_path / "checkpoint.pt")  # its "model" entry, weights_only
+    for (name, v), w in zip(model.state_dict().items(), clf.model.state_dict().values()):
+        assert torch.equal(v, w), name
+
+
 def test_pt_file_is_never_unpickled(tmp_path):
     class Evil:
         def __reduce__(self):

@@ -6,26 +6,32 @@
 from __future__ import annotations
 
 from imclass.data.arrays import as_images, as_labels
+from imclass.data.augment import cutout, random_crop, random_flip
 from imclass.data.dataset import ImageDataset
 from imclass.data.datasets import CLASSES, canonical_name, clear_cache, from_arrays, load, names, resize_images
 from imclass.data.download import DownloadError, fetch, resolve_root
 from imclass.data.folder import UnreadableImageError, load_folder
+from imclass.data.loader import TensorLoader
 from imclass.data.split import split_indices, train_val_split
 
 __all__ = [
     "CLASSES",
     "DownloadError",
     "ImageDataset",
+    "TensorLoader",
     "UnreadableImageError",
     "as_images",
     "as_labels",
     "canonical_name",
     "clear_cache",
+    "cutout",
     "fetch",
     "from_arrays",
     "load",
     "load_folder",
     "names",
+    "random_crop",
+    "random_flip",
     "resize_images",
     "resolve_root",
     "split_indices",
