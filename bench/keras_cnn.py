@@ -16,8 +16,8 @@ make an epoch) and the test accuracies are those after warm-up + timed steps onl
 both learn at the same rate, not the final accuracy (use --epochs for that). Test accuracy is on
 the 1,000 official CIFAR-10 test images of the shared data. ``--torch-loop`` adds a third side, a
 plain PyTorch training loop on the same model, to tell the engine's overhead from torch's kernels;
-``--channels-last`` trains imclass with ``compile(channels_last=True)`` (NHWC memory format, the same
-math); ``--profile`` prints the torch profiler's table of each side.
+imclass uses its engine's default memory format (channels_last, NHWC, for conv models); ``--nchw``
+forces ``compile(channels_last=False)``; ``--profile`` prints the torch profiler's table of each side.
 
 Needs keras (`pip install 'keras>=3.3,<4'`, in the `bench` extra). KERAS_BACKEND is set to torch.
 """
@@ -106,10 +106,10 @@ class ImclassSide:
     """The same model and recipe with imclass: ``Classifier(...).compile("adam", lr=1e-3).fit(...)``
     on uint8 (N, C, H, W) tensors (scaled to [0, 1] on the device by the engine, inside the step)."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, seed: int, channels_last: bool = False) -> None:
+    def __init__(self, x: np.ndarray, y: np.ndarray, seed: int, channels_last: bool | None = None) -> None:
         from imclass.train import Classifier
 
-        self.name = "imclass" + (" (channels_last)" if channels_last else "")
+        self.name = "imclass" + (" (NCHW)" if channels_last is False else "")
         torch.manual_seed(seed)
         self.x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> (N, C, H, W)
         self.y = torch.from_numpy(y)
@@ -198,7 +198,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=["imclass", "keras"], help="run one side only")
     parser.add_argument("--torch-loop", action="store_true", help="add a plain PyTorch loop on the same model")
-    parser.add_argument("--channels-last", action="store_true", help="imclass with compile(channels_last=True)")
+    parser.add_argument("--nchw", action="store_true", help="imclass with compile(channels_last=False)")
     parser.add_argument("--profile", action="store_true", help="print the torch profiler table of each (50 steps)")
     args = parser.parse_args()
     if os.environ["KERAS_BACKEND"] != "torch":
@@ -220,7 +220,7 @@ def main() -> None:
 
     sides = []
     if args.only != "keras":
-        sides.append(ImclassSide(x, y, args.seed, channels_last=args.channels_last))
+        sides.append(ImclassSide(x, y, args.seed, channels_last=False if args.nchw else None))
     if args.only != "imclass":
         sides.append(KerasSide(x, y, args.seed))
     if args.torch_loop:

@@ -15,10 +15,11 @@ block streams past it, and runs groups of query blocks in parallel (numba ``pran
 Measured on one core of a Zen 3 EPYC: 120 G byte-pairs/s for L1 and 59 G multiply-adds/s for dot
 products, against 42 G/s for MKL's float32 GEMM (inexact here) and 20 G/s for its float64 GEMM (exact).
 
-Rows must be C-contiguous uint8 with a length that is a multiple of 32 (pad with zeros: zero bytes add
-nothing to either distance); the query count must be a multiple of 4 and the training count a multiple
-of 2 (pad with zero rows and drop the padding from the result). ``available()`` says whether the
-kernels can run here (numba installed, x86-64 CPU with AVX2).
+The drivers need C-contiguous uint8 rows whose length is a multiple of 32, a query count that is a
+multiple of 4 and a training count that is a multiple of 2; ``l1_distances`` and ``l2_ranking`` pad with
+zeros (zero bytes add nothing to either distance) and drop the padding from the result, and
+``prepare`` pads the training rows once. ``available()`` says whether the kernels can run here (numba
+installed, x86-64 CPU with AVX2).
 """
 from __future__ import annotations
 

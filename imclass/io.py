@@ -292,6 +292,9 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ModelFileError(f"{path}: cannot read the weights (corrupted or truncated file?): {err}") from None
 
 
+_WEIGHT_SOURCE_OPTIONS = {"pretrained", "pretrained_file", "checkpoint_path"}
+
+
 def _rebuild_model(path: Path, arch: dict) -> nn.Module:
     try:
         if "sequential" in arch:
@@ -301,7 +304,9 @@ def _rebuild_model(path: Path, arch: dict) -> nn.Module:
         if "name" in arch:
             from imclass import models
 
-            return models.create(arch["name"], **(arch.get("options") or {}))
+            # the weights come from this file: options that load weights from elsewhere are dropped
+            options = {k: v for k, v in (arch.get("options") or {}).items() if k not in _WEIGHT_SOURCE_OPTIONS}
+            return models.create(arch["name"], **options)
     except Exception as err:
         raise ModelFileError(f"{path}: cannot rebuild the architecture {_short(arch)}: {err}") from None
     raise ModelFileError(f"{path}: unknown architecture description {_short(arch)} (expected 'name' or 'sequential')")

@@ -8,6 +8,9 @@ exactly, ties included:
 - the vote takes the class with the most votes (or the largest summed weight), and among tied classes
   the smallest label.
 
+(scikit-learn follows the same rule on float input; on uint8 arrays it falls back to ``np.argpartition``,
+whose choice among neighbours tied at the k-th place is arbitrary.)
+
 uint8 pixels make the distances integers, and imclass computes them EXACTLY, so no rounding can reorder
 two neighbours: L1 as sums of absolute byte differences (a compiled AVX2 kernel when numba is installed,
 else ``torch.cdist`` in float32, exact because every partial sum is an integer below 2^24), squared L2 as

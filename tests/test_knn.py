@@ -302,3 +302,21 @@ def test_integer_kernels_match_numpy_including_padding_and_extremes(m, n, d):
     np.testing.assert_array_equal(_knn_kernels.l2_ranking(q, t) + sq, (diff**2).sum(-1))
     with pytest.raises(ValueError, match=r"expected at most 33025 values per row"):
         _knn_kernels.l2_ranking(np.zeros((1, 40000), np.uint8), np.zeros((1, 40000), np.uint8))
+
+
+def test_faiss_backend_agrees_on_real_images(small):
+    pytest.importorskip("faiss")
+    x, y, xt, _, _, _ = small
+    for metric in ("l1", "l2", "cosine"):
+        ref = KNN(3, metric=metric).fit(x, y)
+        fast = KNN(3, metric=metric, backend="faiss").fit(x, y)
+        assert torch.equal(fast.predict(xt), ref.predict(xt)) and fast.backend_ == "faiss"
+        # float32 arithmetic: close, not exact
+        np.testing.assert_allclose(fast.kneighbors(xt)[0].numpy(), ref.kneighbors(xt)[0].numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_verbose_shows_a_progress_bar_over_query_chunks(small, capsys):
+    x, y, xt, _, _, _ = small
+    KNN(2, metric="l1", batch_size=20, verbose=True).fit(x, y).predict(xt)
+    err = capsys.readouterr().err
+    assert "2-NN l1" in err and "4/4" in err  # 80 queries in chunks of 20

@@ -1,7 +1,9 @@
 """``imclass train``, ``imclass evaluate`` and ``imclass predict``: the run-folder commands."""
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional
@@ -14,6 +16,19 @@ from imclass.data.download import DownloadError
 # what bad input raises (an unknown name, a missing or corrupt file, data that cannot be fetched):
 # reported as one `error: ...` line; anything else is a bug and keeps its traceback
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError, DownloadError)
+
+
+@contextlib.contextmanager
+def plain_warnings():
+    """Show Python warnings (e.g. "cifar10 test split has 1,000 of the official 10,000 images") as one
+    `warning: ...` line on stderr, without the file and source line."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 def register(app: typer.Typer) -> None:
@@ -103,7 +118,8 @@ def train(
         )
         if options:
             cfg.model_options = {**cfg.model_options, **options}
-        result = train_from_config(cfg)
+        with plain_warnings():
+            result = train_from_config(cfg)
     except KeyboardInterrupt:
         fail("interrupted; the run folder keeps the last checkpoint: add --resume to continue", code=130)
     except FloatingPointError as err:  # TrainingDiverged: a NaN or infinite loss
@@ -153,7 +169,8 @@ def evaluate(
             raise ValueError(f"expected --limit >= 1, received {limit}")
         saved = load_saved(run)
         size = saved.input_size
-        data = imdata.load(dataset, split=split, root=data_root, image_size=tuple(size[1:]) if size else None)
+        with plain_warnings():
+            data = imdata.load(dataset, split=split, root=data_root, image_size=tuple(size[1:]) if size else None)
         if limit is not None:
             data = data.subset(slice(0, limit))
         if saved.classes is not None and len(saved.classes) != data.num_classes:

@@ -166,7 +166,7 @@ class Classifier:
         grad_clip: float | None = None,
         amp: str | None = None,
         compile: bool | str = False,
-        channels_last: bool = False,
+        channels_last: bool | None = None,
     ) -> "Classifier":
         """Choose the optimizer, loss, learning-rate schedule and numerics; returns ``self``.
 
@@ -180,7 +180,8 @@ class Classifier:
         ``(logits, labels) -> mean loss``. ``l2`` adds ``l2 * sum(w**2)`` over weight
         matrices/kernels to the loss (Keras ``kernel_regularizer``); ``weight_decay`` is the
         optimizer's. ``amp`` (``"bf16"``/``"fp16"``) and ``compile`` (``True`` or a
-        ``torch.compile`` mode such as ``"max-autotune"``) apply on CUDA only; CPU stays float32. ``channels_last`` stores the model and batches as NHWC.
+        ``torch.compile`` mode such as ``"max-autotune"``) apply on CUDA only; CPU stays float32. ``channels_last`` stores the model and batches as NHWC; ``None`` (default) turns it on for models
+        with 2-D convolutions, where oneDNN's NHWC kernels are faster (about 10 % for the course's CNN on CPU).
         """
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"expected 0 <= label_smoothing < 1, received label_smoothing={label_smoothing}")
@@ -208,6 +209,8 @@ class Classifier:
         if self.device.type != "cuda" and (amp or compile):
             warnings.warn(f"amp/compile apply on CUDA only; training on {self.device} stays float32 eager", stacklevel=2)
             amp, compile = None, False
+        if channels_last is None:
+            channels_last = any(isinstance(m, torch.nn.Conv2d) for m in self.model.modules())
         self.config = TrainConfig(
             optimizer=opt_name, lr=float(self.optimizer.param_groups[0]["initial_lr"]),
             loss=loss if isinstance(loss, str) else getattr(loss, "__name__", "custom"),
