@@ -183,6 +183,7 @@ def main() -> None:
     ap.add_argument("--sk-l1-test", type=int, default=200, help="test images scikit-learn's L1 1-NN runs on")
     ap.add_argument("--backend-queries", type=int, default=250, help="queries of the backend comparison (0: skip)")
     ap.add_argument("--folds", type=int, default=0, help="also run k-fold cross-validation on all training images")
+    ap.add_argument("--parts", default="accuracy,speed,validation,backends", help="which parts to run")
     ap.add_argument("--no-sklearn", action="store_true", help="time imclass only")
     ap.add_argument("--quick", action="store_true", help="small sizes: 5,000 training images, 1,000 queries")
     ap.add_argument("--json", type=Path, help="also write the figures here")
@@ -204,11 +205,15 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, load average before {env['load_avg_before'][0]:.2f}")
     sk = not args.no_sklearn
     results = {"env": env}
-    results["accuracy"] = accuracy_part(x, y, xt, yt, ks, metrics, sk, {"l1": args.sk_l1_test, "l2": len(xt)})
-    results["speed"] = speed_part(x, y, args.speed_k, metrics, args.queries,
-                                  {"l1": args.sk_l1_queries, "l2": args.sk_l2_queries}, sk, split)
-    results["validation"] = validation_part(x, y, ks, metrics, args.queries, split)
-    if args.backend_queries:
+    parts = args.parts.split(",")
+    if "accuracy" in parts:
+        results["accuracy"] = accuracy_part(x, y, xt, yt, ks, metrics, sk, {"l1": args.sk_l1_test, "l2": len(xt)})
+    if "speed" in parts:
+        results["speed"] = speed_part(x, y, args.speed_k, metrics, args.queries,
+                                      {"l1": args.sk_l1_queries, "l2": args.sk_l2_queries}, sk, split)
+    if "validation" in parts:
+        results["validation"] = validation_part(x, y, ks, metrics, args.queries, split)
+    if args.backend_queries and "backends" in parts:
         results["backends"] = backends_part(x, y, metrics, args.backend_queries, split)
     if args.folds:
         results["cv"] = cv_part(x, y, ks, metrics, args.folds)

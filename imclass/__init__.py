@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "KNN": "imclass.knn",
     "NearestNeighbor": "imclass.knn",
+    "choose_k": "imclass.knn",
     "Sequential": "imclass.layers",
     "summary": "imclass.summarize",
     "Classifier": "imclass.train",

@@ -113,6 +113,9 @@ def _smallest_k(d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     smallest value equals the k-th, a tie straddles the cut and the row is redone with a stable sort, so
     the lower column always wins (scikit-learn's rule).
     """
+    if k == 1:  # torch.min returns the first (lowest-column) minimum of a row: documented
+        vals, idx = d.min(dim=1, keepdim=True)
+        return vals, idx
     k = min(k, d.shape[1])
     extra = int(k < d.shape[1])
     vals, idx = torch.topk(d, k + extra, dim=1, largest=False, sorted=True)

@@ -142,6 +142,18 @@ def test_a_reset_classifier_is_saved(tmp_path):
     assert torch.equal(again.head.weight, model.head.weight)
 
 
+def test_a_model_started_from_a_local_weights_file_loads_without_that_file(tmp_path):
+    # transfer learning: backbone weights from a local file; the saved model file must stand alone
+    source = models.create("timm:resnet10t", num_classes=10)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "backbone.safetensors"))
+    tuned = models.create("timm:resnet10t", num_classes=3, pretrained_file=str(tmp_path / "backbone.safetensors")).eval()
+    path = save(tuned, tmp_path / "tuned.safetensors", input_size=(3, 32, 32))
+    (tmp_path / "backbone.safetensors").unlink()
+    again = load(path)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(again(x), tuned(x), rtol=0, atol=0)
+
+
 def test_overwrite_is_atomic_and_leaves_no_temp_file(tmp_path):
     path = tmp_path / "m.safetensors"
     save(small_fastnet(), path)

@@ -78,6 +78,9 @@ def test_kneighbors_are_exact_with_ties_broken_by_index(small, metric, backend):
     assert idx.numpy().tolist() == order.tolist()
     np.testing.assert_array_equal(dist.numpy(), np.take_along_axis(full, order, 1))
     assert idx[-4:, :2].tolist() == [[5, 500], [17, 501], [300, 502], [499, 503]]
+    one = KNN(1, metric=metric, backend=backend).fit(x2, y2)  # 1-NN takes its own path: same rule
+    assert one.kneighbors(x[dup])[1].squeeze(1).tolist() == dup.tolist()
+    assert torch.equal(one.predict(x[dup]), y[dup])  # the copies carry other labels
     # scikit-learn returns the same neighbour sets (its final sort does not keep index order inside a tie)
     _, sk_idx = _sk(metric, 7, "uniform", X2, y2.numpy()).kneighbors(Q2)
     assert [sorted(r) for r in sk_idx.tolist()] == [sorted(r) for r in idx.tolist()]
