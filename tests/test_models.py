@@ -17,13 +17,7 @@ TIMM_SMALL = "timm:resnet10t"
 ALL = [*models.names(), TIMM_SMALL]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one thread is faster than two fighting over a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats two fighting
 
 
 def n_params(model: torch.nn.Module) -> int:
