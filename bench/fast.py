@@ -68,12 +68,11 @@ def run_baseline(train: ImageDataset, test: ImageDataset, seconds: float, seed: 
     torch.manual_seed(seed)
     clf = Classifier(create("keras_cnn"), classes=CLASSES, mean=[0.0] * 3, std=[1.0] * 3, device="cpu")
     clf.compile("adam", lr=1e-3)
-    budget = TimeBudget(max(1.0, seconds - 5.0))  # leave ~5 s for its evaluation
+    budget = TimeBudget(max(1.0, seconds - 2.0))  # leave ~2 s for its evaluation (1,000 images)
     history = clf.fit(train, epochs=1000, batch_size=32, callbacks=[budget], seed=seed, verbose=False)
-    steps = sum(1 for _ in history["epoch"])
     metrics = clf.evaluate(test)
     return {"model": "keras_cnn", "accuracy": metrics["accuracy"], "seconds": time.perf_counter() - start,
-            "epochs_started": steps}
+            "epochs_logged": len(history)}
 
 
 def throughput(widths_list, batch_size: int = 512, images: int = 2048) -> list[dict]:

@@ -130,8 +130,9 @@ def train(
         print_json(result)
     else:
         typer.echo(
-            f"test accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
-            f"({result['seconds']:.1f} s)  saved {result['model_file']}"
+            f"test accuracy {result['accuracy']:.2%} on {result['test_images']:,} test images, "
+            f"loss {result['loss']:.4f}, {result['seconds']:.1f} s (training + evaluation); "
+            f"saved {result['model_file']}"
         )
 
 

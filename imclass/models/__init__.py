@@ -5,7 +5,6 @@ One architecture family per module; importing this package registers them all.
 from __future__ import annotations
 
 import importlib
-import warnings
 
 from imclass.models._registry import create, names, register_model, register_prefix
 
@@ -15,8 +14,4 @@ __all__ = ["create", "names", "register_model", "register_prefix"]
 _FAMILIES = ["course", "lenet", "alexnet", "resnet", "fastnet", "timm_models"]
 
 for _family in _FAMILIES:
-    try:
-        importlib.import_module(f"imclass.models.{_family}")
-    except ModuleNotFoundError as err:  # a family still being written must not break the others
-        if err.name != f"imclass.models.{_family}":
-            raise
+    importlib.import_module(f"imclass.models.{_family}")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,10 @@ class FastConfig:
             raise ValueError(f"expected 0 <= momentum < 1, received momentum={self.momentum}")
 
 
-# The --target knob. Measured on the 2-core CPU (AMD EPYC Zen 3), see docs/fast.md.
+# The --target knob (2-core AMD EPYC Zen 3 CPU, see docs/fast.md and bench/RESULTS.md):
+# 90: 90.3 % on the 1k official test images (seed 0), ~9 min estimated from 513 img/s;
+# 94: airbench94's network and schedule, ~61 min estimated on this CPU (not run here);
+# 95: airbench95-like, meant for a GPU.
 FAST_TARGETS: dict[int, FastConfig] = {
     90: FastConfig(widths=(32, 128, 128), epochs=5, batch_size=512),
     94: FastConfig(widths=(64, 256, 256), epochs=9.9, batch_size=1024),
