@@ -673,26 +673,11 @@ class LRFindResult:
 
     def plot(self, path: str | Path) -> Path:
         """Write loss against learning rate (log scale) as a PNG, the suggestion marked."""
-        import matplotlib
+        from imclass.visualize import save_line_plot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-        ax.plot(self.lrs, self.losses)
-        ax.set_xscale("log")
-        if math.isfinite(self.suggestion):
-            ax.axvline(self.suggestion, color="tab:red", ls="--", label=f"suggestion {self.suggestion:.2g}")
-            ax.legend()
-        ax.set_xlabel("learning rate")
-        ax.set_ylabel("loss (smoothed)")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        marks = {f"suggestion {self.suggestion:.2g}": self.suggestion} if math.isfinite(self.suggestion) else None
+        return save_line_plot(self.lrs, {"loss": self.losses}, path, xlabel="learning rate",
+                              ylabel="loss (smoothed)", logx=True, marks=marks)
 
 
 def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> float:

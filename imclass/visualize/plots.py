@@ -14,8 +14,14 @@ def save_line_plot(
     ylabel: str = "",
     title: str = "",
     errors: Mapping[str, Sequence[float]] | None = None,
+    logx: bool = False,
+    marks: Mapping[str, float] | None = None,
 ) -> Path:
-    """Write a PNG with one line per named series over ``x`` (error bars where ``errors`` has them)."""
+    """Write a PNG with one line per named series over ``x`` (error bars where ``errors`` has them).
+
+    ``logx`` puts x on a log scale (learning rates); ``marks`` draws a labelled dashed vertical line
+    at each x value (a suggested learning rate, a chosen k).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,11 +34,15 @@ def save_line_plot(
             ax.errorbar(xs, ys, yerr=errors[label], marker="o", capsize=3, label=label)
         else:
             ax.plot(xs, ys, marker="o" if len(ys) < 50 else None, label=label)
+    for label, at in (marks or {}).items():
+        ax.axvline(at, color="tab:red", ls="--", label=label)
+    if logx:
+        ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if len(series) > 1:
+    if len(series) + len(marks or {}) > 1:
         ax.legend()
     fig.tight_layout()
     path = Path(path)
