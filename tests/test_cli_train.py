@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -126,6 +127,15 @@ def test_train_writes_a_run_folder(mnist_run):
     meta = read_metadata(out)
     assert meta["architecture"]["name"] == "mlp" and meta["preprocessing"]["input_size"] == [1, 28, 28]
     assert meta["classes"] == [str(i) for i in range(10)]
+
+
+def test_train_prints_one_summary_line(tmp_path, data_root):
+    result = invoke("train", "--model", "mlp", "--dataset", "mnist", "--data", data_root, "--limit", 128,
+                    "--epochs", 1, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    line = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"test accuracy \d+\.\d\d% on 128 test images, loss \d+\.\d{4}, \d+\.\d s "
+                        r"\(training \+ evaluation\); saved .*model\.safetensors", line), line
 
 
 def test_evaluate_matches_training_figures(mnist_run, data_root):
