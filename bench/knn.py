@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from sklearn.neighbors import KNeighborsClassifier
 
-from imclass.knn import KNN, _vote, choose_k
+from imclass.knn import KNN, choose_k
 
 SK_METRIC = {"l1": "manhattan", "l2": "euclidean"}
 SK_DTYPE = {"l1": np.uint8, "l2": np.float64}
@@ -62,15 +62,11 @@ def accuracy_part(x, y, xt, yt, ks, metrics, sk: bool, sk_test: dict) -> dict:
     out = {}
     for metric in metrics:
         model = KNN(max(ks), metric=metric).fit(x, y)
-        (dist, idx), seconds = timed(lambda: model.kneighbors(xt))
-        neigh = model._fit_y[idx]
-        acc = {}
-        for k in ks:
-            pred = model.classes_[_vote(neigh[:, :k], dist[:, :k], len(model.classes_), "uniform").argmax(1)]
-            acc[k] = float((pred.numpy() == yt).mean())
+        scores, seconds = timed(lambda: model.score_each_k(xt, yt, ks))
+        acc = dict(zip(sorted(set(ks)), scores))
         row = {"imclass_seconds": seconds, "accuracy_by_k": acc, "backend": model.backend_}
         line = ", ".join(f"k={k}: {a:.2%}" for k, a in acc.items())
-        print(f"{metric}: imclass {seconds:.1f} s for the {max(ks)} nearest of each ({model.backend_}); {line}")
+        print(f"{metric}: imclass {seconds:.1f} s for the {max(ks)} nearest of each and the votes ({model.backend_}); {line}")
         if sk:
             n_sk = min(sk_test[metric], len(xt))
             (sk_pred, sk_s) = sklearn_predict(metric, 1, x, y, xt[:n_sk])
@@ -118,12 +114,8 @@ def validation_part(x, y, ks, metrics, n_query: int, split: int) -> dict:
     out = {}
     for metric in metrics:
         model = KNN(max(ks), metric=metric).fit(train, ytrain)
-        (dist, idx), seconds = timed(lambda: model.kneighbors(q))
-        neigh = model._fit_y[idx]
-        acc = {}
-        for k in ks:
-            pred = model.classes_[_vote(neigh[:, :k], dist[:, :k], len(model.classes_), "uniform").argmax(1)]
-            acc[k] = float((pred.numpy() == yq).mean())
+        scores, seconds = timed(lambda: model.score_each_k(q, yq, ks))
+        acc = dict(zip(sorted(set(ks)), scores))
         best = max(ks, key=lambda k: (acc[k], -k))
         line = ", ".join(f"k={k}: {a:.2%}" for k, a in acc.items())
         print(f"{metric}: best k={best}; {max(ks)}-NN search of {len(q)} queries {seconds:.1f} s; {line}")

@@ -393,6 +393,25 @@ class KNN:
         y = as_labels(labels, len(pred))
         return float((pred == y).double().mean())
 
+    def score_each_k(self, images: Any, labels: Any, ks: Sequence[int]) -> list[float]:
+        """Accuracy for each k in ``ks`` (sorted, all <= ``self.k``) from ONE search for the ``self.k`` nearest.
+
+        Every smaller k reads the first k entries of the neighbour lists, exactly what a separate search
+        would return (ties included), so trying many k costs about as much as one.
+        """
+        ks = _check_ks(ks)
+        if ks[-1] > self.k:
+            raise ValueError(f"expected every k <= the model's k ({self.k}), received k={ks[-1]}")
+        dist, idx = self.kneighbors(images)
+        truth = as_labels(labels, len(idx))
+        neigh = self._fit_y[idx]
+        n_classes = len(self.classes_)
+        return [
+            float((self.classes_[_vote(neigh[:, :k], dist[:, :k], n_classes, self.weights).argmax(1)] == truth)
+                  .double().mean())
+            for k in ks
+        ]
+
     # -- serialisation hooks (imclass.io) -----------------------------------------------------
     def get_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, config) that rebuild this fitted model with ``KNN.from_state``: data, labels, settings."""
@@ -510,14 +529,7 @@ def choose_k(
             raise ValueError(f"expected every k <= the training part's size ({len(train_idx)}), received k={k_max}")
         model = KNN(k=k_max, metric=metric, weights=weights, backend=backend, batch_size=batch_size,
                     verbose=verbose).fit(rows[train_idx], y[train_idx])
-        dist, idx = model.kneighbors(rows[held])
-        neigh = model._fit_y[idx]
-        truth = y[held]
-        fold_scores = []
-        for k in ks:
-            pred = model.classes_[_vote(neigh[:, :k], dist[:, :k], len(model.classes_), weights).argmax(1)]
-            fold_scores.append(float((pred == truth).double().mean()))
-        scores.append(fold_scores)
+        scores.append(model.score_each_k(rows[held], y[held], ks))
     s = torch.tensor(scores, dtype=torch.float64)
     std = s.std(0, correction=0) if len(parts) > 1 else torch.zeros(len(ks), dtype=torch.float64)
     result = KSelection(ks, s.mean(0).tolist(), std.tolist(), scores, method, _METRIC_ALIASES.get(metric, metric))

@@ -225,6 +225,16 @@ def test_choose_k_reuses_one_search_and_matches_separate_models(small, tmp_path)
         assert img.size[0] > 300 and img.size[1] > 200
 
 
+def test_score_each_k_equals_separate_models(small):
+    x, y, xt, yt, _, _ = small
+    model = KNN(10, metric="l2", weights="distance").fit(x, y)
+    ks = [1, 3, 5, 10]
+    direct = [KNN(k, metric="l2", weights="distance").fit(x, y).score(xt, yt) for k in ks]
+    assert model.score_each_k(xt, yt, [10, 3, 1, 5, 3]) == pytest.approx(direct, abs=0)  # sorted, deduplicated
+    with pytest.raises(ValueError, match=r"expected every k <= the model's k \(10\), received k=20"):
+        model.score_each_k(xt, yt, [1, 20])
+
+
 def test_choose_k_cross_validation(small, tmp_path):
     x, y, _, _, _, _ = small
     sel = choose_k(x, y, [1, 5], folds=4, plot=tmp_path / "cv.png")
