@@ -156,3 +156,22 @@ def test_folder_images_match_pillow_decoding_of_a_jpeg(tmp_path):
     ds = data.load(tmp_path / "jpg", split="all")
     expected = np.array(Image.open(path).convert("RGB"))
     assert torch.equal(ds.images[0], torch.from_numpy(expected).permute(2, 0, 1))
+
+
+def test_read_image_one_file(tmp_path):
+    from imclass.data import read_image
+
+    grey = np.arange(12 * 10, dtype=np.uint8).reshape(12, 10)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    t = read_image(tmp_path / "grey.png")
+    assert t.dtype == torch.uint8 and t.shape == (1, 12, 10) and torch.equal(t[0], torch.from_numpy(grey))
+    rgb = read_image(tmp_path / "grey.png", channels=3)
+    assert rgb.shape == (3, 12, 10) and all(torch.equal(rgb[c], t[0]) for c in range(3))
+    assert read_image(tmp_path / "grey.png", size=(6, 5), channels=3).shape == (3, 6, 5)
+    with pytest.raises(ValueError, match=r"missing\.png: no such image file"):
+        read_image(tmp_path / "missing.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"bad\.png: not a readable image"):
+        read_image(tmp_path / "bad.png")
+    with pytest.raises(ValueError, match=r"expected channels 1, 3 or None, received channels=4"):
+        read_image(tmp_path / "grey.png", channels=4)

@@ -266,6 +266,8 @@ def predict(
     """
     import torch
 
+    from imclass.data import read_image
+
     if top < 1:
         fail(f"expected --top >= 1, received --top {top}")
     try:
@@ -277,7 +279,7 @@ def predict(
     batch, names = [], []
     for path in images:
         try:
-            batch.append(read_image(path, size))
+            batch.append(read_image(path, size=tuple(size[1:]) if size else None, channels=size[0] if size else 3))
             names.append(str(path))
         except ValueError as err:
             errors.append({"image": str(path), "error": str(err)})
@@ -303,28 +305,6 @@ def predict(
             typer.secho(f"error: {e['error']}", fg=typer.colors.RED, err=True)
     if errors:
         raise typer.Exit(1)
-
-
-def read_image(path: Path, size: tuple[int, int, int] | list[int] | None):
-    """One image file as a uint8 tensor (C, H, W), converted to C channels and resized to (H, W)."""
-    import numpy as np
-    import torch
-    from PIL import Image, UnidentifiedImageError
-
-    if not Path(path).is_file():
-        raise ValueError(f"{path}: no such image file")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            channels = size[0] if size else 3
-            img = img.convert("L" if channels == 1 else "RGB")
-            if size and img.size != (size[2], size[1]):
-                img = img.resize((size[2], size[1]), Image.BILINEAR)
-            array = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"{path}: not a readable image ({err})") from None
-    t = torch.from_numpy(array.copy())
-    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()  # (H, W, C) -> (C, H, W)
 
 
 def _probabilities(predictor: Any, x):

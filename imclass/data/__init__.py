@@ -10,7 +10,7 @@ from imclass.data.augment import cutout, random_crop, random_flip
 from imclass.data.dataset import ImageDataset
 from imclass.data.datasets import CLASSES, canonical_name, clear_cache, from_arrays, load, names, resize_images
 from imclass.data.download import DownloadError, fetch, resolve_root
-from imclass.data.folder import UnreadableImageError, load_folder
+from imclass.data.folder import UnreadableImageError, load_folder, read_image
 from imclass.data.loader import TensorLoader
 from imclass.data.split import split_indices, train_val_split
 
@@ -32,6 +32,7 @@ __all__ = [
     "names",
     "random_crop",
     "random_flip",
+    "read_image",
     "resize_images",
     "resolve_root",
     "split_indices",

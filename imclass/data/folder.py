@@ -84,20 +84,47 @@ def list_images(folder: Path, classes: Sequence[str]) -> tuple[list[Path], list[
     return paths, labels
 
 
-def _decode(path: Path, size: tuple[int, int] | None) -> np.ndarray | str:
-    """One image as (H, W) grey or (H, W, 3) RGB uint8, resized to ``size``; on failure the reason."""
+def _decode_array(path: Path, size: tuple[int, int] | None, mode: str | None = None, draft: bool = True) -> np.ndarray:
+    """One image as (H, W) grey or (H, W, 3) RGB uint8 (``mode`` "L"/"RGB" forces one), resized to ``size``."""
     from PIL import Image
 
+    with Image.open(path) as im:
+        if draft and size is not None and im.format == "JPEG" and im.mode in ("RGB", "L"):
+            im.draft(im.mode, (size[1], size[0]))  # cheap DCT downscale, to at least the target size
+        im = im.convert(mode or ("L" if im.mode in _GREY_MODES else "RGB"))
+        if size is not None and im.size != (size[1], size[0]):
+            im = im.resize((size[1], size[0]), Image.BILINEAR)  # PIL sizes are (width, height)
+        return np.array(im, dtype=np.uint8)  # a writable copy (torch warns about read-only arrays)
+
+
+def _decode(path: Path, size: tuple[int, int] | None) -> np.ndarray | str:
+    """One image as (H, W) grey or (H, W, 3) RGB uint8, resized to ``size``; on failure the reason."""
     try:
-        with Image.open(path) as im:
-            if size is not None and im.format == "JPEG" and im.mode in ("RGB", "L"):
-                im.draft(im.mode, (size[1], size[0]))  # cheap DCT downscale, to at least the target size
-            im = im.convert("L") if im.mode in _GREY_MODES else im.convert("RGB")
-            if size is not None and im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.BILINEAR)  # PIL sizes are (width, height)
-            return np.array(im, dtype=np.uint8)  # a writable copy (torch warns about read-only arrays)
+        return _decode_array(path, size)
     except Exception as err:  # a worker never raises: the caller reports every bad file at once
         return f"{type(err).__name__}: {err}"
+
+
+def read_image(path: str | Path, size: tuple[int, int] | None = None, channels: int | None = None) -> torch.Tensor:
+    """One image file as a uint8 tensor (C, H, W), e.g. to classify it with a trained model.
+
+    ``channels`` 1 or 3 converts to grey or RGB (default: grey stays grey, anything else RGB);
+    ``size`` (h, w) resizes. A missing or unreadable file raises a ValueError naming it.
+    """
+    from PIL import UnidentifiedImageError
+
+    path = Path(path)
+    if channels not in (None, 1, 3):
+        raise ValueError(f"expected channels 1, 3 or None, received channels={channels!r}")
+    if not path.is_file():
+        raise ValueError(f"{path}: no such image file")
+    mode = {None: None, 1: "L", 3: "RGB"}[channels]
+    try:
+        array = _decode_array(path, size, mode, draft=False)
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"{path}: not a readable image ({err})") from None
+    t = torch.from_numpy(array)
+    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()  # (H, W, C) -> (C, H, W)
 
 
 def _probe_size(path: Path) -> tuple[int, int] | str:
