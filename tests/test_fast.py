@@ -160,27 +160,30 @@ def test_fast_config_targets_and_errors():
         fast_config(90, epoch=3)
 
 
-def test_alternating_flips_follow_the_loader_order():
+def test_alternating_flips_follow_the_batch_indices():
     n, bs, seed = 50, 16, 3
-    aug = FlipTranslate(n, bs, seed, translate=0)
+    aug = FlipTranslate(n, seed, translate=0)
     loader = TensorLoader(torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.arange(n), bs, seed=seed)
 
     class State:
         epoch = 0
-        batch = 0
+        batch_indices = None
 
     state = State()
+    with pytest.raises(RuntimeError, match="state.batch_indices"):
+        aug.on_batch_begin(state)
     for epoch in range(2):
         state.epoch = epoch
-        for b, (_, yb) in enumerate(loader.batches(epoch)):
-            state.batch = b
-            assert torch.equal(aug._batch_indices(state), yb)  # labels = indices here
+        for idx, _, yb in loader.indexed_batches(epoch, 0):
+            state.batch_indices = idx
+            aug.on_batch_begin(state)
+            assert torch.equal(aug._flip, aug.flips(yb, epoch))  # labels = indices here
     both = aug.flips(torch.arange(n), 0) ^ aug.flips(torch.arange(n), 1)
     assert both.all()  # every image mirrored in exactly one of two consecutive epochs
     assert 10 < int(aug.flips(torch.arange(n), 0).sum()) < 40
     # applied to a batch: exactly the chosen images are mirrored
     x = torch.randn(bs, 3, 4, 4)
-    state.epoch, state.batch = 1, 0
+    state.epoch, state.batch_indices = 1, torch.arange(bs)
     aug.on_batch_begin(state)
     flip = aug._flip.clone()
     out = aug(x, torch.Generator(), 1)

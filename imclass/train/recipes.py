@@ -231,37 +231,26 @@ class FlipTranslate:
 
     Epoch 0 mirrors a random half of the images; every later epoch mirrors exactly the images
     the previous epoch did not, so each image is seen both ways in every pair of epochs (less
-    redundancy than independent coin flips). Knowing which images a batch holds needs the
-    batch's indices: taken from ``state.batch_indices`` when the engine provides it, else
-    recomputed from the loader's seeded permutation (``seed`` must be the ``fit`` seed).
-    Pass the same object as ``augment=`` and in ``callbacks=``.
+    redundancy than independent coin flips). Which images a batch holds comes from the engine's
+    ``state.batch_indices``. Pass the same object as ``augment=`` and in ``callbacks=``.
     """
 
     order = -20
 
-    def __init__(self, n_images: int, batch_size: int, seed: int, translate: int = 2) -> None:
-        self.n, self.batch_size, self.seed, self.translate = n_images, batch_size, seed, translate
+    def __init__(self, n_images: int, seed: int, translate: int = 2) -> None:
+        self.translate = translate
         g = torch.Generator().manual_seed(derive_seed(seed, 0, 7))
         self.first_flips = torch.rand(n_images, generator=g) < 0.5  # which images epoch 0 mirrors
-        self._order: torch.Tensor | None = None
-        self._order_epoch = -1
         self._flip: torch.Tensor | None = None
 
     def flips(self, indices: torch.Tensor, epoch: int) -> torch.Tensor:
         """Bool mask: which of the images ``indices`` are mirrored in ``epoch``."""
         return self.first_flips[indices.cpu()] ^ bool(epoch % 2)
 
-    def _batch_indices(self, state) -> torch.Tensor:
-        indices = getattr(state, "batch_indices", None)
-        if indices is not None:
-            return indices
-        if self._order_epoch != state.epoch:  # the same permutation TensorLoader draws
-            g = torch.Generator().manual_seed(derive_seed(self.seed, state.epoch, 0))
-            self._order, self._order_epoch = torch.randperm(self.n, generator=g), state.epoch
-        return self._order[state.batch * self.batch_size : (state.batch + 1) * self.batch_size]
-
     def on_batch_begin(self, state) -> None:
-        self._flip = self.flips(self._batch_indices(state), state.epoch)
+        if state.batch_indices is None:
+            raise RuntimeError("FlipTranslate needs the training loop to set state.batch_indices before each batch")
+        self._flip = self.flips(state.batch_indices, state.epoch)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator, epoch: int) -> torch.Tensor:
         if self._flip is not None and len(self._flip) == len(x):
@@ -324,7 +313,7 @@ def fast_recipe(
         compile=cfg.compile and clf.device.type == "cuda",
         channels_last=cfg.channels_last,
     )
-    augment = FlipTranslate(len(train), cfg.batch_size, seed, cfg.translate)
+    augment = FlipTranslate(len(train), seed, cfg.translate)
     cbs = [augment, Lookahead(cfg.lookahead_every, cfg.lookahead_decay, total_steps),
            FreezeWhitenBias(cfg.whiten_bias_epochs), StopAtStep(total_steps), *callbacks]
     clf.fit(train, epochs=math.ceil(total_steps / steps_per_epoch), batch_size=cfg.batch_size, augment=augment,
