@@ -3,6 +3,7 @@
     python bench/fast.py --target 90 --seeds 0 1 2        # the timed multi-seed run (quiet CPU!)
     python bench/fast.py --target 90 --seeds 0 --no-baseline
     python bench/fast.py --throughput                      # img/s of FastNet widths (engine vs bare loop)
+    python bench/fast.py --memory                          # img/s with freed memory kept vs glibc's default
 
 Each seed trains ``imclass.train.recipes.run_fast_recipe`` on all 50,000 CIFAR-10 training
 images and evaluates with TTA on the 1,000 official test images of the shared data: the
@@ -112,6 +113,48 @@ def throughput(widths_list, batch_size: int = 512, images: int = 2048) -> list[d
     return rows
 
 
+def memory_ab(widths=(64, 256, 256), batch_size: int = 1000, steps: int = 3, rounds: int = 3) -> dict:
+    """Training img/s of a bare FastNet loop with glibc's default malloc and with freed memory
+    kept in the heap (``imclass.train.memory``), alternated in one process (same model, same data)."""
+    import ctypes
+
+    import torch.nn.functional as F
+
+    from imclass.models import create
+    from imclass.train import memory
+
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+    settings = {"kept": (0, 2**31 - 1), "default": (65536, 128 * 1024)}  # (M_MMAP_MAX, M_TRIM_THRESHOLD)
+    torch.manual_seed(0)
+    model = create("fastnet", widths=widths).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.85, nesterov=True)
+    x = torch.randn(batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch_size,))
+
+    def step():
+        loss = F.cross_entropy(model(x), y, label_smoothing=0.2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    rates = {name: [] for name in settings}
+    for _ in range(rounds):
+        for name, (mmap_max, trim) in settings.items():
+            mallopt(memory._M_MMAP_MAX, mmap_max)
+            mallopt(memory._M_TRIM_THRESHOLD, trim)
+            step()  # settle the heap under this setting
+            t = time.perf_counter()
+            for _ in range(steps):
+                step()
+            rates[name].append(steps * batch_size / (time.perf_counter() - t))
+            print(f"{name}: {rates[name][-1]:.1f} img/s", flush=True)
+    kept, default = statistics.median(rates["kept"]), statistics.median(rates["default"])
+    row = {"widths": list(widths), "batch_size": batch_size, "kept_img_s": round(kept, 1),
+           "default_img_s": round(default, 1), "ratio": round(kept / default, 2)}
+    print(f"freed memory kept: {kept:.1f} img/s vs glibc default {default:.1f} img/s = {kept / default:.2f}x", flush=True)
+    return row
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", type=int, default=90, help="90, 94 or 95 (FAST_TARGETS)")
@@ -122,11 +165,14 @@ def main(argv=None) -> dict:
     p.add_argument("--no-baseline", action="store_true", help="skip the Keras-style CNN comparison")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--throughput", action="store_true", help="only measure img/s of FastNet widths")
+    p.add_argument("--memory", action="store_true", help="only measure img/s with freed memory kept vs not")
     p.add_argument("--data", type=Path, default=None, help="data root (default $IMCLASS_DATA)")
     p.add_argument("--json", type=Path, default=None, help="also write the summary here")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory:
+        return {"memory": memory_ab(), "threads": torch.get_num_threads(), "cpu": _cpu_name()}
     if args.throughput:
         variants = [((32, 128, 128), 2, "gelu"), ((32, 128, 128), 2, "relu"), ((32, 128, 128), 1, "gelu"),
                     ((48, 192, 192), 2, "gelu"), ((64, 256, 256), 2, "gelu")]

@@ -19,9 +19,11 @@ from imclass.train.recipes import (
     Lookahead,
     fast_config,
     fast_optimizer,
+    fast_schedule,
     run_fast_recipe,
     triangular,
 )
+from imclass.train.optim import MuonSGD
 from imclass.tta import translate, tta_logits
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -151,6 +153,46 @@ def test_fast_optimizer_scaling():
     assert opt.defaults["nesterov"] and opt.defaults["momentum"] == cfg.momentum
 
 
+def test_triangular_without_warmup_is_a_straight_decay():
+    f = triangular(100, warmup_fraction=0.0)
+    assert [f(0), f(50), f(100)] == pytest.approx([1.0, 0.5, 0.0])
+
+
+def test_fast_optimizer_muon_groups_and_rates():
+    cfg = fast_config(94)  # airbench94_muon: batch 2000, head 0.67 / bias 0.053 per summed example
+    assert cfg.optimizer == "muon" and cfg.batch_size == 2000 and cfg.epochs == 8
+    model = create("fastnet", widths=(8, 16, 16))
+    opt = fast_optimizer(model, cfg)
+    assert isinstance(opt, MuonSGD)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert list(groups) == ["head", "bn_bias", "whiten_bias", "kernels"]
+    assert groups["whiten_bias"]["params"] == [model.whiten.bias]
+    assert len(groups["bn_bias"]["params"]) == 6 and len(groups["kernels"]["params"]) == 6
+    assert all(p.ndim == 4 for p in groups["kernels"]["params"])
+    assert groups["head"]["params"] == [model.head.weight]
+    # airbench94_muon's rates, turned from a summed loss into a mean one (x 2000) and from its
+    # logit scale 1/256 with unit-std head to FastNet's 1/9: (9/256)^2
+    assert groups["head"]["lr"] == pytest.approx(0.67 * 2000 * (9 / 256) ** 2, rel=0.01)
+    assert groups["bn_bias"]["lr"] == pytest.approx(0.053 * 2000, rel=0.01)
+    for name in ("whiten_bias", "bn_bias", "head"):  # decay per step 2e-6 x batch
+        g = groups[name]
+        assert not g["muon"] and g["momentum"] == 0.85
+        assert g["lr"] * g["weight_decay"] == pytest.approx(2e-6 * 2000, rel=0.01)
+    k = groups["kernels"]
+    assert k["muon"] and k["normalize"] and (k["lr"], k["momentum"], k["ns_steps"]) == (0.24, 0.6, 3)
+
+
+def test_fast_schedule_decays_the_whitening_bias_by_its_freeze():
+    cfg = fast_config(94)
+    model = create("fastnet", widths=(8, 16, 16))
+    opt = fast_optimizer(model, cfg)
+    sched = fast_schedule(opt, cfg, total_steps=200, steps_per_epoch=25)
+    main, whiten = sched.lr_lambdas[0], sched.lr_lambdas[2]
+    assert [whiten(0), whiten(25), whiten(75), whiten(150)] == pytest.approx([1.0, 2 / 3, 0.0, 0.0])
+    assert [main(0), main(100), main(200)] == pytest.approx([1.0, 0.5, 0.0])
+    assert all(g["lr"] == g["initial_lr"] for g in opt.param_groups)  # step 0: factor 1 everywhere
+
+
 def test_fast_config_targets_and_errors():
     assert set(FAST_TARGETS) == {90, 94, 95}
     assert fast_config(94, epochs=3).epochs == 3
@@ -158,6 +200,8 @@ def test_fast_config_targets_and_errors():
         fast_config(93)
     with pytest.raises(ValueError, match="unknown fast-recipe options"):
         fast_config(90, epoch=3)
+    with pytest.raises(ValueError, match="optimizer 'sgd' or 'muon'"):
+        fast_config(90, optimizer="adam")
 
 
 def test_alternating_flips_follow_the_batch_indices():
@@ -229,3 +273,16 @@ def test_tiny_fast_recipe_learns_and_saves(cifar_small, tmp_path):
     loaded = imclass.load(path)
     torch.testing.assert_close(loaded.predict_logits(xt[:20]), clf.predict_logits(xt[:20]))
     assert math.isclose(clf.evaluate(test, tta=2)["accuracy"], result["accuracy"])
+
+
+def test_tiny_muon_recipe_learns(cifar_small):
+    x, y, xt, yt = cifar_small
+    clf, result = run_fast_recipe(ImageDataset(x, y, CLASSES), ImageDataset(xt, yt, CLASSES), target=94, seed=0,
+                                  device="cpu", verbose=False, widths=(16, 32, 32), epochs=4, batch_size=250,
+                                  whiten_images=500)
+    assert result["accuracy"] > 0.25  # chance is 0.10 (500 test images: +/- 0.013)
+    assert result["config"]["optimizer"] == "muon" and isinstance(clf.optimizer, MuonSGD)
+    assert not clf.model.whiten.bias.requires_grad
+    kernels = [p for p in clf.model.parameters() if p.ndim == 4 and p.requires_grad]
+    for p in kernels:  # Muon keeps each kernel near norm sqrt(out channels)
+        assert p.norm().item() == pytest.approx(len(p) ** 0.5, rel=0.1)

@@ -28,6 +28,7 @@ from imclass.data.dataset import ImageDataset
 from imclass.data.loader import TensorLoader, derive_seed
 from imclass.train import checkpoint as ckpt
 from imclass.train.callbacks import LRFinder, ProgressBar, run_event, sort_callbacks
+from imclass.train.memory import retain_freed_memory
 from imclass.train.optim import make_optimizer, make_schedule
 from imclass.train.state import History, TrainingDiverged, TrainState
 
@@ -298,6 +299,7 @@ class Classifier:
         written atomically at each epoch end (and every ``checkpoint_every`` steps); with
         ``resume=True`` a run continues from it and ends exactly as an uninterrupted run would.
         A NaN or infinite loss raises :class:`TrainingDiverged` (the checkpoint stays the last good one).
+        On CPU (Linux) the process keeps freed memory for reuse from then on (``retain_freed_memory``).
         """
         if self.config is None or self.optimizer is None:
             raise RuntimeError("call compile() before fit(), e.g. clf.compile('adam', lr=1e-3)")
@@ -310,6 +312,8 @@ class Classifier:
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir (the folder holding checkpoint.pt)")
         images, labels, classes = _as_data(data)
+        if self.device.type == "cpu":
+            retain_freed_memory()  # ~25 % of a conv step is page faults otherwise (imclass/train/memory.py)
         ckpt_path = Path(checkpoint_dir) / ckpt.CHECKPOINT_NAME if checkpoint_dir is not None else None
         saved = ckpt.load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
         if saved is not None:

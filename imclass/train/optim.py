@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 import torch
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # quintic coefficients of Muon (Keller Jordan)
 SCHEDULES = ("constant", "step", "exponential", "cosine", "onecycle", "linear")
 
 
@@ -141,3 +142,98 @@ class _Warmup:
 
     def __call__(self, step: int) -> float:
         return self.inner(step) * min(1.0, (step + 1) / self.warmup_steps)
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately the nearest semi-orthogonal matrix ``U V^T`` of a 2-D ``g = U S V^T``.
+
+    A few quintic Newton-Schulz iterations push every singular value of ``g / |g|`` towards
+    1 (to roughly 0.7-1.2, which is all Muon needs), using only matrix products. Runs in
+    bfloat16 on CUDA and float32 elsewhere; returns ``g``'s dtype and shape.
+    """
+    if g.ndim != 2:
+        raise ValueError(f"expected a 2-D matrix, received shape {tuple(g.shape)}")
+    a, b, c = NEWTON_SCHULZ
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    x = x / (x.norm() + eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if tall else x).to(g.dtype)
+
+
+class MuonSGD(torch.optim.Optimizer):
+    """Muon for weight kernels and SGD for everything else, in one optimizer.
+
+    Param groups with ``muon=True`` (conv kernels or weight matrices) take Muon steps: Nesterov
+    momentum, then the update is orthogonalised (:func:`orthogonalize` of the kernel flattened
+    to ``(out, fan_in)``) so every direction moves by the same amount, whatever the gradient's
+    scale. With ``normalize=True`` each kernel is first rescaled to the Frobenius norm
+    ``sqrt(out)`` (airbench94_muon: the scale of a kernel followed by batch norm is irrelevant,
+    so fixing it makes ``lr`` an angle). Other groups (``muon=False``: biases, norms, the
+    classifier) take plain SGD steps with momentum, Nesterov and coupled ``weight_decay``
+    exactly as ``torch.optim.SGD``. ``torch.optim.Muon`` only takes 2-D parameters; this one
+    also takes conv kernels and the rest of the model, so one optimizer serves the engine.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        muon: bool = True,
+        ns_steps: int = 5,
+        normalize: bool = False,
+    ) -> None:
+        if lr < 0:
+            raise ValueError(f"expected lr >= 0, received lr={lr}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"expected 0 <= momentum < 1, received momentum={momentum}")
+        if weight_decay < 0:
+            raise ValueError(f"expected weight_decay >= 0, received weight_decay={weight_decay}")
+        if ns_steps < 1:
+            raise ValueError(f"expected ns_steps >= 1, received ns_steps={ns_steps}")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, muon=muon,
+                        ns_steps=ns_steps, normalize=normalize)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            flat = [tuple(p.shape) for p in group["params"] if p.ndim < 2]
+            if group["muon"] and flat:
+                raise ValueError(f"Muon groups take kernels/matrices (2-D or more), received shapes {flat}; "
+                                 "put biases and norms in a group with muon=False")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if group["weight_decay"] and not group["muon"]:
+                    g = g.add(p, alpha=group["weight_decay"])
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = g.clone()
+                else:
+                    buf.mul_(momentum).add_(g)
+                update = g.add(buf, alpha=momentum) if group["nesterov"] else buf
+                if group["muon"]:
+                    if group["normalize"]:
+                        p.mul_(len(p) ** 0.5 / p.norm().clamp_min(1e-12))
+                    elif group["weight_decay"]:
+                        p.mul_(1 - lr * group["weight_decay"])  # decoupled, as torch.optim.Muon
+                    update = orthogonalize(update.reshape(len(p), -1), group["ns_steps"]).view_as(p)
+                p.add_(update, alpha=-lr)
+        return loss

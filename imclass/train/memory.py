@@ -1,0 +1,41 @@
+"""Keep freed memory inside the process while training on CPU (Linux, glibc).
+
+A training step allocates and frees the same few hundred megabytes of activations again and
+again. glibc's malloc serves blocks that large with fresh ``mmap`` pages and gives them back
+on ``free``, so the kernel zero-fills every page again at each step: on the 2-core CPU in
+bench/RESULTS.md that page-faulting took about a quarter of a FastNet step (119 -> 158 img/s
+once freed memory is kept; bench/fast.py). The price: the process keeps its peak memory.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+__all__ = ["retain_freed_memory"]
+
+_M_TRIM_THRESHOLD = -1  # mallopt parameter numbers from glibc's malloc.h
+_M_MMAP_MAX = -4
+_active = False
+
+
+def retain_freed_memory() -> bool:
+    """Ask glibc's malloc to serve big blocks from its heap and never trim it; returns whether active.
+
+    Process-wide and not undone (the same as starting Python with ``MALLOC_MMAP_MAX_=0
+    MALLOC_TRIM_THRESHOLD_=...``). A no-op returning ``False`` off Linux/glibc or when the
+    environment sets ``IMCLASS_RETAIN_MEMORY=0``. ``Classifier.fit`` calls it for CPU training.
+    """
+    global _active
+    if _active:
+        return True
+    if os.environ.get("IMCLASS_RETAIN_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other C libraries have no mallopt
+        return False
+    _active = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return _active
