@@ -2,8 +2,9 @@
 
     python bench/fast.py --target 90 --seeds 0 1 2        # the timed multi-seed run (quiet CPU!)
     python bench/fast.py --target 90 --seeds 0 --no-baseline
+    python bench/fast.py --target 94 --seeds 0 1 2 3 4 --device cuda   # GPU: one untimed warm-up run first
     python bench/fast.py --throughput                      # img/s of FastNet widths (engine vs bare loop)
-    python bench/fast.py --memory                          # img/s with freed memory kept vs glibc's default
+    python bench/fast.py --memory                          # img/s with freed memory kept vs glibc's default (fresh processes)
 
 Each seed trains ``imclass.train.recipes.run_fast_recipe`` on all 50,000 CIFAR-10 training
 images and evaluates with TTA on the 1,000 official test images of the shared data: the
@@ -59,17 +60,22 @@ class TimeBudget:
             state.stop_training = True
 
 
-def run_baseline(train: ImageDataset, test: ImageDataset, seconds: float, seed: int = 0) -> dict:
+def run_baseline(train: ImageDataset, test: ImageDataset, seconds: float, seed: int = 0, device: str = "cpu") -> dict:
     """The Keras-style CNN trained by the engine (Adam 1e-3, batch 32) for ``seconds`` of wall
     time including its evaluation (the clock covers the same work as the fast runs')."""
     from imclass.models import create
     from imclass.train import Classifier
 
+    if device != "cpu":  # warm up CUDA's kernels for this network too, as the fast runs were
+        warm = Classifier(create("keras_cnn"), classes=CLASSES, mean=[0.0] * 3, std=[1.0] * 3, device=device)
+        warm.compile("adam", lr=1e-3)
+        warm.fit((train.images[:1024], train.labels[:1024]), epochs=1, batch_size=32, verbose=False)
+        warm.evaluate(test)
     start = time.perf_counter()
     torch.manual_seed(seed)
-    clf = Classifier(create("keras_cnn"), classes=CLASSES, mean=[0.0] * 3, std=[1.0] * 3, device="cpu")
+    clf = Classifier(create("keras_cnn"), classes=CLASSES, mean=[0.0] * 3, std=[1.0] * 3, device=device)
     clf.compile("adam", lr=1e-3)
-    budget = TimeBudget(max(1.0, seconds - 2.0))  # leave ~2 s for its evaluation (1,000 images)
+    budget = TimeBudget(max(1.0, seconds - min(2.0, 0.1 * seconds)))  # leave time for its evaluation (1,000 images)
     history = clf.fit(train, epochs=1000, batch_size=32, callbacks=[budget], seed=seed, verbose=False)
     metrics = clf.evaluate(test)
     return {"model": "keras_cnn", "accuracy": metrics["accuracy"], "seconds": time.perf_counter() - start,
@@ -113,20 +119,18 @@ def throughput(widths_list, batch_size: int = 512, images: int = 2048) -> list[d
     return rows
 
 
-def memory_ab(widths=(64, 256, 256), batch_size: int = 1000, steps: int = 3, rounds: int = 3) -> dict:
-    """Training img/s of a bare FastNet loop with glibc's default malloc and with freed memory
-    kept in the heap (``imclass.train.memory``), alternated in one process (same model, same data)."""
-    import ctypes
-
+def _bare_steps(widths, batch_size: int, steps: int, retain: bool) -> float:
+    """Training img/s of a bare FastNet loop (one settling step, then ``steps`` timed steps),
+    with or without ``imclass.train.memory.retain_freed_memory`` -- run in a fresh process."""
     import torch.nn.functional as F
 
     from imclass.models import create
-    from imclass.train import memory
+    from imclass.train.memory import retain_freed_memory
 
-    mallopt = ctypes.CDLL("libc.so.6").mallopt
-    settings = {"kept": (0, 2**31 - 1), "default": (65536, 128 * 1024)}  # (M_MMAP_MAX, M_TRIM_THRESHOLD)
+    if retain:
+        retain_freed_memory()
     torch.manual_seed(0)
-    model = create("fastnet", widths=widths).to(memory_format=torch.channels_last)
+    model = create("fastnet", widths=tuple(widths)).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.85, nesterov=True)
     x = torch.randn(batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,))
@@ -137,16 +141,28 @@ def memory_ab(widths=(64, 256, 256), batch_size: int = 1000, steps: int = 3, rou
         loss.backward()
         opt.step()
 
-    rates = {name: [] for name in settings}
+    step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch_size / (time.perf_counter() - t)
+
+
+def memory_ab(widths=(64, 256, 256), batch_size: int = 1000, steps: int = 2, rounds: int = 3) -> dict:
+    """Training img/s of a bare FastNet loop with freed memory kept in the heap
+    (``imclass.train.memory``) and with glibc's default malloc, alternated in fresh processes:
+    a process cannot go back to glibc's default once its heap has grown."""
+    import subprocess
+
+    code = ("import sys; sys.path.insert(0, {root!r}); sys.argv = ['fast.py']; import fast; "
+            "print(fast._bare_steps({widths!r}, {batch}, {steps}, {retain}))")
+    here = str(Path(__file__).resolve().parent)
+    rates = {"kept": [], "default": []}
     for _ in range(rounds):
-        for name, (mmap_max, trim) in settings.items():
-            mallopt(memory._M_MMAP_MAX, mmap_max)
-            mallopt(memory._M_TRIM_THRESHOLD, trim)
-            step()  # settle the heap under this setting
-            t = time.perf_counter()
-            for _ in range(steps):
-                step()
-            rates[name].append(steps * batch_size / (time.perf_counter() - t))
+        for name in rates:
+            src = code.format(root=here, widths=list(widths), batch=batch_size, steps=steps, retain=name == "kept")
+            out = subprocess.run([sys.executable, "-c", src], capture_output=True, text=True, check=True)
+            rates[name].append(float(out.stdout.strip().splitlines()[-1]))
             print(f"{name}: {rates[name][-1]:.1f} img/s", flush=True)
     kept, default = statistics.median(rates["kept"]), statistics.median(rates["default"])
     row = {"widths": list(widths), "batch_size": batch_size, "kept_img_s": round(kept, 1),
@@ -164,6 +180,10 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--no-baseline", action="store_true", help="skip the Keras-style CNN comparison")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA only)")
+    p.add_argument("--warmup", type=float, default=None,
+                   help="epochs of an untimed first run (default: 1 on CUDA, none on CPU), as airbench warms up")
     p.add_argument("--throughput", action="store_true", help="only measure img/s of FastNet widths")
     p.add_argument("--memory", action="store_true", help="only measure img/s with freed memory kept vs not")
     p.add_argument("--data", type=Path, default=None, help="data root (default $IMCLASS_DATA)")
@@ -179,15 +199,23 @@ def main(argv=None) -> dict:
         rows = throughput(variants)
         return {"throughput": rows, "threads": torch.get_num_threads()}
 
+    from imclass.train.classifier import resolve_device
     from imclass.train.recipes import run_fast_recipe
 
     root = args.data or Path(os.environ.get("IMCLASS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
     train, test = load_cifar(root)
     overrides = {k: v for k, v in {"epochs": args.epochs, "widths": args.widths, "batch_size": args.batch_size}.items()
                  if v is not None}
+    if args.compile:
+        overrides["compile"] = True
+    device = str(resolve_device(args.device))
+    warmup = args.warmup if args.warmup is not None else (1.0 if device.startswith("cuda") else 0.0)
+    if warmup > 0:  # CUDA context, cuDNN's kernel choice, compilation: not part of a run's time
+        run_fast_recipe(train, test, target=args.target, seed=999, device=device, verbose=False,
+                        **{**overrides, "epochs": warmup})
     runs = []
     for seed in args.seeds:
-        _, result = run_fast_recipe(train, test, target=args.target, seed=seed, device="cpu", verbose=False, **overrides)
+        _, result = run_fast_recipe(train, test, target=args.target, seed=seed, device=device, verbose=False, **overrides)
         cfg = result.pop("config")
         runs.append(result)
         print(f"fast target={args.target} seed={seed}: accuracy {result['accuracy']:.4f} (1k official test images) "
@@ -200,6 +228,10 @@ def main(argv=None) -> dict:
         "config": cfg,
         "threads": torch.get_num_threads(),
         "cpu": _cpu_name(),
+        "device": device,
+        "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+        "torch": torch.__version__,
+        "warmup_epochs": warmup,
         "runs": runs,
         "accuracy_mean": statistics.mean(accs),
         "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
@@ -211,7 +243,7 @@ def main(argv=None) -> dict:
     print(f"fast: {summary['accuracy_mean']:.4f} +/- {summary['accuracy_std']:.4f} (min {min(accs):.4f}, "
           f"max {max(accs):.4f}) over {len(accs)} seeds, {summary['seconds_mean']:.1f} s mean wall time")
     if not args.no_baseline:
-        base = run_baseline(train, test, summary["seconds_mean"])
+        base = run_baseline(train, test, summary["seconds_mean"], device=device)
         summary["baseline"] = base
         summary["accuracy_ratio"] = summary["accuracy_mean"] / base["accuracy"]
         print(f"keras_cnn (Adam 1e-3, batch 32) in the same {base['seconds']:.1f} s: accuracy {base['accuracy']:.4f}; "

@@ -54,6 +54,21 @@ def test_fastnet_shapes_and_gradients(widths, depth):
     assert model(x).shape == (4, 4)
 
 
+def test_fastnet_global_max_pool_sends_each_gradient_to_one_maximum():
+    # Tied maxima get no split gradient (torch.amax's rule), which torch.compile's bf16 kernels
+    # turned into 0/0 = NaN on an H100 (bench/RESULTS.md); one maximum per channel gets it all.
+    model = create("fastnet", widths=(8, 16, 16))
+    features = torch.zeros(2, 16, 3, 3, requires_grad=True)  # every position ties
+    with torch.no_grad():
+        features[1, :, 2, 1] = 5.0  # a single maximum per channel in image 1
+    pooled = model.forward_head(features, pre_logits=True)
+    torch.testing.assert_close(pooled, torch.cat([torch.zeros(1, 16), torch.full((1, 16), 5.0)]))
+    (grad,) = torch.autograd.grad(pooled.sum(), features)
+    assert torch.isfinite(grad).all()
+    assert (grad.flatten(2) == 1).sum(2).eq(1).all() and grad.sum().item() == 2 * 16  # one position per channel
+    assert grad[1, :, 2, 1].eq(1).all()
+
+
 def test_fastnet_rejects_bad_options():
     with pytest.raises(ValueError, match="three positive widths"):
         create("fastnet", widths=(8, 16))
@@ -127,6 +142,33 @@ def test_tta_equals_the_weighted_average_of_the_views():
         tta_logits(model, x, 5)
     with pytest.raises(ValueError, match="tta='zoom'"):
         tta_logits(model, x, "zoom")
+
+
+def test_evaluate_with_tta_feeds_the_model_dense_views(cifar_small):
+    # Padded and mirrored views have strides of their own; a compiled model would recompile for each.
+    from imclass.train import Classifier
+
+    seen = []
+
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+
+        def forward(self, x):
+            seen.append((x.is_contiguous(memory_format=torch.channels_last), x.stride()))
+            return self.net(x)
+
+    _, _, xt, yt = cifar_small
+    clf = Classifier(Recorder(), classes=[str(i) for i in range(10)], mean=[0.5] * 3, std=[0.25] * 3, device="cpu")
+    clf.compile("sgd", lr=0.01)
+    plain = clf.evaluate((xt, yt), batch_size=200, tta=None)
+    seen.clear()
+    with_tta = clf.evaluate((xt, yt), batch_size=200, tta=2)
+    assert len(seen) == 6 * 3  # six views per batch of 200, 200, 100
+    assert all(dense for dense, _ in seen)
+    assert len({stride for _, stride in seen[:6]}) == 1  # one layout for every view of a batch
+    assert plain["n"] == with_tta["n"] == len(yt)
 
 
 # ---------------------------------------------------------------------- recipe pieces

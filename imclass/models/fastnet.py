@@ -115,7 +115,9 @@ class FastNet(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Global max pool, then the scaled linear classifier (skipped when ``pre_logits``)."""
-        x = torch.amax(x, dim=(2, 3))  # (N, C, h, w) -> (N, C)
+        # (N, C, h, w) -> (N, C). Not torch.amax: its gradient is split over the tied maxima, and
+        # torch.compile's bf16 kernels find none (0/0 = NaN in every weight below the head).
+        x = x.flatten(2).max(dim=2).values
         return x if pre_logits else self.head(x) * self.logit_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -583,10 +583,16 @@ class Classifier:
         if tta is None:
             return self._forward(x)
         if callable(tta):
-            return tta(self._forward, x)
+            return tta(self._forward_view, x)
         from imclass.tta import tta_logits
 
-        return tta_logits(self._forward, x, tta)
+        return tta_logits(self._forward_view, x, tta)
+
+    def _forward_view(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward of an augmented view, made dense first: views of padded or flipped batches have
+        strides of their own, and each new stride layout would recompile a torch.compile'd model."""
+        channels_last = self.config is not None and self.config.channels_last and x.ndim == 4
+        return self._forward(x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format))
 
     def _evaluate_tensors(self, images, labels, batch_size: int, tta: Any = None) -> dict[str, float]:
         logits = self._logits(images, batch_size, tta)

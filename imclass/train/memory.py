@@ -3,7 +3,7 @@
 A training step allocates and frees the same few hundred megabytes of activations again and
 again. glibc's malloc serves blocks that large with fresh ``mmap`` pages and gives them back
 on ``free``, so the kernel zero-fills every page again at each step: on the 2-core CPU in
-bench/RESULTS.md that page-faulting took about a quarter of a FastNet step (119 -> 158 img/s
+bench/RESULTS.md that page-faulting took about a quarter of a FastNet step (110 -> 153 img/s
 once freed memory is kept; bench/fast.py). The price: the process keeps its peak memory.
 """
 from __future__ import annotations

@@ -302,8 +302,10 @@ class FlipTranslate:
         self._flip: torch.Tensor | None = None
 
     def flips(self, indices: torch.Tensor, epoch: int) -> torch.Tensor:
-        """Bool mask: which of the images ``indices`` are mirrored in ``epoch``."""
-        return self.first_flips[indices.cpu()] ^ bool(epoch % 2)
+        """Bool mask: which of the images ``indices`` are mirrored in ``epoch`` (on their device)."""
+        if self.first_flips.device != indices.device:  # once: no device-to-host copy per batch on a GPU
+            self.first_flips = self.first_flips.to(indices.device)
+        return self.first_flips[indices] ^ bool(epoch % 2)
 
     def on_batch_begin(self, state) -> None:
         if state.batch_indices is None:
@@ -312,7 +314,7 @@ class FlipTranslate:
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator, epoch: int) -> torch.Tensor:
         if self._flip is not None and len(self._flip) == len(x):
-            x = torch.where(self._flip.to(x.device)[:, None, None, None], x.flip(3), x)
+            x = torch.where(self._flip[:, None, None, None], x.flip(3), x)
             self._flip = None
         if self.translate:
             x = random_crop(x, self.translate, generator, mode="reflect")
@@ -356,6 +358,8 @@ def fast_recipe(
                    depth=cfg.depth, act=cfg.act)
     mean, std = (CIFAR10_MEAN, CIFAR10_STD) if train.image_shape[0] == 3 else ([0.5] * train.image_shape[0],) * 2
     clf = Classifier(model, classes=train.classes, mean=mean, std=std, device=device)
+    if clf.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed batch shapes: let cuDNN pick its fastest kernels
     sample = train.images[: cfg.whiten_images].float() / 255  # (n, C, H, W) on [0, 1]
     sample = (sample - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
     init_whitening(model, sample.to(clf.device))
