@@ -115,7 +115,7 @@ class FastConfig:
 # 90: mean 90.1 % on the 1k official test images (3 seeds), ~8 min;
 # 94: airbench94_muon: airbench94's network, Muon on the conv kernels, 8 epochs of batch 2000, no
 #     warm-up, no lookahead (SGD lr 6.5 here = its head/bias rates 0.67/0.053 in these units);
-#     mean 93.8 % (3 seeds) in ~42 min on the CPU, 94.3 % (10 seeds) in 1.9 s on an H100;
+#     mean 93.8 % (4 seeds) in ~41 min on the CPU, 94.3 % (10 seeds) in 1.9 s on an H100;
 # 95: airbench95-like, meant for a GPU.
 FAST_TARGETS: dict[int, FastConfig] = {
     90: FastConfig(widths=(32, 128, 128), epochs=5, batch_size=512),
