@@ -82,11 +82,25 @@ def run_baseline(train: ImageDataset, test: ImageDataset, seconds: float, seed: 
             "epochs_logged": len(history)}
 
 
+def bare_step(model: torch.nn.Module):
+    """A training step of ``model`` without the engine (Nesterov SGD, label smoothing 0.2):
+    the reference the engine's and the memory setting's img/s are read against."""
+    import torch.nn.functional as F
+
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.85, nesterov=True)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        loss = F.cross_entropy(model(x), y, label_smoothing=0.2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 def throughput(widths_list, batch_size: int = 512, images: int = 2048) -> list[dict]:
     """Training img/s of FastNet variants through the engine (``Classifier.fit`` on ``images``
     random images, one epoch after a warm-up epoch) and through a bare loop, back to back."""
-    import torch.nn.functional as F
-
     from imclass.models import create
     from imclass.train import Classifier
 
@@ -102,14 +116,11 @@ def throughput(widths_list, batch_size: int = 512, images: int = 2048) -> list[d
         clf.fit((x, y), epochs=1, batch_size=batch_size, verbose=False)
         engine = images / (time.perf_counter() - t)
         # bare loop: same model, same batches, no engine
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.85, nesterov=True)
+        step = bare_step(model)
         xf = ((x.float() / 255 - 0.5) / 0.25).contiguous(memory_format=torch.channels_last)
         t = time.perf_counter()
         for xb, yb in zip(xf.split(batch_size), y.split(batch_size)):
-            loss = F.cross_entropy(model(xb), yb, label_smoothing=0.2)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            step(xb, yb)
         bare = images / (time.perf_counter() - t)
         row = {"widths": list(widths), "depth": depth, "act": act, "batch_size": batch_size,
                "engine_img_s": round(engine, 1), "bare_img_s": round(bare, 1),
@@ -122,29 +133,19 @@ def throughput(widths_list, batch_size: int = 512, images: int = 2048) -> list[d
 def _bare_steps(widths, batch_size: int, steps: int, retain: bool) -> float:
     """Training img/s of a bare FastNet loop (one settling step, then ``steps`` timed steps),
     with or without ``imclass.train.memory.retain_freed_memory`` -- run in a fresh process."""
-    import torch.nn.functional as F
-
     from imclass.models import create
     from imclass.train.memory import retain_freed_memory
 
     if retain:
         retain_freed_memory()
     torch.manual_seed(0)
-    model = create("fastnet", widths=tuple(widths)).to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.85, nesterov=True)
+    step = bare_step(create("fastnet", widths=tuple(widths)).to(memory_format=torch.channels_last))
     x = torch.randn(batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,))
-
-    def step():
-        loss = F.cross_entropy(model(x), y, label_smoothing=0.2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    step()
+    step(x, y)
     t = time.perf_counter()
     for _ in range(steps):
-        step()
+        step(x, y)
     return steps * batch_size / (time.perf_counter() - t)
 
 

@@ -202,7 +202,7 @@ def test_triangular_without_warmup_is_a_straight_decay():
 
 def test_fast_optimizer_muon_groups_and_rates():
     cfg = fast_config(94)  # airbench94_muon: batch 2000, head 0.67 / bias 0.053 per summed example
-    assert cfg.optimizer == "muon" and cfg.batch_size == 2000 and cfg.epochs == 8
+    assert cfg.optimizer == "muon" and cfg.batch_size == 2000 and cfg.epochs == 9
     model = create("fastnet", widths=(8, 16, 16))
     opt = fast_optimizer(model, cfg)
     assert isinstance(opt, MuonSGD)
