@@ -225,7 +225,6 @@ def test_fine_tune_a_saved_model_on_new_classes(mnist_run, data_root, tmp_path):
     assert not torch.equal(after["dense.weight"], before["dense.weight"])  # the hidden layer was fine-tuned
 
 
-@pytest.mark.filterwarnings("ignore:cifar10 test split has 1,000")
 def test_train_fast_recipe_is_the_cifar10_default(data_root, tmp_path):
     out = tmp_path / "fast"
     result = json_out(invoke("train", "--dataset", "cifar10", "--data", data_root, "--limit", 256, "--epochs", 1,

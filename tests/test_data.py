@@ -48,20 +48,36 @@ def test_cifar10_npz_train(data_root, cifar_npz):
     assert ds.notes == [] and ds.name == "cifar10" and ds.split == "train"
 
 
-def test_cifar10_npz_test_split_is_smaller_and_says_so(data_root, cifar_npz, fresh_warnings):
-    with pytest.warns(UserWarning, match="cifar10 test split has 1,000 of the official 10,000 images"):
+def test_cifar10_npz_test_split_is_complete(data_root, cifar_npz):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the full official split: no "smaller than official" warning
         ds = data.load("cifar10", split="test", root=data_root)
-    assert len(ds) == 1000 and ds.class_counts() == CIFAR_TEST_1K_COUNTS
+    assert len(ds) == 10000 and ds.class_counts() == [1000] * 10
     assert ds.labels[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
+    assert ds.class_counts() == np.bincount(cifar_npz["y_test"], minlength=10).tolist()
+    for i in (0, 999, 1000, 9999):
+        assert torch.equal(ds.images[i], torch.from_numpy(cifar_npz["x_test"][i]).permute(2, 0, 1))
+    assert ds.notes == []
+
+
+def test_cifar10_npz_smaller_test_split_says_so(tmp_path, cifar_npz, fresh_warnings):
+    """A copy holding only the first 1,000 test images (as the shared data once did) is noted and warned about."""
+    (tmp_path / "cifar10").mkdir()
+    np.savez(tmp_path / "cifar10" / "cifar10.npz", x_train=cifar_npz["x_train"][:100],
+             y_train=cifar_npz["y_train"][:100], x_test=cifar_npz["x_test"][:1000], y_test=cifar_npz["y_test"][:1000])
+    with pytest.warns(UserWarning, match="cifar10 test split has 1,000 of the official 10,000 images"):
+        ds = data.load("cifar10", split="test", root=tmp_path)
+    assert len(ds) == 1000 and ds.class_counts() == CIFAR_TEST_1K_COUNTS
     assert torch.equal(ds.images[999], torch.from_numpy(cifar_npz["x_test"][999]).permute(2, 0, 1))
     assert ds.notes == ["cifar10 test split has 1,000 of the official 10,000 images"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the warning comes once per process; the note stays
-        again = data.load("cifar10", split="test", root=data_root)
+        again = data.load("cifar10", split="test", root=tmp_path)
     assert again.notes == ds.notes
+    train = data.load("cifar10", split="train", root=tmp_path)
+    assert train.notes == ["cifar10 train split has 100 of the official 50,000 images"]
 
 
-@pytest.mark.filterwarnings("ignore:cifar10 test split has")
 def test_repeated_loads_are_independent_copies(data_root):
     a = data.load("cifar10", split="test", root=data_root)
     a.images.zero_()

@@ -37,8 +37,8 @@ def test_info_json_reports_each_split(app, data_root):
     assert info["name"] == "cifar10"
     assert train["size"] == 50000 and train["image_shape"] == [3, 32, 32] and train["dtype"] == "uint8"
     assert train["class_counts"] == [5000] * 10 and train["classes"][0] == "airplane"
-    assert test["size"] == 1000 and test["class_counts"] == [103, 89, 100, 103, 90, 86, 112, 102, 106, 109]
-    assert test["notes"] == ["cifar10 test split has 1,000 of the official 10,000 images"]
+    assert test["size"] == 10000 and test["class_counts"] == [1000] * 10
+    assert test["notes"] == []
 
 
 def test_info_table_for_one_split(app, data_root):
