@@ -1,11 +1,21 @@
 """Options and helpers shared by CLI commands."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import typer
+
+from imclass.data.download import DownloadError
+
+# what bad input raises (an unknown name, a missing or corrupt file, data that cannot be fetched):
+# reported as one `error: ...` line; anything else is a bug and keeps its traceback
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError, DownloadError)
 
 DataRoot = typer.Option(None, "--data", help="Data root folder (default: $IMCLASS_DATA, else ~/.cache/imclass).")
 
@@ -19,3 +29,42 @@ def fail(message: str, code: int = 2) -> None:
     """Print a clear error for the user and exit (no traceback)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def plain_warnings():
+    """Show Python warnings (e.g. "cifar10 test split has 1,000 of the official 10,000 images") as one
+    `warning: ...` line on stderr, without the file and source line."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
+@dataclass
+class Saved:
+    """A loaded model file: the predictor, its class names and the input size (C, H, W) it expects."""
+
+    predictor: Any
+    classes: list[str] | None
+    input_size: list[int] | None
+
+    def class_names(self, n_columns: int) -> list[str]:
+        """Names of the probability columns: a Classifier's are its classes; a KNN's are its sorted labels."""
+        labels = getattr(self.predictor, "classes_", None)  # a KNN: columns follow its label values
+        if labels is not None:
+            labels = [int(v) for v in labels]
+            return [self.classes[v] if self.classes and v < len(self.classes) else str(v) for v in labels]
+        return list(self.classes) if self.classes else [str(i) for i in range(n_columns)]
+
+
+def load_saved(run: Path) -> Saved:
+    """Load a model file or run folder with the metadata the commands need (errors name the file)."""
+    from imclass.io import load, read_metadata
+
+    header = read_metadata(run)
+    predictor = load(run)
+    return Saved(predictor, header.get("classes"), (header.get("preprocessing") or {}).get("input_size"))

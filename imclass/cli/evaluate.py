@@ -1,0 +1,84 @@
+"""``imclass evaluate``: accuracy, loss and per-class figures of a saved model on a data set split."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from imclass.cli._common import USER_ERRORS, DataRoot, fail, load_saved, plain_warnings, print_json
+
+
+def register(app: typer.Typer) -> None:
+    """Add the top-level command ``evaluate`` to ``app``."""
+    app.command("evaluate")(evaluate)
+
+
+def evaluate(
+    run: Path = typer.Argument(..., help="Run folder or .safetensors model file."),
+    dataset: str = typer.Argument(..., help="cifar10, mnist, fashion-mnist or an image folder."),
+    split: str = typer.Option("test", "--split", help="Which split to evaluate on."),
+    data_root: Optional[str] = DataRoot,
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N images."),
+    confusion: bool = typer.Option(False, "--confusion", help="Also print the confusion matrix."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Accuracy, loss and per-class accuracy of a saved model on a data set split."""
+    from imclass import data as imdata
+
+    try:
+        if limit is not None and limit < 1:
+            raise ValueError(f"expected --limit >= 1, received {limit}")
+        saved = load_saved(run)
+        size = saved.input_size
+        with plain_warnings():
+            data = imdata.load(dataset, split=split, root=data_root, image_size=tuple(size[1:]) if size else None)
+        if limit is not None:
+            data = data.subset(slice(0, limit))
+        if saved.classes is not None and len(saved.classes) != data.num_classes:
+            raise ValueError(
+                f"{run}: the model knows {len(saved.classes)} classes but {dataset} has {data.num_classes}"
+            )
+        report = _evaluate(saved.predictor, data)
+    except USER_ERRORS as err:
+        fail(str(err))
+    report.update({"dataset": dataset, "split": split, "images": len(data)})
+    if not confusion:
+        report.pop("confusion_matrix")
+    if as_json:
+        print_json(report)
+        return
+    loss = f"  loss {report['loss']:.4f}" if report.get("loss") is not None else ""
+    typer.echo(f"{dataset} {split} ({len(data)} images): accuracy {report['accuracy']:.4f}{loss}")
+    width = max(len(c) for c in data.classes)
+    for name, acc in report["per_class_accuracy"].items():
+        typer.echo(f"  {name:<{width}}  {acc:.4f}" if acc is not None else f"  {name:<{width}}  (no images)")
+    if confusion:
+        typer.echo("confusion matrix (rows: true class, columns: predicted class):")
+        for name, row in zip(data.classes, report["confusion_matrix"]):
+            typer.echo(f"  {name:<{width}}  " + " ".join(f"{v:5d}" for v in row))
+
+
+def _evaluate(predictor: Any, data) -> dict[str, Any]:
+    import torch
+    from sklearn.metrics import confusion_matrix
+
+    loss = None
+    if hasattr(predictor, "predict_logits"):  # a Classifier: one pass gives the loss and the predictions
+        logits = predictor.predict_logits(data.images).float().cpu()
+        loss = torch.nn.functional.cross_entropy(logits, data.labels).item()
+        predicted = logits.argmax(1)
+    else:  # a KNN
+        predicted = torch.as_tensor(predictor.predict(data.images)).cpu()
+    n = data.num_classes
+    cm = confusion_matrix(data.labels.numpy(), predicted.numpy(), labels=list(range(n)))
+    support = cm.sum(axis=1)
+    per_class = {
+        name: (float(cm[i, i] / support[i]) if support[i] else None) for i, name in enumerate(data.classes)
+    }
+    return {
+        "accuracy": (predicted == data.labels).double().mean().item(),
+        "loss": loss,
+        "per_class_accuracy": per_class,
+        "confusion_matrix": cm.tolist(),
+    }
