@@ -228,3 +228,26 @@ def test_metrics_match_sklearn():
     assert top_k_accuracy(logits, y, 2) == pytest.approx(metrics.top_k_accuracy_score(y, logits.numpy(), k=2))
     with pytest.raises(ValueError, match="received 299"):
         accuracy(p[:299], y)
+
+
+def test_bf16_autocast_on_cpu_runs_convolutions_in_bfloat16():
+    """amp='bf16' is honoured on a CPU (autocast): convolutions see bf16, weights stay float32."""
+    from imclass.train.recipes import resolve_amp
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    seen = []
+    model[0].register_forward_hook(lambda m, inp, out: seen.append(out.dtype))
+    clf = Classifier(model, classes=["a", "b", "c"], mean=[0.5] * 3, std=[0.25] * 3, device="cpu")
+    clf.compile("sgd", lr=0.1, amp="bf16")
+    x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    y = torch.randint(0, 3, (16,))
+    history = clf.fit((x, y), epochs=2, batch_size=8, verbose=False)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(math.isfinite(v) for v in history.history["loss"])
+    assert clf.predict_proba(x).dtype == torch.float32
+    with pytest.warns(UserWarning, match="fp16 amp and compile apply on CUDA only"):
+        Classifier(torch.nn.Linear(3, 2), device="cpu").compile("sgd", amp="fp16")
+    assert resolve_amp("auto", torch.device("cpu")) is None and resolve_amp("auto", torch.device("cuda")) == "bf16"
+    assert resolve_amp("bf16", torch.device("cpu")) == "bf16" and resolve_amp(None, torch.device("cuda")) is None

@@ -15,7 +15,14 @@ from imclass.train.callbacks import (
     TrainingCurves,
 )
 from imclass.train.checkpoint import load_checkpoint, save_checkpoint
-from imclass.train.classifier import Classifier, LRFindResult, TrainConfig, channel_stats, resolve_device
+from imclass.train.classifier import (
+    Classifier,
+    LRFindResult,
+    TrainConfig,
+    channel_stats,
+    cpu_has_native_bf16,
+    resolve_device,
+)
 from imclass.train.optim import Schedule, make_optimizer, make_schedule
 from imclass.train.state import History, TrainingDiverged, TrainState
 
@@ -39,6 +46,7 @@ __all__ = [
     "load_checkpoint",
     "make_optimizer",
     "make_schedule",
+    "cpu_has_native_bf16",
     "resolve_device",
     "save_checkpoint",
 ]

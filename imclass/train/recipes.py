@@ -53,6 +53,7 @@ __all__ = [
     "fast_config",
     "fast_optimizer",
     "fast_schedule",
+    "resolve_amp",
     "fast_recipe",
     "run_fast_recipe",
     "triangular",
@@ -96,7 +97,7 @@ class FastConfig:
     muon_momentum: float = 0.6
     ns_steps: int = 3
     channels_last: bool = True
-    amp: str | None = "bf16"  # CUDA only (the engine keeps CPU float32)
+    amp: str | None = "auto"  # "auto": bf16 on CUDA, float32 on a CPU (see resolve_amp); "bf16" or None anywhere
     compile: bool = False  # torch.compile, CUDA only in the engine
 
     def __post_init__(self) -> None:
@@ -107,6 +108,8 @@ class FastConfig:
             raise ValueError(f"expected batch_size >= 1, received batch_size={self.batch_size}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"expected 0 <= momentum < 1, received momentum={self.momentum}")
+        if self.amp not in ("auto", "bf16", None):
+            raise ValueError(f"expected amp 'auto', 'bf16' or None, received amp={self.amp!r}")
         if self.optimizer not in ("sgd", "muon"):
             raise ValueError(f"expected optimizer 'sgd' or 'muon', received optimizer={self.optimizer!r}")
 
@@ -124,6 +127,13 @@ FAST_TARGETS: dict[int, FastConfig] = {
                    weight_decay=0.0157, warmup_fraction=0.0, lookahead_every=0),
     95: FastConfig(widths=(128, 384, 384), depth=3, epochs=15, batch_size=1024),
 }
+
+
+def resolve_amp(amp: str | None, device: torch.device) -> str | None:
+    """The autocast dtype the recipe trains with: ``"auto"`` is bf16 on CUDA and float32 on a CPU."""
+    if amp == "auto":
+        return "bf16" if device.type == "cuda" else None
+    return amp
 
 
 def fast_config(target: int = 90, **overrides: Any) -> FastConfig:
@@ -378,7 +388,7 @@ def fast_recipe(
         momentum=cfg.momentum,
         nesterov=True,
         schedule=schedule,
-        amp=cfg.amp if clf.device.type == "cuda" else None,
+        amp=resolve_amp(cfg.amp, clf.device),
         compile=cfg.compile and clf.device.type == "cuda",
         channels_last=cfg.channels_last,
     )
