@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 IMCLASS_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 export IMCLASS_DATA
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv browser bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,13 @@ venv: $(VENV)/.installed
 demo: venv
 	$(BIN)/imclass train --dataset cifar10 --recipe fast --target 90 --out runs/demo
 
-test: venv
+# The page tests drive Debian's chromium headless: installed here when missing (needs root and apt).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium not installed: the browser tests will skip (apt-get install chromium)"; }
+
+test: venv browser
 	$(BIN)/python -m pytest -n 2 -q
 
 # Every benchmark, each against its peer (long: about an hour on 2 CPU cores). See bench/RESULTS.md.

@@ -53,3 +53,42 @@ def cifar_small(cifar_npz):
     xt = torch.from_numpy(cifar_npz["x_test"][:500]).permute(0, 3, 1, 2).contiguous()
     yt = torch.from_numpy(cifar_npz["y_test"][:500].astype(np.int64))
     return x, y, xt, yt
+
+
+# --- a real browser: Debian's chromium driven headless by Playwright ------------------------------
+
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+def _chromium_path() -> str | None:
+    import shutil
+
+    return os.environ.get("IMCLASS_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="session")
+def chromium_browser():
+    """One headless Chromium for the session (Debian's `chromium`; `make test` installs it when missing)."""
+    exe = _chromium_path()
+    if exe is None:
+        pytest.skip("no chromium binary: `apt-get install chromium` (make test does this as root) or set IMCLASS_CHROMIUM")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright package is missing: pip install -e '.[dev]'")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def chromium_page(chromium_browser):
+    """A fresh page (1280x900) in the headless Chromium; console errors are collected in ``page.console_errors``."""
+    context = chromium_browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.console_errors = []
+    page.on("console", lambda msg: page.console_errors.append(msg.text) if msg.type == "error" else None)
+    yield page
+    context.close()
