@@ -7,7 +7,8 @@ The metadata key ``imclass`` holds a JSON object::
 
     {"format": 1, "kind": "classifier" | "knn" | "model",
      "architecture": {"name": ..., "options": {...}}  or  {"sequential": <Sequential.get_config()>},
-     "classes": [...], "preprocessing": {"mean": [...], "std": [...], "input_size": [C, H, W]},
+     "classes": [...], "preprocessing": {"mean": [...], "std": [...], "input_size": [C, H, W],
+                                         "tta": "none" | "flip" | "flip_translate" | null},
      "final_activation": "softmax" | null, "train_config": {...} | null}
 
 Loading never unpickles: the architecture is rebuilt from the JSON (through the model registry or
@@ -50,6 +51,7 @@ def save(
     classes: list[str] | None = None,
     train_config: dict | None = None,
     input_size: tuple[int, int, int] | list[int] | None = None,
+    tta: str | int | None = None,
 ) -> Path:
     """Write ``obj`` (a ``Classifier``, a ``KNN`` or a bare model) to one ``.safetensors`` file.
 
@@ -58,7 +60,10 @@ def save(
     name), ``train_config`` (the resolved training config; default: a Classifier's ``compile``
     options) and ``input_size`` ``(C, H, W)`` (default: what the object knows: an ``input_size``
     attribute, a Sequential's ``input_shape``, a timm model's ``pretrained_cfg``, a KNN's sample
-    shape). The write is atomic (a temporary file renamed over the target). Returns the path.
+    shape) and ``tta``, the test-time augmentation the model was evaluated with (default: a
+    Classifier's ``tta`` attribute), which ``imclass evaluate`` / ``predict`` / ``serve`` apply by
+    default so that they report the number training printed. The write is atomic (a temporary
+    file renamed over the target). Returns the path.
     """
     path = Path(path)
     if path.is_dir() or (not path.suffix and not path.exists()):
@@ -80,6 +85,11 @@ def save(
         )
     else:
         raise TypeError(f"expected a Classifier, a KNN or a torch.nn.Module to save, received {type(obj).__name__}")
+    tta = tta if tta is not None else getattr(obj, "tta", None)
+    if tta is not None:
+        from imclass.tta import tta_name
+
+        header["preprocessing"]["tta"] = tta_name(tta)
     if train_config is None and hasattr(obj, "training_config"):
         train_config = obj.training_config() or None  # the Classifier's compile options
     header["train_config"] = _jsonable(train_config, "train_config")
@@ -203,6 +213,7 @@ def load(path: str | os.PathLike, *, device: str = "auto") -> Any:
     clf = Classifier(model, classes=header.get("classes"), mean=pre.get("mean"), std=pre.get("std"), device=device)
     clf.model.eval()
     clf.input_size = tuple(pre["input_size"]) if pre.get("input_size") else None
+    clf.tta = pre.get("tta")
     clf.train_config = header.get("train_config")
     return clf
 

@@ -18,11 +18,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["tta_logits", "tta_views", "TTA_LEVELS", "mirror", "translate"]
+__all__ = ["tta_logits", "tta_views", "tta_name", "TTA_LEVELS", "TTA_NAMES", "mirror", "translate"]
 
 TTA_LEVELS = (0, 1, 2)
 TTASpec = Union[int, str, None]
 _NAMES = {"none": 0, "flip": 1, "mirror": 1, "flip_translate": 2, "mirror_translate": 2}
+TTA_NAMES = ("none", "flip", "flip_translate")  # the canonical name of each level, as model files record it
 
 
 def mirror(x: torch.Tensor) -> torch.Tensor:
@@ -57,6 +58,11 @@ def resolve_level(tta: TTASpec) -> int:
     if int(tta) not in TTA_LEVELS:
         raise ValueError(f"expected a tta level in {TTA_LEVELS}, received tta={tta!r}")
     return int(tta)
+
+
+def tta_name(tta: TTASpec) -> str:
+    """The canonical name (``"none"``, ``"flip"``, ``"flip_translate"``) of a TTA level or name."""
+    return TTA_NAMES[resolve_level(tta)]
 
 
 def tta_views(x: torch.Tensor, tta: TTASpec = 2) -> list[tuple[float, torch.Tensor]]:

@@ -235,6 +235,26 @@ def test_train_fast_recipe_is_the_cifar10_default(data_root, tmp_path):
     clf = imclass.load(out)
     assert clf.train_config["fast_recipe"]["widths"] == [8, 16, 16]
     assert clf.model.imclass_spec["name"] == "fastnet"
+    # one number everywhere: the model file records the TTA training evaluated with; evaluate applies it
+    assert result["tta"] == "flip_translate" and clf.tta == "flip_translate"
+    report = json_out(invoke("evaluate", out, "cifar10", "--data", data_root, "--limit", 256, "--json"))
+    assert report["tta"] == "flip_translate" and report["images"] == result["test_images"] == 256
+    assert report["accuracy"] == pytest.approx(result["accuracy"])
+    plain = json_out(invoke("evaluate", out, "cifar10", "--data", data_root, "--limit", 256, "--no-tta", "--json"))
+    test = imclass.data.load("cifar10", split="test", root=data_root).subset(slice(0, 256))
+    assert plain["tta"] == "none" and plain["accuracy"] == pytest.approx(clf.evaluate(test)["accuracy"])
+    assert report["accuracy"] == pytest.approx(clf.evaluate(test, tta="flip_translate")["accuracy"])
+    text = invoke("evaluate", out, "cifar10", "--data", data_root, "--limit", 256)
+    assert text.exit_code == 0 and "(tta: flip_translate)" in text.stdout
+    image = tmp_path / "plane.png"
+    Image.fromarray(test.images[3].permute(1, 2, 0).numpy()).save(image)
+    with_tta = json_out(invoke("predict", out, image, "--top", 10, "--json"))
+    without = json_out(invoke("predict", out, image, "--top", 10, "--no-tta", "--json"))
+    assert with_tta["tta"] == "flip_translate" and without["tta"] == "none"
+    by_class = {t["class"]: t["probability"] for t in with_tta["predictions"][0]["top"]}
+    expected = clf.predict_proba(test.images[3:4], tta="flip_translate")[0]
+    assert [by_class[c] for c in clf.classes] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert with_tta["predictions"][0]["top"] != without["predictions"][0]["top"]
 
 
 def test_evaluate_and_predict_a_saved_knn(data_root, tmp_path):
@@ -253,6 +273,9 @@ def test_evaluate_and_predict_a_saved_knn(data_root, tmp_path):
     Image.fromarray(test.images[0, 0].numpy()).save(image)
     pred = json_out(invoke("predict", path, image, "--top", 1, "--json"))["predictions"][0]["top"][0]
     assert pred == {"class": train.classes[int(knn.predict(test.images[:1])[0])], "probability": 1.0}
+    assert report["tta"] == "none"
+    forced = invoke("evaluate", path, "fashion-mnist", "--data", data_root, "--limit", 50, "--tta")
+    assert forced.exit_code == 2 and "--tta applies to neural networks" in forced.output
 
 
 @pytest.mark.parametrize(

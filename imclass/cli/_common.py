@@ -44,13 +44,34 @@ def plain_warnings():
         yield
 
 
+TTAOption = typer.Option(
+    None, "--tta/--no-tta",
+    help="Test-time augmentation: default = what the model file records (the figure training printed); "
+    "--tta forces flip+translate, --no-tta the plain image.",
+)
+
+
 @dataclass
 class Saved:
-    """A loaded model file: the predictor, its class names and the input size (C, H, W) it expects."""
+    """A loaded model file: the predictor, its class names, the input size (C, H, W) it expects and
+    the test-time augmentation it was evaluated with (``None``: none recorded)."""
 
     predictor: Any
     classes: list[str] | None
     input_size: list[int] | None
+    tta: str | None = None
+
+    def resolve_tta(self, flag: bool | None) -> str:
+        """The TTA to apply for ``--tta/--no-tta`` (``None``: the recorded one): a name of ``imclass.tta``."""
+        if not hasattr(self.predictor, "predict_logits"):  # a k-NN: no views to average
+            if flag:
+                raise ValueError("--tta applies to neural networks; a k-NN model predicts each image as it is")
+            return "none"
+        if flag is None:
+            return self.tta or "none"
+        if not flag:
+            return "none"
+        return self.tta if self.tta not in (None, "none") else "flip_translate"
 
     def class_names(self, n_columns: int) -> list[str]:
         """Names of the probability columns: a Classifier's are its classes; a KNN's are its sorted labels."""
@@ -67,4 +88,5 @@ def load_saved(run: Path) -> Saved:
 
     header = read_metadata(run)
     predictor = load(run)
-    return Saved(predictor, header.get("classes"), (header.get("preprocessing") or {}).get("input_size"))
+    pre = header.get("preprocessing") or {}
+    return Saved(predictor, header.get("classes"), pre.get("input_size"), pre.get("tta"))

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, DataRoot, fail, load_saved, plain_warnings, print_json
+from imclass.cli._common import USER_ERRORS, DataRoot, TTAOption, fail, load_saved, plain_warnings, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -21,9 +21,14 @@ def evaluate(
     data_root: Optional[str] = DataRoot,
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N images."),
     confusion: bool = typer.Option(False, "--confusion", help="Also print the confusion matrix."),
+    tta: Optional[bool] = TTAOption,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Accuracy, loss and per-class accuracy of a saved model on a data set split."""
+    """Accuracy, loss and per-class accuracy of a saved model on a data set split.
+
+    The test-time augmentation recorded in the model file is applied unless --no-tta says
+    otherwise, so the figure equals the one `imclass train` printed; the output names it.
+    """
     from imclass import data as imdata
 
     try:
@@ -39,17 +44,18 @@ def evaluate(
             raise ValueError(
                 f"{run}: the model knows {len(saved.classes)} classes but {dataset} has {data.num_classes}"
             )
-        report = _evaluate(saved.predictor, data)
+        tta_used = saved.resolve_tta(tta)
+        report = _evaluate(saved.predictor, data, tta_used)
     except USER_ERRORS as err:
         fail(str(err))
-    report.update({"dataset": dataset, "split": split, "images": len(data)})
+    report.update({"dataset": dataset, "split": split, "images": len(data), "tta": tta_used})
     if not confusion:
         report.pop("confusion_matrix")
     if as_json:
         print_json(report)
         return
     loss = f"  loss {report['loss']:.4f}" if report.get("loss") is not None else ""
-    typer.echo(f"{dataset} {split} ({len(data)} images): accuracy {report['accuracy']:.4f}{loss}")
+    typer.echo(f"{dataset} {split} ({len(data):,} images): accuracy {report['accuracy']:.4f}{loss}  (tta: {tta_used})")
     width = max(len(c) for c in data.classes)
     for name, acc in report["per_class_accuracy"].items():
         typer.echo(f"  {name:<{width}}  {acc:.4f}" if acc is not None else f"  {name:<{width}}  (no images)")
@@ -59,13 +65,13 @@ def evaluate(
             typer.echo(f"  {name:<{width}}  " + " ".join(f"{v:5d}" for v in row))
 
 
-def _evaluate(predictor: Any, data) -> dict[str, Any]:
+def _evaluate(predictor: Any, data, tta: str = "none") -> dict[str, Any]:
     import torch
     from sklearn.metrics import confusion_matrix
 
     loss = None
     if hasattr(predictor, "predict_logits"):  # a Classifier: one pass gives the loss and the predictions
-        logits = predictor.predict_logits(data.images).float().cpu()
+        logits = predictor.predict_logits(data.images, tta=None if tta == "none" else tta).float().cpu()
         loss = torch.nn.functional.cross_entropy(logits, data.labels).item()
         predicted = logits.argmax(1)
     else:  # a KNN

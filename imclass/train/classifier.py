@@ -150,6 +150,7 @@ class Classifier:
         self.mean = [float(m) for m in mean] if mean is not None else None
         self.std = [float(s) for s in std] if std is not None else None
         self.input_size: tuple[int, int, int] | None = None  # (C, H, W) of the training images, set by fit
+        self.tta: str | None = None  # the test-time augmentation this model is evaluated with (model files record it)
         self.config: TrainConfig | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.history = History()

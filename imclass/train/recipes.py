@@ -40,6 +40,7 @@ from imclass.data.loader import derive_seed
 from imclass.models import create
 from imclass.models.fastnet import init_whitening
 from imclass.train.optim import MuonSGD
+from imclass.tta import tta_name
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -399,6 +400,7 @@ def fast_recipe(
             callbacks=cbs, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume, verbose=verbose,
             checkpoint_every=checkpoint_every)
     clf.recipe = {"name": "fast", **asdict(cfg)}
+    clf.tta = tta_name(cfg.tta)  # evaluated with it below and by `imclass evaluate` / `predict` (model file)
     return clf
 
 

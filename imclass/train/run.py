@@ -216,6 +216,7 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
         "epochs": cfg.epochs,
         "train_images": len(train_set),
         "test_images": len(test_set),
+        "tta": clf.tta or "none",  # the test-time augmentation of `accuracy`, recorded in the model file
         **details,
         "out": str(out),
         "model_file": str(model_file),
@@ -290,7 +291,7 @@ def _fit_fast_recipe(cfg: RunConfig, train_set, test_set, out: Path):
         callbacks=tuple(_run_callbacks(out)),
         verbose=cfg.verbose,
     )
-    metrics = clf.evaluate(test_set, tta=fast.tta)
+    metrics = clf.evaluate(test_set, tta=clf.tta)
     details = {"model": "fastnet", "target": cfg.target, "epochs": fast.epochs, "fast_recipe": dataclasses.asdict(fast)}
     return clf, metrics, cfg, details
 
