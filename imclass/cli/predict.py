@@ -1,12 +1,15 @@
-"""``imclass predict``: class names and probabilities for image files with a saved model."""
+"""``imclass predict``: class names and probabilities for image files and folders with a saved model
+(table, JSON or CSV); decoding and batched prediction live in ``imclass.serve.predictor``."""
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, TTAOption, fail, load_saved, print_json
+from imclass.cli._common import USER_ERRORS, TTAOption, fail, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -14,69 +17,112 @@ def register(app: typer.Typer) -> None:
     app.command("predict")(predict)
 
 
+FORMATS = ("table", "json", "csv")
+
+
 def predict(
-    run: Path = typer.Argument(..., help="Run folder or .safetensors model file."),
-    images: List[Path] = typer.Argument(..., help="Image files (PNG, JPEG, ...)."),
+    run: Path = typer.Argument(..., help="Run folder, .safetensors model file or exported .onnx file."),
+    images: List[Path] = typer.Argument(..., help="Image files (PNG, JPEG, ...) and folders (searched recursively)."),
     top: int = typer.Option(3, "--top", "-k", help="How many classes to show per image."),
     tta: Optional[bool] = TTAOption,
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    fmt: Optional[str] = typer.Option(None, "--format", "-f", help="Output: table (default), json or csv (one row per file)."),
+    as_json: bool = typer.Option(False, "--json", help="Same as --format json: one JSON object."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
 ) -> None:
-    """Class names and probabilities for image files, using a saved model (with the test-time
-    augmentation its model file records, unless --no-tta).
+    """Class names and probabilities for image files and folders, using a saved model (with the
+    test-time augmentation its model file records, unless --no-tta).
 
     An image that is missing or unreadable is reported and skipped; the others are still
     predicted (exit code 1 when any failed).
     """
-    import torch
+    from concurrent.futures import ThreadPoolExecutor
 
-    from imclass.data import read_image
+    from tqdm.auto import tqdm
 
+    from imclass.serve.predictor import ImageError, Predictor, find_images
+
+    fmt = "json" if as_json and fmt is None else (fmt or "table").lower()
+    if fmt not in FORMATS:
+        fail(f"expected --format in {list(FORMATS)}, received --format {fmt}")
+    if as_json and fmt != "json":
+        fail(f"--json means --format json; received also --format {fmt}")
     if top < 1:
         fail(f"expected --top >= 1, received --top {top}")
+    if batch_size < 1:
+        fail(f"expected --batch-size >= 1, received --batch-size {batch_size}")
     try:
-        saved = load_saved(run)
-        tta_used = saved.resolve_tta(tta)
+        predictor = Predictor.load(run, tta=tta)
     except USER_ERRORS as err:
         fail(str(err))
-    size = saved.input_size
-    results, errors = [], []
-    batch, names = [], []
-    for path in images:
+    paths = find_images(images)
+    if not paths:
+        fail(f"no image files found in {', '.join(map(str, images))}")
+    results: dict[int, dict] = {}
+    errors: dict[int, dict] = {}
+
+    def decode(i: int):
         try:
-            batch.append(read_image(path, size=tuple(size[1:]) if size else None, channels=size[0] if size else 3))
-            names.append(str(path))
-        except ValueError as err:
-            errors.append({"image": str(path), "error": str(err)})
-    if batch:
-        try:
-            if len({t.shape for t in batch}) == 1:
-                probs = _probabilities(saved.predictor, torch.stack(batch), tta_used)
-            else:  # a model without a fixed input size, images of several sizes: one at a time
-                probs = torch.cat([_probabilities(saved.predictor, t.unsqueeze(0), tta_used) for t in batch])
-        except USER_ERRORS as err:
-            fail(f"{run}: cannot predict these images: {err}")
-        classes = saved.class_names(probs.shape[1])
-        k = min(top, probs.shape[1])
-        values, indices = probs.topk(k, dim=1)
-        for name, v, i in zip(names, values.tolist(), indices.tolist()):
-            results.append({"image": name, "top": [{"class": classes[c], "probability": p} for p, c in zip(v, i)]})
-    if as_json:
-        print_json({"predictions": results, "errors": errors, "tta": tta_used})
+            return i, predictor.decode(paths[i], name=str(paths[i]))
+        except ImageError as err:
+            return i, err
+
+    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=None if len(paths) > batch_size else True,
+               leave=False, file=sys.stderr)
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for start in range(0, len(paths), batch_size):
+            decoded = list(pool.map(decode, range(start, min(start + batch_size, len(paths)))))
+            good = [(i, t) for i, t in decoded if not isinstance(t, Exception)]
+            for i, err in decoded:
+                if isinstance(err, Exception):
+                    errors[i] = {"image": str(paths[i]), "error": str(err)}
+            if good:
+                try:
+                    probs = predictor.predict_many([t for _, t in good], batch_size=batch_size)
+                except USER_ERRORS as err:
+                    fail(f"{run}: cannot predict these images: {err}")
+                for (i, _), tops in zip(good, predictor.top_k(probs, top)):
+                    results[i] = {"image": str(paths[i]), "top": [{"class": t["class"], "probability": t["probability"]}
+                                                                  for t in tops]}
+            bar.update(len(decoded))
+    bar.close()
+    rows = [results[i] for i in sorted(results)]
+    errs = [errors[i] for i in sorted(errors)]
+    if fmt == "json":
+        print_json({"predictions": rows, "errors": errs, "tta": predictor.tta})
+    elif fmt == "csv":
+        _write_csv(rows, errs, top, len(paths))
     else:
-        for r in results:
-            typer.echo(r["image"] + ": " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]))
-        typer.echo(f"(tta: {tta_used})", err=True)
-        for e in errors:
+        _write_table(rows, top)
+    if fmt != "json":
+        typer.echo(f"(tta: {predictor.tta})", err=True)
+        for e in errs:
             typer.secho(f"error: {e['error']}", fg=typer.colors.RED, err=True)
-    if errors:
+    if errs:
+        if fmt != "json":
+            typer.secho(f"{len(errs)} of {len(paths)} image(s) could not be read", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
 
 
-def _probabilities(predictor: Any, x, tta: str = "none"):
-    import torch
+def _write_table(rows: list[dict], top: int) -> None:
+    """One line per image: the path, then the top-k classes with their probabilities in aligned columns."""
+    if not rows:
+        return
+    width = max(len(r["image"]) for r in rows)
+    cells = [[f"{t['class']} {t['probability']:.3f}" for t in r["top"]] for r in rows]
+    col = [max(len(c[j]) for c in cells if j < len(c)) for j in range(max(len(c) for c in cells))]
+    typer.echo("image".ljust(width) + "  " + "  ".join(f"top-{j + 1}".ljust(w) for j, w in enumerate(col)).rstrip())
+    for r, c in zip(rows, cells):
+        typer.echo(r["image"].ljust(width) + "  " + "  ".join(v.ljust(w) for v, w in zip(c, col)).rstrip())
 
-    if hasattr(predictor, "predict_logits"):  # a Classifier: softmax of the (TTA-averaged) logits
-        return predictor.predict_proba(x, tta=None if tta == "none" else tta).float().cpu()
-    if hasattr(predictor, "predict_proba"):
-        return torch.as_tensor(predictor.predict_proba(x)).float().cpu()
-    raise TypeError(f"expected a model with predict_proba, received {type(predictor).__name__}")
+
+def _write_csv(rows: list[dict], errs: list[dict], top: int, n: int) -> None:
+    """One CSV row per file: ``image, class_1, probability_1, ..., error`` (unreadable files keep their row)."""
+    import csv
+
+    k = max([len(r["top"]) for r in rows], default=top)
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(["image"] + [f"{f}_{j + 1}" for j in range(k) for f in ("class", "probability")] + ["error"])
+    for r in rows:
+        writer.writerow([r["image"]] + [v for t in r["top"] for v in (t["class"], f"{t['probability']:.6f}")] + [""])
+    for e in errs:
+        writer.writerow([e["image"]] + [""] * (2 * k) + [e["error"]])
