@@ -131,10 +131,10 @@ def _load_known(name: str, split: str, root: Any, download: bool) -> ImageDatase
 def _find_files(name: str, split: str, folder: Path) -> list[Path] | None:
     """The files holding ``split`` under ``folder``, or None when they are not all there."""
     if name == "cifar10":
-        batches = folder / cifar.BATCHES_DIR  # the official batches first: they hold the full test set
-        needed = [batches / f for f in cifar.BATCH_FILES[split]]
-        if all(f.is_file() for f in needed):
-            return needed
+        for batches, files in ((cifar.BATCHES_DIR, cifar.BATCH_FILES), (cifar.BINARY_DIR, cifar.BINARY_FILES)):
+            needed = [folder / batches / f for f in files[split]]  # the official batches first, python then binary
+            if all(f.is_file() for f in needed):
+                return needed
         npz = folder / cifar.NPZ_FILE
         return [npz] if npz.is_file() else None
     found = []
@@ -150,7 +150,8 @@ def _find_files(name: str, split: str, folder: Path) -> list[Path] | None:
 
 def _missing_message(name: str, folder: Path) -> str:
     if name == "cifar10":
-        want = f"{folder / cifar.BATCHES_DIR}/ (the official python batches) or {folder / cifar.NPZ_FILE}"
+        want = (f"{folder / cifar.BATCHES_DIR}/ (the official python batches), {folder / cifar.BINARY_DIR}/ "
+                f"(the official binary batches) or {folder / cifar.NPZ_FILE}")
     else:
         want = f"the four IDX files ({', '.join(r.filename for r in dl.RESOURCES[name])}) in {folder}"
     return (
@@ -164,6 +165,9 @@ def _read(name: str, split: str, files: list[Path]) -> tuple[torch.Tensor, torch
         if files[0].suffix == ".npz":
             images, labels = cifar.read_npz(files[0], split)
             return images, labels, list(cifar.CLASSES), str(files[0])
+        if files[0].parent.name == cifar.BINARY_DIR:
+            images, labels, classes = cifar.read_binary_batches(files[0].parent, split)
+            return images, labels, classes, str(files[0].parent)
         images, labels, classes = cifar.read_batches(files[0].parent, split)
         return images, labels, classes, str(files[0].parent)
     x = read_idx(files[0], IMAGES_MAGIC)

@@ -6,6 +6,7 @@ and only then renamed into place, so a partial or corrupt download never masquer
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tarfile
@@ -17,6 +18,8 @@ from pathlib import Path
 
 DEFAULT_ROOT = "~/.cache/imclass"
 ENV_VAR = "IMCLASS_DATA"
+CACHE_ENV_VAR = "IMCLASS_CACHE"  # where small state is remembered (checksums verified once); default DEFAULT_ROOT
+DIGESTS_FILE = "digests.json"
 _CHUNK = 1 << 20
 
 
@@ -67,11 +70,67 @@ RESOURCES: dict[str, tuple[Resource, ...]] = {
 }
 
 
+# Other official layouts of the same data, fetched with fetch(name, fmt=...): the default is RESOURCES[name].
+FORMATS: dict[str, dict[str, tuple[Resource, ...]]] = {
+    "cifar10": {
+        "python": RESOURCES["cifar10"],
+        # 3,073-byte records (label byte, R, G, B planes); its files' SHA-1 are checked when read
+        "binary": (
+            Resource(
+                "cifar-10-binary.tar.gz",
+                "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+                "c32a1d4ab5d03f1284b67883e8d87530",
+                extracts_to="cifar-10-batches-bin",
+            ),
+        ),
+    },
+}
+
+
 def resolve_root(root: str | os.PathLike | None = None) -> Path:
     """The data root: ``root`` when given, else ``$IMCLASS_DATA``, else ``~/.cache/imclass``."""
     if root is None or str(root) == "":
         root = os.environ.get(ENV_VAR) or DEFAULT_ROOT
     return Path(root).expanduser()
+
+
+def cache_dir() -> Path:
+    """The folder for small remembered state: ``$IMCLASS_CACHE``, else ``~/.cache/imclass``."""
+    return Path(os.environ.get(CACHE_ENV_VAR) or DEFAULT_ROOT).expanduser()
+
+
+def cached_digest(path: str | os.PathLike, kind: str, compute) -> str:
+    """The digest ``kind`` (e.g. ``"sha1"``, ``"sha256:x_train"``) of file ``path``, computed by ``compute()``
+    once per file state and remembered in ``cache_dir()/digests.json``, keyed by path, size and mtime.
+
+    The data folder may be read-only, so the record lives in the cache folder; when that cannot be
+    written either, the digest is simply computed again next time.
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}|{kind}"
+    state = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    record = cache_dir() / DIGESTS_FILE
+    try:
+        known = json.loads(record.read_text())
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(key)
+    if isinstance(entry, dict) and all(entry.get(k) == v for k, v in state.items()) and "digest" in entry:
+        return str(entry["digest"])
+    digest = compute()
+    known[key] = state | {"digest": digest}
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{DIGESTS_FILE}.", dir=record.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(known, f, indent=0, sort_keys=True)
+        os.replace(tmp, record)  # atomic: concurrent readers see the old or the new record, never half of one
+    except OSError:
+        pass
+    return digest
 
 
 def md5sum(path: str | os.PathLike) -> str:
@@ -168,16 +227,23 @@ def extract_tar(archive: str | os.PathLike, dest_dir: str | os.PathLike) -> Path
     return dest_dir
 
 
-def fetch(name: str, root: str | os.PathLike | None = None, *, force: bool = False) -> Path:
+def fetch(name: str, root: str | os.PathLike | None = None, *, force: bool = False, fmt: str | None = None) -> Path:
     """Download (and for CIFAR-10 extract) the official files of data set ``name`` into ``<root>/<name>/``.
 
-    Files already present are kept unless ``force``. Returns the data set's folder.
+    Files already present are kept unless ``force``. ``fmt`` picks another official layout where there
+    is one (CIFAR-10: ``"python"``, the default, or ``"binary"``). Returns the data set's folder.
     """
     if name not in RESOURCES:
         raise ValueError(f"unknown data set {name!r} to download: expected one of {', '.join(RESOURCES)}")
+    resources = RESOURCES[name]
+    if fmt is not None:
+        formats = FORMATS.get(name, {})
+        if fmt not in formats:
+            raise ValueError(f"unknown format {fmt!r} for {name}: expected one of {', '.join(formats) or '(none)'}")
+        resources = formats[fmt]
     folder = resolve_root(root) / name
     folder.mkdir(parents=True, exist_ok=True)
-    for res in RESOURCES[name]:
+    for res in resources:
         dest = folder / res.filename
         if res.extracts_to and (folder / res.extracts_to).is_dir() and not force:
             continue
@@ -185,9 +251,9 @@ def fetch(name: str, root: str | os.PathLike | None = None, *, force: bool = Fal
             try:
                 download_file(res.url, dest, res.md5)
             except DownloadError as err:
-                if len(RESOURCES[name]) == 1:
+                if len(resources) == 1:
                     raise
-                needed = ", ".join(r.filename for r in RESOURCES[name])
+                needed = ", ".join(r.filename for r in resources)
                 raise DownloadError(f"{err} ({name} needs all of {needed} in {folder})") from err.__cause__
         else:
             check_file(dest, res.md5)
