@@ -1,0 +1,274 @@
+"""Deep features of a (frozen) backbone: ``extract_features`` with a cache that invalidates itself.
+
+    pre = report.preprocessing                       # from imclass.models.weights.apply_weights
+    feats = extract_features(backbone, images_or_paths, pre, cache=FeatureCache("~/.cache/imclass/features"))
+
+Images are uint8 (N, C, H, W) tensors (any size: resized on the fly, whole batches at once) or image
+file paths (decoded in threads, JPEGs at reduced DCT scale, each straight to the crop size). The
+backbone runs in eval mode under ``torch.no_grad``, channels-last and, on a CPU that multiplies
+bfloat16 natively (AVX-512-BF16 / AMX), under bf16 autocast. Features are float32 (N, D).
+
+The cache key hashes everything the features depend on: the model's class, its registry spec and
+every tensor of its state dict, the preprocessing, the pixels (or the files' paths, sizes and
+modification times) and the numerics. Change any of them and the features are computed again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from imclass.models.weights import Preprocessing
+
+__all__ = ["FeatureCache", "embed", "extract_features", "feature_key", "prepare_batch", "read_for"]
+
+ImagesOrPaths = torch.Tensor | Sequence[str | os.PathLike]
+
+
+class FeatureCache:
+    """Features by key, in memory (the last ``max_items``) and, with ``folder``, on disk as safetensors."""
+
+    def __init__(self, folder: str | os.PathLike | None = None, max_items: int = 8) -> None:
+        self.folder = Path(folder).expanduser() if folder is not None else None
+        self.max_items = max_items
+        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> torch.Tensor | None:
+        """The features stored under ``key``, or None."""
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            self.hits += 1
+            return self._memory[key]
+        path = self._path(key)
+        if path is not None and path.is_file():
+            from safetensors.torch import load_file
+
+            try:
+                feats = load_file(str(path))["features"]
+            except Exception:  # a damaged cache file is recomputed, never trusted
+                path.unlink(missing_ok=True)
+            else:
+                self._remember(key, feats)
+                self.hits += 1
+                return feats
+        self.misses += 1
+        return None
+
+    def put(self, key: str, feats: torch.Tensor, info: dict | None = None) -> None:
+        """Store ``feats`` under ``key`` (atomically on disk)."""
+        self._remember(key, feats)
+        path = self._path(key)
+        if path is None:
+            return
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            save_file({"features": feats.contiguous()}, str(tmp), metadata={"imclass_features": json.dumps(info or {})})
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def clear(self) -> None:
+        """Forget the in-memory features (files on disk stay)."""
+        self._memory.clear()
+
+    def _remember(self, key: str, feats: torch.Tensor) -> None:
+        self._memory[key] = feats
+        self._memory.move_to_end(key)
+        while len(self._memory) > self.max_items:
+            self._memory.popitem(last=False)
+
+    def _path(self, key: str) -> Path | None:
+        return self.folder / f"{key}.safetensors" if self.folder is not None else None
+
+
+# --------------------------------------------------------------------------------------------
+# preprocessing
+
+
+def prepare_batch(x: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float (N, C, crop, crop) normalised: shorter side resized to
+    ``pre.resize`` and centre-cropped to ``pre.crop`` (skipped when already crop-sized)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    if x.ndim != 4:
+        raise ValueError(f"expected a batch of images (N, C, H, W), received shape {tuple(x.shape)}")
+    if x.shape[1] == 1 and pre.input_size[0] == 3:
+        x = x.expand(-1, 3, -1, -1)  # grey photos in a colour model
+    if x.shape[1] != pre.input_size[0]:
+        raise ValueError(f"expected images with {pre.input_size[0]} channels, received shape {tuple(x.shape)}")
+    if tuple(x.shape[-2:]) != (pre.crop, pre.crop):
+        mode = getattr(TF.InterpolationMode, pre.interpolation.upper())
+        x = TF.center_crop(TF.resize(x, pre.resize, interpolation=mode, antialias=True), [pre.crop, pre.crop])
+    mean = torch.tensor(pre.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(pre.std, device=x.device).view(1, -1, 1, 1)
+    return (x.float() / 255.0 - mean) / std
+
+
+def _decode_one(path: Path, pre: Preprocessing) -> torch.Tensor:
+    """One file -> uint8 (3, crop, crop): shorter side to ``resize``, centre crop (PIL, JPEG draft)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.format == "JPEG" and im.mode in ("RGB", "L"):
+            w, h = im.size
+            scale = pre.resize / min(w, h)
+            im.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))  # DCT downscale, >= target
+        im = im.convert("RGB")
+        w, h = im.size
+        scale = pre.resize / min(w, h)
+        nw, nh = max(pre.crop, round(w * scale)), max(pre.crop, round(h * scale))
+        resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[pre.interpolation]
+        im = im.resize((nw, nh), resample, reducing_gap=None)
+        left, top = (nw - pre.crop) // 2, (nh - pre.crop) // 2
+        im = im.crop((left, top, left + pre.crop, top + pre.crop))
+        import numpy as np
+
+        return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
+
+
+def read_for(paths: Sequence[str | os.PathLike], pre: Preprocessing, *, workers: int | None = None) -> torch.Tensor:
+    """Image files -> uint8 (N, 3, crop, crop) as ``pre`` prepares them (threads; errors name the file)."""
+    paths = [Path(p) for p in paths]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise ValueError(f"no such image file: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+    def one(p: Path) -> torch.Tensor | str:
+        try:
+            return _decode_one(p, pre)
+        except Exception as err:
+            return f"{p}: not a readable image ({type(err).__name__}: {err})"
+
+    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
+        decoded = list(pool.map(one, paths))
+    bad = [d for d in decoded if isinstance(d, str)]
+    if bad:
+        raise ValueError(f"{len(bad)} unreadable image file(s): {bad[0]}" + ("; ..." if len(bad) > 1 else ""))
+    return torch.stack(decoded) if decoded else torch.empty((0, 3, pre.crop, pre.crop), dtype=torch.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# features
+
+
+def embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The pooled pre-logit features of ``model`` for a prepared batch (timm's contract when present)."""
+    if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+    out = model(x)
+    return out.flatten(1) if out.ndim > 2 else out
+
+
+def _hash_tensor(h: Any, t: torch.Tensor) -> None:
+    t = t.detach().to("cpu").contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def model_digest(model: nn.Module) -> str:
+    """A hash of the model's class, registry spec and every tensor of its state dict."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(type(model).__qualname__.encode())
+    h.update(json.dumps(getattr(model, "imclass_spec", None), sort_keys=True, default=str).encode())
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        _hash_tensor(h, t)
+    return h.hexdigest()
+
+
+def _data_digest(images: ImagesOrPaths) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    if isinstance(images, torch.Tensor):
+        _hash_tensor(h, images)
+    else:
+        for p in images:
+            st = os.stat(p)
+            h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def feature_key(model: nn.Module, images: ImagesOrPaths, pre: Preprocessing, amp: str | None) -> str:
+    """The cache key: model digest, preprocessing, data digest and numerics, hashed together."""
+    parts = {"model": model_digest(model), "pre": pre.to_dict(), "data": _data_digest(images), "amp": amp, "v": 1}
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=20).hexdigest()
+
+
+def _resolve_amp(amp: str | None, device: torch.device) -> str | None:
+    if amp == "auto":
+        if device.type == "cuda":
+            return "bf16"
+        from imclass.train import cpu_has_native_bf16
+
+        return "bf16" if cpu_has_native_bf16() else None
+    if amp not in (None, "bf16"):
+        raise ValueError(f"expected amp 'auto', 'bf16' or None, received amp={amp!r}")
+    return amp
+
+
+def extract_features(
+    model: nn.Module,
+    images: ImagesOrPaths,
+    preprocessing: Preprocessing,
+    batch_size: int = 64,
+    *,
+    cache: FeatureCache | str | os.PathLike | None = None,
+    amp: str | None = "auto",
+    channels_last: bool = True,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Pooled features (N, D) float32 of ``images`` (uint8 (N, C, H, W) or file paths) by ``model``.
+
+    ``cache``: a :class:`FeatureCache` or a folder for one; a hit returns the stored features at once.
+    ``amp="auto"`` uses bf16 autocast on CUDA and on CPUs with native bf16, float32 elsewhere.
+    The model is put in eval mode (and left there) and, with ``channels_last``, stored NHWC.
+    """
+    if batch_size < 1:
+        raise ValueError(f"expected batch_size >= 1, received batch_size={batch_size}")
+    if hasattr(images, "images") and isinstance(getattr(images, "images"), torch.Tensor):
+        images = images.images  # an ImageDataset
+    if isinstance(images, torch.Tensor):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"expected uint8 images (N, C, H, W), received {images.dtype} of shape {tuple(images.shape)}")
+    elif isinstance(images, (str, os.PathLike)):
+        raise TypeError("expected a list of image paths (or a uint8 tensor), received one path: wrap it in a list")
+    else:
+        images = [Path(p) for p in images]
+    device = torch.device(device)
+    amp = _resolve_amp(amp, device)
+    if isinstance(cache, (str, os.PathLike)):
+        cache = FeatureCache(cache)
+    key = feature_key(model, images, preprocessing, amp) if cache is not None else None
+    if cache is not None:
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+    pixels = images if isinstance(images, torch.Tensor) else read_for(images, preprocessing)
+    model = model.to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(pixels), batch_size):
+            x = prepare_batch(pixels[start : start + batch_size].to(device), preprocessing)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                out.append(embed(model, x).float().cpu())
+    feats = torch.cat(out) if out else torch.empty((0, 0))
+    if cache is not None:
+        cache.put(key, feats, {"n": len(feats), "preprocessing": preprocessing.to_dict(), "amp": amp})
+    return feats
