@@ -73,7 +73,15 @@ def info(
     image_size: Optional[str] = _IMAGE_SIZE,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
-    """Print sizes, image shape, class names and per-class counts of each split."""
+    """Print sizes, image shape, class names and per-class counts of each split.
+
+    A folder of images is described from its file headers (nothing decoded): its layout, formats,
+    colour modes and size distribution too, so folders of mixed sizes and formats work."""
+    from imclass.data.datasets import canonical_name
+
+    if canonical_name(name) is None and Path(name).expanduser().is_dir():
+        _folder_info(Path(name).expanduser(), split, parse_size(image_size), as_json)
+        return
     sets = {s: _load(name, s, data, image_size) for s in _splits_of(name, split)}
     first = next(iter(sets.values()))
     if as_json:
@@ -91,6 +99,55 @@ def info(
         typer.echo("  " + cls.ljust(width) + "".join(f"{counts[s][i]:>9,}" for s in sets))
     notes = [n for ds in sets.values() for n in ds.notes]
     for note in dict.fromkeys(notes):
+        typer.echo(f"note: {note}")
+
+
+def _folder_info(folder: Path, split: str | None, image_size, as_json: bool) -> None:
+    """``data info`` of an image folder: :func:`imclass.data.inspect.inspect_folder` as a table or JSON."""
+    from imclass.data.folder import _GREY_MODES, parse_image_size
+    from imclass.data.inspect import inspect_folder
+
+    try:
+        info = inspect_folder(folder)
+        size = parse_image_size(image_size)
+    except _USER_ERRORS as err:
+        fail(str(err))
+    if split:
+        wanted = [s.strip() for s in split.split(",") if s.strip()]
+        unknown = [s for s in wanted if s not in info["splits"]]
+        if unknown:
+            fail(f"{folder} has splits {', '.join(info['splits'])}, received --split {split}")
+        info["splits"] = {s: info["splits"][s] for s in wanted}
+    for part in info["splits"].values():
+        part["name"], part["source"] = info["name"], info["source"]
+        if size is not None:  # what loading with --image-size gives
+            channels = 1 if info["modes"] and all(m in _GREY_MODES for m in info["modes"]) else 3
+            part["image_shape"] = [channels, *size]
+    if as_json:
+        print_json(info)
+        return
+    sizes = info["sizes"]
+    typer.echo(f"{info['name']}  ({info['source']})  {info['layout']} tree, {info['size']:,} images, "
+               f"{len(info['classes'])} classes, {info['bytes'] / 1e6:.1f} MB")
+    typer.echo("  formats  " + ", ".join(f"{k} {v:,}" for k, v in info["formats"].items())
+               + "   modes  " + ", ".join(f"{k} {v:,}" for k, v in info["modes"].items()))
+    if sizes["distinct"]:
+        h, w = sizes["height"], sizes["width"]
+        common = ", ".join(f"{c['height']}x{c['width']} ({c['count']:,})" for c in sizes["most_common"][:3])
+        typer.echo(f"  sizes    {sizes['distinct']} distinct; height {h['min']}-{h['max']} (median {h['median']:g}), "
+                   f"width {w['min']}-{w['max']} (median {w['median']:g}); most common {common}")
+    for s, part in info["splits"].items():
+        shape = "x".join(map(str, part["image_shape"])) if part["image_shape"] else "mixed sizes"
+        typer.echo(f"  {s:<6} {part['size']:>8,} images  {shape}")
+    width = max(len("class"), *(len(c) for c in info["classes"])) + 2
+    typer.echo("")
+    typer.echo("  " + "class".ljust(width) + "".join(f"{s:>9}" for s in info["splits"]) + f"{'all':>9}")
+    for i, cls in enumerate(info["classes"]):
+        typer.echo("  " + cls.ljust(width) + "".join(f"{p['class_counts'][i]:>9,}" for p in info["splits"].values())
+                   + f"{info['class_counts'][i]:>9,}")
+    for bad in info["unreadable"]:
+        typer.secho(f"warning: unreadable: {bad['path']} ({bad['error']})", fg=typer.colors.YELLOW, err=True)
+    for note in info["notes"]:
         typer.echo(f"note: {note}")
 
 
