@@ -1,0 +1,262 @@
+"""The REST service: FastAPI app over one or more ``Predictor``s, with micro-batching and a web page.
+
+    app = create_app([Predictor.load("runs/x")], ServeConfig(api_key="secret"))
+    uvicorn.run(app, host="127.0.0.1", port=8000)          # what `imclass serve runs/x` does
+
+Endpoints: ``GET /`` (the page), ``GET /health``, ``GET /models``, ``GET /models/{name}``,
+``POST /predict`` and ``POST /models/{name}/predict`` (multipart field ``file``, repeatable; ``top_k``),
+``POST /explain`` (Grad-CAM overlay, when ``imclass.explain`` is installed), OpenAPI docs at ``/docs``.
+Bad input gets a clear 4xx and never an internal detail: 401 no/wrong API key, 404 unknown model,
+413 upload too large / too many pixels / too many files, 415 not an image, 422 corrupt image or bad
+field, 503 + ``Retry-After`` when the queue is full.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from imclass.serve.batching import MicroBatcher, Overloaded
+from imclass.serve.predictor import DEFAULT_MAX_PIXELS, ImageError, Predictor
+
+__all__ = ["ServeConfig", "create_app", "API_KEY_ENV"]
+
+API_KEY_ENV = "IMCLASS_API_KEY"
+STATIC = Path(__file__).parent / "static"
+log = logging.getLogger("imclass.serve")
+
+
+@dataclass
+class ServeConfig:
+    """Limits and batching of the service (every field is an ``imclass serve`` option)."""
+
+    max_upload_bytes: int = 10 * 1024 * 1024  # per file
+    max_files: int = 16  # per request
+    max_pixels: int = DEFAULT_MAX_PIXELS  # per image, checked from the header before decoding
+    batching: bool = True
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    max_queue: int = 256  # images waiting; beyond -> 503
+    retry_after_s: int = 1
+    api_key: Optional[str] = None
+    default_top_k: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("max_upload_bytes", "max_files", "max_pixels", "max_batch", "max_queue", "default_top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"expected {name} >= 1, received {name}={getattr(self, name)}")
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The most a whole request body may hold: every file at its limit plus the form's own fields."""
+        return self.max_files * self.max_upload_bytes + 64 * 1024
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _BodyLimit:
+    """ASGI middleware: refuse a request body over ``limit`` bytes with 413, by its Content-Length when
+    sent, else while it streams in (before the form parser spools it anywhere)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._refuse(send, int(length))
+        received = 0
+        started = False
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _BodyTooLarge()
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._refuse(send, received)
+
+    async def _refuse(self, send: Any, size: int) -> None:
+        import json
+
+        body = json.dumps({"detail": f"request body of {size:,}+ bytes exceeds the limit of {self.limit:,} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_app(predictors: Sequence[Predictor], config: ServeConfig | None = None) -> FastAPI:
+    """The FastAPI app serving ``predictors`` (the first is the default model of ``POST /predict``).
+
+    The API key is ``config.api_key``, else ``$IMCLASS_API_KEY``, else none (open).
+    """
+    config = config or ServeConfig()
+    predictors = list(predictors)
+    if not predictors:
+        raise ValueError("expected at least one model to serve")
+    by_name: dict[str, Predictor] = {}
+    for p in predictors:
+        if p.name in by_name:
+            raise ValueError(f"two models are named {p.name!r}: give each run its own folder name")
+        by_name[p.name] = p
+    default = predictors[0].name
+    api_key = config.api_key if config.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    batchers = {p.name: MicroBatcher(p.predict_proba, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
+                                     max_queue=config.max_queue, enabled=config.batching,
+                                     retry_after=config.retry_after_s)
+                for p in predictors}
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        for b in batchers.values():
+            b.close()
+
+    app = FastAPI(title="imclass", version="1", lifespan=lifespan,
+                  description="Image classification with imclass models: upload images, get class probabilities.")
+    app.add_middleware(_BodyLimit, limit=config.max_request_bytes)
+    app.state.batchers = batchers
+    app.state.config = config
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):  # never leak a traceback or a path
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal error; the server log has the details"}, status_code=500)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg')}"
+                             for e in exc.errors())
+        return JSONResponse({"detail": f"bad request: {problems}"}, status_code=422)
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("x-api-key")
+        auth = request.headers.get("authorization", "")
+        if given is None and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if given is None or not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise HTTPException(401, "missing or wrong API key (send it as the X-API-Key header)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    def model_or_404(name: str) -> Predictor:
+        if name not in by_name:
+            raise HTTPException(404, f"unknown model {name!r}; served: {sorted(by_name)}")
+        return by_name[name]
+
+    async def read_images(predictor: Predictor, files: List[UploadFile]) -> tuple[list, list[str]]:
+        if len(files) > config.max_files:
+            raise HTTPException(413, f"{len(files)} files in one request; at most {config.max_files}")
+        images, names = [], []
+        for i, f in enumerate(files):
+            label = (f.filename or f"file {i + 1}")[:120]
+            data = await f.read(config.max_upload_bytes + 1)
+            if len(data) > config.max_upload_bytes:
+                raise HTTPException(413, f"{label}: larger than the limit of {config.max_upload_bytes:,} bytes")
+            try:
+                images.append(await run_in_threadpool(predictor.decode, data, max_pixels=config.max_pixels, name=label))
+            except ImageError as err:
+                raise HTTPException(err.status, str(err)) from None
+            names.append(label)
+        return images, names
+
+    async def answer(predictor: Predictor, files: List[UploadFile], top_k: Optional[int], request: Request) -> dict:
+        if top_k is None:
+            raw = request.query_params.get("top_k")
+            try:
+                top_k = int(raw) if raw is not None else config.default_top_k
+            except ValueError:
+                raise HTTPException(422, f"expected an integer top_k, received {raw[:20]!r}") from None
+        if top_k < 1:
+            raise HTTPException(422, f"expected top_k >= 1, received top_k={top_k}")
+        images, names = await read_images(predictor, files)
+        try:
+            rows = await batchers[predictor.name].predict(images)
+        except Overloaded as err:
+            raise HTTPException(503, str(err), headers={"Retry-After": str(err.retry_after)}) from None
+        import torch
+
+        tops = predictor.top_k(torch.stack(rows), top_k)
+        return {"model": predictor.name, "tta": predictor.tta,
+                "predictions": [{"file": n, "label": t[0]["class"], "top": t} for n, t in zip(names, tops)]}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/health", summary="Liveness, the served models and the batching counters")
+    async def health() -> dict:
+        return {"status": "ok", "models": list(by_name), "default_model": default, "auth": api_key is not None,
+                "batching": config.batching, "explain": _explain_available(),
+                "stats": {name: b.stats.as_dict() for name, b in batchers.items()}}
+
+    @app.get("/models", dependencies=[Depends(check_key)], summary="Every served model")
+    async def models() -> dict:
+        return {"default": default, "models": [p.info() for p in predictors]}
+
+    @app.get("/models/{name}", dependencies=[Depends(check_key)], summary="One model: classes, input size, metrics")
+    async def model_info(name: str) -> dict:
+        return model_or_404(name).info()
+
+    @app.post("/predict", dependencies=[Depends(check_key)], summary="Classify images with the default model")
+    async def predict(request: Request, file: List[UploadFile] = File(..., description="image(s), repeatable"),
+                      top_k: Optional[int] = Form(None, description="classes per image (default 5)")) -> dict:
+        return await answer(by_name[default], file, top_k, request)
+
+    @app.post("/models/{name}/predict", dependencies=[Depends(check_key)], summary="Classify images with one model")
+    async def predict_with(name: str, request: Request,
+                           file: List[UploadFile] = File(..., description="image(s), repeatable"),
+                           top_k: Optional[int] = Form(None, description="classes per image (default 5)")) -> dict:
+        return await answer(model_or_404(name), file, top_k, request)
+
+    @app.post("/explain", dependencies=[Depends(check_key)],
+              summary="Grad-CAM overlay (PNG, base64) for the top class of one image")
+    async def explain(file: UploadFile = File(...), model: Optional[str] = Form(None),
+                      target: Optional[int] = Form(None)) -> dict:
+        predictor = model_or_404(model or default)
+        images, names = await read_images(predictor, [file])
+        from imclass.serve.explaining import ExplainUnavailable, gradcam_overlay
+
+        try:
+            return await run_in_threadpool(gradcam_overlay, predictor, images[0], target)
+        except ExplainUnavailable as err:
+            raise HTTPException(501, str(err)) from None
+
+    return app
+
+
+def _explain_available() -> bool:
+    from imclass.serve.explaining import explain_available
+
+    return explain_available()
