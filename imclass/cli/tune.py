@@ -1,0 +1,73 @@
+"""``imclass tune``: hyperparameter search with Optuna (``imclass.train.tune``)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from imclass.cli._common import USER_ERRORS, DataRoot, fail, plain_warnings, print_json
+
+
+def register(app: typer.Typer) -> None:
+    """Add the top-level command ``tune`` to ``app``."""
+    app.command("tune")(tune)
+
+
+def tune(
+    model: str = typer.Option("mlp", "--model", help="Architecture to tune (imclass models list), or knn."),
+    dataset: str = typer.Option("cifar10", "--dataset", help="cifar10, mnist, fashion-mnist or an image folder."),
+    data_root: Optional[str] = DataRoot,
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N training (and test) images."),
+    epochs: int = typer.Option(3, "--epochs", help="Epochs per trial (and for the final retraining)."),
+    trials: int = typer.Option(20, "--trials", help="Finished trials the study should hold (a rerun adds the rest)."),
+    space: Optional[Path] = typer.Option(None, "--space", help="Search space file (.yaml, .toml, .json)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default sqlite:///OUT/study.db)."),
+    study_name: str = typer.Option("imclass-tune", "--study", help="Study name inside the storage."),
+    workers: int = typer.Option(1, "--workers", help="Worker processes on this machine sharing the study."),
+    sampler: str = typer.Option("tpe", "--sampler", help="tpe (default) or random."),
+    pruner: str = typer.Option("median", "--pruner", help="median (default), hyperband or none."),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help="Validation part of the training split."),
+    cv: int = typer.Option(0, "--cv", help="k-fold cross-validation with this many folds instead of one split."),
+    model_option: Optional[List[str]] = typer.Option(None, "--model-option", help="Fixed model option KEY=VALUE."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the splits, the sampler and the training runs."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda."),
+    heartbeat: float = typer.Option(10.0, "--heartbeat", help="Seconds between a trial's heartbeats; a trial "
+                                    "silent for 3 is failed and its parameters retried."),
+    final: bool = typer.Option(True, "--final/--no-final", help="Retrain the best parameters and test them."),
+    out: Path = typer.Option(Path("runs/tune"), "--out", help="Folder of the study, tables, plots and best model."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (best params, val accuracy, ...)."),
+) -> None:
+    """Search hyperparameters on a validation split (or k-fold CV) with Optuna; the test split is read
+    only to evaluate the best parameters at the end. Rerunning the same command resumes the study."""
+    from imclass.cli.train import _parse_model_options
+    from imclass.train.tune import TuneConfig
+    from imclass.train.tune import tune as run_tune
+
+    try:
+        cfg = TuneConfig(
+            model=model, dataset=dataset, data_root=data_root, limit=limit, epochs=epochs, trials=trials,
+            space=str(space) if space is not None else None, storage=storage, study_name=study_name,
+            out=str(out), workers=workers, sampler=sampler, pruner=pruner, val_fraction=val_fraction, cv=cv,
+            seed=seed, device=device, heartbeat=heartbeat, final=final,
+            model_options=_parse_model_options(model_option or []),
+        )
+        with plain_warnings():
+            result = run_tune(cfg)
+    except KeyboardInterrupt:
+        fail(f"interrupted; the study in {out} keeps its finished trials: run the same command to resume", code=130)
+    except USER_ERRORS as err:
+        fail(str(err))
+    if as_json:
+        print_json(result)
+        return
+    if result["best_params"] is None:
+        fail(f"no trial completed ({result['trials']}); see {out / 'trials.csv'}", code=1)
+    typer.echo(f"best trial {result['best_trial']}: validation accuracy {result['val_accuracy']:.2%} "
+               f"({result['selection']}); trials {json.dumps(result['trials'])}")
+    typer.echo(f"best params {json.dumps(result['best_params'])}")
+    if "test_accuracy" in result:
+        typer.echo(f"test accuracy {result['test_accuracy']:.2%} on {result['test_images']:,} test images "
+                   f"(best params retrained on the whole training split); saved {result['model_file']}")
+    typer.echo(f"study, trials.csv and plots in {out}")
