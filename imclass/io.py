@@ -8,6 +8,7 @@ The metadata key ``imclass`` holds a JSON object::
     {"format": 1, "kind": "classifier" | "knn" | "model",
      "architecture": {"name": ..., "options": {...}}  or  {"sequential": <Sequential.get_config()>},
      "classes": [...], "preprocessing": {"mean": [...], "std": [...], "input_size": [C, H, W],
+                                         "resize": int, "crop": int, "interpolation": str (pretrained backbones),
                                          "tta": "none" | "flip" | "flip_translate" | null},
      "final_activation": "softmax" | null, "train_config": {...} | null}
 
@@ -90,11 +91,25 @@ def save(
         from imclass.tta import tta_name
 
         header["preprocessing"]["tta"] = tta_name(tta)
+    _record_image_preprocessing(obj, header["preprocessing"])
     if train_config is None and hasattr(obj, "training_config"):
         train_config = obj.training_config() or None  # the Classifier's compile options
     header["train_config"] = _jsonable(train_config, "train_config")
     _write_atomic(path, tensors, header)
     return path
+
+
+def _record_image_preprocessing(obj: Any, pre: dict) -> None:
+    """Add ``resize``, ``crop`` and ``interpolation`` of a pretrained backbone's preprocessing (an
+    ``imclass.models.weights.Preprocessing`` on the object or its model) to the file's ``preprocessing``."""
+    found = getattr(obj, "preprocessing", None) or getattr(getattr(obj, "model", None), "preprocessing", None)
+    if not hasattr(found, "to_dict"):
+        return
+    d = found.to_dict()
+    pre.update({k: d[k] for k in ("resize", "crop", "interpolation")})
+    for k in ("input_size", "mean", "std"):
+        if pre.get(k) is None:
+            pre[k] = d[k]
 
 
 def _module_payload(model: nn.Module, *, kind: str, classes, mean, std, input_size) -> tuple[dict, dict]:
@@ -215,6 +230,10 @@ def load(path: str | os.PathLike, *, device: str = "auto") -> Any:
     clf.input_size = tuple(pre["input_size"]) if pre.get("input_size") else None
     clf.tta = pre.get("tta")
     clf.train_config = header.get("train_config")
+    if pre.get("crop") and pre.get("mean") and pre.get("input_size"):  # resize / centre-crop of pretrained weights
+        from imclass.models.weights import Preprocessing
+
+        clf.preprocessing = model.preprocessing = Preprocessing.from_dict(pre)
     return clf
 
 

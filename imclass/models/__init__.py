@@ -11,7 +11,7 @@ from imclass.models._registry import create, names, register_model, register_pre
 __all__ = ["create", "names", "register_model", "register_prefix"]
 
 # Families that register themselves on import (one module per family).
-_FAMILIES = ["course", "lenet", "alexnet", "resnet", "fastnet", "timm_models", "torchvision_models"]
+_FAMILIES = ["course", "lenet", "alexnet", "resnet", "fastnet", "timm_models", "torchvision_models", "transfer_net"]
 
 for _family in _FAMILIES:
     importlib.import_module(f"imclass.models.{_family}")

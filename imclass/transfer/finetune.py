@@ -1,0 +1,263 @@
+"""Transfer learning in two stages, all through ``Classifier.fit`` (the one training engine).
+
+    model = transfer("mobilenetv2_100", num_classes=5, weights="imagenet", head="course")
+    result = fine_tune(model, train, epochs=2, freeze_epochs=30, validation=val)
+    result.classifier.evaluate(...)
+
+Stage 1: the backbone is frozen, its pooled features computed once (``extract_features``, cached)
+and the head trained on them: the engine sees the feature vectors as (N, 1, 1, D) float "images".
+Stage 2: all of the backbone, or its last N stages, is unfrozen and the whole network trained on
+the images with per-group (discriminative) learning rates: the head at ``lr``, the top unfrozen
+stage at ``lr * backbone_lr_ratio``, each stage below it ``lr_decay`` times lower.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from imclass.models.transfer_net import TransferNet, head_config
+from imclass.models.weights import LoadReport, Preprocessing, apply_weights, backbone_name, KNOWN_WEIGHTS
+from imclass.transfer.features import FeatureCache, extract_features
+
+__all__ = ["FineTuneResult", "backbone_groups", "fine_tune", "freeze", "resize_for", "transfer", "unfreeze"]
+
+
+def transfer(
+    backbone: str,
+    num_classes: int,
+    weights: str | os.PathLike | None = "imagenet",
+    head: str | list | dict = "course",
+    *,
+    weights_dir: str | os.PathLike | None = None,
+    input_size: int | None = None,
+    strict: bool = True,
+    **backbone_options: Any,
+) -> TransferNet:
+    """A pretrained ``backbone`` (timm or torchvision name) without its top, then a new ``head``.
+
+    ``head``: ``"course"`` (GAP -> Dense 1024 relu -> Dense 200 relu -> Dense ``num_classes``),
+    ``"linear"``, or a list of ``imclass.layers``. The backbone starts frozen. The model carries
+    ``load_report`` (what ``apply_weights`` loaded) and ``preprocessing`` (what the weights expect,
+    at ``input_size`` when given).
+    """
+    from imclass.models import create
+
+    if num_classes < 1:
+        raise ValueError(f"expected num_classes >= 1, received num_classes={num_classes}")
+    name = backbone_name(backbone)
+    bare = name.split(":", 1)[1]
+    known = KNOWN_WEIGHTS.get(bare)
+    if known is not None and weights is not None:
+        backbone_options = {**known.options, **backbone_options}
+    probe = create(name, num_classes=0, **backbone_options)
+    d = getattr(probe, "num_features", None)
+    config = head_config(head, int(d) if isinstance(d, int) and d > 0 else _probe_features(probe), num_classes)
+    model = create("transfer_net", backbone=name, num_classes=num_classes, head=config,
+                   backbone_options=backbone_options)
+    model.backbone.load_state_dict(probe.state_dict())  # the same initialisation as the probe
+    report = apply_weights(model.backbone, bare, weights, weights_dir=weights_dir, strict=strict)
+    pre = report.preprocessing or Preprocessing()
+    model.load_report = report
+    model.preprocessing = pre.with_size(input_size) if input_size else pre
+    freeze(model.backbone)
+    return model
+
+
+def _probe_features(net: nn.Module) -> int:
+    from imclass.models.transfer_net import _num_features
+
+    return _num_features(net)
+
+
+# --------------------------------------------------------------------------------------------
+# freezing
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Stop gradients to every parameter of ``module`` (its batch norm then stays in eval mode
+    inside a ``TransferNet``). Returns ``module``."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def backbone_groups(backbone: nn.Module) -> list[list[nn.Parameter]]:
+    """The backbone's parameters in stages, input to output: timm's coarse ``group_matcher`` when the
+    model has one (stem, each block stage, head convolution), else its top-level children."""
+    named = dict(backbone.named_parameters())
+    if hasattr(backbone, "group_matcher"):
+        from timm.models import group_parameters
+
+        groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
+        return [[named[n] for n in names if n in named] for _, names in sorted(groups.items())]
+    children = [m for m in backbone.children() if any(True for _ in m.parameters())]
+    if len(children) == 1:  # e.g. torchvision's `features` Sequential holding every stage
+        children = [m for m in children[0].children() if any(True for _ in m.parameters())]
+    return [list(m.parameters()) for m in children]
+
+
+def unfreeze(model: TransferNet, stages: int | str = "all") -> list[list[nn.Parameter]]:
+    """Let gradients reach the head and ``stages`` ("all", or the last N backbone stages).
+    Returns the unfrozen backbone groups, top (nearest the head) first."""
+    groups = backbone_groups(model.backbone)
+    if stages == "all":
+        chosen = groups
+    elif isinstance(stages, int) and not isinstance(stages, bool) and stages >= 0:
+        chosen = groups[len(groups) - stages:] if stages else []
+    else:
+        raise ValueError(f"expected stages 'all' or an integer >= 0, received stages={stages!r}")
+    freeze(model.backbone)
+    for group in chosen:
+        for p in group:
+            p.requires_grad_(True)
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+    return list(reversed(chosen))
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+def resize_for(images: torch.Tensor, pre: Preprocessing, batch_size: int = 256) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> uint8 (N, C, crop, crop): shorter side to ``pre.resize``, centre crop,
+    in batches (a no-op when the images already have the crop size)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    if tuple(images.shape[-2:]) == (pre.crop, pre.crop):
+        return images
+    mode = getattr(TF.InterpolationMode, pre.interpolation.upper())
+    out = torch.empty((len(images), images.shape[1], pre.crop, pre.crop), dtype=torch.uint8)
+    for s in range(0, len(images), batch_size):
+        x = TF.resize(images[s : s + batch_size], pre.resize, interpolation=mode, antialias=True)
+        out[s : s + batch_size] = TF.center_crop(x, [pre.crop, pre.crop])
+    return out
+
+
+def _pair(data: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
+    from imclass.train.classifier import _as_data
+
+    return _as_data(data, name)
+
+
+@dataclass
+class FineTuneResult:
+    """What ``fine_tune`` produced: the trained classifier (whole network, images in), the head
+    stage's and the fine-tuning stage's histories, and seconds per stage."""
+
+    classifier: Any
+    head_history: Any = None
+    fine_history: Any = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def val_accuracy(self) -> float | None:
+        """The validation accuracy after the last stage that ran (None without validation)."""
+        for h in (self.fine_history, self.head_history):
+            if h is not None and h.history.get("val_accuracy"):
+                return float(h.history["val_accuracy"][-1])
+        return None
+
+
+def fine_tune(
+    model: TransferNet,
+    data: Any,
+    epochs: int = 0,
+    freeze_epochs: int = 20,
+    *,
+    validation: Any = None,
+    classes: Sequence[str] | None = None,
+    unfreeze_stages: int | str = "all",
+    lr: float = 1e-3,
+    head_lr: float | None = None,
+    backbone_lr_ratio: float = 0.1,
+    lr_decay: float = 0.7,
+    weight_decay: float = 1e-4,
+    batch_size: int = 32,
+    head_batch_size: int = 64,
+    augment: Any = "auto",
+    seed: int = 0,
+    cache: FeatureCache | str | os.PathLike | None = None,
+    amp: str | None = "auto",
+    callbacks: Sequence[Any] = (),
+    verbose: bool = False,
+) -> FineTuneResult:
+    """Stage 1: ``freeze_epochs`` epochs of the head on cached frozen features; stage 2: ``epochs``
+    epochs of the whole network (``unfreeze_stages``: "all" or the last N) with discriminative
+    learning rates. ``data``/``validation``: ``ImageDataset`` or ``(uint8 images, labels)``, any
+    image size (resized and centre-cropped as ``model.preprocessing`` says); ``validation`` may be
+    a fraction (seeded stratified split). Returns the classifier of the whole network."""
+    from imclass.data.split import split_indices
+    from imclass.train import Classifier, cpu_has_native_bf16
+
+    if not isinstance(model, TransferNet):
+        raise TypeError(f"expected a TransferNet (from imclass.transfer.transfer), received {type(model).__name__}")
+    if epochs < 0 or freeze_epochs < 0:
+        raise ValueError(f"expected epochs >= 0 and freeze_epochs >= 0, received {epochs} and {freeze_epochs}")
+    pre: Preprocessing = getattr(model, "preprocessing", None) or Preprocessing()
+    images, labels, data_classes = _pair(data, "data")
+    classes = list(classes) if classes is not None else data_classes or [str(i) for i in range(int(labels.max()) + 1)]
+    if model.num_classes is not None and model.num_classes != len(classes):
+        raise ValueError(f"the model's head has {model.num_classes} outputs but the data has {len(classes)} classes")
+    if isinstance(validation, float):
+        keep, held = split_indices(labels, validation, seed=seed)
+        val = (images[held], labels[held])
+        images, labels = images[keep], labels[keep]
+    elif validation is not None:
+        v_images, v_labels, _ = _pair(validation, "validation")
+        val = (v_images, v_labels)
+    else:
+        val = None
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    images = resize_for(images, pre)
+    val = (resize_for(val[0], pre), val[1]) if val is not None else None
+    seconds["resize"] = time.perf_counter() - t0
+    result = FineTuneResult(classifier=None, seconds=seconds)
+
+    if freeze_epochs:
+        freeze(model.backbone)
+        t0 = time.perf_counter()
+        feats = extract_features(model.backbone, images, pre, cache=cache, amp=amp)
+        v_feats = extract_features(model.backbone, val[0], pre, cache=cache, amp=amp) if val is not None else None
+        seconds["features"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        head = nn.Sequential(nn.Flatten(), model.head)  # (N, 1, 1, D) feature "images" -> logits
+        head_clf = Classifier(head, classes=classes, mean=[0.0], std=[1.0], device="cpu")
+        head_clf.compile("adamw", lr=head_lr or lr, weight_decay=weight_decay, schedule="cosine")
+        as_images = lambda f: f.reshape(len(f), 1, 1, -1)  # (N, D) -> (N, 1, 1, D)
+        result.head_history = head_clf.fit(
+            (as_images(feats), labels), epochs=freeze_epochs, batch_size=head_batch_size,
+            validation=(as_images(v_feats), val[1]) if val is not None else None, seed=seed, verbose=verbose,
+        )
+        seconds["head"] = time.perf_counter() - t0
+
+    clf = Classifier(model, classes=classes, mean=list(pre.mean), std=list(pre.std), device="cpu")
+    clf.input_size = (images.shape[1], pre.crop, pre.crop)
+    if epochs:
+        t0 = time.perf_counter()
+        groups = unfreeze(model, unfreeze_stages)
+        param_groups = [{"params": [p for p in model.head.parameters()], "lr": lr}]
+        for i, group in enumerate(groups):
+            param_groups.append({"params": group, "lr": lr * backbone_lr_ratio * lr_decay**i})
+        optimizer = torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
+        native = amp == "bf16" or (amp == "auto" and cpu_has_native_bf16())
+        clf.compile(optimizer, schedule="cosine", amp="bf16" if native else None)
+        if augment == "auto":
+            from imclass.data.augment import CropFlip
+
+            augment = CropFlip(padding=max(1, pre.crop // 14))
+        result.fine_history = clf.fit((images, labels), epochs=epochs, batch_size=batch_size, validation=val,
+                                      augment=augment, seed=seed, callbacks=callbacks, verbose=verbose)
+        seconds["fine_tune"] = time.perf_counter() - t0
+        freeze(model.backbone)
+    else:
+        clf.compile("adamw", lr=lr)  # the classifier evaluates and saves like any other
+    clf.model.eval()
+    result.classifier = clf
+    return result
