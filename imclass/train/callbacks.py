@@ -356,3 +356,106 @@ class LRFinder(Callback):
         self._best = min(self._best, smoothed)
         if not math.isfinite(loss) or smoothed > self.diverge * self._best or i + 1 >= self.num_steps:
             state.stop_training = True
+
+
+def _set_lr(state: TrainState, lr: float) -> None:
+    # initial_lr too: the engine recomputes lr = initial_lr * schedule factor before each batch
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+        group["initial_lr"] = lr
+
+
+class ReduceLROnPlateau(Callback):
+    """Multiply the learning rate by ``factor`` when ``monitor`` has not improved by more than
+    ``min_delta`` for ``patience`` epochs, then wait ``cooldown`` epochs; never below ``min_lr`` (Keras)."""
+
+    order = 40
+
+    def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 10, verbose: int = 0,
+                 mode: str = "auto", min_delta: float = 1e-4, cooldown: int = 0, min_lr: float = 0.0) -> None:
+        if not 0.0 < factor < 1.0:
+            raise ValueError(f"expected 0 < factor < 1, received factor={factor}")
+        if patience < 0 or cooldown < 0 or min_lr < 0:
+            raise ValueError(f"expected patience, cooldown, min_lr >= 0, received {patience}, {cooldown}, {min_lr}")
+        self._m = _Monitor(monitor, mode, min_delta)
+        self.factor, self.patience, self.cooldown, self.min_lr = factor, patience, cooldown, min_lr
+        self.verbose = verbose
+        self.wait = 0
+        self.cooldown_left = 0
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        value = self._m.value(state)
+        if self.cooldown_left > 0:
+            self.cooldown_left -= 1
+            self.wait = 0
+        if self._m.improved(value):
+            self._m.best, self.wait = value, 0
+            return
+        if self.cooldown_left > 0:
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            old = float(state.optimizer.param_groups[0]["initial_lr"])
+            new = max(old * self.factor, self.min_lr)
+            if new < old:
+                _set_lr(state, new)
+                if self.verbose:
+                    print(f"Epoch {state.epoch + 1}: ReduceLROnPlateau reducing learning rate to {new:.4g}.")
+            self.cooldown_left, self.wait = self.cooldown, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self._m.best, "wait": self.wait, "cooldown_left": self.cooldown_left}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._m.best, self.wait, self.cooldown_left = state["best"], state["wait"], state["cooldown_left"]
+
+
+class LearningRateScheduler(Callback):
+    """Set the learning rate at each epoch start to ``schedule(epoch, lr)`` (epoch from 0, ``lr`` the
+    current rate), as Keras does; ``schedule(epoch)`` with one argument works too."""
+
+    order = 40
+
+    def __init__(self, schedule, verbose: int = 0) -> None:
+        if not callable(schedule):
+            raise TypeError(f"expected a callable schedule(epoch, lr) -> lr, received {schedule!r}")
+        self.schedule, self.verbose = schedule, verbose
+
+    def on_epoch_begin(self, state: TrainState) -> None:
+        lr = float(state.optimizer.param_groups[0]["lr"])
+        try:
+            new = self.schedule(state.epoch, lr)
+        except TypeError:
+            new = self.schedule(state.epoch)  # the one-argument form
+        if not isinstance(new, (int, float)) or isinstance(new, bool) or not math.isfinite(new) or new < 0:
+            raise ValueError(f"the learning-rate schedule returned {new!r} for epoch {state.epoch}; expected a number >= 0")
+        _set_lr(state, float(new))
+        if self.verbose:
+            print(f"Epoch {state.epoch + 1}: LearningRateScheduler setting learning rate to {new:.4g}.")
+
+
+class EpochLogger(Callback):
+    """One line per epoch on stdout (Keras's ``verbose=2``): for logs and pipes, where a progress
+    bar's redraws would be noise. ``Classifier.fit(verbose=True)`` uses it when stdout is not a terminal."""
+
+    order = 100
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        logs = state.logs
+        parts = [f"Epoch {state.epoch + 1}/{state.epochs}", f"{logs.get('seconds', 0.0):.0f}s"]
+        parts += [f"{k}: {v:.4f}" for k, v in logs.items() if k not in ("epoch", "seconds", "lr")
+                  and isinstance(v, (int, float))]
+        parts.append(f"lr: {logs.get('lr', float('nan')):.3g}")
+        print(" - ".join(parts), flush=True)
+
+
+def progress_callbacks(verbose: bool | int) -> list[Callback]:
+    """What ``fit(verbose=...)`` shows: nothing (``0``/False), a progress bar (``1``/True on a terminal)
+    or one line per epoch (``2``, or ``True`` when stdout is not a terminal: logs, pipes, CI)."""
+    import sys
+
+    if not verbose:
+        return []
+    if verbose == 2 or not (hasattr(sys.stdout, "isatty") and sys.stdout.isatty()):
+        return [EpochLogger()]
+    return [ProgressBar()]

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -27,12 +28,13 @@ from imclass.data.augment import make_augment
 from imclass.data.dataset import ImageDataset
 from imclass.data.loader import TensorLoader, derive_seed
 from imclass.train import checkpoint as ckpt
-from imclass.train.callbacks import LRFinder, ProgressBar, run_event, sort_callbacks
+from imclass.train.callbacks import LRFinder, ProgressBar, progress_callbacks, run_event, sort_callbacks
 from imclass.train.memory import retain_freed_memory
 from imclass.train.optim import make_optimizer, make_schedule
 from imclass.train.state import History, TrainingDiverged, TrainState
 
-LOSSES = ("cross_entropy",)
+# "cross_entropy" plus Keras's names (imclass.losses): categorical (one-hot or soft labels), sparse, binary
+LOSSES = ("cross_entropy", "categorical_crossentropy", "sparse_categorical_crossentropy", "binary_crossentropy")
 METRICS = ("accuracy",)
 AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
@@ -100,8 +102,26 @@ def _as_data(data: Any, name: str = "data") -> tuple[torch.Tensor, torch.Tensor,
         return data.images, data.labels, list(data.classes)
     if isinstance(data, (tuple, list)) and len(data) == 2:
         images = as_images(data[0], name=f"{name} images")
-        return images, as_labels(data[1], len(images), name=f"{name} labels"), None
+        return images, _as_targets(data[1], len(images), name=f"{name} labels"), None
     raise TypeError(f"expected {name} as an ImageDataset or an (images, labels) pair, received {type(data).__name__}")
+
+
+def _as_targets(y: Any, n: int, name: str) -> torch.Tensor:
+    """Integer labels (N,) via ``as_labels``, or one-hot / soft labels (N, classes) kept as float32."""
+    t = y if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y))
+    if t.ndim == 2 and t.shape[1] > 1:
+        if len(t) != n:
+            raise ValueError(f"expected {n} {name} (one per image), received {len(t)}")
+        return t.float()
+    return as_labels(t, n, name=name)
+
+
+def _correct(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Correct predictions in a batch: argmax of the logits (one output: logit > 0) against the labels
+    (the argmax of one-hot / soft labels)."""
+    labels = targets.argmax(1) if targets.ndim == 2 else targets
+    pred = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+    return (pred == labels).sum()
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
@@ -209,15 +229,29 @@ class Classifier:
         if amp is not None and amp not in AMP_DTYPES:
             raise ValueError(f"expected amp None, 'bf16' or 'fp16', received amp={amp!r}")
         if isinstance(loss, str) and loss not in LOSSES:
-            raise ValueError(f"expected loss in {LOSSES} or a callable, received loss={loss!r}")
-        if isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"expected loss in {LOSSES}, an imclass.losses object or a callable, received loss={loss!r}")
+        if isinstance(loss, str) and loss != "cross_entropy" or hasattr(loss, "logits_loss"):
+            from imclass import losses
+
+            keras_loss = losses.get(loss)
+            if label_smoothing and not keras_loss.label_smoothing:
+                keras_loss.label_smoothing = label_smoothing
+            loss = keras_loss
+        from imclass.optimizers import Optimizer as KerasOptimizer
+
+        if isinstance(optimizer, KerasOptimizer):  # imclass.optimizers.Adam(lr=...): Keras decay/schedules as factors
+            schedule = optimizer.lr_factor if schedule is None else schedule
+            grad_clip = optimizer.clipnorm if grad_clip is None else grad_clip
+            self.optimizer, opt_name = optimizer.build(self.model.parameters()), optimizer.name
+        elif isinstance(optimizer, torch.optim.Optimizer):
             self.optimizer, opt_name = optimizer, type(optimizer).__name__.lower()
         elif isinstance(optimizer, str):
             self.optimizer = make_optimizer(optimizer, self.model.parameters(), lr=lr, weight_decay=weight_decay,
                                             momentum=momentum, nesterov=nesterov)
             opt_name = optimizer.lower()
         else:
-            raise TypeError(f"expected optimizer as a name or a torch.optim.Optimizer, received {type(optimizer).__name__}")
+            raise TypeError("expected optimizer as a name, an imclass.optimizers object or a torch.optim.Optimizer, "
+                            f"received {type(optimizer).__name__}")
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         if self.device.type != "cuda" and (amp in ("fp16", "float16") or compile):
@@ -229,14 +263,16 @@ class Classifier:
             channels_last = any(isinstance(m, torch.nn.Conv2d) for m in self.model.modules())
         self.config = TrainConfig(
             optimizer=opt_name, lr=float(self.optimizer.param_groups[0]["initial_lr"]),
-            loss=loss if isinstance(loss, str) else getattr(loss, "__name__", "custom"),
+            loss=loss if isinstance(loss, str) else getattr(loss, "name", None) or getattr(loss, "__name__", "custom"),
             label_smoothing=label_smoothing, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
             schedule=schedule if isinstance(schedule, (str, dict)) or schedule is None else "custom",
             warmup_epochs=warmup_epochs, metrics=tuple(metrics), l2=l2, grad_clip=grad_clip, amp=amp,
             compile=compile, channels_last=channels_last,
         )
         self._schedule_spec = schedule
-        if callable(loss):
+        if hasattr(loss, "logits_loss"):
+            self._loss_fn = loss.logits_loss
+        elif callable(loss):
             self._loss_fn = loss
         else:
             self._loss_fn = lambda logits, y: F.cross_entropy(logits, y, label_smoothing=label_smoothing)
@@ -300,9 +336,10 @@ class Classifier:
         seed: int | None = None,
         checkpoint_dir: str | Path | None = None,
         resume: bool = False,
-        verbose: bool = True,
+        verbose: bool | int = True,
         checkpoint_every: int | None = None,
         validation_batch_size: int = 512,
+        shuffle: bool = True,
     ) -> History:
         """Train for ``epochs`` epochs; returns the :class:`History` (also ``self.history``).
 
@@ -343,13 +380,13 @@ class Classifier:
         if self.mean is None:
             self.mean, self.std = channel_stats(images)
         self.input_size = tuple(images.shape[1:])
-        loader = TensorLoader(images, labels, batch_size, shuffle=True, seed=seed, device=self.device)
+        loader = TensorLoader(images, labels, batch_size, shuffle=shuffle, seed=seed, device=self.device)
         steps_per_epoch = len(loader)
         factor, torch_scheduler = self._make_schedule(epochs, steps_per_epoch)
         user_cbs = list(callbacks)  # their states are saved in this order (stable across verbose on/off)
         run = _Run(
             loader=loader, factor=factor, torch_scheduler=torch_scheduler, augment=make_augment(augment),
-            aug_gen=torch.Generator(device=self.device), callbacks=sort_callbacks(user_cbs + [ProgressBar()] * verbose),
+            aug_gen=torch.Generator(device=self.device), callbacks=sort_callbacks(user_cbs + progress_callbacks(verbose)),
             user_callbacks=user_cbs, ckpt_path=ckpt_path, checkpoint_every=checkpoint_every, val=val,
             val_batch_size=validation_batch_size, meta={"seed": seed, "n_train": len(images), "batch_size": batch_size},
         )
@@ -439,7 +476,7 @@ class Classifier:
             logits = self._forward(x)
         if logits.ndim != 2 or logits.shape[0] != len(yb):
             raise ValueError(f"expected the model to return logits (N={len(yb)}, classes), received {tuple(logits.shape)}")
-        if logits.shape[1] < len(self.classes):
+        if logits.shape[1] < len(self.classes) and not (logits.shape[1] == 1 and len(self.classes) == 2):
             raise ValueError(
                 f"the model outputs {logits.shape[1]} logits per image but the data has {len(self.classes)} classes"
             )
@@ -458,7 +495,7 @@ class Classifier:
             self._clip()
             self.optimizer.step()
         loss = loss.detach()
-        correct = (logits.detach().argmax(1) == yb).sum()
+        correct = _correct(logits.detach(), yb)
         return loss, correct
 
     def _clip(self) -> None:
@@ -492,10 +529,19 @@ class Classifier:
 
     def _set_classes(self, classes, labels) -> None:
         if self.classes is None:
-            self.classes = classes if classes is not None else [str(i) for i in range(int(labels.max()) + 1)]
+            n = labels.shape[1] if labels.ndim == 2 else max(int(labels.max()) + 1, 2 if self._binary() else 1)
+            self.classes = classes if classes is not None else [str(i) for i in range(n)]
         self._check_labels(labels, "labels")
 
+    def _binary(self) -> bool:
+        return self.config is not None and self.config.loss == "binary_crossentropy"
+
     def _check_labels(self, labels: torch.Tensor, name: str) -> None:
+        if labels.ndim == 2:
+            if labels.shape[1] != len(self.classes):
+                raise ValueError(f"expected one-hot {name} with {len(self.classes)} columns (one per class), "
+                                 f"received shape {tuple(labels.shape)}")
+            return
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(self.classes)):
             raise ValueError(
                 f"expected {name} in 0..{len(self.classes) - 1} ({len(self.classes)} classes), "
@@ -614,7 +660,7 @@ class Classifier:
         labels = labels.to(logits.device)
         loss_fn = self._loss_fn or F.cross_entropy
         loss = loss_fn(logits, labels)
-        correct = (logits.argmax(1) == labels).sum()
+        correct = _correct(logits, labels)
         values = torch.stack([loss.float(), correct.float()]).tolist()
         return {"accuracy": values[1] / len(labels), "loss": values[0], "n": len(labels)}
 
@@ -636,11 +682,16 @@ class Classifier:
 
     def predict_proba(self, x: Any, batch_size: int = 512, tta: Any = None) -> torch.Tensor:
         """Class probabilities (N, num_classes): the softmax of the logits; columns follow ``classes``."""
-        return self.predict_logits(x, batch_size, tta).softmax(1)
+        logits = self.predict_logits(x, batch_size, tta)
+        if logits.shape[1] == 1:  # one sigmoid output (binary_crossentropy): P(class 1)
+            p = logits.sigmoid()
+            return torch.cat([1 - p, p], 1)
+        return logits.softmax(1)
 
     def predict(self, x: Any, batch_size: int = 512, tta: Any = None) -> torch.Tensor:
         """Predicted class indices as an int64 tensor (N,)."""
-        return self.predict_logits(x, batch_size, tta).argmax(1)
+        logits = self.predict_logits(x, batch_size, tta)
+        return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
 
     # ------------------------------------------------------------------ learning-rate finder
     def lr_find(self, data: Any, start_lr: float = 1e-7, end_lr: float = 10.0, num_steps: int = 100,
