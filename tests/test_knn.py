@@ -10,10 +10,12 @@ from PIL import Image
 from sklearn.neighbors import KNeighborsClassifier
 
 import imclass
-from imclass import _knn_kernels
-from imclass.knn import KNN, NearestNeighbor, choose_k, neighbour_grid
+from imclass.knn import KNN, NearestNeighbor, _knn_int8, _knn_kernels, _select, choose_k, neighbour_grid
 
 BACKENDS = ["torch"] + (["numba"] if _knn_kernels.available() else [])
+L2_BACKENDS = BACKENDS + (["int8"] if _knn_int8.exact_here(3072) else [])
+# every exact kernel for each metric: L1 (torch, numba), L2 (torch, numba, int8)
+KERNELS = [("l1", b) for b in BACKENDS] + [("l2", b) for b in L2_BACKENDS]
 SK_METRIC = {"l1": "manhattan", "l2": "euclidean", "cosine": "cosine"}
 
 
@@ -47,8 +49,7 @@ def _oracle_l_p(Q, X, metric):
 _SK_ANSWERS: dict = {}  # scikit-learn's (predict, predict_proba), computed once for every backend
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("metric", ["l1", "l2"])
+@pytest.mark.parametrize("metric, backend", KERNELS)
 def test_predictions_equal_sklearn_brute(small, metric, backend):
     x, y, xt, _, X, Q = small
     for weights in ("uniform", "distance"):
@@ -63,8 +64,7 @@ def test_predictions_equal_sklearn_brute(small, metric, backend):
             np.testing.assert_allclose(model.predict_proba(xt).numpy(), sk_proba, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("metric", ["l1", "l2"])
+@pytest.mark.parametrize("metric, backend", KERNELS)
 def test_kneighbors_are_exact_with_ties_broken_by_index(small, metric, backend):
     x, y, xt, _, X, Q = small
     # append copies of training images at later indices: exact distance ties the rule must break by index
@@ -84,6 +84,18 @@ def test_kneighbors_are_exact_with_ties_broken_by_index(small, metric, backend):
     # scikit-learn returns the same neighbour sets (its final sort does not keep index order inside a tie)
     _, sk_idx = _sk(metric, 7, "uniform", X2, y2.numpy()).kneighbors(Q2)
     assert [sorted(r) for r in sk_idx.tolist()] == [sorted(r) for r in idx.tolist()]
+
+
+@pytest.mark.parametrize("metric, backend", KERNELS)
+def test_every_kernel_returns_sklearns_neighbours_and_distances(small, metric, backend):
+    x, y, xt, _, X, Q = small
+    dist, idx = KNN(10, metric=metric, backend=backend).fit(x, y).kneighbors(xt)
+    if ("kneighbors", metric) not in _SK_ANSWERS:
+        _SK_ANSWERS["kneighbors", metric] = _sk(metric, 10, "uniform", X, y.numpy()).kneighbors(Q)
+    sk_dist, sk_idx = _SK_ANSWERS["kneighbors", metric]
+    assert idx.tolist() == sk_idx.tolist()  # no ties among these real images' 10 nearest
+    np.testing.assert_allclose(dist.numpy(), sk_dist, rtol=1e-13, atol=0)
+    np.testing.assert_array_equal(dist.numpy(), np.take_along_axis(_oracle_l_p(Q, X, metric), sk_idx, 1))
 
 
 def test_tied_votes_go_to_the_smallest_label_like_sklearn():
@@ -315,6 +327,75 @@ def test_integer_kernels_match_numpy_including_padding_and_extremes(m, n, d):
     np.testing.assert_array_equal(_knn_kernels.l2_ranking(q, t) + sq, (diff**2).sum(-1))
     with pytest.raises(ValueError, match=r"expected at most 33025 values per row"):
         _knn_kernels.l2_ranking(np.zeros((1, 40000), np.uint8), np.zeros((1, 40000), np.uint8))
+
+
+@pytest.mark.skipif("int8" not in L2_BACKENDS, reason="torch._int_mm is not exact (or absent) on this CPU")
+@pytest.mark.parametrize("m, n, d", [(5, 7, 33), (1, 1, 1), (3, 5, 3072),
+                                     (2, 3, _knn_int8.INT32_RANKING_MAX_FEATURES + 1),  # int64 ranking
+                                     (2, 3, _knn_int8.INT32_DOT_MAX_FEATURES + 7)])  # dot products in two pieces
+def test_int8_kernel_is_exact_at_the_extremes(m, n, d):
+    rng = np.random.default_rng(d)
+    q = rng.integers(0, 256, (m, d), dtype=np.uint8)
+    t = rng.integers(0, 256, (n, d), dtype=np.uint8)
+    q[0], t[0] = 0, 0  # shifted to -128 . -128: the largest dot product
+    if n > 1:
+        t[1] = 255  # 0 against 255: the largest distance
+    diff = q[:, None, :].astype(np.int64) - t[None, :, :].astype(np.int64)
+    qs, ts = _knn_int8.shift(torch.from_numpy(q)), _knn_int8.shift(torch.from_numpy(t))
+    assert qs.dtype == torch.int8 and qs.to(torch.int64).tolist() == (q.astype(np.int64) - 128).tolist()
+    ranking = _knn_int8.l2_ranking(qs, ts, _knn_int8.squared_norms(ts))
+    assert ranking.dtype == (torch.int32 if d <= _knn_int8.INT32_RANKING_MAX_FEATURES else torch.int64)
+    got = ranking.to(torch.int64) + _knn_int8.squared_norms(qs).unsqueeze(1)
+    np.testing.assert_array_equal(got.numpy(), (diff**2).sum(-1))
+
+
+def test_auto_takes_the_kernel_measured_fastest_and_remembers_it(small, tmp_path, monkeypatch):
+    x, y, xt, _, _, _ = small
+    monkeypatch.setenv("IMCLASS_CACHE", str(tmp_path))
+    _select.fastest_l2_kernel.cache_clear()
+    available = _select.available_l2_kernels(3072)
+    assert available[-1] == "torch" and set(available) <= set(L2_BACKENDS)
+    fake = {name: 1.0 + i for i, name in enumerate(reversed(available))}  # the last available one "wins"
+    monkeypatch.setattr(_select, "measure_l2_kernels", lambda d: dict(fake))
+    monkeypatch.setattr(_select, "vnni_here", lambda: False)  # no VNNI: the kernels are timed
+    try:
+        model = KNN(3, metric="l2").fit(x, y)
+        model.predict(xt[:5])
+        assert model.backend_ == available[-1] == "torch"
+        record = json.loads((tmp_path / _select.RECORD_FILE).read_text())
+        assert record[_select.host_key(3072)] == {"kernel": "torch", "reason": "measured", "seconds": fake}
+        # later processes read the record instead of measuring again
+        _select.fastest_l2_kernel.cache_clear()
+        monkeypatch.setattr(_select, "measure_l2_kernels", lambda d: pytest.fail("measured twice"))
+        assert _select.fastest_l2_kernel(3072) == "torch"
+        # a record naming a kernel that cannot run here is not trusted
+        record[_select.host_key(3072)] = {"kernel": "quantum"}
+        (tmp_path / _select.RECORD_FILE).write_text(json.dumps(record))
+        _select.fastest_l2_kernel.cache_clear()
+        monkeypatch.setattr(_select, "measure_l2_kernels", lambda d: {"numba": 2.0, "torch": 3.0})
+        assert _select.fastest_l2_kernel(3072) == "numba"
+        # with VNNI the int8 kernel is taken without timing anything
+        if "int8" in available:
+            (tmp_path / _select.RECORD_FILE).unlink()
+            _select.fastest_l2_kernel.cache_clear()
+            monkeypatch.setattr(_select, "vnni_here", lambda: True)
+            monkeypatch.setattr(_select, "measure_l2_kernels", lambda d: pytest.fail("VNNI needs no timing"))
+            assert _select.l2_choice(3072) == {"kernel": "int8", "reason": "VNNI", "seconds": {}}
+        # the real micro-benchmark times every available exact kernel
+        monkeypatch.undo()
+        seconds = _select.measure_l2_kernels(3072, queries=8, train=64, rounds=1)
+        assert list(seconds) == available and all(0 < s < 10 for s in seconds.values())
+    finally:
+        _select.fastest_l2_kernel.cache_clear()
+
+
+def test_int8_backend_refuses_what_it_cannot_compute_exactly(small):
+    x, y, xt, _, _, _ = small
+    with pytest.raises(ValueError, match=r"backend='int8' computes exact squared L2 distances of uint8 pixels: "
+                                         r"expected metric 'l2' and uint8 images, received metric 'l1' and uint8"):
+        KNN(backend="int8", metric="l1").fit(x, y).predict(xt)
+    with pytest.raises(ValueError, match=r"received metric 'l2' and float data"):
+        KNN(backend="int8").fit(x.float(), y).predict(xt.float())
 
 
 def test_faiss_backend_agrees_on_real_images(small):

@@ -99,6 +99,38 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV_VAR) or DEFAULT_ROOT).expanduser()
 
 
+def recall(file: str, key: str):
+    """The value remembered under ``key`` in ``cache_dir()/file`` (a small JSON object), or None."""
+    try:
+        known = json.loads((cache_dir() / file).read_text())
+    except (OSError, ValueError):
+        return None
+    return known.get(key) if isinstance(known, dict) else None
+
+
+def remember(file: str, key: str, value) -> None:
+    """Store ``value`` (JSON-ready) under ``key`` in ``cache_dir()/file``; silently skipped when it cannot be written.
+
+    The file is replaced atomically: concurrent readers see the old or the new record, never half of one.
+    """
+    record = cache_dir() / file
+    try:
+        known = json.loads(record.read_text())
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    known[key] = value
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{record.name}.", dir=record.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(known, f, indent=0, sort_keys=True)
+        os.replace(tmp, record)
+    except OSError:
+        pass
+
+
 def cached_digest(path: str | os.PathLike, kind: str, compute) -> str:
     """The digest ``kind`` (e.g. ``"sha1"``, ``"sha256:x_train"``) of file ``path``, computed by ``compute()``
     once per file state and remembered in ``cache_dir()/digests.json``, keyed by path, size and mtime.
@@ -110,26 +142,11 @@ def cached_digest(path: str | os.PathLike, kind: str, compute) -> str:
     st = path.stat()
     key = f"{path}|{kind}"
     state = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    record = cache_dir() / DIGESTS_FILE
-    try:
-        known = json.loads(record.read_text())
-        if not isinstance(known, dict):
-            known = {}
-    except (OSError, ValueError):
-        known = {}
-    entry = known.get(key)
+    entry = recall(DIGESTS_FILE, key)
     if isinstance(entry, dict) and all(entry.get(k) == v for k, v in state.items()) and "digest" in entry:
         return str(entry["digest"])
     digest = compute()
-    known[key] = state | {"digest": digest}
-    try:
-        record.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{DIGESTS_FILE}.", dir=record.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(known, f, indent=0, sort_keys=True)
-        os.replace(tmp, record)  # atomic: concurrent readers see the old or the new record, never half of one
-    except OSError:
-        pass
+    remember(DIGESTS_FILE, key, state | {"digest": digest})
     return digest
 
 

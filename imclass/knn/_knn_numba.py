@@ -1,4 +1,4 @@
-"""The numba half of ``imclass._knn_kernels`` (imported only when numba is installed and the CPU has AVX2).
+"""The numba half of ``imclass.knn._knn_kernels`` (imported only when numba is installed and the CPU has AVX2).
 
 Two LLVM intrinsics compute a 4 x 2 block of distances (4 query rows against 2 training rows) with
 ``vpsadbw`` (L1) or ``vpmaddwd`` (dot products) and 8 vector accumulators kept in registers; the drivers

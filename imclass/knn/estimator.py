@@ -14,8 +14,10 @@ whose choice among neighbours tied at the k-th place is arbitrary.)
 uint8 pixels make the distances integers, and imclass computes them EXACTLY, so no rounding can reorder
 two neighbours: L1 as sums of absolute byte differences (a compiled AVX2 kernel when numba is installed,
 else ``torch.cdist`` in float32, exact because every partial sum is an integer below 2^24), squared L2 as
-``|a|^2 + |b|^2 - 2 a.b`` with the dot products from a float64 matrix product (exact: every partial sum is
-an integer below 2^53) or from the integer kernel. Float inputs (or features) take a float64 path.
+``|a|^2 + |b|^2 - 2 a.b`` with the dot products from one of three exact kernels: oneDNN's int8 GEMM on
+pixels shifted by -128 (``torch._int_mm``, int32 sums), the numba ``vpmaddwd`` kernel, or a float64
+matrix product (every partial sum an integer below 2^53). ``backend="auto"`` takes the one measured
+fastest on this host (``imclass.knn._select``). Float inputs (or features) take a float64 path.
 
 The search runs over chunks of queries and of training rows, so memory stays bounded (about
 ``batch_size x train chunk`` distances at a time) whatever the data set size.
@@ -43,7 +45,7 @@ __all__ = ["KNN", "NearestNeighbor", "KSelection", "choose_k", "neighbour_grid"]
 
 METRICS = ("l1", "l2", "cosine")
 WEIGHTS = ("uniform", "distance")
-BACKENDS = ("auto", "torch", "numba", "faiss")
+BACKENDS = ("auto", "torch", "numba", "int8", "faiss")
 _METRIC_ALIASES = {"manhattan": "l1", "cityblock": "l1", "euclidean": "l2"}
 _TRAIN_CHUNK = 4096  # training rows compared with a query chunk at once
 _MAX_BLOCK = 2**23  # query chunk x training chunk distances at once (64 MB of float64), when batch_size is None
@@ -179,9 +181,10 @@ class KNN:
     weights:
         ``"uniform"`` (one vote per neighbour) or ``"distance"`` (votes weighted by 1/distance).
     backend:
-        ``"auto"`` (the compiled numba kernels for uint8 pixels when available, else torch), ``"torch"``,
-        ``"numba"`` (exact integer kernels, uint8 input only) or ``"faiss"`` (float32, needs faiss; ties and
-        near-ties may then be ordered differently).
+        ``"auto"`` (for uint8 pixels: L1 the numba kernel when available, L2 the exact kernel measured
+        fastest on this host; else torch), ``"torch"``, ``"numba"`` (exact integer kernels, uint8 input only),
+        ``"int8"`` (L2 of uint8 pixels by oneDNN's int8 GEMM, exact) or ``"faiss"`` (float32, needs faiss;
+        ties and near-ties may then be ordered differently).
     batch_size:
         queries compared at once (None: chosen to keep about 64 MB of distances in memory).
     verbose:
@@ -254,9 +257,17 @@ class KNN:
 
     # -- search ----------------------------------------------------------------------------------
     def _resolve_backend(self, exact: bool) -> str:
-        from imclass import _knn_kernels
+        from imclass.knn import _knn_int8, _knn_kernels, _select
 
         backend = self.backend
+        if backend == "int8":
+            if not exact or self.metric_ != "l2":
+                raise ValueError(f"backend='int8' computes exact squared L2 distances of uint8 pixels: expected "
+                                 f"metric 'l2' and uint8 images, received metric {self.metric_!r} and "
+                                 f"{'uint8' if exact else 'float'} data")
+            if not _knn_int8.exact_here(self.n_features_in_):
+                raise RuntimeError("backend='int8' needs torch._int_mm (oneDNN int8 GEMM) exact on this CPU, which "
+                                   "it is not here: use backend='numba' or 'torch'")
         if backend == "numba":
             if not _knn_kernels.available():
                 raise RuntimeError("backend='numba' needs numba and an x86-64 CPU with AVX2: pip install numba")
@@ -271,28 +282,41 @@ class KNN:
             except ImportError as err:
                 raise RuntimeError("backend='faiss' needs faiss: pip install faiss-cpu") from err
         if backend == "auto":
-            fast = (exact and self.metric_ in _knn_kernels.FAST_METRICS and _knn_kernels.available()
-                    and (self.metric_ != "l2" or self.n_features_in_ <= _knn_kernels.MAX_L2_FEATURES))
-            backend = "numba" if fast else "torch"
+            if exact and self.metric_ == "l2":  # three exact kernels: the one measured fastest on this host
+                backend = _select.fastest_l2_kernel(self.n_features_in_)
+            else:
+                fast = exact and self.metric_ == "l1" and _knn_kernels.available()
+                backend = "numba" if fast else "torch"
         return backend
 
-    def _block_fn(self, backend: str, exact: bool) -> Callable[[torch.Tensor, slice], torch.Tensor]:
-        """A function (query rows, training slice) -> ranking distances, with train-side values cached."""
+    def _block_fn(self, backend: str, exact: bool) -> tuple[Callable[[torch.Tensor, slice], torch.Tensor],
+                                                             Callable[[torch.Tensor], torch.Tensor] | None]:
+        """(block, row constant): ``block(query rows, training slice)`` -> ranking distances (train-side values
+        cached); ``row constant(query rows)`` -> (m, 1) to add after the selection, or None."""
         metric, X = self.metric_, self._fit_X
+        if backend == "int8":
+            from imclass.knn import _knn_int8
+
+            train = self._cached("int8_rows", lambda: _knn_int8.shift(X))
+            tsq = self._cached("int8_sqnorm", lambda: _knn_int8.squared_norms(train))
+            # ranking |s_t|^2 - 2 s_q.s_t of the shifted pixels s = u - 128; |s_q|^2 is added after the selection
+            return (lambda q, s: _knn_int8.l2_ranking(_knn_int8.shift(q), train[s], tsq[s]),
+                    lambda q: _knn_int8.squared_norms(_knn_int8.shift(q)).unsqueeze(1))
         if backend == "numba":
-            from imclass import _knn_kernels
+            from imclass.knn import _knn_kernels
 
             train = self._cached("numba_rows", lambda: _knn_kernels.prepare(X.numpy()))
             if metric == "l1":
-                return lambda q, s: torch.from_numpy(_knn_kernels.l1_distances(q.numpy(), train[s]))
+                return lambda q, s: torch.from_numpy(_knn_kernels.l1_distances(q.numpy(), train[s])), None
             tsq = self._cached("sqnorm_int", lambda: _knn_kernels.squared_norms(X.numpy()))
             # ranking distances |t|^2 - 2 q.t: the row constant |q|^2 is added back after the selection
-            return lambda q, s: torch.from_numpy(_knn_kernels.l2_ranking(q.numpy(), train[s], tsq[s]))
+            return (lambda q, s: torch.from_numpy(_knn_kernels.l2_ranking(q.numpy(), train[s], tsq[s])),
+                    lambda q: (q.long() ** 2).sum(1, keepdim=True))
         if metric == "l1":
-            return lambda q, s: _l1_block_torch(q, X[s], exact)
+            return (lambda q, s: _l1_block_torch(q, X[s], exact)), None
         tn = self._cached(f"norms_{metric}", lambda: _norms(X, metric))
         block = _l2_block_torch if metric == "l2" else _cosine_block
-        return lambda q, s: block(q, X[s], _norms(q, metric), tn[s])
+        return (lambda q, s: block(q, X[s], _norms(q, metric), tn[s])), None
 
     def _cached(self, key: str, make: Callable[[], Any]) -> Any:
         if key not in self._cache:
@@ -309,8 +333,7 @@ class KNN:
         n = self.n_samples_fit_
         chunk = _TRAIN_CHUNK if backend == "torch" else 4 * _TRAIN_CHUNK
         batch = self.batch_size or max(64, _MAX_BLOCK // min(n, chunk))
-        block = self._block_fn(backend, exact)
-        row_constant = backend == "numba" and self.metric_ == "l2"  # its ranking leaves out |q|^2
+        block, row_constant = self._block_fn(backend, exact)  # integer L2 rankings leave out |q|^2
         from tqdm.auto import tqdm
 
         out_d, out_i = [], []
@@ -322,8 +345,8 @@ class KNN:
                 vals, idx = _smallest_k(block(q, slice(t0, t0 + chunk)), k)
                 best = _merge(best, (vals, idx + t0), k)
             vals, idx = best
-            if row_constant:
-                vals = vals + (q.long() ** 2).sum(1, keepdim=True)
+            if row_constant is not None:
+                vals = vals.long() + row_constant(q)
             out_d.append(vals)
             out_i.append(idx)
         return torch.cat(out_d), torch.cat(out_i)
