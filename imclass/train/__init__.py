@@ -12,6 +12,7 @@ from imclass.train.callbacks import (
     ModelCheckpoint,
     ProgressBar,
     TensorBoard,
+    TimeBudget,
     TrainingCurves,
 )
 from imclass.train.checkpoint import load_checkpoint, save_checkpoint
@@ -38,6 +39,7 @@ __all__ = [
     "ProgressBar",
     "Schedule",
     "TensorBoard",
+    "TimeBudget",
     "TrainConfig",
     "TrainState",
     "TrainingCurves",

@@ -199,6 +199,31 @@ def _save_model(state: TrainState, path: str) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, path)
 
 
+class TimeBudget(Callback):
+    """Stop training once ``seconds`` of wall time have passed since ``on_train_begin``: sets
+    ``state.stop_training`` after the batch that spends the budget (``stopped`` then says so).
+
+    ``imclass compare`` gives every approach the same budget with it; ``RunConfig(budget=...)`` adds it.
+    """
+
+    order = 90  # after the callbacks that log the batch
+
+    def __init__(self, seconds: float) -> None:
+        if not seconds > 0:
+            raise ValueError(f"expected a time budget > 0 seconds, received seconds={seconds}")
+        self.seconds = float(seconds)
+        self.stopped = False
+        self._start: float | None = None
+
+    def on_train_begin(self, state: TrainState) -> None:
+        self._start = time.perf_counter()
+
+    def on_batch_end(self, state: TrainState) -> None:
+        if self._start is not None and time.perf_counter() - self._start >= self.seconds:
+            state.stop_training = True
+            self.stopped = True
+
+
 class CSVLogger(Callback):
     """Write the history as CSV (one row per epoch), rewritten at every epoch end so that a
     resumed run's file stays complete and consistent."""

@@ -52,7 +52,7 @@ class RunConfig:
     schedule: str | None = None
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
-    augment: str = "none"
+    augment: str = "none"  # a name of AUGMENTATIONS, and/or challenge names: "challenge", "crop_flip,occlusion"
     val_fraction: float = 0.0  # hold out this fraction of the training images for validation
     seed: int = 0
     out: str | None = None  # run folder; default runs/<model>-<dataset>
@@ -61,6 +61,7 @@ class RunConfig:
     recipe: str | None = None  # "fast": the fast CIFAR-10 recipe
     target: int | None = None  # accuracy target of the fast recipe: 90, 94 or 95
     verbose: bool = True
+    budget: float | None = None  # seconds of training; then stop after the current batch (TimeBudget)
 
     def __post_init__(self) -> None:
         _check(self.epochs is None or self.epochs > 0, f"expected epochs >= 1, received epochs={self.epochs}")
@@ -83,7 +84,8 @@ class RunConfig:
         if self.schedule in ("", "none", "constant"):
             self.schedule = None
         _check(self.schedule in SCHEDULES, f"expected schedule in {list(SCHEDULES)}, received {self.schedule!r}")
-        _check(self.augment in AUGMENTATIONS, f"expected augment in {list(AUGMENTATIONS)}, received {self.augment!r}")
+        split_augment(self.augment)  # a clear error for an unknown name
+        _check(self.budget is None or self.budget > 0, f"expected budget > 0 seconds, received budget={self.budget}")
         _check(self.recipe in (None, "fast"), f"expected recipe 'fast' or none, received recipe={self.recipe!r}")
         _check(self.target in (None, *TARGETS), f"expected target in {list(TARGETS)}, received {self.target}")
         _check(isinstance(self.model_options, dict), f"expected model_options as a dict, received {self.model_options}")
@@ -109,6 +111,37 @@ TrainConfig = RunConfig  # the name used in the design notes
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def split_augment(spec: str) -> tuple[str | None, tuple[str, ...]]:
+    """``"crop_flip,illumination,occlusion"`` -> ``("crop_flip", ("illumination", "occlusion"))``: at most one
+    name of ``AUGMENTATIONS``, and challenge names (``imclass.data.challenges``; ``challenge`` = all of them)."""
+    items = [s.strip() for s in str(spec).split(",") if s.strip()]
+    base = [s for s in items if s in AUGMENTATIONS]
+    rest = [s for s in items if s not in AUGMENTATIONS]
+    if len(base) > 1 or not items:
+        raise ValueError(f"expected augment as one of {list(AUGMENTATIONS)} and/or challenge names, received {spec!r}")
+    if rest:
+        from imclass.data.challenges import parse_challenges
+
+        try:
+            names = parse_challenges(rest)
+        except ValueError as err:
+            raise ValueError(f"expected augment in {list(AUGMENTATIONS)} and/or challenge names: {err}") from None
+    else:
+        names = ()
+    return (None if not base or base[0] == "none" else base[0]), names
+
+
+def _make_augment(spec: str) -> tuple[Any, list]:
+    """``cfg.augment`` -> the ``augment=`` of ``fit`` and the callbacks it needs (a ChallengeAugment is both)."""
+    base, names = split_augment(spec)
+    if not names:
+        return base, []
+    from imclass.data.challenges import ChallengeAugment
+
+    augment = ChallengeAugment(names, base=base)
+    return augment, [augment]
 
 
 def config_from_dict(values: dict[str, Any], *, source: str = "config") -> RunConfig:
@@ -231,10 +264,11 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
-def _run_callbacks(out: Path) -> list:
-    from imclass.train.callbacks import CSVLogger, TrainingCurves
+def _run_callbacks(out: Path, budget: float | None = None) -> list:
+    from imclass.train.callbacks import CSVLogger, TimeBudget, TrainingCurves
 
-    return [CSVLogger(out / "history.csv"), TrainingCurves(out / "curves.png")]
+    callbacks = [CSVLogger(out / "history.csv"), TrainingCurves(out / "curves.png")]
+    return callbacks + [TimeBudget(budget)] if budget else callbacks
 
 
 def _fit_model(cfg: RunConfig, train_set, test_set, out: Path):
@@ -254,13 +288,14 @@ def _fit_model(cfg: RunConfig, train_set, test_set, out: Path):
         warmup_epochs=cfg.warmup_epochs,
     )
     _write_config(cfg, out)  # before a long run starts
+    augment, augment_callbacks = _make_augment(cfg.augment)
     clf.fit(
         train_set,
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
         validation=cfg.val_fraction or None,
-        augment=None if cfg.augment == "none" else cfg.augment,
-        callbacks=_run_callbacks(out),
+        augment=augment,
+        callbacks=_run_callbacks(out, cfg.budget) + augment_callbacks,
         seed=cfg.seed,
         checkpoint_dir=out,
         resume=cfg.resume,
@@ -288,7 +323,7 @@ def _fit_fast_recipe(cfg: RunConfig, train_set, test_set, out: Path):
         device=cfg.device,
         checkpoint_dir=out,
         resume=cfg.resume,
-        callbacks=tuple(_run_callbacks(out)),
+        callbacks=tuple(_run_callbacks(out, cfg.budget)),
         verbose=cfg.verbose,
     )
     metrics = clf.evaluate(test_set, tta=clf.tta)
