@@ -151,6 +151,28 @@ def _folder_info(folder: Path, split: str | None, image_size, as_json: bool) -> 
         typer.echo(f"note: {note}")
 
 
+@data_app.command("check")
+def check(
+    folder: Path = typer.Argument(..., help="A folder of images: one sub-folder per class, or train/ + val/ (test/)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole report as one JSON object."),
+    near_distance: int = typer.Option(6, "--near-distance", help="Near duplicates: perceptual hashes within N of 64 bits."),
+    tiny: int = typer.Option(32, "--tiny", help="Report images with a side shorter than N pixels."),
+    shown: int = typer.Option(5, "--show", help="Files listed per finding in the table."),
+) -> None:
+    """Find unreadable files, exact and near duplicates (within a class, across classes, across
+    splits), rare formats, odd sizes, tiny images and class imbalance. Nothing is changed or deleted."""
+    from imclass.data.check import CheckOptions, check_folder, format_report
+
+    try:
+        report = check_folder(folder, CheckOptions(near_distance=near_distance, tiny=tiny))
+    except _USER_ERRORS as err:
+        fail(str(err))
+    if as_json:
+        print_json(report)
+    else:
+        typer.echo(format_report(report, shown=shown))
+
+
 @data_app.command("show")
 def show(
     name: str = _NAME,

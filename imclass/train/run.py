@@ -223,13 +223,18 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
     from a model file (``cfg.weights``, to fine-tune it).
     """
     from imclass.io import save
+    from imclass.train import distributed
 
+    if distributed.launched() and not distributed.is_distributed():  # under torchrun: one rank of N
+        with distributed.session(cfg.device) as ctx:
+            return train_from_config(dataclasses.replace(cfg, device=ctx.device))
     if not cfg.uses_fast_recipe and cfg.model is None and cfg.weights is None:
         raise ValueError(
             f"expected a model name (--model) to train on {cfg.dataset!r} (see `imclass models list`); "
             "only cifar10 has a default (the fast recipe)"
         )
     train_set, test_set = _load_data(cfg)
+    _warn_about_data(cfg, train_set, test_set)
     out = Path(cfg.out or f"runs/{(cfg.model or 'fast').replace(':', '_')}-{Path(cfg.dataset).name}")
     out.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(cfg, out=str(out))
@@ -239,7 +244,9 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     _write_config(cfg, out)
     train_config = {**cfg.run_dict(), **details}
-    model_file = save(clf, out / MODEL_FILE, train_config=train_config, input_size=list(train_set.image_shape))
+    model_file = out / MODEL_FILE
+    if distributed.is_main():  # under torchrun rank 0 writes the run folder
+        save(clf, model_file, train_config=train_config, input_size=list(train_set.image_shape))
     return {
         "accuracy": float(metrics["accuracy"]),
         "loss": float(metrics["loss"]),
@@ -257,6 +264,10 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _write_config(cfg: RunConfig, out: Path) -> None:
+    from imclass.train.distributed import is_main
+
+    if not is_main():
+        return
     (out / CONFIG_FILE).write_text(json.dumps(cfg.run_dict(), indent=2) + "\n")
 
 
@@ -346,6 +357,19 @@ def _load_data(cfg: RunConfig):
         train_set = train_set.subset(slice(0, cfg.limit))
         test_set = test_set.subset(slice(0, cfg.limit))
     return train_set, test_set
+
+
+def _warn_about_data(cfg: RunConfig, train_set, test_set) -> None:
+    """A cheap check of a folder's images at train start (``imclass.data.check.quick_check``: duplicates
+    with two labels, train/test leakage, class imbalance), as warnings; ``imclass data check`` says more."""
+    if not Path(cfg.dataset).expanduser().is_dir():
+        return
+    import warnings
+
+    from imclass.data.check import quick_check
+
+    for message in quick_check(train_set, test_set, name=Path(cfg.dataset).name):
+        warnings.warn(message, stacklevel=3)
 
 
 def _build_classifier(cfg: RunConfig, train_set):
