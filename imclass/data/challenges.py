@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torchvision.transforms.v2 import functional as TF
@@ -208,7 +208,7 @@ def structured_noise(shape: tuple[int, int, int, int], generator: torch.Generato
     out = torch.zeros(shape)
     for div, weight in ((4, 0.6), (8, 0.4)):
         coarse = torch.rand((n, c, max(h // div, 2), max(w // div, 2)), generator=generator, device=generator.device)
-        out += weight * TF.resize(coarse.cpu(), [h, w], interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
+        out += weight * torch.nn.functional.interpolate(coarse.cpu(), size=(h, w), mode="bilinear", align_corners=False)
     return out
 
 
@@ -286,11 +286,11 @@ def _apply_group(x: torch.Tensor, name: str, variant: int, severity: float, g: t
     if name == "occlusion":
         return occlusion(x, severity, torch.rand((len(x), 2), generator=g, device=dev))
     if name == "clutter":
+        if variant == 1:
+            return clutter(x, severity, structured_noise(tuple(x.shape), g).to(x.device))
         source = pool if pool is not None else x
-        pick = torch.randint(0, len(source), (len(x),), generator=g, device=dev).cpu()
-        texture = texture_of(_to_float(source[pick.to(source.device)]), g)
-        noise = structured_noise(tuple(x.shape), g).to(x.device)
-        return clutter(x, severity, texture if variant == 0 else noise)
+        pick = torch.randint(0, len(source), (len(x),), generator=g, device=dev).to(source.device)
+        return clutter(x, severity, texture_of(source[pick], g))
     raise ValueError(_unknown(name))
 
 
@@ -340,6 +340,7 @@ class ChallengeAugment:
     The engine hands augmentations normalised float batches, so the transforms run on pixels
     recovered with ``mean`` / ``std``: give them, or pass the same object in ``callbacks=`` too
     (as the fast recipe's ``FlipTranslate``) and ``on_train_begin`` reads the classifier's.
+    ``base`` (an augment name such as ``"crop_flip"``, or a callable) runs first, on every image.
     """
 
     challenges: tuple[str, ...] = CHALLENGES
@@ -348,6 +349,7 @@ class ChallengeAugment:
     groups: int = 8
     mean: list[float] | None = None
     std: list[float] | None = None
+    base: Any = None
     order: int = field(default=-30, repr=False)
 
     def __post_init__(self) -> None:
@@ -358,6 +360,9 @@ class ChallengeAugment:
             raise ValueError(f"expected 0 <= p <= 1, received p={self.p}")
         if self.groups < 1:
             raise ValueError(f"expected groups >= 1, received groups={self.groups}")
+        from imclass.data.augment import make_augment
+
+        self._base = make_augment(self.base)
 
     def on_train_begin(self, state) -> None:
         """Take the classifier's normalisation (``Classifier.fit`` knows it by now)."""
@@ -369,6 +374,8 @@ class ChallengeAugment:
                 "ChallengeAugment needs the input normalisation: create it with mean= and std=, or pass the same "
                 "object in fit(callbacks=[...]) as well as augment="
             )
+        if self._base is not None:
+            x = self._base(x, generator, epoch)
         mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
         pixels = (x * std + mean).clamp(0, 1)  # normalised -> [0, 1]
