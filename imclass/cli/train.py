@@ -103,6 +103,10 @@ def train(
         fail(f"{err} (try a smaller --lr)")
     except USER_ERRORS as err:
         fail(str(err))
+    from imclass.train.distributed import env_rank
+
+    if env_rank() != 0:  # under torchrun rank 0 reports for all
+        return
     if as_json:
         print_json(result)
     else:

@@ -30,6 +30,10 @@ class TensorLoader:
         images per batch (the last batch is smaller unless ``drop_last``).
     shuffle:
         draw a new permutation each epoch from ``seed`` and the epoch number.
+    rank, world_size:
+        data-parallel sharding: every process draws the same global batches of ``batch_size`` and
+        keeps its contiguous slice of each (``imclass.train.distributed``); a last global batch with
+        fewer images than processes is dropped.
     """
 
     def __init__(
@@ -42,6 +46,8 @@ class TensorLoader:
         drop_last: bool = False,
         seed: int = 0,
         device: str | torch.device = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"expected batch_size >= 1, received batch_size={batch_size}")
@@ -56,10 +62,15 @@ class TensorLoader:
         self.shuffle = shuffle
         self.drop_last = drop_last and len(images) >= batch_size
         self.seed = int(seed)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"expected 0 <= rank < world_size, received rank={rank}, world_size={world_size}")
+        self.rank, self.world_size = int(rank), int(world_size)
 
     def __len__(self) -> int:
         n = len(self.images)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        if self.drop_last or 0 < n % self.batch_size < self.world_size:
+            return n // self.batch_size
+        return -(-n // self.batch_size)
 
     def order(self, epoch: int) -> torch.Tensor:
         """The sample order of ``epoch`` (a permutation when shuffling), on the loader's device."""
@@ -80,7 +91,20 @@ class TensorLoader:
         order = self.order(epoch)
         for b in range(start, len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            if self.world_size > 1:
+                idx = idx[_shard(len(idx), self.rank, self.world_size)]
             yield idx, self.images[idx], self.labels[idx]
+
+    def global_batch_len(self, b: int) -> int:
+        """Images in global batch ``b`` over all ranks (the last one may be smaller)."""
+        return min(self.batch_size, len(self.images) - b * self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.batches(0)
+
+
+def _shard(n: int, rank: int, world: int) -> slice:
+    """Rank ``rank``'s contiguous slice of ``n`` items split over ``world`` ranks (sizes differ by at most 1)."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))

@@ -3,7 +3,8 @@
 Events, in the order they fire: ``on_train_begin``, then per epoch ``on_epoch_begin``,
 ``on_batch_begin`` / ``on_batch_end`` per batch, ``on_epoch_end`` (after validation, with
 ``state.logs`` filled), and finally ``on_train_end``. Each takes the :class:`TrainState`.
-Callbacks run sorted by ``order`` (lower first; loggers are late, progress bars last). A callback
+Callbacks run sorted by ``order`` (lower first; loggers are late, progress bars last); under
+``torchrun`` those with ``main_process_only = True`` (writers, loggers, bars) run on rank 0 only. A callback
 stops the run by setting ``state.stop_training = True``. A callback with state that must
 survive a resume implements ``state_dict()`` / ``load_state_dict()`` (plain values and tensors).
 """
@@ -26,6 +27,7 @@ class Callback:
     """Base class: every event does nothing; override the ones you need."""
 
     order: int = 0
+    main_process_only: bool = False  # True: under torchrun only rank 0 runs it (loggers, writers, bars)
 
     def on_train_begin(self, state: TrainState) -> None: ...
     def on_epoch_begin(self, state: TrainState) -> None: ...
@@ -154,6 +156,7 @@ class ModelCheckpoint(Callback):
     """
 
     order = 60
+    main_process_only = True  # writes files or prints: rank 0 only under torchrun
 
     def __init__(
         self, path: str | Path, monitor: str = "val_loss", mode: str = "auto", save_best_only: bool = True,
@@ -229,6 +232,7 @@ class CSVLogger(Callback):
     resumed run's file stays complete and consistent."""
 
     order = 70
+    main_process_only = True  # writes files or prints: rank 0 only under torchrun
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -249,6 +253,7 @@ class TensorBoard(Callback):
     against the global step."""
 
     order = 70
+    main_process_only = True  # writes files or prints: rank 0 only under torchrun
 
     def __init__(self, log_dir: str | Path, batch_every: int = 0) -> None:
         self.log_dir = str(log_dir)
@@ -281,6 +286,7 @@ class TrainingCurves(Callback):
     """Write the loss and accuracy curves as a PNG at every epoch end."""
 
     order = 80
+    main_process_only = True  # writes files or prints: rank 0 only under torchrun
 
     def __init__(self, path: str | Path, keys=("loss", "val_loss", "accuracy", "val_accuracy")) -> None:
         self.path = Path(path)
@@ -301,6 +307,7 @@ class ProgressBar(Callback):
     """
 
     order = 100
+    main_process_only = True  # writes files or prints: rank 0 only under torchrun
 
     def __init__(self, refresh_every: int = 20) -> None:
         self.refresh_every = max(1, refresh_every)
@@ -464,6 +471,7 @@ class EpochLogger(Callback):
     bar's redraws would be noise. ``Classifier.fit(verbose=True)`` uses it when stdout is not a terminal."""
 
     order = 100
+    main_process_only = True  # writes files or prints: rank 0 only under torchrun
 
     def on_epoch_end(self, state: TrainState) -> None:
         logs = state.logs

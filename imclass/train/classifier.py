@@ -28,6 +28,7 @@ from imclass.data.augment import make_augment
 from imclass.data.dataset import ImageDataset
 from imclass.data.loader import TensorLoader, derive_seed
 from imclass.train import checkpoint as ckpt
+from imclass.train import distributed as ddp
 from imclass.train.callbacks import LRFinder, ProgressBar, progress_callbacks, run_event, sort_callbacks
 from imclass.train.memory import retain_freed_memory
 from imclass.train.optim import make_optimizer, make_schedule
@@ -177,6 +178,7 @@ class Classifier:
         self._schedule_spec: Any = None
         self._loss_fn: Callable | None = None
         self._forward: Callable = self.model
+        self._train_forward: Callable | None = None  # the DDP-wrapped model during a distributed fit
         self._scaler = None
         self._norm_key: tuple | None = None
         self._norm_cache: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -372,6 +374,7 @@ class Classifier:
             seed = saved["seed"]
         elif seed is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+        seed = ddp.broadcast_object(seed)  # one seed for every rank: the same splits and batches
         images, labels, val = self._split_validation(images, labels, validation, seed)
         self._set_classes(classes, labels)
         if val is not None:
@@ -380,13 +383,16 @@ class Classifier:
         if self.mean is None:
             self.mean, self.std = channel_stats(images)
         self.input_size = tuple(images.shape[1:])
-        loader = TensorLoader(images, labels, batch_size, shuffle=shuffle, seed=seed, device=self.device)
+        loader = TensorLoader(images, labels, batch_size, shuffle=shuffle, seed=seed, device=self.device,
+                              rank=ddp.rank(), world_size=ddp.world_size())
         steps_per_epoch = len(loader)
         factor, torch_scheduler = self._make_schedule(epochs, steps_per_epoch)
         user_cbs = list(callbacks)  # their states are saved in this order (stable across verbose on/off)
         run = _Run(
             loader=loader, factor=factor, torch_scheduler=torch_scheduler, augment=make_augment(augment),
-            aug_gen=torch.Generator(device=self.device), callbacks=sort_callbacks(user_cbs + progress_callbacks(verbose)),
+            aug_gen=torch.Generator(device=self.device),
+            callbacks=[cb for cb in sort_callbacks(user_cbs + progress_callbacks(verbose))
+                       if ddp.is_main() or not getattr(cb, "main_process_only", False)],  # file writers: rank 0
             user_callbacks=user_cbs, ckpt_path=ckpt_path, checkpoint_every=checkpoint_every, val=val,
             val_batch_size=validation_batch_size, meta={"seed": seed, "n_train": len(images), "batch_size": batch_size},
         )
@@ -399,8 +405,11 @@ class Classifier:
             start_batch = self._restore(saved, state, run, len(images), batch_size)
             if state.epoch >= epochs or saved.get("stopped"):
                 return history
+            if ddp.rank():  # the checkpoint holds rank 0's random state: other ranks draw their own dropout
+                torch.manual_seed(derive_seed(seed, ddp.rank(), 3, state.step))
         else:
-            torch.manual_seed(seed)
+            torch.manual_seed(seed if not ddp.rank() else derive_seed(seed, ddp.rank(), 3))
+        self._train_forward = self._ddp_forward()
         run_event(run.callbacks, "on_train_begin", state)
         try:
             for epoch in range(state.epoch, epochs):
@@ -410,15 +419,26 @@ class Classifier:
                 if state.stop_training:
                     break
         finally:
+            self._train_forward = None
             run_event(run.callbacks, "on_train_end", state)
             self.model.eval()
         return history
+
+    def _ddp_forward(self) -> Callable | None:
+        """Under torchrun: the model wrapped in DistributedDataParallel (then compiled when asked) for the
+        training steps; ``None`` in one process (the steps use ``self._forward``)."""
+        if not ddp.is_distributed():
+            return None
+        wrapped = ddp.wrap_model(self.model, self.device)
+        if self.config.compile:
+            return torch.compile(wrapped, mode=self.config.compile if isinstance(self.config.compile, str) else None)
+        return wrapped
 
     def _train_epoch(self, run: "_Run", state: TrainState, epoch: int, start_batch: int) -> None:
         """The batches of one epoch (from ``start_batch`` when resuming mid-epoch)."""
         state.epoch = epoch
         if start_batch == 0:
-            run.aug_gen.manual_seed(derive_seed(run.meta["seed"], epoch, 1))
+            run.aug_gen.manual_seed(derive_seed(run.meta["seed"], epoch, 1, *([ddp.rank()] if ddp.rank() else [])))
             state.loss_sum = torch.zeros((), device=self.device)
             state.correct = torch.zeros((), device=self.device, dtype=torch.int64)
             state.seen, state.batch, run.seconds = 0, 0, 0.0
@@ -433,7 +453,10 @@ class Classifier:
                 for group in self.optimizer.param_groups:
                     group["lr"] = group["initial_lr"] * f
             run_event(run.callbacks, "on_batch_begin", state)
-            loss, correct = self._train_step(xb, yb, run.augment, run.aug_gen, epoch)
+            # under DDP each rank's mean loss is weighted by its share of the global batch, so that the
+            # averaged gradient is the global batch's mean gradient, as in one process
+            share = len(yb) * run.loader.world_size / run.loader.global_batch_len(b) if run.loader.world_size > 1 else 1.0
+            loss, correct = self._train_step(xb, yb, run.augment, run.aug_gen, epoch, share)
             if run.torch_scheduler is not None:
                 run.torch_scheduler.step()
             state.step += 1
@@ -455,9 +478,12 @@ class Classifier:
     def _end_epoch(self, run: "_Run", state: TrainState, epoch: int) -> None:
         """Check the loss, validate, log the epoch, tell the callbacks, write the checkpoint."""
         self._check_finite(state, run.ckpt_path)
+        if ddp.is_distributed():  # the epoch's figures over all ranks
+            loss_sum, correct, seen = ddp.sum_across(state.loss_sum, state.correct, torch.tensor(state.seen))
+            state.loss_sum, state.correct, state.seen = loss_sum, correct.long(), int(seen)
         logs = {"epoch": epoch + 1, **state.running()}
         if run.val is not None:
-            v = self._evaluate_tensors(run.val[0], run.val[1], run.val_batch_size)
+            v = self._validate(run.val, run.val_batch_size)
             logs.update({"val_loss": v["loss"], "val_accuracy": v["accuracy"]})
         logs["lr"] = float(self.optimizer.param_groups[0]["lr"])
         logs["seconds"] = run.seconds
@@ -468,30 +494,41 @@ class Classifier:
             done = state.stop_training or epoch + 1 == state.epochs
             self._save(run, state, batch=0, epoch=epoch + 1, finished=done, stopped=state.stop_training)
 
-    def _train_step(self, xb, yb, augment_fn, aug_gen, epoch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _validate(self, val: tuple[torch.Tensor, torch.Tensor], batch_size: int) -> dict[str, float]:
+        """Validation metrics; under torchrun each rank evaluates its slice and the sums are added up."""
+        if not ddp.is_distributed() or len(val[1]) < ddp.world_size():
+            return self._evaluate_tensors(val[0], val[1], batch_size)
+        part = ddp.shard(len(val[1]))
+        v = self._evaluate_tensors(val[0][part], val[1][part], batch_size)
+        n = torch.tensor(float(v["n"]), device=self.device)
+        loss_sum, correct, total = ddp.sum_across(n * v["loss"], n * v["accuracy"], n)
+        return {"loss": float(loss_sum / total), "accuracy": float(correct.round() / total), "n": int(total)}
+
+    def _train_step(self, xb, yb, augment_fn, aug_gen, epoch, share: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         x = self._normalise(xb)
         if augment_fn is not None:
             x = augment_fn(x, aug_gen, epoch)
         with self._autocast():
-            logits = self._forward(x)
+            logits = (self._train_forward or self._forward)(x)
         if logits.ndim != 2 or logits.shape[0] != len(yb):
             raise ValueError(f"expected the model to return logits (N={len(yb)}, classes), received {tuple(logits.shape)}")
         if logits.shape[1] < len(self.classes) and not (logits.shape[1] == 1 and len(self.classes) == 2):
             raise ValueError(
                 f"the model outputs {logits.shape[1]} logits per image but the data has {len(self.classes)} classes"
             )
-        loss = self._loss_fn(logits.float(), yb)
+        loss = data_loss = self._loss_fn(logits.float(), yb)
         if self.config.l2:
             loss = loss + self.config.l2 * sum(p.square().sum() for p in self.model.parameters() if p.ndim > 1)
+        objective = loss if share == 1.0 else loss + data_loss * (share - 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         if self._scaler is not None:
-            self._scaler.scale(loss).backward()
+            self._scaler.scale(objective).backward()
             self._scaler.unscale_(self.optimizer)
             self._clip()
             self._scaler.step(self.optimizer)
             self._scaler.update()
         else:
-            loss.backward()
+            objective.backward()
             self._clip()
             self.optimizer.step()
         loss = loss.detach()
@@ -564,7 +601,14 @@ class Classifier:
 
     def _save(self, run: "_Run", state: TrainState, *, batch: int, epoch: int | None = None, finished: bool = False,
               stopped: bool = False, seconds: float = 0.0) -> None:
-        """Write the whole training state (``batch > 0``: a checkpoint in the middle of an epoch)."""
+        """Write the whole training state (``batch > 0``: a checkpoint in the middle of an epoch).
+        Under torchrun every rank calls this (the running sums are added up over ranks); rank 0 writes."""
+        loss_sum, correct, seen = state.loss_sum, state.correct, state.seen
+        if batch and ddp.is_distributed():
+            loss_sum, correct, seen = ddp.sum_across(state.loss_sum, state.correct, torch.tensor(state.seen))
+            correct, seen = correct.long(), int(seen)
+        if not ddp.is_main():
+            return
         payload = {
             **run.meta,
             "epoch": state.epoch if epoch is None else epoch,
@@ -579,7 +623,7 @@ class Classifier:
             "rng": ckpt.rng_states(),
             "augment_rng": run.aug_gen.get_state(),
             "history": state.history.to_dict(),
-            "running": {"loss_sum": state.loss_sum, "correct": state.correct, "seen": state.seen,
+            "running": {"loss_sum": loss_sum, "correct": correct, "seen": seen,
                         "seconds": seconds} if batch else None,
             "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else {} for cb in run.user_callbacks],
             "classes": list(self.classes),
@@ -620,6 +664,8 @@ class Classifier:
             state.loss_sum = running["loss_sum"].to(self.device)
             state.correct = running["correct"].to(self.device)
             state.seen, run.seconds = running["seen"], running["seconds"]
+            if ddp.rank():  # the saved sums are over all ranks: rank 0 carries them on
+                state.loss_sum, state.correct, state.seen = state.loss_sum * 0, state.correct * 0, 0
         return saved["batch"]
 
     # ------------------------------------------------------------------ inference
