@@ -68,7 +68,8 @@ def knn(
     plot: Optional[str] = typer.Option(None, "--plot", help="With --cv: write the accuracy-vs-k PNG here."),
     neighbours_png: Optional[str] = typer.Option(None, "--neighbours-png",
                                                  help="Write the test images / nearest training images grid here."),
-    backend: str = typer.Option("auto", "--backend", help="auto, torch, numba or faiss."),
+    backend: str = typer.Option("auto", "--backend",
+                                help="auto (the fastest exact kernel here), torch, numba, int8 (L2) or faiss."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Queries per chunk (default: automatic)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
 ) -> None:
