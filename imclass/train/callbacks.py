@@ -203,8 +203,9 @@ def _save_model(state: TrainState, path: str) -> None:
 
 
 class TimeBudget(Callback):
-    """Stop training once ``seconds`` of wall time have passed since ``on_train_begin``: sets
-    ``state.stop_training`` after the batch that spends the budget (``stopped`` then says so).
+    """Stop training once ``seconds`` of wall time have passed since the first ``on_train_begin``: sets
+    ``state.stop_training`` after the batch that spends the budget (``stopped`` then says so). One
+    object passed to several ``fit`` calls (the two stages of ``transfer.fine_tune``) shares one budget.
 
     ``imclass compare`` gives every approach the same budget with it; ``RunConfig(budget=...)`` adds it.
     """
@@ -219,7 +220,8 @@ class TimeBudget(Callback):
         self._start: float | None = None
 
     def on_train_begin(self, state: TrainState) -> None:
-        self._start = time.perf_counter()
+        if self._start is None:
+            self._start = time.perf_counter()
 
     def on_batch_end(self, state: TrainState) -> None:
         if self._start is not None and time.perf_counter() - self._start >= self.seconds:
