@@ -22,12 +22,17 @@ FORMATS = ("table", "json", "csv")
 
 def predict(
     run: Path = typer.Argument(..., help="Run folder, .safetensors model file or exported .onnx file."),
-    images: List[Path] = typer.Argument(..., help="Image files (PNG, JPEG, ...) and folders (searched recursively)."),
+    images: Optional[List[Path]] = typer.Argument(None, help="Image files (PNG, JPEG, ...) and folders (searched recursively)."),
     top: int = typer.Option(3, "--top", "-k", help="How many classes to show per image."),
     tta: Optional[bool] = TTAOption,
     fmt: Optional[str] = typer.Option(None, "--format", "-f", help="Output: table (default), json or csv (one row per file)."),
     as_json: bool = typer.Option(False, "--json", help="Same as --format json: one JSON object."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
+    backbone: Optional[str] = typer.Option(
+        None, "--backbone", help="Zero-shot: ImageNet top-k by this pretrained backbone (then every argument is an image)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="With --backbone: imagenet (default) or a weights file."),
+    weights_dir: Optional[str] = typer.Option(
+        None, "--weights-dir", help="Weights root (default: $IMCLASS_WEIGHTS, else ~/.cache/imclass/weights)."),
 ) -> None:
     """Class names and probabilities for image files and folders, using a saved model (with the
     test-time augmentation its model file records, unless --no-tta).
@@ -41,6 +46,14 @@ def predict(
 
     from imclass.serve.predictor import ImageError, Predictor, find_images
 
+    if backbone is not None:  # `imclass predict --backbone NAME photo.jpg ...`: RUN is the first image
+        from imclass.cli.transfer import predict_backbone
+
+        fmt = "json" if as_json else (fmt or "table").lower()
+        return predict_backbone(backbone, [run, *(images or [])], weights=weights, weights_dir=weights_dir,
+                                top=top if top != 3 else 5, fmt=fmt)
+    if not images:
+        fail("expected image files or folders after the run folder (or --backbone NAME IMAGE... for ImageNet classes)")
     fmt = "json" if as_json and fmt is None else (fmt or "table").lower()
     if fmt not in FORMATS:
         fail(f"expected --format in {list(FORMATS)}, received --format {fmt}")
@@ -59,6 +72,10 @@ def predict(
         fail(f"no image files found in {', '.join(map(str, images))}")
     results: dict[int, dict] = {}
     errors: dict[int, dict] = {}
+    from imclass.train import distributed
+
+    group = distributed.init_from_env("cpu") if distributed.launched() else None  # torchrun: one shard per rank
+    mine = list(range(len(paths)))[distributed.shard(len(paths))]
 
     def decode(i: int):
         try:
@@ -66,11 +83,11 @@ def predict(
         except ImageError as err:
             return i, err
 
-    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=None if len(paths) > batch_size else True,
+    bar = tqdm(total=len(mine), desc="predict", unit="img", disable=None if len(mine) > batch_size else True,
                leave=False, file=sys.stderr)
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        for start in range(0, len(paths), batch_size):
-            decoded = list(pool.map(decode, range(start, min(start + batch_size, len(paths)))))
+        for start in range(0, len(mine), batch_size):
+            decoded = list(pool.map(decode, mine[start : start + batch_size]))
             good = [(i, t) for i, t in decoded if not isinstance(t, Exception)]
             for i, err in decoded:
                 if isinstance(err, Exception):
@@ -85,6 +102,13 @@ def predict(
                                                                   for t in tops]}
             bar.update(len(decoded))
     bar.close()
+    if group is not None:  # rank 0 gathers every shard's rows and reports them all
+        for part_results, part_errors in distributed.all_gather_objects((results, errors)):
+            results.update(part_results)
+            errors.update(part_errors)
+        distributed.leave()
+        if group.rank != 0:
+            return
     rows = [results[i] for i in sorted(results)]
     errs = [errors[i] for i in sorted(errors)]
     if fmt == "json":

@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistContext", "all_gather_objects", "barrier", "broadcast_object", "env_rank", "init_from_env",
-           "is_distributed", "is_main", "launched", "rank", "session", "shard", "sum_across", "world_size", "wrap_model"]
+           "is_distributed", "is_main", "launched", "leave", "rank", "session", "shard", "sum_across", "world_size",
+           "wrap_model"]
 
 DEFAULT_TIMEOUT_S = 300.0  # a collective that waits longer than this (a rank died or hangs) raises
 
@@ -131,6 +132,12 @@ def session(device: str = "auto", timeout_s: float | None = None) -> Iterator[Di
     finally:
         if joined_here and is_distributed():
             dist.destroy_process_group()
+
+
+def leave() -> None:
+    """Leave the process group (no-op when none was joined)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
