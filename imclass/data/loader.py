@@ -30,6 +30,9 @@ class TensorLoader:
         images per batch (the last batch is smaller unless ``drop_last``).
     shuffle:
         draw a new permutation each epoch from ``seed`` and the epoch number.
+    sample_weights:
+        optional (N,) drawing weights: each epoch draws N indices with replacement, each with
+        probability proportional to its weight (``WeightedRandomSampler``; a balanced sampler).
     rank, world_size:
         data-parallel sharding: every process draws the same global batches of ``batch_size`` and
         keeps its contiguous slice of each (``imclass.train.distributed``); a last global batch with
@@ -46,6 +49,7 @@ class TensorLoader:
         drop_last: bool = False,
         seed: int = 0,
         device: str | torch.device = "cpu",
+        sample_weights: torch.Tensor | None = None,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -62,6 +66,12 @@ class TensorLoader:
         self.shuffle = shuffle
         self.drop_last = drop_last and len(images) >= batch_size
         self.seed = int(seed)
+        if sample_weights is not None:
+            sample_weights = torch.as_tensor(sample_weights, dtype=torch.float64).cpu()
+            if sample_weights.shape != (len(images),) or not (sample_weights >= 0).all() or not sample_weights.sum() > 0:
+                raise ValueError(f"expected sample_weights of shape ({len(images)},), non-negative with a positive sum, "
+                                 f"received shape {tuple(sample_weights.shape)}")
+        self.sample_weights = sample_weights
         if not 0 <= rank < world_size:
             raise ValueError(f"expected 0 <= rank < world_size, received rank={rank}, world_size={world_size}")
         self.rank, self.world_size = int(rank), int(world_size)
@@ -75,6 +85,9 @@ class TensorLoader:
     def order(self, epoch: int) -> torch.Tensor:
         """The sample order of ``epoch`` (a permutation when shuffling), on the loader's device."""
         n = len(self.images)
+        if self.sample_weights is not None:  # with replacement, in proportion to the weights
+            g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 0))
+            return torch.multinomial(self.sample_weights, n, replacement=True, generator=g).to(self.device)
         if not self.shuffle:
             return torch.arange(n, device=self.device)
         g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 0))

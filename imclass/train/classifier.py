@@ -29,6 +29,7 @@ from imclass.data.dataset import ImageDataset
 from imclass.data.loader import TensorLoader, derive_seed
 from imclass.train import checkpoint as ckpt
 from imclass.train import distributed as ddp
+from imclass.train.imbalance import class_weights, sample_weights
 from imclass.train.callbacks import LRFinder, ProgressBar, progress_callbacks, run_event, sort_callbacks
 from imclass.train.memory import retain_freed_memory
 from imclass.train.optim import make_optimizer, make_schedule
@@ -177,6 +178,7 @@ class Classifier:
         self.history = History()
         self._schedule_spec: Any = None
         self._loss_fn: Callable | None = None
+        self._train_loss: Callable | None = None  # the class-weighted loss during a fit with class_weight
         self._forward: Callable = self.model
         self._train_forward: Callable | None = None  # the DDP-wrapped model during a distributed fit
         self._scaler = None
@@ -342,6 +344,8 @@ class Classifier:
         checkpoint_every: int | None = None,
         validation_batch_size: int = 512,
         shuffle: bool = True,
+        class_weight: Any = None,
+        sampler: str | None = None,
     ) -> History:
         """Train for ``epochs`` epochs; returns the :class:`History` (also ``self.history``).
 
@@ -353,6 +357,9 @@ class Classifier:
         written atomically at each epoch end (and every ``checkpoint_every`` steps); with
         ``resume=True`` a run continues from it and ends exactly as an uninterrupted run would.
         A NaN or infinite loss raises :class:`TrainingDiverged` (the checkpoint stays the last good one).
+        Class imbalance: ``class_weight`` (``"balanced"``, one weight per class, or ``{class: weight}``)
+        weights the training loss per class; ``sampler="balanced"`` draws each epoch's images with
+        replacement so that every class is seen about equally often (``imclass.train.imbalance``).
         On CPU (Linux) the process keeps freed memory for reuse from then on (``retain_freed_memory``).
         """
         if self.config is None or self.optimizer is None:
@@ -377,6 +384,7 @@ class Classifier:
         seed = ddp.broadcast_object(seed)  # one seed for every rank: the same splits and batches
         images, labels, val = self._split_validation(images, labels, validation, seed)
         self._set_classes(classes, labels)
+        self._train_loss = self._weighted_loss(class_weights(class_weight, labels, self.classes))
         if val is not None:
             self._check_labels(val[1], "validation labels")
             val = (val[0].to(self.device), val[1].to(self.device))
@@ -384,6 +392,7 @@ class Classifier:
             self.mean, self.std = channel_stats(images)
         self.input_size = tuple(images.shape[1:])
         loader = TensorLoader(images, labels, batch_size, shuffle=shuffle, seed=seed, device=self.device,
+                              sample_weights=sample_weights(sampler, labels),
                               rank=ddp.rank(), world_size=ddp.world_size())
         steps_per_epoch = len(loader)
         factor, torch_scheduler = self._make_schedule(epochs, steps_per_epoch)
@@ -422,6 +431,7 @@ class Classifier:
             self._train_forward = None
             run_event(run.callbacks, "on_train_end", state)
             self.model.eval()
+            self._train_loss = None
         return history
 
     def _ddp_forward(self) -> Callable | None:
@@ -433,6 +443,16 @@ class Classifier:
         if self.config.compile:
             return torch.compile(wrapped, mode=self.config.compile if isinstance(self.config.compile, str) else None)
         return wrapped
+
+    def _weighted_loss(self, weights: torch.Tensor | None) -> Callable | None:
+        """The training loss with per-class ``weights`` (None: the compiled loss as it is)."""
+        if weights is None:
+            return None
+        if self.config.loss not in ("cross_entropy", "sparse_categorical_crossentropy"):
+            raise ValueError(f"class_weight applies to the cross_entropy loss on class indices, "
+                             f"received loss={self.config.loss!r}: weight that loss inside it")
+        weights, smoothing = weights.to(self.device), self.config.label_smoothing
+        return lambda logits, y: F.cross_entropy(logits, y, weight=weights, label_smoothing=smoothing)
 
     def _train_epoch(self, run: "_Run", state: TrainState, epoch: int, start_batch: int) -> None:
         """The batches of one epoch (from ``start_batch`` when resuming mid-epoch)."""
@@ -516,7 +536,7 @@ class Classifier:
             raise ValueError(
                 f"the model outputs {logits.shape[1]} logits per image but the data has {len(self.classes)} classes"
             )
-        loss = data_loss = self._loss_fn(logits.float(), yb)
+        loss = data_loss = (self._train_loss or self._loss_fn)(logits.float(), yb)
         if self.config.l2:
             loss = loss + self.config.l2 * sum(p.square().sum() for p in self.model.parameters() if p.ndim > 1)
         objective = loss if share == 1.0 else loss + data_loss * (share - 1.0)

@@ -60,6 +60,8 @@ class RunConfig:
     device: str = "auto"
     recipe: str | None = None  # "fast": the fast CIFAR-10 recipe
     target: int | None = None  # accuracy target of the fast recipe: 90, 94 or 95
+    class_weight: str | list | dict | None = None  # class imbalance: 'balanced', one weight per class or {class: w}
+    sampler: str | None = None  # 'balanced': every class drawn about equally often
     verbose: bool = True
     budget: float | None = None  # seconds of training; then stop after the current batch (TimeBudget)
 
@@ -89,6 +91,13 @@ class RunConfig:
         _check(self.recipe in (None, "fast"), f"expected recipe 'fast' or none, received recipe={self.recipe!r}")
         _check(self.target in (None, *TARGETS), f"expected target in {list(TARGETS)}, received {self.target}")
         _check(isinstance(self.model_options, dict), f"expected model_options as a dict, received {self.model_options}")
+        if self.class_weight in ("none", ""):
+            self.class_weight = None
+        _check(self.class_weight is None or self.class_weight == "balanced" or isinstance(self.class_weight, (list, dict)),
+               f"expected class_weight 'balanced', a list or a table, received {self.class_weight!r}")
+        if self.sampler in ("none", ""):
+            self.sampler = None
+        _check(self.sampler in (None, "balanced"), f"expected sampler 'balanced' or none, received {self.sampler!r}")
 
     @property
     def uses_fast_recipe(self) -> bool:
@@ -311,6 +320,8 @@ def _fit_model(cfg: RunConfig, train_set, test_set, out: Path):
         checkpoint_dir=out,
         resume=cfg.resume,
         verbose=cfg.verbose,
+        class_weight=cfg.class_weight,
+        sampler=cfg.sampler,
     )
     return clf, clf.evaluate(test_set), cfg, {}
 
