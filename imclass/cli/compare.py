@@ -1,0 +1,56 @@
+"""``imclass compare``: the course's approaches trained and tested on the same split, each within one time budget."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from imclass.cli._common import USER_ERRORS, DataRoot, fail, plain_warnings, print_json
+
+
+def register(app: typer.Typer) -> None:
+    """Add the top-level command ``compare`` to ``app``."""
+    app.command("compare")(compare)
+
+
+def compare(
+    dataset: str = typer.Argument(..., help="cifar10, mnist, fashion-mnist or an image folder."),
+    models: str = typer.Option(
+        "knn-l1,knn-l2,mlp,keras_cnn,resnet20,fastnet", "--models",
+        help="Comma-separated: knn-l1, knn-l2, knn-cosine, fastnet (the fast recipe), transfer:<backbone>, or any "
+        "model of `imclass models list`.",
+    ),
+    budget: str = typer.Option("10m", "--budget", help="Training time per approach: 10m, 90s, 1h."),
+    out: Path = typer.Option(..., "--out", help="Folder for the leaderboard, the entries and each approach's run."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N training and N test images."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to N x N (needed for a folder "
+                                             "of mixed sizes)."),
+    data_root: Optional[str] = DataRoot,
+    max_epochs: int = typer.Option(30, "--max-epochs", help="Epoch cap of an approach that beats the budget."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device"),
+    as_json: bool = typer.Option(False, "--json", help="Print the leaderboard's JSON on stdout."),
+) -> None:
+    """Train and test each approach on the same split within --budget; write a leaderboard.
+
+    OUT gets leaderboard.json, leaderboard.md, accuracy_vs_time.png, entries/<name>.json and
+    runs/<name>/ (a model file each: `imclass challenge OUT/runs/* DATA --report DIR` tests them all).
+    Run it again after an interruption: finished entries are kept.
+    """
+    from imclass.evaluate.compare import LEADERBOARD_MD, PLOT, compare as run_compare, leaderboard_table
+
+    try:
+        if max_epochs < 1:
+            raise ValueError(f"expected --max-epochs >= 1, received {max_epochs}")
+        log = (lambda msg: typer.echo(msg, err=True)) if as_json else typer.echo
+        with plain_warnings():
+            board = run_compare(dataset, models, budget, out, limit=limit, root=data_root, image_size=image_size,
+                                seed=seed, max_epochs=max_epochs, device=device, log=log)
+    except USER_ERRORS as err:
+        fail(str(err))
+    if as_json:
+        print_json(board)
+        return
+    typer.echo(leaderboard_table(board))
+    typer.echo(f"leaderboard: {out / LEADERBOARD_MD}, plot: {out / PLOT}")
