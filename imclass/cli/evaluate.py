@@ -36,8 +36,14 @@ def evaluate(
             raise ValueError(f"expected --limit >= 1, received {limit}")
         saved = load_saved(run)
         size = saved.input_size
+        pre = getattr(saved.predictor, "preprocessing", None)  # a pretrained backbone's resize + centre crop
         with plain_warnings():
-            data = imdata.load(dataset, split=split, root=data_root, image_size=tuple(size[1:]) if size else None)
+            if pre is not None:
+                from imclass.transfer.run import load_for
+
+                data = load_for(dataset, pre, split=split, root=data_root)
+            else:
+                data = imdata.load(dataset, split=split, root=data_root, image_size=tuple(size[1:]) if size else None)
         if limit is not None:
             data = data.subset(slice(0, limit))
         if saved.classes is not None and len(saved.classes) != data.num_classes:

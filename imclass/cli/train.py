@@ -53,14 +53,41 @@ def train(
     recipe: Optional[str] = typer.Option(None, "--recipe", help="'fast': the fast CIFAR-10 recipe."),
     target: Optional[int] = typer.Option(None, "--target", help="Fast recipe accuracy target: 90, 94 or 95."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (accuracy, loss, seconds, ...)."),
+    backbone: Optional[str] = typer.Option(
+        None, "--backbone", help="Transfer from this pretrained backbone (timm/torchvision name); --weights then "
+        "means its weights: imagenet (default), a file, or none."),
+    weights_dir: Optional[str] = typer.Option(
+        None, "--weights-dir", help="Weights root (default: $IMCLASS_WEIGHTS, else ~/.cache/imclass/weights)."),
+    freeze_epochs: Optional[int] = typer.Option(
+        None, "--freeze-epochs", help="Transfer: head epochs on the frozen backbone's cached features (default 15)."),
+    head: Optional[str] = typer.Option(None, "--head", help="Transfer: course (default) or linear."),
+    unfreeze: Optional[str] = typer.Option(
+        None, "--unfreeze", help="Transfer: what --epochs fine-tunes: all (default) or the last N stages."),
+    feature_cache: Optional[str] = typer.Option(
+        None, "--feature-cache", help="Transfer: cache the frozen features in this folder (reused while nothing changes)."),
 ) -> None:
     """Train a model and save it to a run folder (model.safetensors, config.json, history, curves).
 
     With --dataset cifar10 and no --model, the fast CIFAR-10 recipe runs. `--out DIR --resume`
     alone continues the run in DIR with the config it saved (other flags override it).
     """
+    from imclass.cli.transfer import run_transfer, wants_transfer
     from imclass.train.run import CONFIG_FILE, load_config, train_from_config
 
+    if wants_transfer(dataset=dataset, model=model, weights=weights, recipe=recipe, backbone=backbone, config=config):
+        def from_scratch() -> None:  # no pretrained weights: the course CNN, augmented
+            train(config=None, model="keras_cnn", model_option=model_option, weights=None, dataset=dataset,
+                  data_root=data_root, image_size=image_size or 32, limit=limit, epochs=epochs,
+                  batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum, nesterov=nesterov,
+                  weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
+                  label_smoothing=label_smoothing, augment=augment or "crop_flip", val_fraction=val_fraction,
+                  seed=seed, out=out, resume=resume, device=device, recipe=None, target=None, as_json=as_json,
+                  backbone=None, weights_dir=None, freeze_epochs=None, head=None, unfreeze=None, feature_cache=None)
+
+        return run_transfer(dataset=dataset, backbone=backbone, weights=weights, weights_dir=weights_dir, head=head,
+                            image_size=image_size, freeze_epochs=freeze_epochs, epochs=epochs, unfreeze=unfreeze,
+                            lr=lr, batch_size=batch_size, val_fraction=val_fraction, seed=seed, limit=limit, out=out,
+                            cache_dir=feature_cache, as_json=as_json, fallback=from_scratch)
     if resume and config is None and out is not None and (Path(out) / CONFIG_FILE).is_file():
         config = Path(out) / CONFIG_FILE  # continue the run with its own config
     try:

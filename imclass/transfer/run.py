@@ -1,0 +1,249 @@
+""""My folder of photos -> a good classifier" in one call: ``train_transfer(TransferConfig(dataset=FOLDER))``.
+
+Picks a pretrained backbone found under the weights root (``pick_backbone``), reads the folder at
+the backbone's input size (each photo resized on its shorter side and centre-cropped, whatever its
+size or format), holds out a seeded stratified validation split unless the folder has ``val/``,
+trains the head on cached frozen features, optionally fine-tunes, saves a run folder and returns
+the validation accuracy and the seconds it took. ``imclass train --dataset FOLDER`` calls it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imclass.data.dataset import ImageDataset
+from imclass.models.weights import KNOWN_WEIGHTS, Preprocessing, find_known_weights, resolve_weights_root
+
+__all__ = ["PREFERRED_BACKBONES", "TransferConfig", "pick_backbone", "read_folder_for", "train_transfer"]
+
+# known weights in order of preference for a user's photos (accuracy first, then speed)
+PREFERRED_BACKBONES = ("mobilenetv2_100", "squeezenet1_1")
+
+
+@dataclass
+class TransferConfig:
+    """Everything a transfer run needs (saved as the run's config.json)."""
+
+    dataset: str
+    backbone: str | None = None  # None: the first of PREFERRED_BACKBONES found under the weights root
+    weights: str | None = "imagenet"  # "imagenet", a file, or None (random initialisation)
+    weights_dir: str | None = None
+    head: str = "course"
+    image_size: int | None = None  # crop size; default: the weights' own (224)
+    freeze_epochs: int = 15  # head epochs on frozen features
+    epochs: int = 0  # fine-tuning epochs after that (whole network or the last `unfreeze` stages)
+    unfreeze: str | int = "all"
+    lr: float = 1e-3
+    batch_size: int = 32
+    val_fraction: float = 0.2
+    seed: int = 0
+    limit: int | None = None  # at most this many training images (quick tries)
+    cache_dir: str | None = None  # features cached on disk here (memory only when None)
+    out: str | None = None
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"expected 0 < val_fraction < 1, received {self.val_fraction}")
+        if self.freeze_epochs < 0 or self.epochs < 0:
+            raise ValueError(f"expected freeze_epochs >= 0 and epochs >= 0, received {self.freeze_epochs}, {self.epochs}")
+        if self.freeze_epochs == 0 and self.epochs == 0:
+            raise ValueError("expected some training: --freeze-epochs or --epochs must be > 0")
+
+
+def pick_backbone(weights_dir: str | os.PathLike | None = None) -> str | None:
+    """The first of ``PREFERRED_BACKBONES`` whose ImageNet weights are under the weights root, else None."""
+    for arch in PREFERRED_BACKBONES:
+        if find_known_weights(arch, weights_dir) is not None:
+            return arch
+    return None
+
+
+def no_weights_advice(weights_dir: str | os.PathLike | None = None) -> str:
+    """How to get pretrained weights (for the message of a run that trains from scratch)."""
+    root = resolve_weights_root(weights_dir)
+    known = ", ".join(f"{root / k.path}" for k in KNOWN_WEIGHTS.values())
+    return (f"transfer from a pretrained backbone would do much better: put ImageNet weights under the weights root "
+            f"({known}), or point --weights-dir / $IMCLASS_WEIGHTS at a folder holding them, "
+            "or pass --backbone NAME --weights PATH")
+
+
+def _decode(path: Path, pre: Preprocessing) -> torch.Tensor | str:
+    from imclass.transfer.features import _decode_one
+
+    try:
+        return _decode_one(path, pre)
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+
+
+def _read(paths: list[Path], labels: list[int], pre: Preprocessing, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        decoded = list(pool.map(lambda p: _decode(p, pre), paths))
+    bad = [(p, d) for p, d in zip(paths, decoded) if isinstance(d, str)]
+    if bad:
+        shown = "; ".join(f"{p.relative_to(root) if p.is_relative_to(root) else p} ({why})" for p, why in bad[:5])
+        warnings.warn(f"skipped {len(bad)} unreadable image file(s) in {root}: {shown}", stacklevel=3)
+    kept = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+    if not kept:
+        raise ValueError(f"none of the {len(paths)} image files in {root} could be read")
+    return torch.stack([decoded[i] for i in kept]), torch.tensor([labels[i] for i in kept], dtype=torch.long)
+
+
+def read_folder_for(folder: str | os.PathLike, pre: Preprocessing, *, val_fraction: float = 0.2, seed: int = 0,
+                    limit: int | None = None) -> tuple[ImageDataset, ImageDataset, ImageDataset | None]:
+    """(train, val, test or None) of a class-per-folder tree, every photo prepared as ``pre`` says.
+
+    ``val/`` is the validation split when the folder has one; otherwise ``val_fraction`` of each
+    class of the training images is held out (seeded, stratified). ``test/``, when present, is kept apart.
+    """
+    from imclass.data.folder import _subfolders, list_images, split_folders
+    from imclass.data.split import split_indices
+
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such folder: {root}")
+    splits = split_folders(root)
+    train_dir = splits.get("train", root)
+    class_dirs = {c.name for d in (splits.values() if splits else [root]) for c in _subfolders(d)}
+    classes = sorted(class_dirs)
+    if len(classes) < 2:
+        raise ValueError(f"expected at least 2 class folders in {train_dir}, found {classes or 'none'}")
+    paths, labels = list_images(train_dir, classes)
+    if not paths:
+        raise ValueError(f"no image files in the class folders of {train_dir}")
+    images, y = _read(paths, labels, pre, root)
+    name = root.name
+    notes: list[str] = []
+    if "val" in splits:
+        v_paths, v_labels = list_images(splits["val"], classes)
+        v_images, v_y = _read(v_paths, v_labels, pre, root)
+        notes.append(f"validation: the folder's val/ ({len(v_y)} images)")
+    else:
+        keep, held = split_indices(y, val_fraction, seed=seed)
+        v_images, v_y = images[held], y[held]
+        images, y = images[keep], y[keep]
+        notes.append(f"validation: {val_fraction:.0%} of each class held out (stratified, seed {seed})")
+    if limit is not None:
+        images, y = images[:limit], y[:limit]
+    train = ImageDataset(images, y, classes, name=name, split="train", notes=list(notes), source=str(root))
+    val = ImageDataset(v_images, v_y, classes, name=name, split="val", notes=list(notes), source=str(root))
+    test = None
+    if "test" in splits:
+        t_paths, t_labels = list_images(splits["test"], classes)
+        if t_paths:
+            t_images, t_y = _read(t_paths, t_labels, pre, root)
+            test = ImageDataset(t_images, t_y, classes, name=name, split="test", source=str(root))
+    return train, val, test
+
+
+def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
+    """Run ``cfg``: read the folder, transfer, train (head, then optional fine-tuning), save, report.
+
+    Returns ``accuracy`` (validation), ``seconds`` (end to end, reading included), per-stage seconds,
+    image counts, the backbone and where its weights came from, and the saved ``model_file``.
+    """
+    from imclass.io import save
+    from imclass.models.weights import backbone_name, preprocessing_for
+    from imclass.transfer.features import FeatureCache
+    from imclass.transfer.finetune import fine_tune, transfer
+
+    t_start = time.perf_counter()
+    backbone = cfg.backbone or pick_backbone(cfg.weights_dir)
+    if backbone is None:
+        raise ValueError("no pretrained backbone found: " + no_weights_advice(cfg.weights_dir))
+    backbone_name(backbone)  # an unknown name fails before any photo is read
+    pre = preprocessing_for(backbone, cfg.weights, weights_dir=cfg.weights_dir)
+    if cfg.image_size:
+        pre = pre.with_size(cfg.image_size)
+    t0 = time.perf_counter()
+    train, val, test = read_folder_for(cfg.dataset, pre, val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit)
+    seconds = {"read": time.perf_counter() - t0}
+    model = transfer(backbone, len(train.classes), weights=cfg.weights, head=cfg.head, weights_dir=cfg.weights_dir,
+                     input_size=cfg.image_size)
+    out = Path(cfg.out or f"runs/transfer-{backbone.replace(':', '_')}-{Path(cfg.dataset).expanduser().name}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    cache = FeatureCache(cfg.cache_dir) if cfg.cache_dir else None
+    result = fine_tune(model, train, epochs=cfg.epochs, freeze_epochs=cfg.freeze_epochs, validation=val,
+                       unfreeze_stages=cfg.unfreeze, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+                       cache=cache, verbose=cfg.verbose)
+    seconds.update(result.seconds)
+    clf = result.classifier
+    metrics = clf.evaluate(val)
+    model_file = save(clf, out, train_config={"transfer": dataclasses.asdict(cfg), **clf.training_config()})
+    histories = {"head": result.head_history.to_dict() if result.head_history else None,
+                 "fine_tune": result.fine_history.to_dict() if result.fine_history else None}
+    (out / "history.json").write_text(json.dumps(histories, indent=1) + "\n")
+    report = {
+        "accuracy": metrics["accuracy"],
+        "loss": metrics["loss"],
+        "val_images": len(val),
+        "train_images": len(train),
+        "classes": list(train.classes),
+        "backbone": backbone,
+        "weights": model.load_report.source,
+        "input_size": list(pre.input_size),
+        "head_accuracy": _last(result.head_history),
+        "seconds": time.perf_counter() - t_start,
+        "seconds_per_stage": seconds,
+        "model_file": str(model_file),
+        "out": str(out),
+        "notes": list(train.notes),
+    }
+    if test is not None:
+        report["test_accuracy"] = clf.evaluate(test)["accuracy"]
+        report["test_images"] = len(test)
+    return report
+
+
+def _last(history: Any) -> float | None:
+    if history is None or not history.history.get("val_accuracy"):
+        return None
+    return float(history.history["val_accuracy"][-1])
+
+
+def load_for(dataset: str, pre: Preprocessing, *, split: str = "test", root: str | os.PathLike | None = None,
+             val_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
+    """One split of a data set prepared as ``pre`` says (shorter side resized, centre crop), for
+    evaluating a transfer model. A plain folder's ``test`` split is the seeded stratified hold-out
+    that ``train_transfer`` validated on (same fraction and seed); a split tree's ``test`` falls back
+    to ``val/``; named data sets (cifar10, ...) are loaded and resized in batches."""
+    from imclass import data as imdata
+    from imclass.data.folder import _subfolders, list_images, split_folders
+    from imclass.data.split import split_indices
+    from imclass.transfer.finetune import resize_for
+
+    folder = Path(dataset).expanduser()
+    if not folder.is_dir():
+        ds = imdata.load(dataset, split=split, root=root)
+        return ImageDataset(resize_for(ds.images, pre), ds.labels, ds.classes, name=ds.name, split=ds.split)
+    splits = split_folders(folder)
+    if splits:
+        classes = sorted({c.name for d in splits.values() for c in _subfolders(d)})
+        name = split if split in splits else ("val" if split == "test" and "val" in splits else None)
+        if name is None:
+            raise ValueError(f"{folder} has split folders {', '.join(splits)}, received split={split!r}")
+        paths, labels = list_images(splits[name], classes)
+    else:
+        classes = [c.name for c in _subfolders(folder)]
+        paths, labels = list_images(folder, classes)
+        if split in ("train", "test", "val"):
+            keep, held = split_indices(torch.tensor(labels), val_fraction, seed=seed)
+            chosen = (keep if split == "train" else held).tolist()
+            paths, labels = [paths[i] for i in chosen], [labels[i] for i in chosen]
+        elif split != "all":
+            raise ValueError(f"expected split train, test, val or all for {folder}, received split={split!r}")
+    if not paths:
+        raise ValueError(f"no image files in the class folders of {folder} for split {split!r}")
+    images, y = _read(paths, labels, pre, folder)
+    return ImageDataset(images, y, classes, name=folder.name, split=split, source=str(folder))
