@@ -1,0 +1,160 @@
+"""Distributed training on CPU: 2 gloo processes under torchrun against one process (tests/ddp_worker.py)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from imclass.data.loader import TensorLoader
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def _worker():
+    spec = importlib.util.spec_from_file_location("ddp_worker", ROOT / "tests" / "ddp_worker.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "IMCLASS_DIST_TIMEOUT": "60", **extra}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _start(args: list[str], **env: str) -> subprocess.Popen:
+    return subprocess.Popen(TORCHRUN + args, cwd=ROOT, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait(job: subprocess.Popen, timeout: float = 240) -> subprocess.CompletedProcess:
+    try:
+        out, err = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        out, err = job.communicate()
+        pytest.fail(f"torchrun still running after {timeout} s: {err[-2000:]}")
+    return subprocess.CompletedProcess(job.args, job.returncode, out, err)
+
+
+def _torchrun(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    return _wait(_start(args, **env))
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """The module's torchrun jobs, started together (most of their time is starting Python and torch)."""
+    base = tmp_path_factory.mktemp("ddp")
+    dirs = {name: base / name for name in ("ddp", "killed", "run")}
+    for d in dirs.values():
+        d.mkdir()
+    root = os.environ.get("IMCLASS_DATA") or str(ROOT.parent / "shared" / "data")
+    started = {
+        "ddp": _start(["tests/ddp_worker.py", str(dirs["ddp"])]),
+        "killed": _start(["tests/ddp_worker.py", str(dirs["killed"]), "--kill-rank", "1", "--kill-step", "3"]),
+    }
+    if Path(root, "cifar10").is_dir():
+        started["run"] = _start(["-m", "imclass", "train", "--model", "mlp", "--dataset", "cifar10", "--limit", "192",
+                                 "--epochs", "1", "--batch-size", "32", "--val-fraction", "0.25", "--device", "cpu",
+                                 "--out", str(dirs["run"] / "out"), "--json"], IMCLASS_DATA=root)
+    yield {name: (job, dirs[name]) for name, job in started.items()}
+    for job in started.values():
+        if job.poll() is None:
+            job.kill()
+            job.communicate()
+
+
+def test_loader_gives_each_rank_its_slice_of_every_global_batch():
+    images = torch.arange(23, dtype=torch.uint8).view(23, 1, 1, 1).expand(23, 1, 2, 2).contiguous()
+    labels = torch.arange(23)
+    single = TensorLoader(images, labels, batch_size=8, seed=5)
+    ranks = [TensorLoader(images, labels, batch_size=8, seed=5, rank=r, world_size=3) for r in range(3)]
+    assert len(single) == 3 and all(len(r) == 3 for r in ranks)  # 23 = 8 + 8 + 7: the last batch is split 3/2/2
+    for whole, *parts in zip(single.indexed_batches(1), *(r.indexed_batches(1) for r in ranks)):
+        assert torch.equal(torch.cat([p[0] for p in parts]), whole[0])
+        assert torch.equal(torch.cat([p[2] for p in parts]), whole[2])
+    assert [len(p[0]) for p in list(zip(*(r.indexed_batches(0) for r in ranks)))[-1]] == [3, 2, 2]
+    assert ranks[0].global_batch_len(2) == 7
+    # a last global batch smaller than the number of ranks cannot be split: it is dropped
+    assert len(TensorLoader(images[:18], labels[:18], batch_size=8, rank=0, world_size=2)) == 3  # 8 + 8 + 2
+    assert len(TensorLoader(images[:17], labels[:17], batch_size=8, rank=0, world_size=2)) == 2  # 8 + 8 (+ 1)
+    with pytest.raises(ValueError, match="0 <= rank < world_size"):
+        TensorLoader(images, labels, rank=2, world_size=2)
+
+
+def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_path, jobs):
+    worker = _worker()
+    one_out, longer_out = tmp_path / "one", tmp_path / "one3"
+    torch.set_num_threads(1)
+    one = worker.train(one_out)  # while the 2-process run goes on
+    job, dist_out = jobs["ddp"]
+    run = _wait(job)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = torch.load(dist_out / "weights.pt", weights_only=True)
+    for name, ref in one.model.state_dict().items():
+        torch.testing.assert_close(got[name], ref, atol=1e-5, rtol=1e-4, msg=f"{name} differs")
+    history = torch.load(dist_out / "history.pt", weights_only=True)
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):  # metrics reduced over both ranks
+        assert history[key] == pytest.approx(one.history[key], rel=1e-5), key
+    assert sorted(p.name for p in dist_out.iterdir()) == ["checkpoint.pt", "history.pt", "weights.pt"]
+
+    # the checkpoint written by rank 0 resumes in one process, like a one-process run of 3 epochs
+    resumed = worker.train(dist_out, epochs=3, resume=True)
+    longer = worker.train(longer_out, epochs=3)
+    assert resumed.history["epoch"] == [1, 2, 3]
+    for name, ref in longer.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], ref, atol=1e-5, rtol=1e-4)
+
+
+def test_a_killed_rank_ends_the_job_with_an_error_instead_of_hanging(jobs):
+    job, out = jobs["killed"]
+    run = _wait(job, timeout=240)  # gloo's timeout is 60 s (IMCLASS_DIST_TIMEOUT): never reached, torchrun ends it
+    assert run.returncode != 0
+    assert "ChildFailedError" in run.stderr and "Signal 9 (SIGKILL) received by PID" in run.stderr
+    assert "rank      : 1" in run.stderr  # the root cause names the killed rank
+    assert not (out / "weights.pt").exists()
+
+
+def test_torchrun_cli_train_writes_one_run_folder_and_predict_shards(tmp_path, jobs, data_root):
+    import imclass
+
+    job, folder = jobs["run"]
+    out = folder / "out"
+    run = _wait(job)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # rank 0 reports for both
+    result = json.loads(lines[0])
+    assert result["train_images"] == 192 and result["epochs"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "curves.png", "history.csv",
+                                                     "model.safetensors"]
+    assert len((out / "history.csv").read_text().splitlines()) == 2  # one header, one epoch: one writer
+    clf = imclass.load(out)
+    test = imclass.data.load("cifar10", split="test", root=data_root).subset(slice(0, 192))
+    assert clf.evaluate(test)["accuracy"] == pytest.approx(result["accuracy"])
+
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(5):
+        Image.fromarray(test.images[i].permute(1, 2, 0).numpy()).save(images / f"{i}.png")
+    (images / "broken.png").write_bytes(b"not a png")
+    run = _torchrun(["-m", "imclass", "predict", str(out), str(images), "--format", "json"])
+    assert run.returncode != 0  # the unreadable file is reported (exit code 1), the others predicted
+    report = json.loads([line for line in run.stdout.splitlines() if line.startswith("{")][0])
+    assert [Path(r["image"]).name for r in report["predictions"]] == [f"{i}.png" for i in range(5)]
+    assert [Path(e["image"]).name for e in report["errors"]] == ["broken.png"]
+    expected = clf.predict_proba(test.images[:5])
+    for row, probs in zip(report["predictions"], expected):
+        top = row["top"][0]
+        assert top["class"] == clf.classes[int(probs.argmax())]
+        assert top["probability"] == pytest.approx(float(probs.max()), abs=1e-4)
