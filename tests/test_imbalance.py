@@ -127,3 +127,25 @@ def test_run_config_and_cli_values():
     assert (cfg.class_weight, cfg.sampler) == ("balanced", "balanced")
     with pytest.raises(ValueError, match="expected sampler 'balanced' or none, received 'even'"):
         RunConfig(model="mlp", sampler="even")
+
+
+def test_train_cli_flags(tmp_path, data_root):
+    import json
+
+    from typer.testing import CliRunner
+
+    from imclass.cli import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--model", "mlp", "-o", "hidden=[16]", "--dataset", "mnist", "--data",
+                                      str(data_root), "--limit", "128", "--epochs", "1", "--class-weight", "balanced",
+                                      "--sampler", "balanced", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert (config["class_weight"], config["sampler"]) == ("balanced", "balanced")
+    result = CliRunner().invoke(app, ["train", "--model", "mlp", "--dataset", "mnist", "--class-weight", "heavy"])
+    assert result.exit_code == 2
+    assert "error: expected --class-weight balanced, a list like 1,5,1 or JSON, received 'heavy'" in result.output
+    result = CliRunner().invoke(app, ["train", "--model", "mlp", "--dataset", "mnist", "--data", str(data_root),
+                                      "--limit", "64", "--class-weight", "1,2", "--out", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "expected class_weight with one weight per class (10), received 2" in result.output

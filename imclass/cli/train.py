@@ -65,6 +65,9 @@ def train(
         None, "--unfreeze", help="Transfer: what --epochs fine-tunes: all (default) or the last N stages."),
     feature_cache: Optional[str] = typer.Option(
         None, "--feature-cache", help="Transfer: cache the frozen features in this folder (reused while nothing changes)."),
+    class_weight: Optional[str] = typer.Option(
+        None, "--class-weight", help='Class imbalance: balanced, one weight per class (1,5,1) or JSON ({"cat": 3}).'),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="balanced: draw every class about equally often."),
 ) -> None:
     """Train a model and save it to a run folder (model.safetensors, config.json, history, curves).
 
@@ -72,7 +75,13 @@ def train(
     alone continues the run in DIR with the config it saved (other flags override it).
     """
     from imclass.cli.transfer import run_transfer, wants_transfer
+    from imclass.train.imbalance import parse_class_weight
     from imclass.train.run import CONFIG_FILE, load_config, train_from_config
+
+    try:
+        class_weight = parse_class_weight(class_weight) if isinstance(class_weight, str) else class_weight
+    except ValueError as err:
+        fail(str(err))
 
     if wants_transfer(dataset=dataset, model=model, weights=weights, recipe=recipe, backbone=backbone, config=config):
         def from_scratch() -> None:  # no pretrained weights: the course CNN, augmented
@@ -82,12 +91,14 @@ def train(
                   weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
                   label_smoothing=label_smoothing, augment=augment or "crop_flip", val_fraction=val_fraction,
                   seed=seed, out=out, resume=resume, device=device, recipe=None, target=None, as_json=as_json,
-                  backbone=None, weights_dir=None, freeze_epochs=None, head=None, unfreeze=None, feature_cache=None)
+                  backbone=None, weights_dir=None, freeze_epochs=None, head=None, unfreeze=None, feature_cache=None,
+                  class_weight=class_weight, sampler=sampler)
 
         return run_transfer(dataset=dataset, backbone=backbone, weights=weights, weights_dir=weights_dir, head=head,
                             image_size=image_size, freeze_epochs=freeze_epochs, epochs=epochs, unfreeze=unfreeze,
                             lr=lr, batch_size=batch_size, val_fraction=val_fraction, seed=seed, limit=limit, out=out,
-                            cache_dir=feature_cache, as_json=as_json, fallback=from_scratch)
+                            cache_dir=feature_cache, as_json=as_json, fallback=from_scratch,
+                            class_weight=class_weight, sampler=sampler)
     if resume and config is None and out is not None and (Path(out) / CONFIG_FILE).is_file():
         config = Path(out) / CONFIG_FILE  # continue the run with its own config
     try:
@@ -118,6 +129,8 @@ def train(
             device=device,
             recipe=recipe,
             target=target,
+            class_weight=class_weight,
+            sampler=sampler,
             verbose=False if as_json else None,
         )
         if options:

@@ -186,12 +186,15 @@ def fine_tune(
     amp: str | None = "auto",
     callbacks: Sequence[Any] = (),
     verbose: bool = False,
+    class_weight: Any = None,
+    sampler: str | None = None,
 ) -> FineTuneResult:
     """Stage 1: ``freeze_epochs`` epochs of the head on cached frozen features; stage 2: ``epochs``
     epochs of the whole network (``unfreeze_stages``: "all" or the last N) with discriminative
     learning rates. ``data``/``validation``: ``ImageDataset`` or ``(uint8 images, labels)``, any
     image size (resized and centre-cropped as ``model.preprocessing`` says); ``validation`` may be
-    a fraction (seeded stratified split). Returns the classifier of the whole network."""
+    a fraction (seeded stratified split). Returns the classifier of the whole network.
+    ``class_weight`` and ``sampler`` (class imbalance) go to the ``fit`` of both stages."""
     from imclass.data.split import split_indices
     from imclass.train import Classifier, cpu_has_native_bf16
 
@@ -234,6 +237,7 @@ def fine_tune(
         result.head_history = head_clf.fit(
             (as_images(feats), labels), epochs=freeze_epochs, batch_size=head_batch_size,
             validation=(as_images(v_feats), val[1]) if val is not None else None, seed=seed, verbose=verbose,
+            class_weight=class_weight, sampler=sampler,
         )
         seconds["head"] = time.perf_counter() - t0
 
@@ -253,7 +257,8 @@ def fine_tune(
 
             augment = CropFlip(padding=max(1, pre.crop // 14))
         result.fine_history = clf.fit((images, labels), epochs=epochs, batch_size=batch_size, validation=val,
-                                      augment=augment, seed=seed, callbacks=callbacks, verbose=verbose)
+                                      augment=augment, seed=seed, callbacks=callbacks, verbose=verbose,
+                                      class_weight=class_weight, sampler=sampler)
         seconds["fine_tune"] = time.perf_counter() - t0
         freeze(model.backbone)
     else:

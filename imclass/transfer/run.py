@@ -49,6 +49,8 @@ class TransferConfig:
     limit: int | None = None  # at most this many training images (quick tries)
     cache_dir: str | None = None  # features cached on disk here (memory only when None)
     out: str | None = None
+    class_weight: str | list | dict | None = None  # class imbalance (Classifier.fit): 'balanced', a list or a dict
+    sampler: str | None = None  # 'balanced': every class drawn about equally often
     verbose: bool = False
 
     def __post_init__(self) -> None:
@@ -176,7 +178,8 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
     cache = FeatureCache(cfg.cache_dir) if cfg.cache_dir else None
     result = fine_tune(model, train, epochs=cfg.epochs, freeze_epochs=cfg.freeze_epochs, validation=val,
                        unfreeze_stages=cfg.unfreeze, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                       cache=cache, verbose=cfg.verbose)
+                       cache=cache, verbose=cfg.verbose,
+                       class_weight=cfg.class_weight, sampler=cfg.sampler)
     seconds.update(result.seconds)
     clf = result.classifier
     metrics = clf.evaluate(val)
