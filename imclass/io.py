@@ -6,7 +6,8 @@
 The metadata key ``imclass`` holds a JSON object::
 
     {"format": 1, "kind": "classifier" | "knn" | "model",
-     "architecture": {"name": ..., "options": {...}}  or  {"sequential": <Sequential.get_config()>},
+     "architecture": {"name": ..., "options": {...}}  or  {"sequential": <Sequential.get_config()>}
+                     or  {"functional": <imclass.models.Model.get_config()>},
      "classes": [...], "preprocessing": {"mean": [...], "std": [...], "input_size": [C, H, W],
                                          "resize": int, "crop": int, "interpolation": str (pretrained backbones),
                                          "tta": "none" | "flip" | "flip_translate" | null},
@@ -154,6 +155,8 @@ def _architecture_of(model: nn.Module) -> dict:
         return {"name": spec["name"], "options": _jsonable(options, "model options")}
     if hasattr(model, "get_config") and type(model).__name__ == "Sequential":
         return {"sequential": _jsonable(model.get_config(), "Sequential config")}
+    if hasattr(model, "get_config") and type(model).__name__ == "Model":  # Keras functional API
+        return {"functional": _jsonable(model.get_config(), "functional Model config")}
     raise TypeError(
         f"cannot save a {type(model).__name__}: expected a model built by imclass.models.create(...) "
         "(it records imclass_spec) or an imclass.Sequential (it has get_config())"
@@ -331,6 +334,10 @@ def _rebuild_model(path: Path, arch: dict) -> nn.Module:
             from imclass.layers import Sequential
 
             return Sequential.from_config(arch["sequential"])
+        if "functional" in arch:
+            from imclass.models.functional import Model
+
+            return Model.from_config(arch["functional"])
         if "name" in arch:
             from imclass import models
 

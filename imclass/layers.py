@@ -39,17 +39,22 @@ from imclass.activations import Maxout, create_activation, resolve_activation, w
 
 __all__ = [
     "Activation",
+    "Add",
     "AveragePooling2D",
     "BatchNormalization",
+    "Concatenate",
     "Conv2D",
     "Dense",
     "Dropout",
     "Flatten",
     "GlobalAveragePooling2D",
+    "Input",
+    "KerasModel",
     "Layer",
     "LeakyReLU",
     "MaxPooling2D",
     "Maxout",
+    "ModelLayer",
     "Sequential",
     "conv_output_size",
     "to_channels_first",
@@ -201,6 +206,13 @@ class Layer:
     def build(self, input_shape: Shape) -> list[tuple[str, nn.Module]]:
         """The torch modules computing this layer, as ``(name suffix, module)`` pairs ("" for the main one)."""
         raise NotImplementedError
+
+    def __call__(self, inputs: Any) -> Any:
+        """Keras's functional API: call the layer on a symbolic tensor from ``Input`` (or a list of
+        them for merges) to get the symbolic output (see ``imclass.models.functional``)."""
+        from imclass.models.functional import call_layer
+
+        return call_layer(self, inputs)
 
     def get_config(self) -> dict[str, Any]:
         """The ``__init__`` arguments as a JSON-able dict (``cls(**config)`` rebuilds the layer)."""
@@ -494,6 +506,260 @@ class LeakyReLU(Activation):
         return config
 
 
+class _Merge(nn.Module):
+    """Element-wise sum, or concatenation along ``dim``, of several tensors."""
+
+    def __init__(self, dim: int | None = None):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        if self.dim is None:
+            out = xs[0]
+            for x in xs[1:]:
+                out = out + x
+            return out
+        return torch.cat(xs, dim=self.dim)
+
+    def extra_repr(self) -> str:
+        return "sum" if self.dim is None else f"cat dim={self.dim}"
+
+
+class _MergeLayer(Layer):
+    """A layer of several inputs (functional API only): ``Add()([x, y])``."""
+
+    multi_input: ClassVar[bool] = True
+
+    def _check_many(self, input_shape: Any) -> list[Shape]:
+        if not isinstance(input_shape, list) or len(input_shape) < 2:
+            raise ValueError(f"{type(self).__name__} merges several tensors: use it in the functional API, "
+                             f"e.g. {type(self).__name__}()([x, y]), not in a Sequential")
+        return input_shape
+
+
+class Add(_MergeLayer):
+    """Element-wise sum of tensors of one shape (residual connections): ``Add()([x, y])``."""
+
+    prefix = "add"
+
+    def compute_output_shape(self, input_shape: Any) -> Shape:
+        shapes = self._check_many(input_shape)
+        if any(s != shapes[0] for s in shapes):
+            raise ValueError(f"Add expects inputs of one shape, received {', '.join(_fmt(s) for s in shapes)}")
+        return shapes[0]
+
+    def build(self, input_shape: Any) -> list[tuple[str, nn.Module]]:
+        self.compute_output_shape(input_shape)
+        return [("", _Merge())]
+
+
+class Concatenate(_MergeLayer):
+    """Join tensors along ``axis`` in Keras's channels-last numbering: the default ``-1`` is the
+    channels of images (dimension 1 of ``(N, C, H, W)``) or the features of flat tensors."""
+
+    prefix = "concatenate"
+
+    def __init__(self, axis: int = -1, name: str | None = None, input_shape: int | Sequence[int] | None = None):
+        super().__init__(name, input_shape)
+        if not _is_int(axis, low=-4) or axis == 0:
+            raise ValueError(f"expected axis -1 (channels), 1, 2 or 3 (Keras numbering, 0 is the batch), received axis={axis!r}")
+        self.axis = int(axis)
+
+    def _dim(self, rank: int) -> int:
+        # Keras (N, H, W, C) axis -> torch (N, C, H, W) dimension; flat (N, F): 1
+        axis = self.axis if self.axis > 0 else rank + 1 + self.axis
+        if not 1 <= axis <= rank:
+            raise ValueError(f"Concatenate axis={self.axis} does not exist for inputs of rank {rank} (without batch)")
+        return {1: 2, 2: 3, 3: 1}[axis] if rank == 3 else axis
+
+    def compute_output_shape(self, input_shape: Any) -> Shape:
+        shapes = self._check_many(input_shape)
+        if len({len(s) for s in shapes}) != 1:
+            raise ValueError(f"Concatenate expects inputs of one rank, received {', '.join(_fmt(s) for s in shapes)}")
+        dim = self._dim(len(shapes[0])) - 1
+        rest = [s[:dim] + s[dim + 1:] for s in shapes]
+        if any(r != rest[0] for r in rest):
+            raise ValueError(f"Concatenate axis={self.axis} expects inputs equal in the other dimensions, received "
+                             f"{', '.join(_fmt(s) for s in shapes)}")
+        out = list(shapes[0])
+        out[dim] = sum(s[dim] for s in shapes)
+        return tuple(out)
+
+    def build(self, input_shape: Any) -> list[tuple[str, nn.Module]]:
+        self.compute_output_shape(input_shape)
+        return [("", _Merge(self._dim(len(input_shape[0]))))]
+
+    def get_config(self) -> dict[str, Any]:
+        return {"axis": self.axis, **super().get_config()}
+
+
+class ModelLayer(Layer):
+    """A Keras-style model (``Sequential``, functional ``Model``, an application) used as one layer of
+    another model, sharing its weights: ``Sequential([ResNet50(include_top=False, ...), Flatten(), ...])``."""
+
+    prefix = "model"
+    _model_classes: ClassVar[dict[str, type]] = {}
+
+    @classmethod
+    def register_model_class(cls, name: str, model_cls: type) -> None:
+        """Make ``from_config`` able to rebuild models of ``model_cls`` (class name ``name``)."""
+        cls._model_classes[name] = model_cls
+
+    def __init__(self, model: nn.Module, name: str | None = None, input_shape: int | Sequence[int] | None = None):
+        if not isinstance(model, nn.Module) or not hasattr(model, "get_config") or getattr(model, "input_shape", None) is None:
+            raise TypeError(f"expected a Keras-style model (Sequential, Model or an application) with an input shape, "
+                            f"received {type(model).__name__}")
+        model_name = getattr(model, "name", None)
+        if name is None and isinstance(model_name, str) and model_name.isidentifier():
+            name = model_name
+        super().__init__(name, input_shape)
+        self.model = model
+
+    def compute_output_shape(self, input_shape: Shape) -> Shape:
+        if tuple(input_shape) != tuple(self.model.input_shape):
+            raise ValueError(f"the model {self.name or type(self.model).__name__!r} takes input {_fmt(self.model.input_shape)}, "
+                             f"received {_fmt(input_shape)}")
+        return tuple(self.model.output_shape)
+
+    def build(self, input_shape: Shape) -> list[tuple[str, nn.Module]]:
+        self.compute_output_shape(input_shape)
+        # the inner model's forward leaves its final softmax/sigmoid to the loss; inside a bigger model it applies
+        final = getattr(self.model, "final_activation", None)
+        return [("", self.model), *_activation_modules((final, {}) if final else None)]
+
+    def get_config(self) -> dict[str, Any]:
+        return {"model": {"class_name": type(self.model).__name__, "config": self.model.get_config()},
+                **super().get_config()}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ModelLayer":
+        config = dict(config)
+        entry = config.pop("model")
+        if entry["class_name"] not in cls._model_classes:
+            import imclass.models.functional  # noqa: F401  (registers Model)
+        if entry["class_name"] not in cls._model_classes:
+            raise ValueError(f"unknown model class {entry['class_name']!r} in config; known: {sorted(cls._model_classes)}")
+        return cls(cls._model_classes[entry["class_name"]].from_config(entry["config"]), **config)
+
+
+class _LayerNames:
+    """Module-name prefixes for the layers of one model: the layer's ``name``, else its Keras prefix
+    numbered (``conv2d``, ``conv2d_1``, ...)."""
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+
+    def assign(self, layer: Layer, modules: Any) -> str:
+        if layer.name is not None:
+            if layer.name in self.used or layer.name in modules:
+                raise ValueError(f"layer name {layer.name!r} is used twice in this model")
+            self.used.add(layer.name)
+            return layer.name
+        name, i = layer.prefix, 0
+        while name in self.used or name in modules:
+            i += 1
+            name = f"{layer.prefix}_{i}"
+        self.used.add(name)
+        return name
+
+
+def final_activation_of(modules: list[tuple[str, nn.Module]], output_shape: Shape) -> str | None:
+    """``"softmax"`` when the last module is a softmax, ``"sigmoid"`` when it is the sigmoid of a
+    one-unit output (binary classification); such a final activation is left to the loss."""
+    last = modules[-1][1] if modules else None
+    if isinstance(last, nn.Softmax):
+        return "softmax"
+    if isinstance(last, nn.Sigmoid) and tuple(output_shape) == (1,):
+        return "sigmoid"
+    return None
+
+
+def adapt_flat_input(x: torch.Tensor, expected: Shape) -> torch.Tensor:
+    """Flat features reach a model as ``(N, F)``, or as ``(N, 1, 1, F)`` one-row grey images (the
+    form in which the image-based engine carries them, see ``imclass.train.keras``)."""
+    if len(expected) == 1 and x.ndim == 4 and tuple(x.shape[1:]) == (1, 1, expected[0]):
+        return x.flatten(1)
+    return x
+
+
+def Input(shape: int | Sequence[int] | None = None, batch_size: int | None = None, name: str | None = None,
+          dtype: Any = None) -> Any:
+    """Keras's ``Input``: a symbolic model input (see :func:`imclass.models.functional.Input`)."""
+    from imclass.models.functional import Input as _Input
+
+    return _Input(shape, batch_size=batch_size, name=name, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- Keras's model methods
+
+
+class KerasModel:
+    """Keras's model methods on ``Sequential`` and ``Model``, all delegating to ``imclass.Classifier``
+    (the one engine; see ``imclass.train.keras`` for how data and labels are converted)."""
+
+    def compile(self, optimizer: Any = "rmsprop", loss: Any = None, metrics: Sequence[Any] | None = None,
+                **options: Any) -> None:
+        """Keras's ``compile``: an optimizer (name or ``imclass.optimizers`` object), a loss (name or
+        ``imclass.losses`` object) and ``metrics`` (``["accuracy"]``). Other ``options`` go to
+        ``Classifier.compile`` (``label_smoothing``, ``amp``, ...); ``mean``/``std`` set the input
+        normalisation (default: none beyond uint8 / 255, as Keras)."""
+        from imclass.train.keras import compile_model
+
+        compile_model(self, optimizer, loss, metrics, **options)
+
+    def fit(self, x: Any = None, y: Any = None, batch_size: int | None = None, epochs: int = 1, verbose: Any = "auto",
+            callbacks: Sequence[Any] | None = None, validation_split: float = 0.0, validation_data: Any = None,
+            shuffle: bool = True, **options: Any) -> Any:
+        """Keras's ``fit`` on numpy arrays or tensors (channels-last or -first, uint8 or float / 255;
+        labels as the loss expects). Returns the ``History`` (``history.history["loss"]``)."""
+        from imclass.train.keras import fit_model
+
+        return fit_model(self, x, y, batch_size=batch_size, epochs=epochs, verbose=verbose, callbacks=callbacks,
+                         validation_split=validation_split, validation_data=validation_data, shuffle=shuffle,
+                         **options)
+
+    def evaluate(self, x: Any = None, y: Any = None, batch_size: int | None = None, verbose: Any = "auto",
+                 return_dict: bool = False) -> Any:
+        """Keras's ``evaluate``: the loss, or ``[loss, accuracy]`` when ``metrics=["accuracy"]`` was compiled."""
+        from imclass.train.keras import evaluate_model
+
+        return evaluate_model(self, x, y, batch_size=batch_size, verbose=verbose, return_dict=return_dict)
+
+    def predict(self, x: Any, batch_size: int | None = None, verbose: Any = 0) -> Any:
+        """Keras's ``predict``: the model's outputs as numpy, the final softmax/sigmoid applied
+        (class probabilities); ``predict(x).argmax(1)`` gives the classes."""
+        from imclass.train.keras import predict_model
+
+        return predict_model(self, x, batch_size=batch_size)
+
+    def summary(self, print_fn: Any = None) -> int:
+        """Print the table of layers, output shapes and parameter counts; returns the parameter count."""
+        from imclass.summarize import summary
+
+        return summary(self, self.input_shape, print_fn=print_fn or print)
+
+    def save(self, filepath: Any) -> Any:
+        """Write one imclass model file (``.safetensors``: weights, architecture, and once trained the
+        classes, normalisation and training config); ``imclass.models.load_model`` reads it back."""
+        from imclass.train.keras import save_model
+
+        return save_model(self, filepath)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # a symbolic tensor (functional API): the whole model becomes one layer of a bigger graph
+        first = args[0] if args else None
+        if type(first).__name__ == "KerasTensor" or (isinstance(first, (list, tuple)) and first
+                                                      and type(first[0]).__name__ == "KerasTensor"):
+            return ModelLayer(self)(first)
+        return nn.Module.__call__(self, *args, **kwargs)
+
+    @property
+    def classifier(self) -> Any:
+        """The ``imclass.Classifier`` that ``compile`` made (``None`` before)."""
+        state = self.__dict__.get("_keras_state")
+        return state.classifier if state is not None else None
+
+
 def _keras_init(module: nn.Linear | nn.Conv2d) -> None:
     # Keras defaults: Glorot-uniform kernel, zero bias (the course's models were trained this way).
     nn.init.xavier_uniform_(module.weight)
@@ -504,7 +770,7 @@ def _keras_init(module: nn.Linear | nn.Conv2d) -> None:
 # ----------------------------------------------------------------------------- Sequential
 
 
-class Sequential(nn.Module):
+class Sequential(KerasModel, nn.Module):
     """A stack of course layers built into torch modules, with every shape inferred.
 
     The input shape comes from ``input_shape=`` here or on the first layer (``input_dim=`` for a
@@ -517,8 +783,11 @@ class Sequential(nn.Module):
     architecture, with the same ``state_dict`` keys.
     """
 
-    def __init__(self, layers: Iterable[Layer] = (), input_shape: int | Sequence[int] | None = None):
-        super().__init__()
+    def __init__(self, layers: Iterable[Layer] = (), input_shape: int | Sequence[int] | None = None,
+                 name: str | None = None):
+        nn.Module.__init__(self)
+        self.name = name or "sequential"
+        self._symbolic: tuple[Any, Any] | None = None  # (input, output) KerasTensors, made on first use
         self.input_shape: Shape | None = None if input_shape is None else to_channels_first(input_shape)
         self.layers: list[Layer] = []
         self._names: list[str] = []  # one module-name prefix per layer
@@ -539,7 +808,17 @@ class Sequential(nn.Module):
         return self.input_shape
 
     def add(self, layer: Layer) -> "Sequential":
-        """Append a layer, building its modules for the current output shape."""
+        """Append a layer, building its modules for the current output shape.
+
+        Also accepted: ``Input(shape=...)`` first (it sets the input shape), and a Keras-style model
+        (another Sequential, a functional ``Model`` or an application), added as one layer."""
+        if type(layer).__name__ == "KerasTensor" and layer.node.layer is None:  # Input(shape=...)
+            if self.layers:
+                raise ValueError("Input(...) must come first in a Sequential")
+            self.input_shape = layer.shape
+            return self
+        if isinstance(layer, nn.Module) and hasattr(layer, "get_config") and hasattr(layer, "input_shape"):
+            layer = ModelLayer(layer)
         if not isinstance(layer, Layer):
             raise TypeError(
                 f"expected a layer such as Dense(...) or Conv2D(...), received {type(layer).__name__}; "
@@ -559,6 +838,7 @@ class Sequential(nn.Module):
                 "Sequential needs the input shape: pass input_shape=(32, 32, 3) to Sequential or to the first "
                 "layer (input_dim=... for a first Dense)"
             )
+        self._symbolic = None
         in_shape = self.output_shape
         out_shape = layer.compute_output_shape(in_shape)
         name = self._unique_name(layer)
@@ -587,6 +867,7 @@ class Sequential(nn.Module):
         """Remove the last layer (and its modules); return it."""
         if not self.layers:
             raise ValueError("cannot pop from an empty Sequential")
+        self._symbolic = None
         for module_name in self._modules_of.pop():
             delattr(self, module_name)
         self._names.pop()
@@ -596,10 +877,30 @@ class Sequential(nn.Module):
     # -- running
 
     @property
+    def input(self) -> Any:
+        """The symbolic input (Keras's ``model.input``), to attach layers through the functional API."""
+        return self._graph()[0]
+
+    @property
+    def output(self) -> Any:
+        """The symbolic output (Keras's ``model.output``): ``Model(model.input, Dense(10)(model.output))``."""
+        return self._graph()[1]
+
+    def _graph(self) -> tuple[Any, Any]:
+        if self._symbolic is None:
+            from imclass.models.functional import Input as _Input, call_layer
+
+            if self.input_shape is None:
+                raise ValueError("this Sequential has no input shape yet")
+            x = _Input(shape=self.input_shape)
+            self._symbolic = (x, call_layer(ModelLayer(self), x))
+        return self._symbolic
+
+    @property
     def final_activation(self) -> str | None:
-        """``"softmax"`` when the model ends with a softmax that ``forward`` leaves out, else None."""
-        last = list(self._modules.values())[-1:] if self._modules else []
-        return "softmax" if last and isinstance(last[0], nn.Softmax) else None
+        """``"softmax"`` (or ``"sigmoid"`` of a one-unit output) when the model ends with it; ``forward`` leaves it out."""
+        last = list(self._modules.items())[-1:] if self._modules else []
+        return final_activation_of(last, self.output_shape) if last else None
 
     @final_activation.setter
     def final_activation(self, value: str | None) -> None:
@@ -628,6 +929,7 @@ class Sequential(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Everything before the classifier (the last Dense): the features it sees."""
+        x = adapt_flat_input(x, self.input_shape or ())
         self._check_input(x)
         for module in self._split()[0]:
             x = module(x)
@@ -690,7 +992,10 @@ class Sequential(nn.Module):
             config.pop("input_shape", None)
             config["name"] = name
             layers.append({"class_name": type(layer).__name__, "config": config})
-        return {"class_name": "Sequential", "input_shape": list(self.input_shape or ()), "layers": layers}
+        config = {"class_name": "Sequential", "input_shape": list(self.input_shape or ()), "layers": layers}
+        if self.name != "sequential":
+            config["name"] = self.name
+        return config
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "Sequential":
@@ -700,8 +1005,13 @@ class Sequential(nn.Module):
         layers = []
         for entry in config["layers"]:
             name = entry.get("class_name") if isinstance(entry, dict) else None
+            if name not in _LAYERS:
+                import imclass.applications  # noqa: F401  (registers its layer classes)
             if name not in _LAYERS or name.startswith("_"):
                 known = sorted(n for n in _LAYERS if not n.startswith("_"))
                 raise ValueError(f"unknown layer class {name!r} in config; known: {known}")
             layers.append(_LAYERS[name].from_config(dict(entry.get("config", {}))))
-        return cls(layers, input_shape=tuple(config["input_shape"]))
+        return cls(layers, input_shape=tuple(config["input_shape"]), name=config.get("name"))
+
+
+ModelLayer.register_model_class("Sequential", Sequential)
