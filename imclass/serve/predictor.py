@@ -59,14 +59,15 @@ def decode_image(
     channels: int = 3,
     resize: Any = None,
     crop: Any = None,
+    interpolation: str = "bilinear",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     name: str | None = None,
 ) -> torch.Tensor:
     """One image (bytes or a file) as a uint8 tensor (C, H, W) ready for a model.
 
     The pixel count is read from the header and checked against ``max_pixels`` BEFORE any pixel is
-    decoded (decompression bombs). Then: ``resize`` + ``crop`` when given (shorter side to ``resize``,
-    centre crop ``crop``, as an ImageNet evaluation does), else a resize to ``size`` (h, w) with the
+    decoded (decompression bombs). Then: ``resize`` + ``crop`` when given (shorter side to ``resize``
+    with ``interpolation``, centre crop ``crop``, as a pretrained backbone's evaluation does), else a resize to ``size`` (h, w) with the
     bilinear filter the folder loader trains with. Raises ``ImageError``: 415 not an image, 413 too many
     pixels, 422 corrupt or truncated.
     """
@@ -111,10 +112,13 @@ def decode_image(
     t = torch.from_numpy(array)
     t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()  # (H, W, C) -> (C, H, W)
     if not plain:
+        from torchvision.transforms import InterpolationMode
         from torchvision.transforms.v2 import functional as TF
 
         if resize is not None:
-            t = TF.resize(t, _as_size(resize), antialias=True)
+            size_ = _as_size(resize)
+            t = TF.resize(t, [size_] if isinstance(size_, int) else list(size_),
+                          interpolation=InterpolationMode(interpolation), antialias=True)
         crop_size = _as_size(crop) if crop is not None else size
         if crop_size is not None:
             t = TF.center_crop(t, list(crop_size) if isinstance(crop_size, tuple) else [crop_size])
@@ -251,7 +255,9 @@ class Predictor:
         """An image (bytes or file) as the uint8 (C, H, W) tensor this model takes (see ``decode_image``)."""
         size = tuple(self.input_size[1:]) if self.input_size else None
         return decode_image(source, size=size, channels=self.channels, resize=self.preprocessing.get("resize"),
-                            crop=self.preprocessing.get("crop"), max_pixels=max_pixels, name=name)
+                            crop=self.preprocessing.get("crop"),
+                            interpolation=self.preprocessing.get("interpolation") or "bilinear",
+                            max_pixels=max_pixels, name=name)
 
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
         """Probabilities float32 (N, len(classes)) for uint8 images (N, C, H, W). Thread-safe (one at a time)."""
