@@ -17,6 +17,8 @@ _WEIGHTS_DIR = typer.Option(None, "--weights-dir", help="Weights root (default: 
 _IMAGE_SIZE = typer.Option(None, "--image-size", help="Crop size fed to the network (default: what its weights need).")
 _BATCH = typer.Option(64, "--batch-size", "-b", help="Images per forward pass.")
 _CACHE = typer.Option(None, "--cache", help="Feature cache folder (default: $IMCLASS_CACHE/features); 'none' to skip.")
+_AMP = typer.Option("auto", "--amp", help="auto: bf16 autocast where the CPU (or a GPU) has native bf16, about 2x faster, "
+                                          "features to ~3 digits; none: float32.")
 
 
 def register(app: typer.Typer) -> None:
@@ -41,6 +43,12 @@ def _cache(cache: str | None):
     return FeatureCache(Path(cache) if cache else cache_dir() / "features")
 
 
+def _amp(amp: str) -> str | None:
+    if amp not in ("auto", "none", "bf16"):
+        fail(f"expected --amp auto, bf16 or none, received {amp!r}")
+    return None if amp == "none" else amp
+
+
 def _meta(emb, **extra) -> dict:
     return {"model": emb.name, "weights": emb.weights, "preprocessing": emb.preprocessing.to_dict(), **extra}
 
@@ -58,6 +66,7 @@ def features(
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images of a named data set."),
     data_root: Optional[str] = DataRoot,
     cache: Optional[str] = _CACHE,
+    amp: str = _AMP,
 ) -> None:
     """Export the embeddings of a data set or folder: features (N, D) float32, labels, classes, paths, splits."""
     import numpy as np
@@ -85,7 +94,8 @@ def features(
                     ds = ds.subset(slice(0, limit))
                 source, labels, classes = ds.images, ds.labels, list(ds.classes)
                 splits, paths = [split] * len(ds), [f"{ds.name}/{split}/{i}" for i in range(len(ds))]
-            feats = extract_features(emb.model, source, emb.preprocessing, batch_size, cache=_cache(cache))
+            feats = extract_features(emb.model, source, emb.preprocessing, batch_size, cache=_cache(cache),
+                                     amp=_amp(amp))
     except USER_ERRORS as err:
         fail(str(err))
     meta = _meta(emb, data=str(data), classes=classes)
@@ -123,6 +133,7 @@ def similar(
                                  help="k-NN accuracy on deep features beside raw pixels, on the folder's split."),
     pixel_size: int = typer.Option(32, "--pixel-size", help="Side of the raw-pixel images of the comparison."),
     cache: Optional[str] = _CACHE,
+    amp: str = _AMP,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """The images of FOLDER nearest to each QUERY in feature space (k-NN, cosine), and how k-NN on those
@@ -144,8 +155,8 @@ def similar(
             emb = _embedder(backbone, weights, weights_dir, image_size)
             images = image_set(folder)
             store = _cache(cache)
-            feats = extract_features(emb.model, images.paths, emb.preprocessing, batch_size, cache=store)
-            queries = extract_features(emb.model, [Path(q) for q in query], emb.preprocessing, batch_size)
+            feats = extract_features(emb.model, images.paths, emb.preprocessing, batch_size, cache=store, amp=_amp(amp))
+            queries = extract_features(emb.model, [Path(q) for q in query], emb.preprocessing, batch_size, amp=_amp(amp))
             k_eff = min(k, len(images.paths))
             dist, idx = KNN(k=k_eff, metric="cosine").fit(feats, images.labels.clamp(min=0)).kneighbors(queries)
             result = {**_meta(emb), "folder": str(folder), "k": k_eff, "queries": []}
