@@ -29,7 +29,8 @@ _LAZY = {
     "save": "imclass.io",
     "load": "imclass.io",
 }
-_SUBMODULES = {"data", "models", "layers", "train", "evaluate", "visualize", "knn", "io", "cli", "summarize"}
+_SUBMODULES = {"data", "models", "layers", "train", "evaluate", "visualize", "knn", "io", "cli", "summarize",
+               "losses", "optimizers", "callbacks", "applications", "utils"}  # the last five: Keras's paths
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 

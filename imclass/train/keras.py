@@ -9,7 +9,9 @@ done by ``Classifier`` (the one engine): this module only converts what Keras us
   ``categorical_crossentropy``, integers for ``sparse_categorical_crossentropy``, 0/1 for
   ``binary_crossentropy``; labels that do not fit raise an error saying which loss expects what.
 * No normalisation beyond uint8 / 255 (as Keras): the Classifier's mean is 0 and std 1 unless
-  ``compile(mean=..., std=...)`` says otherwise.
+  ``compile(mean=..., std=...)`` says otherwise, or the model holds pretrained weights (an
+  application built with ``weights=``): then their mean/std (``model.preprocessing``), so images
+  are given as uint8 or / 255 and Keras's ``preprocess_input`` is not needed.
 """
 from __future__ import annotations
 
@@ -62,6 +64,9 @@ def _state(model: nn.Module, mean: Sequence[float] | None = None, std: Sequence[
     state = model.__dict__.get("_keras_state")
     if state is None or mean is not None or std is not None:
         c = _channels(model)
+        pre = weights_preprocessing(model)
+        if pre is not None and mean is None and std is None and len(pre.mean) == c:
+            mean, std = list(pre.mean), list(pre.std)
         mean = [0.0] * c if mean is None else list(mean)
         std = [1.0] * c if std is None else list(std)
         old = state
@@ -70,6 +75,19 @@ def _state(model: nn.Module, mean: Sequence[float] | None = None, std: Sequence[
             state.classifier.classes = old.classifier.classes
         model._keras_state = state
     return state
+
+
+def weights_preprocessing(model: nn.Module) -> Any:
+    """The preprocessing that pretrained weights inside ``model`` expect (an application built with
+    ``weights=``, possibly under a new head), or None."""
+    pre = getattr(model, "preprocessing", None)
+    if pre is not None:
+        return pre
+    for layer in getattr(model, "layers", []) or []:
+        report = getattr(layer, "load_report", None)
+        if report is not None and getattr(report, "preprocessing", None) is not None:
+            return report.preprocessing
+    return None
 
 
 def compile_model(model: nn.Module, optimizer: Any = "rmsprop", loss: Any = None, metrics: Sequence[Any] | None = None,
