@@ -129,3 +129,36 @@ def test_decode_resizes_like_training_and_refuses_bombs_before_decoding(setup, t
     with pytest.raises(ValueError, match="not a readable image") as err:
         decode_image(b"GIF89a nonsense")
     assert err.value.status == 415
+
+
+def test_a_bare_module_and_a_pretrained_style_resize_crop_are_predicted_as_recorded(setup, tmp_path):
+    from imclass.models.weights import Preprocessing
+    from imclass.transfer.features import prepare_batch
+
+    # a bare nn.Module file: its input is scaled to [0, 1], softmax of its logits
+    torch.manual_seed(1)
+    bare = imclass.models.create("fastnet", widths=(8, 16, 16), depth=1).eval()
+    imclass.save(bare, tmp_path / "bare.safetensors", classes=CLASSES, input_size=(3, 32, 32))
+    p = Predictor.load(tmp_path / "bare.safetensors")
+    assert p.kind == "model" and p.classes == CLASSES
+    with torch.no_grad():
+        expected = bare(setup["tensor"][:4].float() / 255).softmax(1)
+    torch.testing.assert_close(p.predict_proba(setup["tensor"][:4]), expected, atol=1e-5, rtol=0)
+
+    # a backbone's preprocessing (shorter side 40, centre crop 32) recorded in the file is what decode does,
+    # and the probabilities equal those of the transfer pipeline's own prepare_batch on the full image
+    pre = Preprocessing(input_size=(3, 32, 32), resize=40, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    clf = imclass.Classifier(bare, classes=CLASSES, mean=list(pre.mean), std=list(pre.std))
+    clf.input_size, clf.preprocessing = (3, 32, 32), pre
+    imclass.save(clf, tmp_path / "backbone")
+    p = Predictor.load(tmp_path / "backbone")
+    assert (p.preprocessing["resize"], p.preprocessing["crop"]) == (40, 32)
+    photo = tmp_path / "photo.png"
+    full = np.array(Image.open(setup["paths"][3]).resize((80, 60), Image.BICUBIC))
+    Image.fromarray(full).save(photo)
+    x = p.decode(photo)
+    assert x.shape == (3, 32, 32)
+    full_t = torch.from_numpy(full).permute(2, 0, 1).unsqueeze(0).contiguous()
+    with torch.no_grad():
+        reference = bare(prepare_batch(full_t, pre)).softmax(1)
+    torch.testing.assert_close(p.predict_proba(x.unsqueeze(0)), reference, atol=1e-5, rtol=0)
