@@ -23,6 +23,8 @@ def evaluate(
     confusion: bool = typer.Option(False, "--confusion", help="Also print the confusion matrix."),
     tta: Optional[bool] = TTAOption,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    report_dir: Optional[Path] = typer.Option(
+        None, "--report", help="Also write the evaluation report into DIR (report.html, report.json, PNGs)."),
 ) -> None:
     """Accuracy, loss and per-class accuracy of a saved model on a data set split.
 
@@ -51,7 +53,10 @@ def evaluate(
                 f"{run}: the model knows {len(saved.classes)} classes but {dataset} has {data.num_classes}"
             )
         tta_used = saved.resolve_tta(tta)
-        report = _evaluate(saved.predictor, data, tta_used)
+        if report_dir is not None:  # one pass gives the report and the figures below
+            report = _from_report(saved, data, tta_used, run, report_dir)
+        else:
+            report = _evaluate(saved.predictor, data, tta_used)
     except USER_ERRORS as err:
         fail(str(err))
     report.update({"dataset": dataset, "split": split, "images": len(data), "tta": tta_used})
@@ -69,6 +74,24 @@ def evaluate(
         typer.echo("confusion matrix (rows: true class, columns: predicted class):")
         for name, row in zip(data.classes, report["confusion_matrix"]):
             typer.echo(f"  {name:<{width}}  " + " ".join(f"{v:5d}" for v in row))
+
+
+def _from_report(saved: Any, data, tta: str, run: Path, out: Path) -> dict[str, Any]:
+    """Write the evaluation report (imclass.evaluate.report) and return this command's figures from it."""
+    from imclass.evaluate import report
+
+    folder = run if run.is_dir() else run.parent
+    history = folder / "history.csv"
+    numbers = report(saved.predictor, data, out, classes=saved.classes or data.classes, tta=tta,
+                     history=history if history.is_file() else None, title=folder.name)
+    typer.echo(f"report: {Path(out) / numbers['files']['html']}", err=True)
+    return {
+        "accuracy": numbers["accuracy"],
+        "loss": numbers["loss"],
+        "per_class_accuracy": {c: (v["recall"] if v["support"] else None) for c, v in numbers["per_class"].items()},
+        "confusion_matrix": numbers["confusion_matrix"],
+        "report": str(Path(out) / numbers["files"]["html"]),
+    }
 
 
 def _evaluate(predictor: Any, data, tta: str = "none") -> dict[str, Any]:

@@ -1,0 +1,61 @@
+"""Grids of images with a caption under each tile (report examples, neighbours, explanations), via matplotlib."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+def to_hwc(img: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(C, H, W) uint8 or float on [0, 1] -> (H, W, 3) uint8 for drawing (grey images repeated to RGB)."""
+    img = torch.as_tensor(img).detach().cpu()
+    if img.is_floating_point():
+        img = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+    arr = img.permute(1, 2, 0).numpy()
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    return np.ascontiguousarray(arr[:, :, :3])
+
+
+def save_captioned_grid(
+    images: Sequence[torch.Tensor],
+    captions: Sequence[str],
+    path: str | Path,
+    *,
+    cols: int = 8,
+    title: str = "",
+    tile_inches: float = 1.35,
+    caption_colors: Sequence[str] | None = None,
+) -> Path:
+    """Write a PNG grid of (C, H, W) images, ``cols`` per row, each with its caption (e.g.
+    "cat -> dog 0.97") underneath; ``caption_colors`` colours each caption."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = list(images)
+    if not images:
+        raise ValueError("expected at least one image to draw, received none")
+    if len(captions) != len(images):
+        raise ValueError(f"expected one caption per image, received {len(captions)} for {len(images)} images")
+    cols = max(1, min(cols, len(images)))
+    rows = (len(images) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * tile_inches, rows * (tile_inches + 0.3) + (0.4 if title else 0)),
+                             dpi=100, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(to_hwc(images[i]), interpolation="nearest")
+            color = caption_colors[i] if caption_colors else "black"
+            ax.set_title(captions[i], fontsize=7, color=color, y=-0.22)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
