@@ -130,7 +130,7 @@ def kernels_part(x, y, xt, metrics, n_query: int) -> dict:
             row[backend] = {"seconds": seconds, "pairs_per_second": len(q) * len(x) / seconds,
                             "identical_to_torch": bool((preds[backend][1] == ref_i).all()
                                                        and (preds[backend][0] == ref_d).all())}
-        print(f"{metric}: " + ", ".join(f"{b} {r['seconds']:.2f} s ({r['pairs_per_second'] * x.shape[1] / 1e9:.0f} G "
+        print(f"{metric}: " + ", ".join(f"{b} {r['seconds']:.2f} s ({r['pairs_per_second'] * x.shape[1] / 1e9:.3g} G "
                                          f"byte pairs/s{'' if r['identical_to_torch'] else ', DIFFERS from torch'})"
                                          for b, r in row.items()))
         out[metric] = row
