@@ -613,6 +613,8 @@ class ModelLayer(Layer):
         if name is None and isinstance(model_name, str) and model_name.isidentifier():
             name = model_name
         super().__init__(name, input_shape)
+        if self.input_shape is None:
+            self.input_shape = tuple(model.input_shape)  # already channels-first
         self.model = model
 
     def compute_output_shape(self, input_shape: Shape) -> Shape:
