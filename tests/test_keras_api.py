@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from sklearn.metrics import log_loss
 
 import imclass
-from imclass.callbacks import Callback, LearningRateScheduler, ModelCheckpoint, ReduceLROnPlateau
+from imclass.callbacks import Callback, EarlyStopping, LearningRateScheduler, ModelCheckpoint, ReduceLROnPlateau
 from imclass.layers import (
     Add,
     Concatenate,
@@ -143,7 +143,7 @@ def test_keras2_script_with_validation_split_and_checkpoint(tmp_path):
     model = mlp()
     model.compile(loss="categorical_crossentropy", optimizer=SGD(lr=0.05, momentum=0.9, nesterov=True, decay=1e-3),
                   metrics=["accuracy"])
-    ckpt = ModelCheckpoint(str(tmp_path / "weights.{epoch:02d}.safetensors"), monitor="val_loss", save_best_only=False)
+    ckpt = ModelCheckpoint(filepath=str(tmp_path / "weights.{epoch:02d}.safetensors"), monitor="val_loss")
     history = model.fit(x, y_train, batch_size=8, epochs=2, validation_split=0.2, callbacks=[ckpt], verbose=2)
     assert set(history.history) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
     assert len(history.history["val_loss"]) == 2
@@ -339,6 +339,9 @@ def test_reduce_lr_on_plateau_and_learning_rate_scheduler():
     model.fit(x, y, batch_size=8, epochs=3, verbose=0,
               callbacks=[LearningRateScheduler(lambda epoch, lr: 0.1 * 0.5 ** epoch), log])
     assert log.lrs == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
+    # Keras's EarlyStopping defaults: patience=0 stops at the first epoch without an improvement > min_delta
+    history = model.fit(x, y, batch_size=8, epochs=10, verbose=0, callbacks=[EarlyStopping(monitor="loss", min_delta=10.0)])
+    assert len(history.history["loss"]) == 2
 
 
 def test_to_categorical():
