@@ -11,7 +11,7 @@ The metadata key ``imclass`` holds a JSON object::
      "classes": [...], "preprocessing": {"mean": [...], "std": [...], "input_size": [C, H, W],
                                          "resize": int, "crop": int, "interpolation": str (pretrained backbones),
                                          "tta": "none" | "flip" | "flip_translate" | null},
-     "final_activation": "softmax" | null, "train_config": {...} | null}
+     "final_activation": "softmax" | "sigmoid" | null, "train_config": {...} | null}
 
 Loading never unpickles: the architecture is rebuilt from the JSON (through the model registry or
 ``Sequential.from_config``) and the tensors are read by safetensors. A file that is truncated,
