@@ -43,14 +43,15 @@ def save_captioned_grid(
         raise ValueError(f"expected one caption per image, received {len(captions)} for {len(images)} images")
     cols = max(1, min(cols, len(images)))
     rows = (len(images) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * tile_inches, rows * (tile_inches + 0.3) + (0.4 if title else 0)),
-                             dpi=100, squeeze=False)
+    lines = max(str(c).count("\n") + 1 for c in captions)
+    fig, axes = plt.subplots(rows, cols, dpi=100, squeeze=False,
+                             figsize=(cols * tile_inches, rows * (tile_inches + 0.14 * lines + 0.1) + (0.4 if title else 0)))
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < len(images):
             ax.imshow(to_hwc(images[i]), interpolation="nearest")
             color = caption_colors[i] if caption_colors else "black"
-            ax.set_title(captions[i], fontsize=7, color=color, y=-0.22)
+            ax.text(0.5, -0.03, captions[i], transform=ax.transAxes, ha="center", va="top", fontsize=7, color=color)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
