@@ -230,6 +230,17 @@ def test_metrics_match_sklearn():
         accuracy(p[:299], y)
 
 
+def test_fast_recipe_amp_auto_follows_the_cpu(monkeypatch):
+    """'auto' trains in bf16 only on a CPU with native bf16 (AVX-512-BF16/AMX); elsewhere float32."""
+    from imclass.train import recipes
+
+    monkeypatch.setattr(recipes, "cpu_has_native_bf16", lambda: True)
+    assert recipes.resolve_amp("auto", torch.device("cpu")) == "bf16"
+    monkeypatch.setattr(recipes, "cpu_has_native_bf16", lambda: False)
+    assert recipes.resolve_amp("auto", torch.device("cpu")) is None
+    assert recipes.resolve_amp(None, torch.device("cpu")) is None
+
+
 def test_bf16_autocast_on_cpu_runs_convolutions_in_bfloat16():
     """amp='bf16' is honoured on a CPU (autocast): convolutions see bf16, weights stay float32."""
     from imclass.train.recipes import resolve_amp
@@ -247,7 +258,10 @@ def test_bf16_autocast_on_cpu_runs_convolutions_in_bfloat16():
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(math.isfinite(v) for v in history.history["loss"])
     assert clf.predict_proba(x).dtype == torch.float32
+    seen.clear()
+    clf.predict(x)  # predictions stay float32 on a CPU: the same figures as the model loaded from its file
+    assert set(seen) == {torch.float32}
     with pytest.warns(UserWarning, match="fp16 amp and compile apply on CUDA only"):
         Classifier(torch.nn.Linear(3, 2), device="cpu").compile("sgd", amp="fp16")
-    assert resolve_amp("auto", torch.device("cpu")) is None and resolve_amp("auto", torch.device("cuda")) == "bf16"
+    assert resolve_amp("auto", torch.device("cuda")) == "bf16"
     assert resolve_amp("bf16", torch.device("cpu")) == "bf16" and resolve_amp(None, torch.device("cuda")) is None

@@ -39,6 +39,7 @@ from imclass.data.dataset import ImageDataset
 from imclass.data.loader import derive_seed
 from imclass.models import create
 from imclass.models.fastnet import init_whitening
+from imclass.train.classifier import cpu_has_native_bf16
 from imclass.train.optim import MuonSGD
 from imclass.tta import tta_name
 
@@ -98,7 +99,7 @@ class FastConfig:
     muon_momentum: float = 0.6
     ns_steps: int = 3
     channels_last: bool = True
-    amp: str | None = "auto"  # "auto": bf16 on CUDA, float32 on a CPU (see resolve_amp); "bf16" or None anywhere
+    amp: str | None = "auto"  # "auto": bf16 on CUDA and on CPUs with native bf16 (see resolve_amp); "bf16" or None
     compile: bool = False  # torch.compile, CUDA only in the engine
 
     def __post_init__(self) -> None:
@@ -131,9 +132,14 @@ FAST_TARGETS: dict[int, FastConfig] = {
 
 
 def resolve_amp(amp: str | None, device: torch.device) -> str | None:
-    """The autocast dtype the recipe trains with: ``"auto"`` is bf16 on CUDA and float32 on a CPU."""
+    """The autocast dtype the recipe trains with. ``"auto"`` is bf16 on CUDA and on a CPU that
+    multiplies bf16 natively (AVX-512-BF16 or AMX): there it trains 1.4-1.6x faster at the same
+    accuracy (target 90: 90.2 % +/- 0.2 bf16 vs 90.1 % +/- 0.2 float32 over 3 seeds, 10,000 test
+    images; bench/RESULTS.md). Other CPUs emulate bf16 slowly, so they keep float32."""
     if amp == "auto":
-        return "bf16" if device.type == "cuda" else None
+        if device.type == "cuda":
+            return "bf16"
+        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else None
     return amp
 
 
