@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 # Data root: IMCLASS_DATA when set, else ../shared/data when that folder exists (development convenience).
 IMCLASS_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 export IMCLASS_DATA
+# Weights root (pretrained backbones): IMCLASS_WEIGHTS when set, else ../shared/weights when that folder exists.
+IMCLASS_WEIGHTS ?= $(if $(wildcard ../shared/weights),$(abspath ../shared/weights),)
+export IMCLASS_WEIGHTS
 
 .PHONY: demo test venv browser bench clean
 

@@ -11,11 +11,11 @@ from imclass.models.transfer_net import TransferNet
 from imclass.models.weights import LoadReport, Preprocessing, WeightsError, apply_weights, preprocessing_for
 from imclass.transfer.features import FeatureCache, extract_features, feature_key, prepare_batch, read_for
 from imclass.transfer.finetune import (
-    FineTuneResult, backbone_groups, fine_tune, freeze, resize_for, transfer, unfreeze,
+    FineTuneResult, backbone_groups, fine_tune, fit_head, freeze, resize_for, transfer, unfreeze,
 )
 
 __all__ = [
     "FeatureCache", "FineTuneResult", "LoadReport", "Preprocessing", "TransferNet", "WeightsError", "apply_weights",
-    "backbone_groups", "extract_features", "feature_key", "fine_tune", "freeze", "prepare_batch",
+    "backbone_groups", "extract_features", "feature_key", "fine_tune", "fit_head", "freeze", "prepare_batch",
     "preprocessing_for", "read_for", "resize_for", "transfer", "unfreeze",
 ]

@@ -12,6 +12,7 @@ stage at ``lr * backbone_lr_ratio``, each stage below it ``lr_decay`` times lowe
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from imclass.models.transfer_net import TransferNet, head_config
 from imclass.models.weights import LoadReport, Preprocessing, apply_weights, backbone_name, KNOWN_WEIGHTS
 from imclass.transfer.features import FeatureCache, extract_features
 
-__all__ = ["FineTuneResult", "backbone_groups", "fine_tune", "freeze", "resize_for", "transfer", "unfreeze"]
+__all__ = ["FineTuneResult", "backbone_groups", "fine_tune", "fit_head", "freeze", "resize_for", "transfer", "unfreeze"]
 
 
 def transfer(
@@ -164,6 +165,55 @@ class FineTuneResult:
         return None
 
 
+@contextlib.contextmanager
+def _threads(n: int):
+    """Run with at most ``n`` torch threads, then restore: a head's (64, 1280) x (1280, 1024) products
+    are too small to split, and on a busy machine a second thread mostly waits to be scheduled."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(n, before))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def fit_head(
+    model: TransferNet,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    classes: Sequence[str],
+    *,
+    epochs: int = 20,
+    validation: tuple[torch.Tensor, torch.Tensor] | None = None,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    batch_size: int | None = None,
+    seed: int = 0,
+    verbose: bool = False,
+    class_weight: Any = None,
+    sampler: str | None = None,
+) -> Any:
+    """Train ``model.head`` on precomputed backbone features (N, D) with ``Classifier.fit``: the
+    engine sees them as (N, 1, 1, D) float "images" (mean 0, std 1: passed through unchanged).
+    ``batch_size`` None: small data sets get small batches (enough optimizer steps per epoch).
+    Returns the History."""
+    from imclass.train import Classifier
+
+    if features.ndim != 2 or len(features) != len(labels):
+        raise ValueError(f"expected features (N, D) for {len(labels)} labels, received shape {tuple(features.shape)}")
+    if features.shape[1] != model.num_features:
+        raise ValueError(f"expected {model.num_features} features per image (the backbone's), received {features.shape[1]}")
+    head = nn.Sequential(nn.Flatten(), model.head)  # (N, 1, 1, D) -> (N, D) -> logits
+    clf = Classifier(head, classes=list(classes), mean=[0.0], std=[1.0], device="cpu")
+    clf.compile("adamw", lr=lr, weight_decay=weight_decay, schedule="cosine")
+    as_images = lambda f: f.reshape(len(f), 1, 1, -1)  # (N, D) -> (N, 1, 1, D)
+    bs = batch_size or min(64, max(8, len(features) // 16))
+    with _threads(1):
+        return clf.fit((as_images(features), labels), epochs=epochs, batch_size=bs, seed=seed, verbose=verbose,
+                       validation=(as_images(validation[0]), validation[1]) if validation is not None else None,
+                       class_weight=class_weight, sampler=sampler)
+
+
 def fine_tune(
     model: TransferNet,
     data: Any,
@@ -179,7 +229,7 @@ def fine_tune(
     lr_decay: float = 0.7,
     weight_decay: float = 1e-4,
     batch_size: int = 32,
-    head_batch_size: int = 64,
+    head_batch_size: int | None = None,
     augment: Any = "auto",
     seed: int = 0,
     cache: FeatureCache | str | os.PathLike | None = None,
@@ -230,15 +280,10 @@ def fine_tune(
         v_feats = extract_features(model.backbone, val[0], pre, cache=cache, amp=amp) if val is not None else None
         seconds["features"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        head = nn.Sequential(nn.Flatten(), model.head)  # (N, 1, 1, D) feature "images" -> logits
-        head_clf = Classifier(head, classes=classes, mean=[0.0], std=[1.0], device="cpu")
-        head_clf.compile("adamw", lr=head_lr or lr, weight_decay=weight_decay, schedule="cosine")
-        as_images = lambda f: f.reshape(len(f), 1, 1, -1)  # (N, D) -> (N, 1, 1, D)
-        result.head_history = head_clf.fit(
-            (as_images(feats), labels), epochs=freeze_epochs, batch_size=head_batch_size,
-            validation=(as_images(v_feats), val[1]) if val is not None else None, seed=seed, verbose=verbose,
-            class_weight=class_weight, sampler=sampler,
-        )
+        result.head_history = fit_head(model, feats, labels, classes, epochs=freeze_epochs,
+                                       validation=(v_feats, val[1]) if val is not None else None, lr=head_lr or lr,
+                                       weight_decay=weight_decay, batch_size=head_batch_size, seed=seed,
+                                       verbose=verbose, class_weight=class_weight, sampler=sampler)
         seconds["head"] = time.perf_counter() - t0
 
     clf = Classifier(model, classes=classes, mean=list(pre.mean), std=list(pre.std), device="cpu")

@@ -1,0 +1,209 @@
+"""Transfer learning on the flowers photos (3,670 real photos, 5 classes): imclass against a plain script.
+
+Both use the same real ImageNet weights (timm ``mobilenetv2_100``, TF "same" padding, inputs scaled to
+[-1, 1], from ``$IMCLASS_WEIGHTS``) and the same seeded stratified 80/20 splits (``--seeds``).
+
+* **imclass**: ``read_for`` (threaded PIL decode, JPEG draft, straight to the crop), ``extract_features``
+  (whole batches, channels-last, bf16 autocast where the CPU multiplies bf16 natively), then the head
+  trained by ``fine_tune`` (``Classifier.fit``) on the cached features. End to end = decode + features + head,
+  measured on the first seed with an empty cache; the other seeds reuse the cached features (seconds).
+* **head without the cache**: one epoch of ``Classifier.fit`` on the images with the backbone frozen (the
+  backbone runs forward at every step), timed, and the per-epoch cost set beside the cached one.
+* **plain script** (the issue's reference): PIL decode + resize 256 + centre crop 224 per image, fp32
+  NCHW, batch 64, ``timm.create_model``, then scikit-learn ``LogisticRegression`` on the pooled features.
+* ``--fine-tune-epochs N``: stage 2 after the head (the whole network or ``--unfreeze`` last stages,
+  discriminative learning rates), on the first seed.
+
+    python bench/transfer.py --json bench/transfer.json          # everything (minutes on 2 cores)
+    python bench/transfer.py --limit 300 --seeds 0                # a quick check of the script
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from host import cpu_info, cpu_line  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def flowers(limit: int | None) -> tuple[list[Path], torch.Tensor, list[str]]:
+    """Every flowers photo path (sorted), its label and the class names; every ``n``-th with ``limit``."""
+    root = Path(os.environ.get("IMCLASS_DATA", ROOT.parent / "shared" / "data")) / "flowers" / "photos"
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    paths, labels = [], []
+    for i, c in enumerate(classes):
+        found = sorted((root / c).glob("*.jpg"))
+        paths += found
+        labels += [i] * len(found)
+    if limit:
+        step = max(1, len(paths) // limit)
+        paths, labels = paths[::step][:limit], labels[::step][:limit]
+    return paths, torch.tensor(labels), classes
+
+
+def plain_script(paths: list[Path], labels: torch.Tensor, splits: list, weights_file: Path) -> dict:
+    """The reference: timm + torch + PIL per image, fp32 NCHW, batch 64, then logistic regression."""
+    import timm
+    from PIL import Image
+    from safetensors.torch import load_file
+    from sklearn.linear_model import LogisticRegression
+
+    t0 = time.perf_counter()
+    model = timm.create_model("mobilenetv2_100", pretrained=False, num_classes=0, pad_type="same")
+    state = {k: v.float() for k, v in load_file(str(weights_file)).items() if not k.startswith("classifier.")}
+    model.load_state_dict(state)
+    model.eval()
+    mean = torch.tensor([0.5, 0.5, 0.5]).view(3, 1, 1)
+    std = torch.tensor([0.5, 0.5, 0.5]).view(3, 1, 1)
+
+    def load(path: Path) -> torch.Tensor:
+        im = Image.open(path).convert("RGB")
+        w, h = im.size
+        s = 256 / min(w, h)
+        im = im.resize((round(w * s), round(h * s)), Image.BILINEAR)
+        w, h = im.size
+        left, top = (w - 224) // 2, (h - 224) // 2
+        im = im.crop((left, top, left + 224, top + 224))
+        x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (x - mean) / std
+
+    feats = []
+    t_feat = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, len(paths), 64):
+            feats.append(model(torch.stack([load(p) for p in paths[s : s + 64]])))
+    feats = torch.cat(feats).numpy()
+    features_s = time.perf_counter() - t_feat
+    accs, head_s = [], []
+    for keep, held in splits:
+        t = time.perf_counter()
+        clf = LogisticRegression(max_iter=1000).fit(feats[keep], labels[keep].numpy())
+        accs.append(float(clf.score(feats[held], labels[held].numpy())))
+        head_s.append(time.perf_counter() - t)
+    return {"accuracy": accs, "features_s": features_s, "images_per_s": len(paths) / features_s,
+            "head_s": head_s, "end_to_end_s": features_s + head_s[0] + (t_feat - t0)}
+
+
+def imclass_run(paths, labels, classes, splits, args) -> dict:
+    """imclass end to end (decode + features of every photo + head on the first split), then the head
+    on the other splits from the same cached features."""
+    from imclass.train import Classifier
+    from imclass.transfer import FeatureCache, extract_features, fine_tune, fit_head, read_for, transfer
+
+    cache = FeatureCache()
+    out = {"accuracy": [], "head_s": []}
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = transfer("mobilenetv2_100", len(classes), weights="imagenet", head=args.head, input_size=args.size)
+    pre = model.preprocessing
+    t = time.perf_counter()
+    pixels = read_for(paths, pre)
+    out["decode_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    feats = extract_features(model.backbone, pixels, pre, cache=cache)
+    out["features_s"] = time.perf_counter() - t
+    out["images_per_s"] = len(paths) / out["features_s"]
+    for n, (keep, held) in enumerate(splits):
+        t = time.perf_counter()
+        if n:
+            torch.manual_seed(n)
+            model = transfer("mobilenetv2_100", len(classes), weights="imagenet", head=args.head, input_size=args.size)
+            feats = extract_features(model.backbone, pixels, pre, cache=cache)  # a cache hit
+        history = fit_head(model, feats[keep], labels[keep], classes, epochs=args.head_epochs, lr=args.lr,
+                           validation=(feats[held], labels[held]), seed=n)
+        acc = float(history.history["val_accuracy"][-1])
+        out["accuracy"].append(acc)
+        out["head_s"].append(time.perf_counter() - t)
+        if n == 0:
+            out["end_to_end_s"] = time.perf_counter() - t0
+            out["head_epoch_cached_s"] = out["head_s"][0] / max(1, args.head_epochs)
+            first = (model, keep, held)
+        print(f"  imclass seed {n}: val accuracy {acc:.4f}, head {out['head_s'][-1]:.1f} s"
+              + (f", end to end {out['end_to_end_s']:.1f} s (decode {out['decode_s']:.1f} s, features "
+                 f"{out['features_s']:.1f} s)" if n == 0 else " (features from the cache)"), flush=True)
+    out["cache_hits"] = cache.hits
+    # head without the cache: one epoch through the frozen backbone, as a plain frozen fit would
+    model, keep, held = first
+    clf = Classifier(model, classes=classes, mean=list(model.preprocessing.mean), std=list(model.preprocessing.std),
+                     device="cpu").compile("adamw", lr=args.lr)
+    t = time.perf_counter()
+    clf.fit((pixels[keep], labels[keep]), epochs=1, batch_size=64, seed=0, verbose=False)
+    out["head_epoch_uncached_s"] = time.perf_counter() - t
+    if args.fine_tune_epochs:
+        t = time.perf_counter()
+        ft = fine_tune(model, (pixels[keep], labels[keep]), epochs=args.fine_tune_epochs, freeze_epochs=args.head_epochs,
+                       validation=(pixels[held], labels[held]), lr=args.lr, cache=cache, seed=0, classes=classes,
+                       unfreeze_stages=args.unfreeze if args.unfreeze == "all" else int(args.unfreeze),
+                       batch_size=32)
+        out["fine_tune"] = {"accuracy": ft.val_accuracy, "epochs": args.fine_tune_epochs, "unfreeze": args.unfreeze,
+                            "seconds": ft.seconds, "total_s": time.perf_counter() - t}
+        print(f"  fine-tuned ({args.fine_tune_epochs} epochs, unfreeze {args.unfreeze}): {ft.val_accuracy:.4f} "
+              f"in {time.perf_counter() - t:.1f} s", flush=True)
+    return out
+
+
+def _mean_sd(xs: list[float]) -> str:
+    a = np.array(xs, dtype=float)
+    return f"{a.mean():.2%} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.2%}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--size", type=int, default=224, help="imclass's crop size (the weights' own: 224)")
+    parser.add_argument("--head", default="course")
+    parser.add_argument("--head-epochs", type=int, default=15)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--limit", type=int, default=None, help="use about this many photos (quick check)")
+    parser.add_argument("--fine-tune-epochs", type=int, default=0)
+    parser.add_argument("--unfreeze", default="all")
+    parser.add_argument("--skip-plain", action="store_true")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    from imclass.data.split import split_indices
+    from imclass.models.weights import find_known_weights
+    from imclass.train import cpu_has_native_bf16
+
+    weights_file = find_known_weights("mobilenetv2_100")
+    if weights_file is None:
+        sys.exit("error: no mobilenetv2_100 weights under $IMCLASS_WEIGHTS (see /work/shared/weights/README.md)")
+    print(cpu_line())
+    print(f"torch threads {torch.get_num_threads()}, native bf16: {cpu_has_native_bf16()}; "
+          "the machine is shared with other jobs (figures vary with its load)", flush=True)
+    paths, labels, classes = flowers(args.limit)
+    splits = [split_indices(labels, 0.2, seed=s) for s in args.seeds]
+    print(f"{len(paths)} photos, {len(classes)} classes, seeds {args.seeds} (80/20 stratified)", flush=True)
+    ours = imclass_run(paths, labels, classes, splits, args)
+    plain = None if args.skip_plain else plain_script(paths, labels, splits, weights_file)
+    print()
+    print(f"{'':32}{'imclass':>22}{'plain script':>22}{'ratio':>10}")
+
+    def row(name: str, a: float | None, b: float | None, fmt: str = "{:.1f} s", ratio: bool = True) -> None:
+        ra = f"{b / a:.2f}x" if ratio and a and b else ""
+        print(f"{name:32}{fmt.format(a) if a is not None else '-':>22}{fmt.format(b) if b is not None else '-':>22}{ra:>10}")
+
+    print(f"{'accuracy (mean ± sd)':32}{_mean_sd(ours['accuracy']):>22}"
+          f"{_mean_sd(plain['accuracy']) if plain else '-':>22}")
+    row("end to end, first seed", ours["end_to_end_s"], plain["end_to_end_s"] if plain else None)
+    row("features (images/s)", ours["images_per_s"], plain["images_per_s"] if plain else None, "{:.1f}", ratio=False)
+    row("feature extraction", ours["features_s"] + ours["decode_s"], plain["features_s"] if plain else None)
+    print(f"head epoch: {ours['head_epoch_cached_s']:.2f} s on cached features vs "
+          f"{ours['head_epoch_uncached_s']:.1f} s through the frozen backbone "
+          f"({ours['head_epoch_uncached_s'] / ours['head_epoch_cached_s']:.0f}x)")
+    print(f"head per seed (cached features): {', '.join(f'{s:.1f} s' for s in ours['head_s'])}")
+    if args.json:
+        args.json.write_text(json.dumps({"cpu": cpu_info(), "args": {k: str(v) for k, v in vars(args).items()},
+                                         "photos": len(paths), "imclass": ours, "plain": plain}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
