@@ -240,3 +240,23 @@ def test_the_real_imclass_serve_process_answers_on_localhost(runs):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_explain_returns_the_gradcam_overlay_of_the_predicted_class(runs, predictors):
+    explain = pytest.importorskip("imclass.explain", reason="imclass.explain (Grad-CAM) is not installed")
+    import base64
+
+    expected = explain.gradcam(runs["clf"], runs["tensor"][2])
+    with client_for(predictors) as client:
+        assert client.get("/health").json()["explain"] is True
+        r = client.post("/explain", files=files(runs["pngs"][2]))
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["index"] == expected.target and body["class"] == CLASSES[expected.target]
+        assert body["probability"] == pytest.approx(expected.probability, abs=1e-5)
+        overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay"].split(",", 1)[1])))
+        assert overlay.size == (32, 32) and overlay.mode == "RGB"
+        r = client.post("/explain", files=files(runs["pngs"][2]), data={"target": "7"})
+        assert r.json()["class"] == "horse"
+        r = client.post("/explain", files=files(runs["pngs"][2]), data={"model": "knn"})
+        assert r.status_code == 501 and "needs a neural network" in r.json()["detail"]

@@ -66,6 +66,13 @@ def test_page_shows_the_apis_label_for_a_real_test_image(server, chromium_page, 
     assert [c for c, _ in shown] == [t["class"] for t in api["top"]]
     assert [p for _, p in shown] == [f"{100 * t['probability']:.1f}%" for t in api["top"]]
     assert page.eval_on_selector("#preview", "img => img.complete && img.naturalWidth") == 32
+    explains = httpx.get(server["url"] + "/health", timeout=10).json()["explain"]
+    if explains:  # Grad-CAM overlay beside the image, where imclass.explain is installed
+        page.wait_for_selector("#camcol:not([hidden])", timeout=30_000)
+        page.wait_for_function("document.querySelector('#overlay').complete && "
+                               "document.querySelector('#overlay').naturalWidth == 32", timeout=30_000)
+    else:
+        assert page.eval_on_selector("#camcol", "el => el.hidden")
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
     assert (tmp_path / "page.png").stat().st_size > 10_000
     assert page.console_errors == []

@@ -24,11 +24,7 @@ def _gradcam_fn() -> Any:
         module = importlib.import_module("imclass.explain")
     except ImportError:
         return None
-    for name in ("gradcam", "grad_cam", "GradCAM"):
-        fn = getattr(module, name, None)
-        if fn is not None:
-            return fn
-    return None
+    return getattr(module, "gradcam", None)
 
 
 def explain_available() -> bool:
@@ -37,22 +33,25 @@ def explain_available() -> bool:
 
 
 def gradcam_overlay(predictor: Any, image: torch.Tensor, target: int | None = None) -> dict:
-    """Grad-CAM heat map of ``image`` (uint8 (C, H, W)) for ``target`` (default: the top class), blended
-    over the image: ``{"class", "index", "overlay": "data:image/png;base64,..."}``."""
+    """Grad-CAM (``imclass.explain.gradcam``, Captum's ``LayerGradCam`` at the last conv layer) of ``image``
+    (uint8 (C, H, W)) for ``target`` (default: the predicted class), blended over the image:
+    ``{"class", "index", "probability", "layer", "overlay": "data:image/png;base64,..."}``."""
     fn = _gradcam_fn()
     if fn is None:
         raise ExplainUnavailable("Grad-CAM is not available: this installation has no imclass.explain")
     if predictor.kind not in ("classifier", "model"):
         raise ExplainUnavailable(f"Grad-CAM needs a neural network; model {predictor.name!r} is a {predictor.kind}")
-    clf = predictor.backend
-    if target is None:
-        target = int(predictor.predict_proba(image.unsqueeze(0))[0].argmax())
-    if not 0 <= target < len(predictor.classes):
+    if target is not None and not 0 <= target < len(predictor.classes):
         raise ExplainUnavailable(f"expected target in 0..{len(predictor.classes) - 1}, received {target}")
     with predictor._lock:
-        heat = fn(clf, image.unsqueeze(0), target=target)
-    heat = torch.as_tensor(getattr(heat, "heatmap", heat)).float().reshape(-1, *heat.shape[-2:])[0]
-    return {"class": predictor.classes[target], "index": target, "overlay": _overlay_png(image, heat)}
+        try:
+            found = fn(predictor.backend, image, target=target)
+        except ValueError as err:  # e.g. a network without a convolution layer
+            raise ExplainUnavailable(f"no Grad-CAM for model {predictor.name!r}: {err}") from None
+    index = int(found.target)
+    return {"class": predictor.classes[index] if index < len(predictor.classes) else found.target_name,
+            "index": index, "probability": float(found.probability), "layer": found.details.get("layer"),
+            "overlay": _overlay_png(image, found.heatmap.float())}
 
 
 def _overlay_png(image: torch.Tensor, heat: torch.Tensor) -> str:
