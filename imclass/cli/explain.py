@@ -1,0 +1,141 @@
+"""``imclass explain RUN IMAGE --method ...``: see inside a saved model (imclass.explain) as one PNG."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from imclass.cli._common import USER_ERRORS, DataRoot, fail, load_saved, plain_warnings, print_json
+
+METHODS = ("gradcam", "saliency", "occlusion", "filters", "activations", "neighbours", "tsne", "same-l2")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the top-level command ``explain`` to ``app``."""
+    app.command("explain")(explain)
+
+
+def explain(
+    run: Path = typer.Argument(..., help="Run folder or .safetensors model file."),
+    image: Optional[str] = typer.Argument(
+        None, help="An image file, or DATASET:INDEX (a test image of cifar10, mnist, ... or a folder); "
+        "for tsne a data set. Not needed for filters."),
+    method: str = typer.Option(..., "--method", help="gradcam, saliency, occlusion, filters, activations, "
+                               "neighbours, tsne or same-l2."),
+    out: Path = typer.Option(..., "--out", help="PNG file to write."),
+    layer: Optional[str] = typer.Option(None, "--layer", help="Layer name (model.named_modules()); default: "
+                                        "the last Conv2d (gradcam), the first (filters, activations)."),
+    target: Optional[str] = typer.Option(None, "--target", help="Class name or index to explain (default: the predicted one)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Training images for neighbours and same-l2 "
+                                          "(default: the data set of IMAGE given as DATASET:INDEX)."),
+    data_root: Optional[str] = DataRoot,
+    limit: Optional[int] = typer.Option(None, "--limit", help="Images used: training images for neighbours and "
+                                        "same-l2 (default 10000), test images for tsne (default 1000)."),
+    window: Optional[int] = typer.Option(None, "--window", help="Occlusion patch size in pixels (default: a sixth of the side)."),
+    k: int = typer.Option(8, "--k", help="Neighbours shown (neighbours)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object of the figures."),
+) -> None:
+    """Grad-CAM, saliency or occlusion maps, first-layer filters, activation maps, nearest training
+    images (features vs pixels), a t-SNE map of features, or the same-L2-distance picture, as one PNG.
+
+    Attributions come from Captum; a k-NN model (no layers) takes occlusion, neighbours, tsne and same-l2.
+    """
+    from imclass import explain as ex
+
+    try:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of: {', '.join(METHODS)}")
+        if limit is not None and limit < 1:
+            raise ValueError(f"expected --limit >= 1, received {limit}")
+        if k < 1:
+            raise ValueError(f"expected --k >= 1, received {k}")
+        if out.suffix.lower() != ".png":
+            raise ValueError(f"expected --out to name a .png file, received {out}")
+        saved = load_saved(run)
+        model = saved.predictor
+        if method == "filters":
+            result = ex.save_filters(model, out, layer)
+        elif method == "tsne":
+            if image is None:
+                raise ValueError("tsne needs a data set as IMAGE (cifar10, mnist, ... or a folder)")
+            with plain_warnings():
+                test = _load(saved, image.rsplit(":", 1)[0] if _indexed(image) else image, "test", data_root)
+            test = test.subset(slice(0, limit or 1000))
+            result = ex.tsne_map(model, test.images, test.labels, classes=saved.classes or test.classes, out=out)
+            result.pop("coordinates")
+            result.pop("labels")
+        else:
+            if image is None:
+                raise ValueError(f"{method} needs an IMAGE (a file, or DATASET:INDEX such as cifar10:7)")
+            with plain_warnings():
+                x, label, source = _image(saved, image, data_root)
+            if method in ("gradcam", "saliency", "occlusion"):
+                fn = {"gradcam": ex.gradcam, "saliency": ex.saliency, "occlusion": ex.occlusion}[method]
+                options: dict[str, Any] = {"layer": layer} if method == "gradcam" else {}
+                if method == "occlusion" and window is not None:
+                    options["window"] = window
+                e = fn(model, x, target=target, **options)
+                e.save(out)
+                result = {**e.summary(), "out": str(out)}
+            elif method == "activations":
+                result = ex.save_activations(model, x, out, layer)
+            else:
+                train_name = dataset or source
+                if train_name is None:
+                    raise ValueError(f"{method} needs training images: give --dataset (cifar10, ... or a folder)")
+                with plain_warnings():
+                    train = _load(saved, train_name, "train", data_root)
+                train = train.subset(slice(0, limit or 10000))
+                classes = saved.classes or train.classes
+                if method == "neighbours":
+                    result = ex.neighbours(model, x, train.images, train.labels, k=k, classes=classes, out=out)
+                else:
+                    network = model if hasattr(model, "predict_logits") else None
+                    result = ex.same_l2(x, train.images, train.labels, network, classes=classes, out=out)
+            if label is not None:
+                result["true_class"] = (saved.classes or [])[label] if saved.classes and label < len(saved.classes) else label
+    except USER_ERRORS as err:
+        fail(str(err))
+    if as_json:
+        print_json(result)
+        return
+    what = result.get("target_name") or result.get("layer") or result.get("predicted") or ""
+    typer.echo(f"{method}{' (' + str(what) + ')' if what else ''}: wrote {out}")
+
+
+def _indexed(image: str) -> bool:
+    name, _, index = image.rpartition(":")
+    return bool(name) and index.isdigit() and not Path(image).is_file()
+
+
+def _load(saved: Any, dataset: str, split: str, root: Optional[str]):
+    """A data set split prepared as the model expects (as `imclass evaluate` loads it)."""
+    from imclass import data as imdata
+
+    pre = getattr(saved.predictor, "preprocessing", None)  # a pretrained backbone's resize + centre crop
+    if pre is not None:
+        from imclass.transfer.run import load_for
+
+        return load_for(dataset, pre, split=split, root=root)
+    size = saved.input_size
+    return imdata.load(dataset, split=split, root=root, image_size=tuple(size[1:]) if size else None)
+
+
+def _image(saved: Any, image: str, root: Optional[str]):
+    """(uint8 (C, H, W), true label or None, the data set it came from or None) for a file or DATASET:INDEX."""
+    if _indexed(image):
+        name, _, index = image.rpartition(":")
+        test = _load(saved, name, "test", root)
+        i = int(index)
+        if i >= len(test):
+            raise ValueError(f"{name} test split has {len(test):,} images; index {i} is out of range")
+        return test.images[i], int(test.labels[i]), name
+    from imclass.serve.predictor import decode_image
+
+    pre = getattr(saved.predictor, "preprocessing", None)
+    size = saved.input_size
+    channels = size[0] if size else 3
+    x = decode_image(image, size=tuple(size[1:]) if size else None, channels=channels,
+                     resize=getattr(pre, "resize", None), crop=getattr(pre, "crop", None))
+    return x, None, None
