@@ -1,0 +1,297 @@
+"""Transfer learning: backbones by name, heads, freezing (no gradient, no moving BN statistics),
+two-stage fine-tuning through Classifier.fit, the feature cache, real weights on real photos, the CLI."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import imclass
+from imclass.models.transfer_net import TransferNet
+from imclass.models.weights import Preprocessing
+from imclass.train import Classifier
+from imclass.transfer import (
+    FeatureCache, backbone_groups, extract_features, fine_tune, freeze, read_for, resize_for, transfer, unfreeze,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = Preprocessing(input_size=(3, 32, 32), resize=36, crop=32)
+
+
+def _weights_root() -> Path:
+    env = os.environ.get("IMCLASS_WEIGHTS")
+    return Path(env) if env else ROOT.parent / "shared" / "weights"
+
+
+def _flowers() -> Path:
+    env = os.environ.get("IMCLASS_DATA")
+    return (Path(env) if env else ROOT.parent / "shared" / "data") / "flowers" / "photos"
+
+
+@pytest.fixture(scope="module")
+def real() -> tuple[Path, Path]:
+    weights, flowers = _weights_root(), _flowers()
+    if not (weights / "mobilenetv2_100-imagenet" / "model.safetensors").is_file():
+        pytest.skip(f"no shared ImageNet weights under {weights} (set IMCLASS_WEIGHTS)")
+    if not flowers.is_dir():
+        pytest.skip(f"no flowers photos under {flowers} (set IMCLASS_DATA)")
+    return weights, flowers
+
+
+def _tiny_model(num_classes: int = 3, head="linear") -> TransferNet:
+    torch.manual_seed(0)
+    return transfer("resnet10t", num_classes, weights=None, head=head, input_size=32)
+
+
+def _data(n: int = 24, classes: int = 3, size: int = 40, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    images[:, 0] = (labels * 100).to(torch.uint8).view(-1, 1, 1)  # the red channel tells the class apart
+    return images, labels
+
+
+# --------------------------------------------------------------------------------------------
+# backbones and heads
+
+
+@pytest.mark.parametrize("name,features,size", [("inception_v3", 2048, 75), ("resnet50", 2048, 64),
+                                                ("nasnetalarge", 4032, 64)])
+def test_named_backbones_with_the_course_head(name, features, size):
+    model = transfer(name, 7, weights=None, head="course")
+    linears = [m for m in model.head.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(features, 1024), (1024, 200), (200, 7)]
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, size, size))
+    assert out.shape == (1, 7) and torch.isfinite(out).all()
+    assert all(not p.requires_grad for p in model.backbone.parameters())  # transfer() starts frozen
+
+
+def test_heads_linear_and_layer_list():
+    from imclass.layers import Dense, Dropout
+
+    linear = _tiny_model(4, head="linear")
+    assert [type(m).__name__ for m in linear.head.modules() if isinstance(m, torch.nn.Linear)] == ["Linear"]
+    custom = transfer("resnet10t", 4, weights=None, head=[Dense(64, activation="relu"), Dropout(0.2)])
+    shapes = [(m.in_features, m.out_features) for m in custom.head.modules() if isinstance(m, torch.nn.Linear)]
+    assert shapes == [(512, 64), (64, 4)]  # the final Dense(num_classes) is added
+    with pytest.raises(ValueError, match="expected head 'course', 'linear' or a list"):
+        transfer("resnet10t", 4, weights=None, head="big")
+
+
+def test_torchvision_squeezenet_backbone():
+    model = transfer("squeezenet1_1", 2, weights=None, head="linear")
+    assert model.num_features == 512
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# freezing
+
+
+def test_frozen_backbone_gets_no_gradient_and_its_batch_norm_does_not_move():
+    model = _tiny_model()
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
+    clf = Classifier(model, classes=["a", "b", "c"], mean=TINY.mean, std=TINY.std, device="cpu")
+    clf.compile("sgd", lr=0.1)
+    clf.fit(_data(size=32), epochs=1, batch_size=8, seed=0, verbose=False)  # the engine calls model.train()
+    after = model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "frozen weights or BN statistics moved"
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert any(not torch.equal(head_before[k], v) for k, v in model.head.state_dict().items())
+    model.train()
+    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns) and model.head.training
+    # control: unfrozen, the same training moves the statistics
+    unfreeze(model, "all")
+    clf.compile("sgd", lr=0.1)
+    clf.fit(_data(size=32), epochs=1, batch_size=8, seed=0, verbose=False)
+    assert not torch.equal(before["bn1.running_mean"], model.backbone.state_dict()["bn1.running_mean"])
+
+
+def test_unfreeze_last_stages():
+    model = _tiny_model()
+    groups = backbone_groups(model.backbone)
+    assert len(groups) == 5  # stem, layer1..layer4
+    top = unfreeze(model, 2)
+    assert [p for g in top for p in g] == [p for g in (groups[4], groups[3]) for p in g]
+    flags = [all(p.requires_grad for p in g) for g in groups]
+    assert flags == [False, False, False, True, True]
+    assert all(p.requires_grad for p in model.head.parameters())
+    with pytest.raises(ValueError, match="expected stages 'all' or an integer"):
+        unfreeze(model, -1)
+    freeze(model)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_fine_tune_two_stages_with_discriminative_learning_rates():
+    model = _tiny_model()
+    images, labels = _data(size=40)  # resized and centre-cropped to 32 as the preprocessing says
+    groups = backbone_groups(model.backbone)
+    stem_before = [p.detach().clone() for p in groups[0]]
+    top_before = [p.detach().clone() for p in groups[-1]]
+    stats_before = model.backbone.state_dict()["bn1.running_var"].clone()
+    result = fine_tune(model, (images, labels), epochs=1, freeze_epochs=2, validation=0.25, unfreeze_stages=1,
+                       lr=1e-3, backbone_lr_ratio=0.1, batch_size=8, amp=None)
+    assert len(result.head_history.history["loss"]) == 2 and len(result.fine_history.history["loss"]) == 1
+    assert {"features", "head", "fine_tune"} <= set(result.seconds)
+    lrs = [g["initial_lr"] for g in result.classifier.optimizer.param_groups]
+    assert lrs == pytest.approx([1e-3, 1e-4])  # head, then the one unfrozen stage ten times lower
+    assert all(torch.equal(a, b) for a, b in zip(stem_before, groups[0]))  # frozen stage untouched
+    assert torch.equal(stats_before, model.backbone.state_dict()["bn1.running_var"])
+    assert any(not torch.equal(a, b) for a, b in zip(top_before, groups[-1]))  # the unfrozen stage learned
+    assert 0.0 <= result.val_accuracy <= 1.0
+    assert result.classifier.predict(resize_for(images[:4], model.preprocessing)).shape == (4,)
+    with pytest.raises(ValueError, match="the model's head has 3 outputs but the data has 2 classes"):
+        fine_tune(model, (images, labels % 2), freeze_epochs=1, classes=["a", "b"])
+
+
+# --------------------------------------------------------------------------------------------
+# features and their cache
+
+
+def test_feature_cache_hits_and_invalidates_on_every_key(tmp_path):
+    model = _tiny_model().backbone
+    images, _ = _data(n=6, size=32)
+    cache = FeatureCache(tmp_path / "features")
+    first = extract_features(model, images, TINY, cache=cache, amp=None)
+    assert first.shape == (6, 512) and cache.misses == 1 and cache.hits == 0
+    assert torch.equal(extract_features(model, images, TINY, cache=cache, amp=None), first) and cache.hits == 1
+    fresh = FeatureCache(tmp_path / "features")  # a new process: found on disk
+    assert torch.equal(extract_features(model, images, TINY, cache=fresh, amp=None), first) and fresh.hits == 1
+    changed_pixels = images.clone()
+    changed_pixels[0, 0, 0, 0] ^= 1
+    extract_features(model, changed_pixels, TINY, cache=cache, amp=None)
+    assert cache.misses == 2
+    extract_features(model, images, Preprocessing(input_size=(3, 32, 32), resize=36, crop=32, mean=(0.5,) * 3,
+                                                   std=(0.5,) * 3), cache=cache, amp=None)
+    assert cache.misses == 3
+    with torch.no_grad():
+        model.conv1[0].weight[0, 0, 0, 0] += 1.0
+    moved = extract_features(model, images, TINY, cache=cache, amp=None)
+    assert cache.misses == 4 and not torch.equal(moved, first)
+    files = list((tmp_path / "features").glob("*.safetensors"))
+    assert len(files) == 4
+    for f in files:
+        f.write_bytes(b"damaged")
+    again = FeatureCache(tmp_path / "features")
+    assert torch.allclose(extract_features(model, images, TINY, cache=again, amp=None), moved) and again.misses == 1
+
+
+def test_features_from_paths_equal_features_from_decoded_pixels(tmp_path):
+    from PIL import Image
+
+    images, _ = _data(n=3, size=48)
+    paths = []
+    for i, img in enumerate(images):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(img.permute(1, 2, 0).numpy()).resize((60, 48)).save(path)  # not square, other size
+        paths.append(path)
+    model = _tiny_model().backbone
+    pixels = read_for(paths, TINY)
+    assert pixels.shape == (3, 3, 32, 32) and pixels.dtype == torch.uint8
+    assert torch.equal(extract_features(model, paths, TINY, amp=None), extract_features(model, pixels, TINY, amp=None))
+    bf16 = extract_features(model, pixels, TINY, amp="bf16")
+    assert torch.nn.functional.cosine_similarity(bf16, extract_features(model, pixels, TINY, amp=None)).min() > 0.98
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="bad.jpg: not a readable image"):
+        read_for([tmp_path / "bad.jpg"], TINY)
+    with pytest.raises(ValueError, match="no such image file"):
+        extract_features(model, [tmp_path / "absent.jpg"], TINY)
+    with pytest.raises(ValueError, match="expected uint8 images"):
+        extract_features(model, pixels.float(), TINY)
+
+
+# --------------------------------------------------------------------------------------------
+# real weights, real photos
+
+
+def _photos(flowers: Path, per_class: int, skip: int = 0) -> tuple[list[Path], torch.Tensor, list[str]]:
+    classes = sorted(p.name for p in flowers.iterdir() if p.is_dir())
+    paths, labels = [], []
+    for i, c in enumerate(classes):
+        found = sorted((flowers / c).glob("*.jpg"))[skip : skip + per_class]
+        paths += found
+        labels += [i] * len(found)
+    return paths, torch.tensor(labels), classes
+
+
+def test_frozen_mobilenetv2_features_separate_real_flowers_and_the_model_file_round_trips(real, tmp_path):
+    weights, flowers = real
+    train_paths, train_y, classes = _photos(flowers, 12)
+    val_paths, val_y, _ = _photos(flowers, 6, skip=12)
+    model = transfer("mobilenetv2_100", 5, weights="imagenet", head="linear", weights_dir=weights, input_size=128)
+    assert model.load_report.ok and sorted(model.load_report.dropped_head) == ["classifier.bias", "classifier.weight"]
+    assert model.preprocessing.mean == (0.5, 0.5, 0.5) and model.preprocessing.crop == 128
+    pre = model.preprocessing
+    result = fine_tune(model, (read_for(train_paths, pre), train_y), freeze_epochs=25, lr=3e-3, classes=classes,
+                       validation=(read_for(val_paths, pre), val_y))
+    assert result.val_accuracy >= 0.6  # chance is 0.2 (logistic regression on these features: 0.73)
+    clf = result.classifier
+    path = imclass.save(clf, tmp_path / "run")
+    header = imclass.io.read_metadata(path)
+    assert {k: header["preprocessing"][k] for k in ("resize", "crop", "mean", "std")} == \
+        {"resize": 146, "crop": 128, "mean": [0.5] * 3, "std": [0.5] * 3}
+    loaded = imclass.load(tmp_path / "run")
+    x = read_for(val_paths[:5], pre)
+    assert torch.allclose(loaded.predict_proba(x), clf.predict_proba(x), atol=1e-5)
+    assert loaded.preprocessing == pre
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+def _cli(*args: str):
+    from imclass.cli import app
+
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def test_cli_predict_backbone_prints_imagenet_top5(real):
+    weights, flowers = real
+    daisy = sorted((flowers / "daisy").glob("*.jpg"))[0]
+    result = _cli("predict", "--backbone", "mobilenetv2_100", str(daisy), "--json", "--weights-dir", str(weights))
+    assert result.exit_code == 0, result.output
+    top = json.loads(result.stdout)["predictions"][0]["top"]
+    assert len(top) == 5 and top[0]["class"] == "daisy" and top[0]["index"] == 985
+    missing = _cli("predict", "--backbone", "mobilenetv2_100", str(daisy), "--weights-dir", str(ROOT / "nowhere"))
+    assert missing.exit_code != 0 and "error:" in missing.output and "imagenet_classes.txt" in missing.output
+
+
+def test_cli_train_folder_with_no_other_flag_then_predict_and_evaluate(real, tmp_path, monkeypatch):
+    weights, flowers = real
+    folder = tmp_path / "photos"
+    for c in sorted(p.name for p in flowers.iterdir() if p.is_dir())[:3]:
+        (folder / c).mkdir(parents=True)
+        for src in sorted((flowers / c).glob("*.jpg"))[:10]:
+            (folder / c / src.name).symlink_to(src)
+    monkeypatch.setenv("IMCLASS_WEIGHTS", str(weights))
+    out = tmp_path / "run"
+    result = _cli("train", "--dataset", str(folder), "--json", "--out", str(out), "--image-size", "96")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["backbone"] == "mobilenetv2_100" and report["val_images"] == 6 and report["train_images"] == 24
+    assert 0.0 <= report["accuracy"] <= 1.0 and report["seconds"] > 0 and report["input_size"] == [3, 96, 96]
+    evaluated = _cli("evaluate", str(out), str(folder), "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["accuracy"] == pytest.approx(report["accuracy"])  # the same held-out images
+    photo = sorted((folder / "daisy").iterdir())[0]
+    predicted = _cli("predict", str(out), str(photo), "--json")
+    assert predicted.exit_code == 0, predicted.output
+    assert json.loads(predicted.stdout)["predictions"][0]["top"][0]["class"] in ("daisy", "dandelion", "roses")
+
+
+def test_cli_train_unknown_backbone_is_one_error_line(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    result = _cli("train", "--dataset", str(tmp_path), "--backbone", "resnet_9000")
+    assert result.exit_code == 2 and "error: unknown backbone 'resnet_9000'" in result.output
