@@ -12,6 +12,9 @@ from sklearn.neighbors import KNeighborsClassifier
 import imclass
 from imclass.knn import KNN, NearestNeighbor, _knn_int8, _knn_kernels, _select, choose_k, neighbour_grid
 
+# one thread: on a busy 2-core machine two spinning OpenMP/numba threads cost far more than they gain
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BACKENDS = ["torch"] + (["numba"] if _knn_kernels.available() else [])
 L2_BACKENDS = BACKENDS + (["int8"] if _knn_int8.exact_here(3072) else [])
 # every exact kernel for each metric: L1 (torch, numba), L2 (torch, numba, int8)
