@@ -190,7 +190,14 @@ def challenge_report(
     shift_sets = {}
     if shift is not None:
         for s, ds in sets.items():
-            shift_sets[s] = _remap(_load_shift(shift, list(s) if s else None, root), ds.classes, str(shift))
+            if isinstance(shift, (tuple, list)):  # arrays: labels are indices into the test set's classes
+                from imclass.data import as_images, as_labels
+
+                images = as_images(shift[0], name="shift images")
+                sh = ImageDataset(images, as_labels(shift[1], len(images), name="shift labels"), ds.classes, "shift")
+                shift_sets[s] = _load_data(sh, split, list(s) if s else None, root, None)
+            else:
+                shift_sets[s] = _remap(_load_shift(shift, list(s) if s else None, root), ds.classes, str(shift))
 
     steps = len(challenges) * (len(severities) - 1) + 1 + bool(shift_sets)
     bar = tqdm(total=steps * len(models), desc="challenge", unit="model-eval", disable=not progress, leave=False)
@@ -239,7 +246,7 @@ def challenge_report(
         sh = shift_sets[next(iter(sets))]
         result["shift"] = {
             "severities": [0, 1],
-            "parameters": [f"{first.name or 'test set'} ({len(first)} images)", f"{Path(str(shift)).name} ({len(sh)} images)"],
+            "parameters": [f"{first.name or 'test set'} ({len(first)} images)", f"{sh.name or 'shift'} ({len(sh)} images)"],
             "images": [len(first), len(sh)],
             "accuracy": acc,
             "mean_accuracy": {n: a[1] for n, a in acc.items()},
