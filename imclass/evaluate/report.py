@@ -276,7 +276,9 @@ def _plot_reliability(numbers: dict, probs, logits, labels, n_bins: int, path: P
     panels = [("as predicted", numbers["calibration"])]
     t = numbers["temperature"].get("temperature")
     if t is not None:
-        panels.append((f"temperature {t:.3g}", reliability_bins((logits / t).softmax(1), labels, n_bins)))
+        scaled = reliability_bins((logits / t).softmax(1), labels, n_bins)
+        numbers["temperature"]["ece_after_all_images"] = scaled["ece"]  # the right panel's figure
+        panels.append((f"temperature {t:.3g} (all images)", scaled))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), dpi=100, squeeze=False)
     for ax, (name, cal) in zip(axes.flat, panels):
         edges = np.asarray(cal["edges"])
