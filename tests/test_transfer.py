@@ -295,3 +295,23 @@ def test_cli_train_unknown_backbone_is_one_error_line(tmp_path):
     (tmp_path / "b").mkdir()
     result = _cli("train", "--dataset", str(tmp_path), "--backbone", "resnet_9000")
     assert result.exit_code == 2 and "error: unknown backbone 'resnet_9000'" in result.output
+
+
+def test_cli_train_folder_without_weights_trains_the_course_cnn_and_says_how_to_get_weights(tmp_path, monkeypatch):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    g = torch.Generator().manual_seed(0)
+    for c, colour in (("red", 0), ("blue", 2)):
+        (folder / c).mkdir(parents=True)
+        for i in range(6):
+            pixels = torch.randint(0, 60, (40 + i, 50, 3), generator=g, dtype=torch.uint8)
+            pixels[..., colour] += 180
+            Image.fromarray(pixels.numpy()).save(folder / c / f"{i}.png")  # mixed sizes
+    monkeypatch.setenv("IMCLASS_WEIGHTS", str(tmp_path / "no_weights"))
+    result = _cli("train", "--dataset", str(folder), "--json", "--epochs", "1", "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    assert "transfer from a pretrained backbone would do much better" in result.stderr
+    assert "mobilenetv2_100-imagenet/model.safetensors" in result.stderr
+    report = json.loads(result.stdout)
+    assert 0.0 <= report["accuracy"] <= 1.0 and report["seconds"] > 0
