@@ -381,6 +381,7 @@ def quick_check(train: Any, test: Any = None, *, near_distance: int = 2, imbalan
     if imb:
         messages.append(f"class imbalance in {name}: {imb['largest']} has {imb['ratio']:.1f}x the images of "
                         f"{imb['smallest']}; consider --class-weight balanced or --sampler balanced")
-    if messages and Path(str(getattr(train, "source", ""))).is_dir():
+    source = str(getattr(train, "source", "") or "")
+    if messages and source and Path(source).is_dir():
         messages[-1] += f" (imclass data check {train.source} lists the files)"
     return messages

@@ -170,6 +170,7 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     train, val, test = read_folder_for(cfg.dataset, pre, val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit)
     seconds = {"read": time.perf_counter() - t0}
+    _warn_about_data(train, val, Path(cfg.dataset).expanduser().name)
     model = transfer(backbone, len(train.classes), weights=cfg.weights, head=cfg.head, weights_dir=cfg.weights_dir,
                      input_size=cfg.image_size)
     out = Path(cfg.out or f"runs/transfer-{backbone.replace(':', '_')}-{Path(cfg.dataset).expanduser().name}")
@@ -207,6 +208,16 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
         report["test_accuracy"] = clf.evaluate(test)["accuracy"]
         report["test_images"] = len(test)
     return report
+
+
+def _warn_about_data(train: Any, val: Any, name: str) -> None:
+    """The cheap check of ``imclass.data.check.quick_check`` (two labels, leakage, imbalance) as warnings."""
+    import warnings
+
+    from imclass.data.check import quick_check
+
+    for message in quick_check(train, val, name=name):
+        warnings.warn(message, stacklevel=3)
 
 
 def _last(history: Any) -> float | None:
