@@ -55,12 +55,13 @@ def transfer(
     known = KNOWN_WEIGHTS.get(bare)
     if known is not None and weights is not None:
         backbone_options = {**known.options, **backbone_options}
-    probe = create(name, num_classes=0, **backbone_options)
-    d = getattr(probe, "num_features", None)
-    config = head_config(head, int(d) if isinstance(d, int) and d > 0 else _probe_features(probe), num_classes)
+    if isinstance(head, str):  # "course" / "linear": the factory sizes it from the backbone
+        config: str | dict = head
+    else:  # a list of layers: sized on a probe of the backbone, stored as a Sequential config
+        probe = create(name, num_classes=0, **backbone_options)
+        config = head_config(head, _probe_features(probe), num_classes)
     model = create("transfer_net", backbone=name, num_classes=num_classes, head=config,
                    backbone_options=backbone_options)
-    model.backbone.load_state_dict(probe.state_dict())  # the same initialisation as the probe
     report = apply_weights(model.backbone, bare, weights, weights_dir=weights_dir, strict=strict)
     pre = report.preprocessing or Preprocessing()
     model.load_report = report
