@@ -57,7 +57,7 @@ def neighbours(model: Any, image: Any, train_images: Any, train_labels: Any, *, 
 
 
 def tsne_map(model: Any, images: Any, labels: Any, *, classes: Sequence[str] | None = None, perplexity: float = 30.0,
-             seed: int = 0, out: str | Path | None = None) -> dict[str, Any]:
+             max_iter: int = 1000, seed: int = 0, out: str | Path | None = None) -> dict[str, Any]:
     """A 2-D t-SNE (scikit-learn) of the model's features of ``images``, coloured by true class;
     ``out`` writes the scatter plot. Returns the coordinates and how often an image's nearest
     neighbour on the map has its class (a number for how well the map separates the classes)."""
@@ -70,7 +70,8 @@ def tsne_map(model: Any, images: Any, labels: Any, *, classes: Sequence[str] | N
     if len(images) < 5:
         raise ValueError(f"expected at least 5 images for a t-SNE map, received {len(images)}")
     feats = features(net, images).numpy()
-    xy = TSNE(n_components=2, perplexity=min(perplexity, (len(images) - 1) / 3), init="pca", random_state=seed).fit_transform(feats)
+    xy = TSNE(n_components=2, perplexity=min(perplexity, (len(images) - 1) / 3), init="pca", max_iter=max_iter,
+              random_state=seed).fit_transform(feats)
     y = labels.numpy()
     agree = KNeighborsClassifier(n_neighbors=2).fit(xy, y).kneighbors(xy, 2, return_distance=False)[:, 1]
     names = list(classes or net.classes or [str(i) for i in range(int(y.max()) + 1)])
