@@ -2,8 +2,10 @@
 the test split read only after the search, k-NN's k and metric."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 import signal
 import subprocess
 import sys
@@ -12,7 +14,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import sqlalchemy
 import torch
 from optuna.trial import FixedTrial, TrialState
 from PIL import Image
@@ -166,6 +167,20 @@ def _tune_args(out: Path, folder: Path) -> list[str]:
             "--model-option", "hidden=[8]", "--no-final", "--out", str(out), "--json"]
 
 
+def _complete_trials(db: Path) -> dict[int, float]:
+    """Complete trials' numbers and values, read-only with sqlite3 (opening the study with Optuna while
+    the tune process creates it would race it to create the tables)."""
+    if not db.is_file():
+        return {}
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+            rows = con.execute("SELECT t.number, v.value FROM trials t JOIN trial_values v ON v.trial_id = t.trial_id "
+                               "WHERE t.state = 'COMPLETE'").fetchall()
+    except sqlite3.Error:  # the tables are not there yet
+        return {}
+    return dict(rows)
+
+
 def test_a_killed_study_resumes_with_the_same_command(tmp_path, folder):
     out = tmp_path / "study"
     args = _tune_args(out, folder)
@@ -178,13 +193,7 @@ def test_a_killed_study_resumes_with_the_same_command(tmp_path, folder):
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.2)
-            if not (out / "study.db").is_file():
-                continue
-            try:
-                study = optuna.load_study(study_name="imclass-tune", storage=storage)
-            except (KeyError, sqlalchemy.exc.OperationalError):  # the study's tables are being created
-                continue
-            complete_before = {t.number: t.value for t in study.trials if t.state == TrialState.COMPLETE}
+            complete_before = _complete_trials(out / "study.db")
             if len(complete_before) >= 2:
                 proc.send_signal(signal.SIGKILL)
                 break
