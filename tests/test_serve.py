@@ -134,6 +134,10 @@ def test_bad_input_gets_a_clear_4xx_and_the_service_keeps_answering(runs, predic
         # a body larger than max_files * max_upload_bytes is refused from its Content-Length, unread
         r = client.post("/predict", content=b"0" * 300_000, headers={"content-type": "multipart/form-data; boundary=x"})
         assert r.status_code == 413 and "exceeds the limit" in r.json()["detail"]
+        # ... and, sent chunked without a Content-Length, cut off while it streams in
+        r = client.post("/predict", content=(b"0" * 50_000 for _ in range(8)),
+                        headers={"content-type": "multipart/form-data; boundary=x"})
+        assert r.status_code == 413 and "exceeds the limit" in r.json()["detail"]
         assert client.post("/predict", files=files(good)).status_code == 200  # still up
 
 

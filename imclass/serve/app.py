@@ -80,19 +80,25 @@ class _BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await self._refuse(send, int(length))
         received = 0
-        started = False
+        started = over = False
 
         async def counted_receive():
-            nonlocal received
+            nonlocal received, over
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
+                    over = True
                     raise _BodyTooLarge()
             return message
 
         async def tracked_send(message):
             nonlocal started
+            if over:  # the body was cut off mid-parse: whatever the app answers, the client gets the 413
+                if message["type"] == "http.response.start" and not started:
+                    started = True
+                    await self._refuse(send, received)
+                return
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
