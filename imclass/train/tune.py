@@ -435,12 +435,21 @@ def _storage(cfg: TuneConfig):
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}  # several workers write to one file
+    import sqlalchemy.exc
+
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, heartbeat_interval=max(1, round(cfg.heartbeat)),
-                              grace_period=max(2, round(3 * cfg.heartbeat)),
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2), **kwargs)
+        for attempt in range(3):
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+                    return RDBStorage(url, heartbeat_interval=max(1, round(cfg.heartbeat)),
+                                      grace_period=max(2, round(3 * cfg.heartbeat)),
+                                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+                                      **kwargs)
+            except sqlalchemy.exc.IntegrityError:  # another worker created the tables at the same moment
+                if attempt == 2:
+                    raise
+                time.sleep(1.0)
     except (ImportError, ModuleNotFoundError) as err:
         raise ImportError(f"storage {url!r} needs a database driver that is not installed: {err}") from None
     except optuna.exceptions.StorageInternalError as err:
