@@ -411,3 +411,22 @@ def test_head_on_a_sequential_backbone_through_input_and_output():
     # inside the bigger model the backbone's softmax is applied (it is no longer the last layer)
     torch.testing.assert_close(model(t), model.dense(torch.softmax(base(t), 1)))
     assert list(model.parameters())[0] is list(base.parameters())[0]  # shared weights, as in Keras
+
+
+def test_the_engine_takes_one_hot_labels_and_one_output_binary_models():
+    x, y = features(24, 20, 3)
+    images = torch.from_numpy(x).reshape(24, 1, 1, 20)  # flat features as the engine carries them
+    clf = imclass.Classifier(mlp(), mean=[0.0], std=[1.0]).compile("adam", lr=0.01)
+    clf.fit((images, to_categorical(y, 3)), epochs=2, batch_size=8, verbose=0)
+    assert clf.classes == ["0", "1", "2"]
+    one_hot = clf.evaluate((images, to_categorical(y, 3)))
+    assert one_hot == pytest.approx(clf.evaluate((images, y)))  # one-hot rows = their integer labels
+    with pytest.raises(ValueError, match=r"expected one-hot labels with 3 columns"):
+        clf.evaluate((images, to_categorical(y, 4)))
+    binary = imclass.Classifier(mlp(classes=1, final="sigmoid"), mean=[0.0], std=[1.0]).compile(
+        "adam", loss="binary_crossentropy")
+    binary.fit((images, y % 2), epochs=1, batch_size=8, verbose=0)
+    proba = binary.predict_proba(images)
+    p1 = torch.sigmoid(binary.predict_logits(images))[:, 0]
+    torch.testing.assert_close(proba, torch.stack([1 - p1, p1], 1))
+    assert torch.equal(binary.predict(images), (p1 > 0.5).long())
