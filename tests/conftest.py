@@ -67,9 +67,11 @@ def _chromium_path() -> str | None:
     return os.environ.get("IMCLASS_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def chromium_browser():
-    """One headless Chromium for the session (Debian's `chromium`; `make test` installs it when missing)."""
+    """A headless Chromium (Debian's `chromium`; `make test` installs it when missing), one per test:
+    Playwright's sync API runs an event loop on this thread while it is open, which would make a later
+    test's ``asyncio.run`` fail, so it is closed after each test."""
     exe = _chromium_path()
     if exe is None:
         pytest.skip("no chromium binary: `apt-get install chromium` (make test does this as root) or set IMCLASS_CHROMIUM")

@@ -19,3 +19,13 @@ def test_chromium_renders_a_local_page_with_an_embedded_image(chromium_page, tmp
     assert chromium_page.eval_on_selector("#i", "img => [img.complete, img.naturalWidth, img.naturalHeight]") == [True, 12, 8]
     chromium_page.screenshot(path=str(tmp_path / "shot.png"))
     assert (tmp_path / "shot.png").stat().st_size > 0 and chromium_page.console_errors == []
+
+
+def test_an_event_loop_is_free_after_a_browser_test():
+    """The browser fixture leaves no running event loop behind (asyncio.run works in the next test)."""
+    import asyncio
+
+    async def answer():
+        return 42
+
+    assert asyncio.run(answer()) == 42
