@@ -43,7 +43,9 @@ def train(
     warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help="Linear warm-up epochs (default 0)."),
     label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", help="Label smoothing (default 0)."),
     augment: Optional[str] = typer.Option(
-        None, "--augment", help="none, flip, crop, crop_flip, crop_flip_cutout (default none)."
+        None, "--augment", help="none, flip, crop, crop_flip, crop_flip_cutout (default none), and/or challenge names "
+        "for robustness training: challenge (all), illumination, viewpoint, deformation, occlusion, clutter "
+        "(e.g. crop_flip,challenge)."
     ),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Hold out this fraction for validation."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
