@@ -98,7 +98,7 @@ def trained(cifar_small, tmp_path_factory, one_thread):
     run = root / "run"
     imclass.save(clf, run)
     (run / "history.csv").write_text("epoch,loss,accuracy\n1,2.1,0.25\n2,1.8,0.34\n")
-    knn = imclass.KNN(k=3).fit(x[:500], y[:500])
+    knn = imclass.KNN(k=3, backend="torch").fit(x[:500], y[:500])
     imclass.save(knn, root / "knn", classes=CLASSES, input_size=(3, 32, 32))
     return {"root": root, "run": run, "clf": imclass.load(run), "knn": imclass.load(root / "knn"),
             "test": (xt[:200], yt[:200])}
