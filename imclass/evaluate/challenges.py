@@ -209,9 +209,10 @@ def challenge_report(
         bar.update()
     result: dict[str, Any] = {}
     grids: dict[str, list[list[torch.Tensor]]] = {}
+    picks = _spread(min(CHUNK, len(first)), examples)  # example images from the first chunk, spread over it
     for c in challenges:
         acc = {m.name: [clean[m.name]] for m in models}
-        grids[c] = [[first.images[j]] for j in range(min(examples, len(first)))]
+        grids[c] = [[first.images[j]] for j in picks]
         for s in severities[1:]:
             for size, ds in sets.items():
                 correct = {m.name: 0 for m in models if (tuple(m.input_size) if m.input_size else None) == size}
@@ -219,7 +220,7 @@ def challenge_report(
                     g = torch.Generator().manual_seed(derive_seed(seed, CHALLENGES.index(c), k))
                     x = apply_challenge(ds.images[i:i + CHUNK], c, s, generator=g)
                     if ds is first and k == 0:
-                        for j, row in enumerate(grids[c]):
+                        for j, row in zip(picks, grids[c]):
                             row.append(x[j])
                     for m in models:
                         if m.name in correct:
@@ -253,7 +254,7 @@ def challenge_report(
             "curve": "curve_shift.png",
             "examples": "examples_shift.png",
         }
-        grids["shift"] = [[first.images[j] for j in range(min(examples, len(first)))],
+        grids["shift"] = [[first.images[j] for j in picks],
                           [sh.images[j] for j in _spread(len(sh), examples)]]
     bar.close()
 
@@ -269,19 +270,19 @@ def challenge_report(
         "summary": {m.name: {"clean": clean[m.name], **{c: result[c]["mean_accuracy"][m.name] for c in result}}
                     for m in models},
     }
-    _write_pictures(report, grids, first, out)
+    _write_pictures(report, grids, first, out, picks)
     (out / JSON_NAME).write_text(json.dumps(report, indent=2) + "\n")
     (out / HTML_NAME).write_text(_html(report, out))
     return report
 
 
 def _spread(n: int, k: int) -> list[int]:
-    """``k`` indices spread over ``range(n)`` (a plain folder is sorted by class: show several)."""
+    """``k`` indices spread over ``range(n)`` (a folder's images are sorted by class: show several classes)."""
     k = min(k, n)
     return [round(i * (n - 1) / max(k - 1, 1)) for i in range(k)]
 
 
-def _write_pictures(report: dict, grids: dict, first: ImageDataset, out: Path) -> None:
+def _write_pictures(report: dict, grids: dict, first: ImageDataset, out: Path, picks: list[int]) -> None:
     from imclass.visualize import save_image_grid, save_line_plot
 
     names = [m["name"] for m in report["models"]]
@@ -294,7 +295,7 @@ def _write_pictures(report: dict, grids: dict, first: ImageDataset, out: Path) -
             save_line_plot(entry["severities"], {n: entry["accuracy"][n] for n in names}, out / entry["curve"],
                            xlabel="severity (0 = clean)", ylabel="accuracy", title=c)
             rows = grids[c]
-            labels = [first.classes[int(first.labels[j])] for j in range(len(rows))]
+            labels = [first.classes[int(first.labels[j])] for j in picks]
         save_image_grid(rows, out / entry["examples"], row_labels=labels, scale=scale)
 
 
