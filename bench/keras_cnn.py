@@ -14,7 +14,7 @@ In the timed-steps mode the sides take turns (--rounds turns each) so that a cha
 the machine hits both alike; seconds/epoch is extrapolated from the timed steps (1,563 steps of 32
 make an epoch) and the test accuracies are those after warm-up + timed steps only: they check that
 both learn at the same rate, not the final accuracy (use --epochs for that). Test accuracy is on
-the 1,000 official CIFAR-10 test images of the shared data. ``--torch-loop`` adds a third side, a
+the 10,000 official CIFAR-10 test images of the shared data. ``--torch-loop`` adds a third side, a
 plain PyTorch training loop on the same model, to tell the engine's overhead from torch's kernels;
 imclass uses its engine's default memory format (channels_last, NHWC, for conv models); ``--nchw``
 forces ``compile(channels_last=False)``; ``--profile`` prints the torch profiler's table of each side.

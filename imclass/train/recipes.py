@@ -117,7 +117,7 @@ class FastConfig:
 
 
 # The --target knob (2-core AMD EPYC Zen 3 CPU, see docs/fast.md and bench/RESULTS.md):
-# 90: mean 90.1 % on the 1k official test images (3 seeds), ~8 min;
+# 90: mean 90.2 % on all 10,000 test images (3 seeds), ~2.5 min on an AVX-512-BF16 host (~8 min on Zen 3);
 # 94: airbench94_muon: airbench94's network, Muon on the conv kernels, batch 2000, no warm-up, no
 #     lookahead (SGD lr 6.5 here = its head/bias rates 0.67/0.053 in these units), 9 epochs
 #     instead of its 8: mean 94.5 % (3 seeds) in ~38 min on the CPU (8 epochs: 93.8 %, 4 seeds),
