@@ -54,6 +54,8 @@ def explain(
             raise ValueError(f"expected --out to name a .png file, received {out}")
         saved = load_saved(run)
         model = saved.predictor
+        if not hasattr(model, "predict_logits") and saved.classes:  # a k-NN: its names live in the model file
+            model.class_names = list(saved.classes)
         if method == "filters":
             result = ex.save_filters(model, out, layer)
         elif method == "tsne":
