@@ -294,3 +294,22 @@ def test_errors_are_one_line(args, message, data_root):
     assert result.exit_code == 2
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_limit_on_a_folder_samples_every_class(tmp_path, cifar_small):
+    """A folder lists its files class by class: --limit takes a seeded sample of all classes, not the first class."""
+    from imclass.models.weights import Preprocessing
+    from imclass.train.run import _load_data
+    from imclass.transfer.run import read_folder_for
+
+    x, y, _, _ = cifar_small
+    for name in ("cat", "dog", "ship"):
+        (tmp_path / name).mkdir()
+    for i, label in enumerate([3, 5, 8]):
+        for j in torch.nonzero(y == label).flatten()[:10].tolist():
+            Image.fromarray(x[j].permute(1, 2, 0).numpy()).save(tmp_path / ["cat", "dog", "ship"][i] / f"{j}.png")
+    train, test = _load_data(RunConfig(dataset=str(tmp_path), model="mlp", limit=9, seed=0))
+    assert len(train) == 9 and len(set(train.labels.tolist())) == 3
+    pre = Preprocessing(input_size=(3, 32, 32), resize=32, crop=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    tr, val, _ = read_folder_for(tmp_path, pre, val_fraction=0.25, seed=0, limit=9)
+    assert len(tr) <= 9 and len(set(tr.labels.tolist())) == 3 and len(set(val.labels.tolist())) == 3

@@ -365,9 +365,21 @@ def _load_data(cfg: RunConfig):
     train_set = imdata.load(cfg.dataset, split="train", root=cfg.data_root, image_size=size)
     test_set = imdata.load(cfg.dataset, split="test", root=cfg.data_root, image_size=size)
     if cfg.limit is not None:
-        train_set = train_set.subset(slice(0, cfg.limit))
-        test_set = test_set.subset(slice(0, cfg.limit))
+        train_set, test_set = _limited(train_set, cfg), _limited(test_set, cfg)
     return train_set, test_set
+
+
+def _limited(ds, cfg: RunConfig):
+    """The first ``cfg.limit`` images of a known data set (already in random order), or a seeded random
+    sample of a folder's (listed class by class, so its first images would all be of one class)."""
+    import torch
+
+    if len(ds) <= cfg.limit:
+        return ds
+    if not Path(cfg.dataset).expanduser().is_dir():
+        return ds.subset(slice(0, cfg.limit))
+    pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed or 0))[: cfg.limit]
+    return ds.subset(pick.sort().values)
 
 
 def _warn_about_data(cfg: RunConfig, train_set, test_set) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 import warnings
@@ -123,6 +124,10 @@ def read_folder_for(folder: str | os.PathLike, pre: Preprocessing, *, val_fracti
     paths, labels = list_images(train_dir, classes)
     if not paths:
         raise ValueError(f"no image files in the class folders of {train_dir}")
+    if limit is not None:  # files are listed class by class: a quick try reads a seeded sample of every class
+        wanted = limit if "val" in splits else math.ceil(limit / (1 - val_fraction))
+        pick = sorted(torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed))[:wanted].tolist())
+        paths, labels = [paths[i] for i in pick], [labels[i] for i in pick]
     images, y = _read(paths, labels, pre, root)
     name = root.name
     notes: list[str] = []
