@@ -25,6 +25,7 @@ import torch
 from imclass.data.challenges import CHALLENGES, MAX_SEVERITY, apply_challenge, describe
 from imclass.data.dataset import ImageDataset
 from imclass.data.loader import derive_seed
+from imclass.visualize.plots import save_figure
 
 __all__ = ["JSON_NAME", "HTML_NAME", "ModelUnderTest", "challenge_report", "load_models"]
 
@@ -315,9 +316,7 @@ def _bar_plot(entry: dict, names: list[str], path: Path) -> None:
     ax.set_title("shift: a second test set of the same classes")
     ax.legend()
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _img(path: Path, alt: str) -> str:

@@ -22,6 +22,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from imclass.visualize.plots import save_figure
+
 __all__ = ["KNN_METRICS", "compare", "parse_budget", "parse_models"]
 
 KNN_METRICS = ("l1", "l2", "cosine")
@@ -279,6 +281,4 @@ def _plot(board: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{Path(board['data']).name}: {board['train_images']:,} train / {board['test_images']:,} test images")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)

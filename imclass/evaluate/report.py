@@ -22,8 +22,14 @@ import numpy as np
 import torch
 
 from imclass.data.arrays import as_images, as_labels
-from imclass.evaluate.metrics import classification_metrics, fit_temperature, nll, reliability_bins
+from imclass.evaluate.metrics import (
+    classification_metrics,
+    fit_temperature,
+    nll,
+    reliability_bins,
+)
 from imclass.visualize.grids import save_captioned_grid
+from imclass.visualize.plots import save_figure
 
 __all__ = ["report", "score", "HTML_NAME", "JSON_NAME"]
 
@@ -224,10 +230,7 @@ def _plt():
 
 
 def _save(fig, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path)
-    _plt().close(fig)
-    return path.name
+    return save_figure(fig, path).name
 
 
 def _plot_confusion(numbers: dict, path: Path) -> str:

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from imclass.visualize.grids import to_hwc
+from imclass.visualize.plots import save_figure
 
 
 def _plt():
@@ -43,12 +44,7 @@ def save_overlay(image: torch.Tensor, heatmap: torch.Tensor, path: str | Path, *
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_map_grid(maps: torch.Tensor, path: str | Path, *, title: str = "", cols: int = 8,
@@ -70,9 +66,4 @@ def save_map_grid(maps: torch.Tensor, path: str | Path, *, title: str = "", cols
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

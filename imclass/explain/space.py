@@ -11,6 +11,7 @@ import torch
 from imclass.data.arrays import as_images, as_labels
 from imclass.explain._net import as_net, class_name, features, one_image
 from imclass.visualize.grids import save_captioned_grid
+from imclass.visualize.plots import save_figure
 
 __all__ = ["neighbours", "tsne_map", "same_l2"]
 
@@ -93,10 +94,7 @@ def tsne_map(model: Any, images: Any, labels: Any, *, classes: Sequence[str] | N
         ax.set_yticks([])
         ax.set_title(f"t-SNE of {len(y):,} images' features (nearest neighbour on the map: same class "
                      f"{result['neighbour_agreement']:.0%})", fontsize=9)
-        fig.tight_layout()
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out)
-        plt.close(fig)
+        save_figure(fig, out)
         result["out"] = str(out)
     return result
 

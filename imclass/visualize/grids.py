@@ -7,6 +7,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from imclass.visualize.plots import save_figure
+
 
 def to_hwc(img: torch.Tensor | np.ndarray) -> np.ndarray:
     """(C, H, W) uint8 or float on [0, 1] -> (H, W, 3) uint8 for drawing (grey images repeated to RGB)."""
@@ -54,9 +56,4 @@ def save_captioned_grid(
             ax.text(0.5, -0.03, captions[i], transform=ax.transAxes, ha="center", va="top", fontsize=7, color=color)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

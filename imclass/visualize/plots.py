@@ -5,6 +5,19 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` (PNG; parent folders made) and close it: the last step of
+    every picture imclass draws with matplotlib. Returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def save_line_plot(
     x: Sequence[float],
     series: Mapping[str, Sequence[float]],
@@ -44,9 +57,4 @@ def save_line_plot(
     ax.grid(alpha=0.3)
     if len(series) + len(marks or {}) > 1:
         ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
