@@ -482,6 +482,46 @@ def open_study(cfg: TuneConfig, worker: int = 0):
     return study
 
 
+def fail_orphaned_trials(study, grace: float) -> list[int]:
+    """Fail (and retry, through the storage's stale-trial callback) the trials a killed process left
+    RUNNING: Optuna's heartbeat check covers those with a heartbeat; a process killed between creating
+    a trial and its first heartbeat leaves one with none, which only its age (over ``grace`` s) betrays.
+    Returns the numbers of the trials failed."""
+    import copy
+    from datetime import datetime
+
+    import optuna
+    from optuna.trial import TrialState
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    storage = study._storage
+    rdb = getattr(storage, "_backend", storage)  # the RDB storage under Optuna's cache
+    try:
+        from optuna.storages._rdb import models
+    except ImportError:  # another Optuna layout: its heartbeat check is all there is
+        return []
+    if not isinstance(rdb, optuna.storages.RDBStorage):
+        return []
+    with rdb.scoped_session() as session:
+        beating = {tid for (tid,) in session.query(models.TrialHeartbeatModel.trial_id)}
+    now, failed = datetime.now(), []
+    callback = storage.get_heartbeat_stale_trial_callback()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        started = trial.datetime_start
+        if trial._trial_id in beating or started is None or (now - started).total_seconds() <= grace:
+            continue
+        try:
+            if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                failed.append(trial.number)
+                if callback is not None:
+                    callback(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
+        except optuna.exceptions.UpdateFinishedTrialError:  # another process failed it first
+            pass
+    return failed
+
+
 def _finished(study) -> int:
     from optuna.trial import TrialState
 
@@ -500,6 +540,7 @@ def _optimize(cfg: TuneConfig, worker: int = 0, threads: int | None = None) -> N
         torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(cfg, worker)
+    fail_orphaned_trials(study, grace=max(2, round(3 * cfg.heartbeat)))
     if _finished(study) >= cfg.trials:
         return
     objective = _Objective(cfg, cfg.resolved_space())
@@ -539,11 +580,7 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
         p.join()
     failed = [p.exitcode for p in procs if p.exitcode]
     study = open_study(cfg)
-    import optuna
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+    fail_orphaned_trials(study, grace=max(2, round(3 * cfg.heartbeat)))
     summary = _summarise(study, cfg)
     if failed:
         summary["worker_errors"] = f"{len(failed)} worker process(es) ended with an error (exit codes {failed})"
