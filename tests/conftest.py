@@ -16,6 +16,11 @@ def _data_root() -> Path:
     return Path(env) if env else ROOT.parent / "shared" / "data"
 
 
+def _weights_root() -> Path:
+    env = os.environ.get("IMCLASS_WEIGHTS")
+    return Path(env) if env else ROOT.parent / "shared" / "weights"
+
+
 # Under xdist each worker gets one thread: two workers on two cores, no oversubscription.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
@@ -36,6 +41,18 @@ def data_root() -> Path:
     if not (root / "cifar10").is_dir():
         pytest.fail(f"real data not found under {root}: set IMCLASS_DATA to the shared data folder")
     return root
+
+
+@pytest.fixture(scope="session")
+def shared_weights() -> Path:
+    """The shared ImageNet weights folder ($IMCLASS_WEIGHTS, else ../shared/weights); may be absent: tests check."""
+    return _weights_root()
+
+
+@pytest.fixture(scope="session")
+def flowers_dir() -> Path:
+    """The shared flowers photos (a user's own class-per-folder tree); may be absent: tests check."""
+    return _data_root() / "flowers" / "photos"
 
 
 @pytest.fixture(scope="session")

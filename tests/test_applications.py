@@ -2,7 +2,6 @@
 ImageNet weights offline (a fast, clear error) and from the shared weights folder."""
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -15,8 +14,6 @@ from imclass.layers import Dense, Flatten, GlobalAveragePooling2D
 from imclass.models import Model, Sequential, load_model
 from imclass.models.weights import WeightsError
 
-WEIGHTS = Path(os.environ.get("IMCLASS_WEIGHTS", "/work/shared/weights"))
-FLOWERS = Path(os.environ.get("IMCLASS_DATA", "/work/shared/data")) / "flowers" / "photos"
 
 # Keras's feature widths (the channels of include_top=False): timm builds the same architectures
 KERAS_FEATURES = {"InceptionV3": 2048, "ResNet50": 2048, "ResNet101": 2048, "ResNet152": 2048, "NASNetLarge": 4032,
@@ -114,14 +111,16 @@ def test_imagenet_weights_offline_fail_fast_with_what_to_fetch(tmp_path, monkeyp
     assert time.perf_counter() - start < 60  # seconds, never a hang (the model is built first on a busy CPU)
 
 
-@pytest.mark.skipif(not (WEIGHTS / "mobilenetv2_100-imagenet").is_dir() or not (FLOWERS / "daisy").is_dir(),
-                    reason="needs the shared ImageNet MobileNetV2 weights and the flowers photos")
-def test_imagenet_mobilenetv2_recognises_daisies(monkeypatch):
+def test_imagenet_mobilenetv2_recognises_daisies(monkeypatch, shared_weights, flowers_dir):
     from PIL import Image
 
     from imclass.models.weights import imagenet_classes
 
-    monkeypatch.setenv("IMCLASS_WEIGHTS", str(WEIGHTS))
+    if not (shared_weights / "mobilenetv2_100-imagenet").is_dir() or not (flowers_dir / "daisy").is_dir():
+        pytest.skip(f"needs the shared ImageNet MobileNetV2 weights ({shared_weights}) "
+                    f"and the flowers photos ({flowers_dir})")
+
+    monkeypatch.setenv("IMCLASS_WEIGHTS", str(shared_weights))
     model = MobileNetV2(weights="imagenet", input_shape=(224, 224, 3))
     assert model.load_report.ok and model.preprocessing.mean == (0.5, 0.5, 0.5)
 
@@ -132,8 +131,8 @@ def test_imagenet_mobilenetv2_recognises_daisies(monkeypatch):
         left, top = (im.width - 224) // 2, (im.height - 224) // 2
         return np.asarray(im.crop((left, top, left + 224, top + 224)))
 
-    photos = sorted((FLOWERS / "daisy").glob("*.jpg"))[:4]
+    photos = sorted((flowers_dir / "daisy").glob("*.jpg"))[:4]
     probs = model.predict(np.stack([centre_crop(p) for p in photos]))  # uint8 channels-last, no preprocess_input
-    names = imagenet_classes(WEIGHTS)
+    names = imagenet_classes(shared_weights)
     top5 = [[names[i] for i in row.argsort()[::-1][:5]] for row in probs]
     assert sum("daisy" in t for t in top5) >= 3, top5

@@ -3,7 +3,6 @@ two-stage fine-tuning through Classifier.fit, the feature cache, real weights on
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -22,19 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = Preprocessing(input_size=(3, 32, 32), resize=36, crop=32)
 
 
-def _weights_root() -> Path:
-    env = os.environ.get("IMCLASS_WEIGHTS")
-    return Path(env) if env else ROOT.parent / "shared" / "weights"
-
-
-def _flowers() -> Path:
-    env = os.environ.get("IMCLASS_DATA")
-    return (Path(env) if env else ROOT.parent / "shared" / "data") / "flowers" / "photos"
-
-
 @pytest.fixture(scope="module")
-def real() -> tuple[Path, Path]:
-    weights, flowers = _weights_root(), _flowers()
+def real(shared_weights, flowers_dir) -> tuple[Path, Path]:
+    weights, flowers = shared_weights, flowers_dir
     if not (weights / "mobilenetv2_100-imagenet" / "model.safetensors").is_file():
         pytest.skip(f"no shared ImageNet weights under {weights} (set IMCLASS_WEIGHTS)")
     if not flowers.is_dir():

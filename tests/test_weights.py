@@ -2,7 +2,6 @@
 format loads strictly, the old head is dropped, and every error names the problem."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -14,31 +13,20 @@ from imclass.models.weights import (
     find_known_weights, imagenet_classes, preprocessing_for, read_state_dict, resolve_weights_root,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 DAISY = 985  # ImageNet's "daisy"
 
 
-def _weights_root() -> Path:
-    env = os.environ.get("IMCLASS_WEIGHTS")
-    return Path(env) if env else ROOT.parent / "shared" / "weights"
-
-
-def _flowers() -> Path:
-    env = os.environ.get("IMCLASS_DATA")
-    return (Path(env) if env else ROOT.parent / "shared" / "data") / "flowers" / "photos"
-
-
 @pytest.fixture(scope="module")
-def weights_root() -> Path:
-    root = _weights_root()
+def weights_root(shared_weights) -> Path:
+    root = shared_weights
     if not (root / "imagenet_classes.txt").is_file():
         pytest.skip(f"no shared ImageNet weights under {root} (set IMCLASS_WEIGHTS to the shared weights folder)")
     return root
 
 
 @pytest.fixture(scope="module")
-def daisies() -> list[Path]:
-    folder = _flowers() / "daisy"
+def daisies(flowers_dir) -> list[Path]:
+    folder = flowers_dir / "daisy"
     if not folder.is_dir():
         pytest.skip(f"no flowers photos under {folder} (set IMCLASS_DATA to the shared data folder)")
     return sorted(folder.glob("*.jpg"))[:2]
