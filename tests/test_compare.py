@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from imclass.evaluate.compare import compare, leaderboard_table, parse_budget, parse_models

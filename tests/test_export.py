@@ -2,7 +2,6 @@
 images, onnxruntime), carry their class names and preprocessing, and run in `imclass predict` / `serve`."""
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np

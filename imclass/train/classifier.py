@@ -30,7 +30,7 @@ from imclass.data.loader import TensorLoader, derive_seed
 from imclass.train import checkpoint as ckpt
 from imclass.train import distributed as ddp
 from imclass.train.imbalance import class_weights, sample_weights
-from imclass.train.callbacks import LRFinder, ProgressBar, progress_callbacks, run_event, sort_callbacks
+from imclass.train.callbacks import LRFinder, progress_callbacks, run_event, sort_callbacks
 from imclass.train.memory import retain_freed_memory
 from imclass.train.optim import make_optimizer, make_schedule
 from imclass.train.state import History, TrainingDiverged, TrainState

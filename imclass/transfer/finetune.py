@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from imclass.models.transfer_net import TransferNet, head_config
-from imclass.models.weights import LoadReport, Preprocessing, apply_weights, backbone_name, KNOWN_WEIGHTS
+from imclass.models.weights import Preprocessing, apply_weights, backbone_name, KNOWN_WEIGHTS
 from imclass.transfer.features import FeatureCache, extract_features
 
 __all__ = ["FineTuneResult", "backbone_groups", "fine_tune", "fit_head", "freeze", "resize_for", "transfer", "unfreeze"]
