@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["tta_logits", "tta_views", "tta_name", "TTA_LEVELS", "TTA_NAMES", "mirror", "translate"]
+__all__ = ["choose_tta", "tta_logits", "tta_views", "tta_name", "TTA_LEVELS", "TTA_NAMES", "mirror", "translate"]
 
 TTA_LEVELS = (0, 1, 2)
 TTASpec = Union[int, str, None]
@@ -63,6 +63,24 @@ def resolve_level(tta: TTASpec) -> int:
 def tta_name(tta: TTASpec) -> str:
     """The canonical name (``"none"``, ``"flip"``, ``"flip_translate"``) of a TTA level or name."""
     return TTA_NAMES[resolve_level(tta)]
+
+
+def choose_tta(recorded: str | None, flag: bool | str | None, *, knn: bool = False) -> str:
+    """The TTA a saved model is run with, by the ``--tta/--no-tta`` rule of evaluate, predict, serve and
+    challenge: ``None`` = what its model file records (``recorded``), ``False`` = none, ``True`` = the
+    recorded one or else flip_translate, a name = that one. A k-NN has no views to average: ``"none"``,
+    and asking it for TTA is an error."""
+    if knn:
+        if flag not in (None, False, "none"):
+            raise ValueError("--tta applies to neural networks; a k-NN model predicts each image as it is")
+        return "none"
+    if flag is None:
+        return tta_name(recorded) if recorded else "none"
+    if flag is False:
+        return "none"
+    if flag is True:
+        return tta_name(recorded) if recorded not in (None, "none") else "flip_translate"
+    return tta_name(flag)
 
 
 def tta_views(x: torch.Tensor, tta: TTASpec = 2) -> list[tuple[float, torch.Tensor]]:

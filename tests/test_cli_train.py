@@ -313,3 +313,14 @@ def test_limit_on_a_folder_samples_every_class(tmp_path, cifar_small):
     pre = Preprocessing(input_size=(3, 32, 32), resize=32, crop=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     tr, val, _ = read_folder_for(tmp_path, pre, val_fraction=0.25, seed=0, limit=9)
     assert len(tr) <= 9 and len(set(tr.labels.tolist())) == 3 and len(set(val.labels.tolist())) == 3
+
+
+def test_choose_tta_is_the_one_tta_rule():
+    from imclass.tta import choose_tta
+
+    assert choose_tta("flip_translate", None) == "flip_translate" and choose_tta(None, None) == "none"
+    assert choose_tta("flip_translate", False) == "none" and choose_tta(None, True) == "flip_translate"
+    assert choose_tta("flip", True) == "flip" and choose_tta(None, "mirror") == "flip"
+    assert choose_tta("flip_translate", None, knn=True) == "none"
+    with pytest.raises(ValueError, match="--tta applies to neural networks"):
+        choose_tta(None, True, knn=True)

@@ -63,15 +63,9 @@ class Saved:
 
     def resolve_tta(self, flag: bool | None) -> str:
         """The TTA to apply for ``--tta/--no-tta`` (``None``: the recorded one): a name of ``imclass.tta``."""
-        if not hasattr(self.predictor, "predict_logits"):  # a k-NN: no views to average
-            if flag:
-                raise ValueError("--tta applies to neural networks; a k-NN model predicts each image as it is")
-            return "none"
-        if flag is None:
-            return self.tta or "none"
-        if not flag:
-            return "none"
-        return self.tta if self.tta not in (None, "none") else "flip_translate"
+        from imclass.tta import choose_tta
+
+        return choose_tta(self.tta, flag, knn=not hasattr(self.predictor, "predict_logits"))
 
     def class_names(self, n_columns: int) -> list[str]:
         """Names of the probability columns: a Classifier's are its classes; a KNN's are its sorted labels."""

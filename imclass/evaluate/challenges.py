@@ -25,6 +25,7 @@ import torch
 from imclass.data.challenges import CHALLENGES, MAX_SEVERITY, apply_challenge, describe
 from imclass.data.dataset import ImageDataset
 from imclass.data.loader import derive_seed
+from imclass.tta import choose_tta
 from imclass.visualize.plots import save_figure
 
 __all__ = ["JSON_NAME", "HTML_NAME", "ModelUnderTest", "challenge_report", "load_models"]
@@ -72,12 +73,11 @@ def load_models(paths: Sequence[str | os.PathLike], *, tta: bool | None = None) 
         if seen[name] > 1:
             name = f"{name}-{seen[name]}"
         m = ModelUnderTest(name, load(p), header.get("classes"), pre.get("input_size"), pre.get("tta"), str(p))
-        if m.kind == "knn":
-            if tta:
-                raise ValueError(f"{p}: --tta applies to neural networks; a k-NN model predicts each image as it is")
-            m.tta = None
-        elif tta is not None:
-            m.tta = (m.tta if m.tta not in (None, "none") else "flip_translate") if tta else None
+        try:
+            used = choose_tta(m.tta, tta, knn=m.kind == "knn")
+        except ValueError as err:
+            raise ValueError(f"{p}: {err}") from None
+        m.tta = None if used == "none" else used
         models.append(m)
     return models
 

@@ -329,19 +329,12 @@ def _num_outputs(clf: Any) -> int | None:
 
 
 def _resolve_tta(kind: str, recorded: str | None, flag: bool | str | None, path: Path) -> str:
-    from imclass.tta import tta_name
+    from imclass.tta import choose_tta
 
-    if kind == "knn":
-        if flag not in (None, False, "none"):
-            raise ValueError(f"{path}: --tta applies to neural networks; a k-NN model predicts each image as it is")
-        return "none"
-    if flag is None:
-        return tta_name(recorded) if recorded else "none"
-    if flag is False:
-        return "none"
-    if flag is True:
-        return tta_name(recorded) if recorded not in (None, "none") else "flip_translate"
-    return tta_name(flag)
+    try:
+        return choose_tta(recorded, flag, knn=kind == "knn")
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 def _training_metrics(path: Path, header: dict) -> dict:
