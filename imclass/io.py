@@ -11,7 +11,8 @@ The metadata key ``imclass`` holds a JSON object::
      "classes": [...], "preprocessing": {"mean": [...], "std": [...], "input_size": [C, H, W],
                                          "resize": int, "crop": int, "interpolation": str (pretrained backbones),
                                          "tta": "none" | "flip" | "flip_translate" | null},
-     "final_activation": "softmax" | "sigmoid" | null, "train_config": {...} | null}
+     "final_activation": "softmax" | "sigmoid" | null, "train_config": {...} | null,
+     "metrics": {"test_accuracy": 0.91, "epochs": 10, ...} | null}   (numbers measured at training time)
 
 Loading never unpickles: the architecture is rebuilt from the JSON (through the model registry or
 ``Sequential.from_config``) and the tensors are read by safetensors. A file that is truncated,
@@ -21,6 +22,7 @@ not an imclass model, names an unknown architecture or holds weights of another 
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from pathlib import Path
@@ -54,6 +56,7 @@ def save(
     train_config: dict | None = None,
     input_size: tuple[int, int, int] | list[int] | None = None,
     tta: str | int | None = None,
+    metrics: dict[str, float | int] | None = None,
 ) -> Path:
     """Write ``obj`` (a ``Classifier``, a ``KNN`` or a bare model) to one ``.safetensors`` file.
 
@@ -64,9 +67,13 @@ def save(
     attribute, a Sequential's ``input_shape``, a timm model's ``pretrained_cfg``, a KNN's sample
     shape) and ``tta``, the test-time augmentation the model was evaluated with (default: a
     Classifier's ``tta`` attribute), which ``imclass evaluate`` / ``predict`` / ``serve`` apply by
-    default so that they report the number training printed. The write is atomic (a temporary
-    file renamed over the target). Returns the path.
+    default so that they report the number training printed. ``metrics``: numbers measured at
+    training time (``{"test_accuracy": 0.91, "epochs": 10}``; names are strings, values finite
+    ints or floats, else a ``ValueError`` naming the key), read back by ``load`` as the object's
+    ``training_metrics`` and answered by ``GET /models/{name}`` of ``imclass serve``. The write is
+    atomic (a temporary file renamed over the target). Returns the path.
     """
+    checked_metrics = _check_metrics(metrics)  # before anything is written
     path = Path(path)
     if path.is_dir() or (not path.suffix and not path.exists()):
         path = path / MODEL_FILENAME
@@ -96,8 +103,29 @@ def save(
     if train_config is None and hasattr(obj, "training_config"):
         train_config = obj.training_config() or None  # the Classifier's compile options
     header["train_config"] = _jsonable(train_config, "train_config")
+    header["metrics"] = checked_metrics
     _write_atomic(path, tensors, header)
     return path
+
+
+def _check_metrics(metrics: dict | None) -> dict[str, float | int] | None:
+    """``metrics`` as a plain ``{str: int | float}`` dict; a ValueError names the first bad key."""
+    if metrics is None:
+        return None
+    if not isinstance(metrics, dict):
+        raise ValueError(f"expected metrics as a dict of name -> number, received {type(metrics).__name__}")
+    out: dict[str, float | int] = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str):
+            raise ValueError(f"expected metric names as strings, received the key {key!r} ({type(key).__name__})")
+        if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # a 0-d tensor or numpy scalar
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"expected metric {key!r} as a finite number, received {value!r} ({type(value).__name__})")
+        if not math.isfinite(value):
+            raise ValueError(f"expected metric {key!r} as a finite number, received {value!r}")
+        out[key] = value if isinstance(value, int) else float(value)
+    return out
 
 
 def _record_image_preprocessing(obj: Any, pre: dict) -> None:
@@ -207,7 +235,8 @@ def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], header: dict) ->
 def load(path: str | os.PathLike, *, device: str = "auto") -> Any:
     """Rebuild what ``save`` wrote: a ``Classifier`` (model in eval mode), a ``KNN`` or a bare model.
 
-    ``path`` is a ``.safetensors`` file or a run folder holding ``model.safetensors``.
+    ``path`` is a ``.safetensors`` file or a run folder holding ``model.safetensors``. A Classifier
+    and a KNN get ``training_metrics``: the ``metrics`` dict ``save`` recorded, or ``None``.
     """
     path = _resolve(path)
     if path.suffix in TORCH_SUFFIXES:
@@ -218,8 +247,11 @@ def load(path: str | os.PathLike, *, device: str = "auto") -> Any:
     header = read_metadata(path)
     tensors = _read_tensors(path)
     kind = header["kind"]
+    metrics = header.get("metrics") if isinstance(header.get("metrics"), dict) else None
     if kind == "knn":
-        return _rebuild_knn(path, header, tensors)
+        knn = _rebuild_knn(path, header, tensors)
+        knn.training_metrics = metrics
+        return knn
     model = _rebuild_model(path, header["architecture"])
     _load_state(model, tensors, path)
     model.eval()
@@ -233,6 +265,7 @@ def load(path: str | os.PathLike, *, device: str = "auto") -> Any:
     clf.input_size = tuple(pre["input_size"]) if pre.get("input_size") else None
     clf.tta = pre.get("tta")
     clf.train_config = header.get("train_config")
+    clf.training_metrics = metrics  # what training measured (None in files written without metrics)
     if pre.get("crop") and pre.get("mean") and pre.get("input_size"):  # resize / centre-crop of pretrained weights
         from imclass.models.weights import Preprocessing
 

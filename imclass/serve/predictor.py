@@ -207,7 +207,8 @@ class Predictor:
     def from_object(cls, obj: Any, *, name: str, classes: Sequence[str] | None = None,
                     input_size: Sequence[int] | None = None, preprocessing: dict | None = None,
                     tta: str = "none", metrics: dict | None = None) -> "Predictor":
-        """Wrap an in-memory ``Classifier`` or fitted ``KNN`` (e.g. a pretrained backbone with ImageNet names)."""
+        """Wrap an in-memory ``Classifier`` or fitted ``KNN`` (e.g. a pretrained backbone with ImageNet names);
+        ``metrics`` defaults to the object's ``training_metrics`` (what ``imclass.load`` read from its file)."""
         kind = "knn" if hasattr(obj, "classes_") else "classifier"
         pre = dict(preprocessing or {})
         size = input_size or pre.get("input_size") or getattr(obj, "input_size", None)
@@ -216,7 +217,8 @@ class Predictor:
         names = classes if classes is not None else getattr(obj, "classes", None)
         return cls(name=name, kind=kind, classes=_column_names(obj, list(names) if names else None),
                    input_size=tuple(pre["input_size"]) if size is not None else None, preprocessing=pre,
-                   tta=tta, metrics=dict(metrics or {}), source=name, backend=obj)
+                   tta=tta, metrics=dict(metrics or getattr(obj, "training_metrics", None) or {}),
+                   source=name, backend=obj)
 
     @classmethod
     def _load_onnx(cls, path: Path, name: str) -> "Predictor":
@@ -338,8 +340,8 @@ def _resolve_tta(kind: str, recorded: str | None, flag: bool | str | None, path:
 
 
 def _training_metrics(path: Path, header: dict) -> dict:
-    """Figures measured at training time: the model file's ``metrics``, else the last row of the run
-    folder's history.csv (numbers only)."""
+    """Figures measured at training time: the model file's ``metrics`` (``imclass.save(..., metrics=)``),
+    else, for files written without them, the last row of the run folder's history.csv (numbers only)."""
     if isinstance(header.get("metrics"), dict):
         return dict(header["metrics"])
     folder = path if path.is_dir() else path.parent

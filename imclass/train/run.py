@@ -255,7 +255,12 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
     train_config = {**cfg.run_dict(), **details}
     model_file = out / MODEL_FILE
     if distributed.is_main():  # under torchrun rank 0 writes the run folder
-        save(clf, model_file, train_config=train_config, input_size=list(train_set.image_shape))
+        recorded = {**{k: v for k, v in clf.history.last().items() if k != "seconds"},
+                    "test_accuracy": float(metrics["accuracy"]), "test_loss": float(metrics["loss"]),
+                    "epochs": len(clf.history), "seconds": seconds}  # GET /models/{name} of `imclass serve`
+        recorded = {k: v for k, v in recorded.items()  # a diverged (NaN) loss is left out, not refused
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        save(clf, model_file, train_config=train_config, input_size=list(train_set.image_shape), metrics=recorded)
     return {
         "accuracy": float(metrics["accuracy"]),
         "loss": float(metrics["loss"]),
