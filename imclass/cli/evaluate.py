@@ -24,12 +24,17 @@ def evaluate(
     tta: Optional[bool] = TTAOption,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     report_dir: Optional[Path] = typer.Option(
-        None, "--report", help="Also write the evaluation report into DIR (report.html, report.json, PNGs)."),
+        None, "--report", help="Also write the evaluation report into DIR (report.html, report.json, PNGs); "
+        "for a model of `imclass tune` (RUN holds best.json) it has a tuning section: best params, top trials, plots."),
 ) -> None:
     """Accuracy, loss and per-class accuracy of a saved model on a data set split.
 
     The test-time augmentation recorded in the model file is applied unless --no-tta says
     otherwise, so the figure equals the one `imclass train` printed; the output names it.
+
+    With --report, a model of `imclass tune` (its --out folder, or the model
+    file in it) gets a tuning section: best parameters, the 10 best trials and
+    the optimisation plots.
     """
     from imclass import data as imdata
 
@@ -79,11 +84,12 @@ def evaluate(
 def _from_report(saved: Any, data, tta: str, run: Path, out: Path) -> dict[str, Any]:
     """Write the evaluation report (imclass.evaluate.report) and return this command's figures from it."""
     from imclass.evaluate import report
+    from imclass.evaluate.report import tuning_folder
 
     folder = run if run.is_dir() else run.parent
     history = folder / "history.csv"
     numbers = report(saved.predictor, data, out, classes=saved.classes or data.classes, tta=tta,
-                     history=history if history.is_file() else None, title=folder.name)
+                     history=history if history.is_file() else None, title=folder.name, tuning=tuning_folder(run))
     typer.echo(f"report: {Path(out) / numbers['files']['html']}", err=True)
     return {
         "accuracy": numbers["accuracy"],

@@ -37,10 +37,18 @@ def tune(
                                     "silent for 3 is failed and its parameters retried."),
     final: bool = typer.Option(True, "--final/--no-final", help="Retrain the best parameters and test them."),
     out: Path = typer.Option(Path("runs/tune"), "--out", help="Folder of the study, tables, plots and best model."),
+    report_dir: Optional[Path] = typer.Option(
+        None, "--report", help="Also write the final model's evaluation report on the test split into DIR "
+        "(report.html with a tuning section: best params, top 10 trials, the plots); needs --final."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (best params, val accuracy, ...)."),
 ) -> None:
     """Search hyperparameters on a validation split (or k-fold CV) with Optuna; the test split is read
-    only to evaluate the best parameters at the end. Rerunning the same command resumes the study."""
+    only to evaluate the best parameters at the end. Rerunning the same command resumes the study.
+
+    --report DIR (or `imclass evaluate OUT DATASET --report DIR` later) writes
+    the final model's evaluation report, with a tuning section: best params,
+    top trials, plots.
+    """
     from imclass.cli.train import _parse_model_options
     from imclass.train.tune import TuneConfig
     from imclass.train.tune import tune as run_tune
@@ -51,6 +59,7 @@ def tune(
             space=str(space) if space is not None else None, storage=storage, study_name=study_name,
             out=str(out), workers=workers, sampler=sampler, pruner=pruner, val_fraction=val_fraction, cv=cv,
             seed=seed, device=device, heartbeat=heartbeat, final=final,
+            report=str(report_dir) if report_dir is not None else None,
             model_options=_parse_model_options(model_option or []),
         )
         with plain_warnings():
@@ -71,3 +80,5 @@ def tune(
         typer.echo(f"test accuracy {result['test_accuracy']:.2%} on {result['test_images']:,} test images "
                    f"(best params retrained on the whole training split); saved {result['model_file']}")
     typer.echo(f"study, trials.csv and plots in {out}")
+    if "report" in result["files"]:
+        typer.echo(f"report: {result['files']['report']}")

@@ -4,8 +4,10 @@
 kept), then writes ``out/report.json``, ``out/report.html`` (every picture embedded as base64: it opens
 offline) and the PNGs: confusion matrix, per-class precision / recall / F1, reliability diagram before
 and after temperature scaling, the most confident mistakes, the least confident correct images, and the
-run's training curves when a ``history.csv`` is known. Works for every model kind a model file holds:
-a ``Classifier`` (any network) and a ``KNN`` (vote shares as probabilities; no temperature).
+run's training curves when a ``history.csv`` is known, and, for a model ``imclass tune`` retrained (its
+folder holds ``best.json``), the tuning section: best parameters, the top trials and the study's plots.
+Works for every model kind a model file holds: a ``Classifier`` (any network) and a ``KNN`` (vote shares
+as probabilities; no temperature).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import csv
 import html
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,10 +34,14 @@ from imclass.evaluate.metrics import (
 from imclass.visualize.grids import save_captioned_grid
 from imclass.visualize.plots import save_figure
 
-__all__ = ["report", "score", "HTML_NAME", "JSON_NAME"]
+__all__ = ["report", "score", "tuning_folder", "HTML_NAME", "JSON_NAME"]
 
 HTML_NAME = "report.html"
 JSON_NAME = "report.json"
+TUNE_SUMMARY = "best.json"  # what `imclass tune` writes into its out folder, beside trials.csv and the plots
+TUNE_PLOTS = {"history": "optimisation history", "importances": "parameter importances",
+              "params": "validation accuracy against each parameter"}
+TOP_TRIALS = 10
 
 
 def score(model: Any, images: torch.Tensor, *, batch_size: int = 512, tta: str | None = None,
@@ -100,6 +107,7 @@ def report(
     n_bins: int = 15,
     n_examples: int = 24,
     title: str | None = None,
+    tuning: str | os.PathLike | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -110,9 +118,13 @@ def report(
     ``tta``: a name of ``imclass.tta``, "none", or ``None`` for the one the model file records
     (the figure ``imclass evaluate`` prints). ``val``: labelled validation data to fit the temperature on; when absent the temperature is fitted
     on a seeded half of ``data`` and the ECE before/after is measured on the other half (the JSON says
-    which). Returns the JSON's dict: ``accuracy``, ``top5_accuracy``, ``loss``, ``per_class``
+    which). ``tuning``: the out folder of ``imclass tune`` the model came from (``best.json``,
+    ``trials.csv``, the plots); found by itself when ``model`` is such a folder or its model file
+    (:func:`tuning_folder`). It adds the tuning section: the best parameters, the top 10 trials by
+    validation accuracy and the study's plots, copied next to ``report.html`` as ``tune_*.png``.
+    Returns the JSON's dict: ``accuracy``, ``top5_accuracy``, ``loss``, ``per_class``
     (precision, recall, f1, support), ``confusion_matrix`` (+ ``_normalised``), ``ece``,
-    ``calibration``, ``temperature``, ``examples`` and ``files``.
+    ``calibration``, ``temperature``, ``examples``, ``tuning`` (``None`` without a tune) and ``files``.
     """
     if isinstance(model, (str, os.PathLike)):
         from imclass.io import load
@@ -120,6 +132,8 @@ def report(
         run = Path(model)
         if history is None and (run / "history.csv").is_file():
             history = run / "history.csv"
+        if tuning is None:
+            tuning = tuning_folder(run)
         title = title or run.name
         model = load(run)
     images, labels, data_classes = _as_pair(data, "data")
@@ -172,11 +186,89 @@ def report(
         curves = _plot_history(Path(history), out / "training_curves.png")
         if curves:
             files["training_curves"] = curves
+    numbers["tuning"] = None
+    if tuning is not None:
+        numbers["tuning"], plots = _tuning(Path(tuning), out)
+        files.update(plots)
     files = {k: Path(v).name for k, v in files.items()}
     numbers["files"] = {**files, "html": HTML_NAME, "json": JSON_NAME}
     (out / JSON_NAME).write_text(json.dumps(numbers, indent=1, default=float) + "\n")
     (out / HTML_NAME).write_text(_html(numbers, out))
     return numbers
+
+
+# ---------------------------------------------------------------------------------------------
+# the tuning section (a model `imclass tune` retrained on the best parameters)
+
+def tuning_folder(run: str | os.PathLike) -> Path | None:
+    """The ``imclass tune`` out folder a run folder or model file belongs to, or ``None``.
+
+    ``imclass tune --out DIR`` writes ``DIR/model.safetensors`` beside ``DIR/best.json``: a run folder
+    holding ``best.json``, or a model file whose folder holds one naming it (``model_file``), is a tune's.
+    """
+    run = Path(run)
+    folder = run if run.is_dir() else run.parent
+    summary = folder / TUNE_SUMMARY
+    if not summary.is_file():
+        return None
+    if not run.is_dir():
+        try:
+            named = json.loads(summary.read_text()).get("model_file")
+        except (json.JSONDecodeError, AttributeError):
+            return None
+        if named and Path(named).name != run.name:
+            return None  # another model file of the same folder
+    return folder
+
+
+def _tuning(folder: Path, out: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The tuning numbers (from ``best.json`` and ``trials.csv``) and its plots copied into ``out``."""
+    path = folder / TUNE_SUMMARY
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: expected the {TUNE_SUMMARY} that `imclass tune` writes, found none")
+    try:
+        summary = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON: {err}") from None
+    trials = _top_trials(folder / "trials.csv", TOP_TRIALS)
+    plots = {}
+    for name in TUNE_PLOTS:
+        source = folder / f"{name}.png"
+        if source.is_file() and source.stat().st_size > 0:
+            plots[f"tune_{name}"] = shutil.copyfile(source, out / f"tune_{name}.png").name
+    keys = ("model", "dataset", "selection", "trials", "best_trial", "best_params", "val_accuracy",
+            "test_accuracy", "test_images", "study", "storage")
+    numbers = {k: summary.get(k) for k in keys}
+    numbers.update({"folder": str(folder), "top_trials": trials["top"], "trials_listed": trials["listed"]})
+    return numbers, plots
+
+
+def _top_trials(path: Path, n: int) -> dict[str, Any]:
+    """The ``n`` trials of ``trials.csv`` with the highest validation accuracy (ties: the earlier trial)."""
+    if not path.is_file():
+        return {"top": [], "listed": 0}
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    fixed = ("number", "state", "val_accuracy", "seconds")
+    scored = []
+    for row in rows:
+        if row.get("val_accuracy") in (None, ""):
+            continue
+        params = {k: _param_value(v) for k, v in row.items() if k not in fixed and v not in (None, "")}
+        scored.append({"number": int(row["number"]), "state": row["state"], "val_accuracy": float(row["val_accuracy"]),
+                       "seconds": float(row["seconds"]) if row.get("seconds") else None, "params": params})
+    scored.sort(key=lambda t: (-t["val_accuracy"], t["number"]))
+    return {"top": scored[:n], "listed": len(rows)}
+
+
+def _param_value(text: str) -> Any:
+    """A trials.csv cell as the number it holds, else the text (a categorical choice)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,6 +438,47 @@ def _img(out: Path, name: str | None, alt: str) -> str:
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
 
 
+def _param(name: str, value: Any) -> str:
+    """A parameter's value in a cell: ``data-param`` names it, ``data-value`` holds its exact JSON."""
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return (f'<td data-param="{html.escape(name)}" data-value="{html.escape(json.dumps(value))}">'
+            f"{html.escape(text)}</td>")
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def _tuning_html(t: dict | None, files: dict, out: Path) -> str:
+    if not t:
+        return ""
+    e = html.escape
+    best = t.get("best_params") or {}
+    best_rows = "".join(f"<tr><th>{e(k)}</th>{_param(k, v)}</tr>" for k, v in best.items())
+    names = sorted({k for trial in t["top_trials"] for k in trial["params"]})
+    head = "".join(f"<th>{e(k)}</th>" for k in ("trial", "state", "validation accuracy", "seconds", *names))
+    body = "".join(
+        f"<tr><td>{trial['number']}</td><td>{e(trial['state'])}</td>"
+        f"<td>{_num(trial['val_accuracy'], f'tuning/top_trials/{i}/val_accuracy')}</td>"
+        f"<td>{_seconds(trial['seconds'])}</td>"
+        + "".join(_param(k, trial["params"][k]) if k in trial["params"] else "<td></td>" for k in names) + "</tr>"
+        for i, trial in enumerate(t["top_trials"])
+    )
+    counts = ", ".join(f"{v} {k}" for k, v in (t.get("trials") or {}).items())
+    test = (f", test accuracy {_num(t['test_accuracy'], 'tuning/test_accuracy')} after retraining on the whole "
+            "training split" if t.get("test_accuracy") is not None else "")
+    plots = "".join(_img(out, files.get(f"tune_{k}"), caption) for k, caption in TUNE_PLOTS.items())
+    return f"""<section id="tuning"><h2>Tuning</h2>
+<p>This model is the best of an <code>imclass tune</code> study ({e(str(t.get('model')))} on {e(str(t.get('dataset')))};
+trials: {e(counts or 'none')}; selection on {e(str(t.get('selection')))}): best trial {e(str(t.get('best_trial')))},
+validation accuracy {_num(t.get('val_accuracy'), 'tuning/val_accuracy')}{test}. Study folder: <code>{e(t['folder'])}</code>.</p>
+<h3>Best parameters</h3><table id="tuning-best">{best_rows}</table>
+<h3>Top {len(t['top_trials'])} of {t['trials_listed']} trials by validation accuracy</h3>
+<table id="tuning-trials"><tr>{head}</tr>{body}</table>
+{plots}
+</section>"""
+
+
 def _html(n: dict, out: Path) -> str:
     e = html.escape
     files = n["files"]
@@ -403,5 +536,6 @@ Numbers from torchmetrics and scikit-learn; every number is in <code>{JSON_NAME}
 {_img(out, files.get('confident_mistakes'), 'most confident mistakes') or '<p>No mistakes.</p>'}
 {_img(out, files.get('unsure_correct'), 'least confident correct images') or '<p>No correct images.</p>'}
 {('<h2>Training</h2>' + _img(out, files.get('training_curves'), 'training curves')) if files.get('training_curves') else ''}
+{_tuning_html(n.get('tuning'), files, out)}
 </body></html>
 """

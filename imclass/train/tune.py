@@ -217,6 +217,7 @@ class TuneConfig:
     device: str = "auto"
     heartbeat: float = 10.0  # seconds; a trial silent for 3 heartbeats is failed and retried
     final: bool = True  # retrain the best parameters on the whole training split, evaluate on test
+    report: str | None = None  # a folder: the final model's evaluation report on the test split, with the tuning section
     model_options: dict = field(default_factory=dict)  # fixed options of the model factory
 
     def __post_init__(self) -> None:
@@ -230,6 +231,7 @@ class TuneConfig:
             (self.pruner in PRUNERS, f"expected pruner in {list(PRUNERS)}, received {self.pruner!r}"),
             (self.sampler in SAMPLERS, f"expected sampler in {list(SAMPLERS)}, received {self.sampler!r}"),
             (self.heartbeat > 0, f"expected heartbeat > 0 seconds, received {self.heartbeat}"),
+            (self.report is None or self.final, "a report evaluates the final model: drop --no-final (final=False)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -561,6 +563,9 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
     Outputs in ``cfg.out``: ``study.db`` (unless ``storage``), ``best.json``, ``trials.csv``, PNG plots
     (``history.png``, ``importances.png``, ``params.png``) and, with ``final``, ``model.safetensors``:
     the best parameters retrained on the whole training split, with its test accuracy in the summary.
+    With ``report`` (a folder), the final model's evaluation report on the test split is written there
+    (``imclass.evaluate.report``; ``report.html`` with the tuning section: best parameters, top trials,
+    these plots), as ``imclass evaluate OUT DATASET --report DIR`` would write it.
     """
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -588,7 +593,18 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
     if cfg.final and summary["best_params"] is not None:
         summary.update(_final(cfg, summary["best_params"], out))
     (out / "best.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    if cfg.report is not None and "model_file" in summary:
+        summary["files"]["report"] = _report(cfg, Path(summary["model_file"]))
+        (out / "best.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     return summary
+
+
+def _report(cfg: TuneConfig, model_file: Path) -> str:
+    """The evaluation report of the final model on the test split (read again, after the search)."""
+    from imclass.evaluate.report import report
+
+    numbers = report(model_file, _load_test(cfg), cfg.report, tuning=model_file.parent, progress=False)
+    return str(Path(cfg.report) / numbers["files"]["html"])
 
 
 def _summarise(study, cfg: TuneConfig) -> dict[str, Any]:
@@ -671,11 +687,12 @@ def _final(cfg: TuneConfig, params: dict[str, Any], out: Path) -> dict[str, Any]
         predictor = _knn(params).fit(train_set.images, train_set.labels)
         test_accuracy = float(predictor.score(test_set.images, test_set.labels))
         model_file = save(predictor, out / "model.safetensors", classes=train_set.classes,
-                          input_size=list(train_set.image_shape))
+                          input_size=list(train_set.image_shape), metrics={"test_accuracy": test_accuracy})
     else:
         clf = train_classifier(cfg, params, train_set)
         test_accuracy = float(clf.evaluate(test_set)["accuracy"])
         model_file = save(clf, out / "model.safetensors", input_size=list(train_set.image_shape),
-                          train_config={"tune": dataclasses.asdict(cfg) | {"space": None}, "params": params})
+                          train_config={"tune": dataclasses.asdict(cfg) | {"space": None}, "params": params},
+                          metrics={"test_accuracy": test_accuracy, "epochs": cfg.epochs})
     return {"test_accuracy": test_accuracy, "test_images": len(test_set), "final_seconds": time.perf_counter() - start,
             "model_file": str(model_file)}
