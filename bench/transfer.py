@@ -4,15 +4,21 @@ Both use the same real ImageNet weights (timm ``mobilenetv2_100``, TF "same" pad
 [-1, 1], from ``$IMCLASS_WEIGHTS``) and the same seeded stratified 80/20 splits (``--seeds``).
 
 * **imclass**: ``read_for`` (threaded PIL decode, JPEG draft, straight to the crop), ``extract_features``
-  (whole batches, channels-last, bf16 autocast where the CPU multiplies bf16 natively), then the head
-  trained by ``fine_tune`` (``Classifier.fit``) on the cached features. End to end = decode + features + head,
-  measured on the first seed with an empty cache; the other seeds reuse the cached features (seconds).
+  (batches of 32, channels-last, freed memory kept in the process, bf16 autocast where the CPU multiplies
+  bf16 natively; ``--pool-stages 2``: the last two feature stages pooled beside the final features, as
+  ``imclass train --dataset FOLDER`` does), then the head trained by ``fit_head`` (``Classifier.fit``) on the
+  cached features. End to end = model + decode + features + head, measured on the first seed with an empty
+  cache; the other seeds reuse the cached features (seconds). ``--feature-augment flip`` adds the mirrored
+  photos' features to the head's training set (twice the feature time).
 * **head without the cache**: one epoch of ``Classifier.fit`` on the images with the backbone frozen (the
   backbone runs forward at every step), timed, and the per-epoch cost set beside the cached one.
 * **plain script** (the issue's reference): PIL decode + resize 256 + centre crop 224 per image, fp32
-  NCHW, batch 64, ``timm.create_model``, then scikit-learn ``LogisticRegression`` on the pooled features.
+  NCHW, batch 64, ``timm.create_model``, then scikit-learn ``LogisticRegression`` on the pooled features,
+  in a fresh process of its own (imclass's process-wide malloc setting would otherwise speed it up 2.5x).
+* **course CNN from scratch** (``--scratch``): the course's Keras CNN (``keras_cnn``) on the same photos at
+  64x64, Adam, crop + flip, given the same wall time as imclass end to end (``TimeBudget``), each seed.
 * ``--fine-tune-epochs N``: stage 2 after the head (the whole network or ``--unfreeze`` last stages,
-  discriminative learning rates), on the first seed.
+  discriminative learning rates), on the first ``--fine-tune-seeds`` splits, each from a fresh model.
 
     python bench/transfer.py --json bench/transfer.json          # everything (minutes on 2 cores)
     python bench/transfer.py --limit 300 --seeds 0                # a quick check of the script
@@ -101,24 +107,34 @@ def imclass_run(paths, labels, classes, splits, args) -> dict:
 
     cache = FeatureCache()
     out = {"accuracy": [], "head_s": []}
-    torch.manual_seed(0)
+    flip = args.feature_augment == "flip"
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        return transfer("mobilenetv2_100", len(classes), weights="imagenet", head=args.head, input_size=args.size,
+                        pool_stages=args.pool_stages)
+
     t0 = time.perf_counter()
-    model = transfer("mobilenetv2_100", len(classes), weights="imagenet", head=args.head, input_size=args.size)
+    model = build(0)
     pre = model.preprocessing
     t = time.perf_counter()
     pixels = read_for(paths, pre)
     out["decode_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    feats = extract_features(model.backbone, pixels, pre, cache=cache)
+    feats = extract_features(model, pixels, pre, cache=cache)
+    flipped = extract_features(model, pixels.flip(-1), pre, cache=cache) if flip else None
     out["features_s"] = time.perf_counter() - t
-    out["images_per_s"] = len(paths) / out["features_s"]
+    out["images_per_s"] = len(paths) * (2 if flip else 1) / out["features_s"]
     for n, (keep, held) in enumerate(splits):
         t = time.perf_counter()
         if n:
-            torch.manual_seed(n)
-            model = transfer("mobilenetv2_100", len(classes), weights="imagenet", head=args.head, input_size=args.size)
-            feats = extract_features(model.backbone, pixels, pre, cache=cache)  # a cache hit
-        history = fit_head(model, feats[keep], labels[keep], classes, epochs=args.head_epochs, lr=args.lr,
+            model = build(n)
+            feats = extract_features(model, pixels, pre, cache=cache)  # a cache hit
+            flipped = extract_features(model, pixels.flip(-1), pre, cache=cache) if flip else None
+        train_x, train_y = feats[keep], labels[keep]
+        if flip:
+            train_x, train_y = torch.cat([train_x, flipped[keep]]), torch.cat([train_y, train_y])
+        history = fit_head(model, train_x, train_y, classes, epochs=args.head_epochs, lr=args.lr,
                            validation=(feats[held], labels[held]), seed=n)
         acc = float(history.history["val_accuracy"][-1])
         out["accuracy"].append(acc)
@@ -139,15 +155,52 @@ def imclass_run(paths, labels, classes, splits, args) -> dict:
     clf.fit((pixels[keep], labels[keep]), epochs=1, batch_size=64, seed=0, verbose=False)
     out["head_epoch_uncached_s"] = time.perf_counter() - t
     if args.fine_tune_epochs:
-        t = time.perf_counter()
-        ft = fine_tune(model, (pixels[keep], labels[keep]), epochs=args.fine_tune_epochs, freeze_epochs=args.head_epochs,
-                       validation=(pixels[held], labels[held]), lr=args.lr, cache=cache, seed=0, classes=classes,
-                       unfreeze_stages=args.unfreeze if args.unfreeze == "all" else int(args.unfreeze),
-                       batch_size=32)
-        out["fine_tune"] = {"accuracy": ft.val_accuracy, "epochs": args.fine_tune_epochs, "unfreeze": args.unfreeze,
-                            "seconds": ft.seconds, "total_s": time.perf_counter() - t}
-        print(f"  fine-tuned ({args.fine_tune_epochs} epochs, unfreeze {args.unfreeze}): {ft.val_accuracy:.4f} "
-              f"in {time.perf_counter() - t:.1f} s", flush=True)
+        out["fine_tune"] = {"accuracy": [], "seconds": [], "total_s": [], "epochs": args.fine_tune_epochs,
+                            "unfreeze": args.unfreeze}
+        for n, (keep, held) in enumerate(splits[: args.fine_tune_seeds]):
+            t = time.perf_counter()
+            ft = fine_tune(build(n), (pixels[keep], labels[keep]), epochs=args.fine_tune_epochs,
+                           freeze_epochs=args.head_epochs, validation=(pixels[held], labels[held]), lr=args.lr,
+                           cache=cache, seed=n, classes=classes, batch_size=32, feature_augment=args.feature_augment,
+                           unfreeze_stages=args.unfreeze if args.unfreeze == "all" else int(args.unfreeze))
+            total = time.perf_counter() - t
+            for key, value in (("accuracy", ft.val_accuracy), ("seconds", ft.seconds), ("total_s", total)):
+                out["fine_tune"][key].append(value)
+            print(f"  fine-tuned seed {n} ({args.fine_tune_epochs} epochs, unfreeze {args.unfreeze}): "
+                  f"{ft.val_accuracy:.4f} in {total:.1f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in ft.seconds.items())
+                  + ")", flush=True)
+    return out
+
+
+def plain_in_own_process(paths, labels, splits, weights_file: Path) -> dict:
+    """``plain_script`` in a fresh interpreter, as a user's script would run (nothing imclass set applies)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(plain_script, (paths, labels, splits, weights_file))
+
+
+def course_cnn(paths, labels, classes, splits, seconds: float) -> dict:
+    """The course's Keras CNN from scratch at 64x64 on the same splits, ``seconds`` of training each."""
+    from imclass.models import create
+    from imclass.models.weights import Preprocessing
+    from imclass.train import Classifier
+    from imclass.train.callbacks import TimeBudget
+    from imclass.transfer import read_for
+
+    pixels = read_for(paths, Preprocessing(input_size=(3, 64, 64), resize=64, crop=64))
+    out = {"accuracy": [], "epochs": [], "seconds": seconds}
+    for n, (keep, held) in enumerate(splits):
+        torch.manual_seed(n)
+        model = create("keras_cnn", num_classes=len(classes), img_size=64)
+        clf = Classifier(model, classes=classes, device="cpu").compile("adam", lr=1e-3)
+        clf.fit((pixels[keep], labels[keep]), epochs=1000, batch_size=32, augment="crop_flip", seed=n,
+                callbacks=[TimeBudget(seconds)], verbose=False)
+        acc = float(clf.evaluate((pixels[held], labels[held]))["accuracy"])
+        out["accuracy"].append(acc)
+        out["epochs"].append(len(clf.history.history["loss"]))
+        print(f"  course CNN from scratch, seed {n}: {acc:.4f} after {out['epochs'][-1]} epochs in {seconds:.0f} s",
+              flush=True)
     return out
 
 
@@ -165,8 +218,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--limit", type=int, default=None, help="use about this many photos (quick check)")
     parser.add_argument("--fine-tune-epochs", type=int, default=0)
+    parser.add_argument("--fine-tune-seeds", type=int, default=1, help="fine-tune on the first N splits")
     parser.add_argument("--unfreeze", default="all")
+    parser.add_argument("--pool-stages", type=int, default=2, help="0: the final features only (the course's GAP)")
+    parser.add_argument("--feature-augment", default=None, choices=[None, "flip"])
     parser.add_argument("--skip-plain", action="store_true")
+    parser.add_argument("--scratch", action="store_true", help="also the course CNN from scratch, same wall time")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     from imclass.data.split import split_indices
@@ -183,7 +240,8 @@ def main() -> None:
     splits = [split_indices(labels, 0.2, seed=s) for s in args.seeds]
     print(f"{len(paths)} photos, {len(classes)} classes, seeds {args.seeds} (80/20 stratified)", flush=True)
     ours = imclass_run(paths, labels, classes, splits, args)
-    plain = None if args.skip_plain else plain_script(paths, labels, splits, weights_file)
+    plain = None if args.skip_plain else plain_in_own_process(paths, labels, splits, weights_file)
+    scratch = course_cnn(paths, labels, classes, splits, ours["end_to_end_s"]) if args.scratch else None
     print()
     print(f"{'':32}{'imclass':>22}{'plain script':>22}{'ratio':>10}")
 
@@ -200,9 +258,17 @@ def main() -> None:
           f"{ours['head_epoch_uncached_s']:.1f} s through the frozen backbone "
           f"({ours['head_epoch_uncached_s'] / ours['head_epoch_cached_s']:.0f}x)")
     print(f"head per seed (cached features): {', '.join(f'{s:.1f} s' for s in ours['head_s'])}")
+    if "fine_tune" in ours:
+        ft = ours["fine_tune"]
+        print(f"fine-tuned ({ft['epochs']} epochs, unfreeze {ft['unfreeze']}): {_mean_sd(ft['accuracy'])} over "
+              f"{len(ft['accuracy'])} splits, {np.mean(ft['total_s']):.0f} s each")
+    if scratch:
+        print(f"course CNN from scratch, {scratch['seconds']:.0f} s each: {_mean_sd(scratch['accuracy'])} "
+              f"(imclass transfer {_mean_sd(ours['accuracy'])} in the same time)")
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu_info(), "args": {k: str(v) for k, v in vars(args).items()},
-                                         "photos": len(paths), "imclass": ours, "plain": plain}, indent=1) + "\n")
+                                         "photos": len(paths), "imclass": ours, "plain": plain,
+                                         "course_cnn": scratch}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

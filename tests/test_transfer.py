@@ -200,6 +200,80 @@ def test_features_from_paths_equal_features_from_decoded_pixels(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# pooled feature stages and mirrored features for the head
+
+
+def test_pool_stages_concatenate_the_last_stages_average_pooled_after_the_final_features(tmp_path):
+    model = transfer("resnet10t", 3, weights=None, head="linear", input_size=32, pool_stages=2)
+    assert model.num_features == 512 + 256 + 512  # final pooled features, then layer3's and layer4's outputs
+    assert model.head.get_classifier().in_features == 1280
+    seen = {}
+    hooks = [getattr(model.backbone, n).register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o))
+             for n in ("layer3", "layer4")]
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        expected = torch.cat([model.backbone(x), seen["layer3"].mean((2, 3)), seen["layer4"].mean((2, 3))], 1)
+        got = model.forward_features(x)
+    for h in hooks:
+        h.remove()
+    assert torch.allclose(got, expected, atol=1e-6)
+    clf = Classifier(model, classes=["a", "b", "c"], mean=TINY.mean, std=TINY.std, device="cpu").compile("adam")
+    clf.fit(_data(size=32), epochs=1, batch_size=8, seed=0, verbose=False)
+    loaded = imclass.load(imclass.save(clf, tmp_path / "run"))  # the spec rebuilds the pooled stages
+    assert loaded.model.pool_stages == 2
+    images = _data(n=5, size=32)[0]
+    assert torch.allclose(loaded.predict_proba(images), clf.predict_proba(images), atol=1e-6)
+
+
+def test_pool_stages_errors_name_the_problem():
+    with pytest.raises(ValueError, match="squeezenet|forward_intermediates"):
+        transfer("squeezenet1_1", 2, weights=None, pool_stages=1)
+    with pytest.raises(ValueError, match="pool_stages=9 but .* has 5 feature stages"):
+        transfer("resnet10t", 2, weights=None, pool_stages=9)
+    with pytest.raises(ValueError, match="expected pool_stages an integer >= 0"):
+        transfer("resnet10t", 2, weights=None, pool_stages=-1)
+
+
+def test_features_of_a_transfer_net_are_cached_by_backbone_and_pool_stages_not_head():
+    images, _ = _data(n=6, size=32)
+    cache = FeatureCache()
+    first = _tiny_model()  # pool_stages=0
+    feats = extract_features(first, images, TINY, cache=cache, amp=None)
+    assert torch.equal(feats, extract_features(first.backbone, images, TINY, amp=None))
+    torch.manual_seed(1)
+    first.head = transfer("resnet10t", 3, weights=None, head="course", input_size=32).head  # a new head
+    assert torch.equal(extract_features(first, images, TINY, cache=cache, amp=None), feats) and cache.hits == 1
+    pooled = transfer("resnet10t", 3, weights=None, head="linear", input_size=32, pool_stages=1)
+    pooled.backbone.load_state_dict(first.backbone.state_dict())
+    more = extract_features(pooled, images, TINY, cache=cache, amp=None)
+    assert cache.misses == 2 and more.shape == (6, 1024) and torch.equal(more[:, :512], feats)
+
+
+def test_fine_tune_feature_augment_flip_trains_the_head_on_mirrored_features_too(monkeypatch):
+    import imclass.transfer.finetune as ft
+    from imclass.data.split import split_indices
+
+    images, labels = _data(n=24, size=32)
+    seen = []
+    real_fit_head = ft.fit_head
+    monkeypatch.setattr(ft, "fit_head", lambda m, f, y, *a, **k: seen.append((f, y)) or real_fit_head(m, f, y, *a, **k))
+    cache = FeatureCache()
+    model = _tiny_model()
+    fine_tune(model, (images, labels), freeze_epochs=1, validation=0.25, feature_augment="flip", cache=cache,
+              amp=None, seed=0)
+    keep, _ = split_indices(labels, 0.25, seed=0)
+    (feats, y), = seen
+    plain = extract_features(model, images[keep], TINY, amp=None)
+    mirrored = extract_features(model, images[keep].flip(-1), TINY, amp=None)
+    assert not torch.equal(plain, mirrored)
+    assert torch.equal(feats, torch.cat([plain, mirrored])) and torch.equal(y, torch.cat([labels[keep]] * 2))
+    assert cache.misses == 3  # training images, validation images, mirrored training images
+    with pytest.raises(ValueError, match="expected feature_augment None or 'flip'"):
+        fine_tune(_tiny_model(), (images, labels), freeze_epochs=1, feature_augment="rotate")
+
+
+# --------------------------------------------------------------------------------------------
 # real weights, real photos
 
 
@@ -262,7 +336,7 @@ def test_cli_train_folder_with_no_other_flag_then_predict_and_evaluate(real, tmp
     for c in sorted(p.name for p in flowers.iterdir() if p.is_dir())[:3]:
         (folder / c).mkdir(parents=True)
         for src in sorted((flowers / c).glob("*.jpg"))[:10]:
-            (folder / c / src.name).symlink_to(src)
+            (folder / c / src.name).symlink_to(src.resolve())
     monkeypatch.setenv("IMCLASS_WEIGHTS", str(weights))
     out = tmp_path / "run"
     result = _cli("train", "--dataset", str(folder), "--json", "--out", str(out), "--image-size", "96")
@@ -270,6 +344,7 @@ def test_cli_train_folder_with_no_other_flag_then_predict_and_evaluate(real, tmp
     report = json.loads(result.stdout)
     assert report["backbone"] == "mobilenetv2_100" and report["val_images"] == 6 and report["train_images"] == 24
     assert 0.0 <= report["accuracy"] <= 1.0 and report["seconds"] > 0 and report["input_size"] == [3, 96, 96]
+    assert report["pool_stages"] == 2  # the default on a timm backbone
     evaluated = _cli("evaluate", str(out), str(folder), "--json")
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["accuracy"] == pytest.approx(report["accuracy"])  # the same held-out images

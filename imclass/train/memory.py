@@ -25,7 +25,7 @@ def retain_freed_memory() -> bool:
 
     Process-wide and not undone (the same as starting Python with ``MALLOC_MMAP_MAX_=0
     MALLOC_TRIM_THRESHOLD_=...``). A no-op returning ``False`` off Linux/glibc or when the
-    environment sets ``IMCLASS_RETAIN_MEMORY=0``. ``Classifier.fit`` calls it for CPU training.
+    environment sets ``IMCLASS_RETAIN_MEMORY=0``. ``Classifier.fit`` calls it for CPU training, ``extract_features`` for CPU inference.
     """
     global _active
     if _active:

@@ -166,7 +166,8 @@ def read_for(paths: Sequence[str | os.PathLike], pre: Preprocessing, *, workers:
 
 
 def embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The pooled pre-logit features of ``model`` for a prepared batch (timm's contract when present)."""
+    """The pooled pre-logit features of ``model`` for a prepared batch (timm's contract when present;
+    a ``TransferNet`` gives its backbone's, with its ``pool_stages``)."""
     if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
         return model.forward_head(model.forward_features(x), pre_logits=True)
     out = model(x)
@@ -202,8 +203,15 @@ def _data_digest(images: ImagesOrPaths) -> str:
 
 
 def feature_key(model: nn.Module, images: ImagesOrPaths, pre: Preprocessing, amp: str | None) -> str:
-    """The cache key: model digest, preprocessing, data digest and numerics, hashed together."""
-    parts = {"model": model_digest(model), "pre": pre.to_dict(), "data": _data_digest(images), "amp": amp, "v": 1}
+    """The cache key: model digest, preprocessing, data digest and numerics, hashed together. For a
+    ``TransferNet`` the model is its backbone and ``pool_stages`` (a new head reuses the features)."""
+    from imclass.models.transfer_net import TransferNet
+
+    if isinstance(model, TransferNet):
+        digest = f"{model_digest(model.backbone)}|pool_stages={model.pool_stages}"
+    else:
+        digest = model_digest(model)
+    parts = {"model": digest, "pre": pre.to_dict(), "data": _data_digest(images), "amp": amp, "v": 1}
     return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=20).hexdigest()
 
 
@@ -223,7 +231,7 @@ def extract_features(
     model: nn.Module,
     images: ImagesOrPaths,
     preprocessing: Preprocessing,
-    batch_size: int = 64,
+    batch_size: int = 32,
     *,
     cache: FeatureCache | str | os.PathLike | None = None,
     amp: str | None = "auto",
@@ -235,6 +243,8 @@ def extract_features(
     ``cache``: a :class:`FeatureCache` or a folder for one; a hit returns the stored features at once.
     ``amp="auto"`` uses bf16 autocast on CUDA and on CPUs with native bf16, float32 elsewhere.
     The model is put in eval mode (and left there) and, with ``channels_last``, stored NHWC.
+    ``model`` may be a bare backbone or a ``TransferNet`` (its backbone's features, ``pool_stages`` included).
+    Batches of 32 ran faster than 64 on the 2-core CPUs measured (bench/RESULTS.md: they stay in cache).
     """
     if batch_size < 1:
         raise ValueError(f"expected batch_size >= 1, received batch_size={batch_size}")
@@ -257,6 +267,10 @@ def extract_features(
         if hit is not None:
             return hit
     pixels = images if isinstance(images, torch.Tensor) else read_for(images, preprocessing)
+    if device.type == "cpu":
+        from imclass.train.memory import retain_freed_memory
+
+        retain_freed_memory()  # page faults otherwise cost ~half of a CPU forward here (bench/RESULTS.md)
     model = model.to(device).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -37,12 +37,15 @@ def transfer(
     weights_dir: str | os.PathLike | None = None,
     input_size: int | None = None,
     strict: bool = True,
+    pool_stages: int = 0,
     **backbone_options: Any,
 ) -> TransferNet:
     """A pretrained ``backbone`` (timm or torchvision name) without its top, then a new ``head``.
 
     ``head``: ``"course"`` (GAP -> Dense 1024 relu -> Dense 200 relu -> Dense ``num_classes``),
-    ``"linear"``, or a list of ``imclass.layers``. The backbone starts frozen. The model carries
+    ``"linear"``, or a list of ``imclass.layers``. ``pool_stages=N`` feeds the head the pooled
+    outputs of the backbone's last N feature stages too (0: the course's global average pooling
+    only; see ``imclass.models.transfer_net``). The backbone starts frozen. The model carries
     ``load_report`` (what ``apply_weights`` loaded) and ``preprocessing`` (what the weights expect,
     at ``input_size`` when given).
     """
@@ -59,9 +62,9 @@ def transfer(
         config: str | dict = head
     else:  # a list of layers: sized on a probe of the backbone, stored as a Sequential config
         probe = create(name, num_classes=0, **backbone_options)
-        config = head_config(head, _probe_features(probe), num_classes)
+        config = head_config(head, _probe_features(probe, pool_stages), num_classes)
     model = create("transfer_net", backbone=name, num_classes=num_classes, head=config,
-                   backbone_options=backbone_options)
+                   backbone_options=backbone_options, pool_stages=pool_stages)
     report = apply_weights(model.backbone, bare, weights, weights_dir=weights_dir, strict=strict)
     pre = report.preprocessing or Preprocessing()
     model.load_report = report
@@ -70,10 +73,10 @@ def transfer(
     return model
 
 
-def _probe_features(net: nn.Module) -> int:
-    from imclass.models.transfer_net import _num_features
+def _probe_features(net: nn.Module, pool_stages: int = 0) -> int:
+    from imclass.models.transfer_net import _check_pool_stages, _num_features
 
-    return _num_features(net)
+    return _num_features(net, _check_pool_stages(net, pool_stages))
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,6 +235,7 @@ def fine_tune(
     batch_size: int = 32,
     head_batch_size: int | None = None,
     augment: Any = "auto",
+    feature_augment: str | None = None,
     seed: int = 0,
     cache: FeatureCache | str | os.PathLike | None = None,
     amp: str | None = "auto",
@@ -244,7 +248,9 @@ def fine_tune(
     epochs of the whole network (``unfreeze_stages``: "all" or the last N) with discriminative
     learning rates. ``data``/``validation``: ``ImageDataset`` or ``(uint8 images, labels)``, any
     image size (resized and centre-cropped as ``model.preprocessing`` says); ``validation`` may be
-    a fraction (seeded stratified split). Returns the classifier of the whole network.
+    a fraction (seeded stratified split). ``feature_augment="flip"``: the head also trains on the
+    features of the mirrored training images (twice the feature cost; stage 2 augments images with
+    ``augment``). Returns the classifier of the whole network.
     ``class_weight`` and ``sampler`` (class imbalance) go to the ``fit`` of both stages."""
     from imclass.data.split import split_indices
     from imclass.train import Classifier, cpu_has_native_bf16
@@ -253,6 +259,8 @@ def fine_tune(
         raise TypeError(f"expected a TransferNet (from imclass.transfer.transfer), received {type(model).__name__}")
     if epochs < 0 or freeze_epochs < 0:
         raise ValueError(f"expected epochs >= 0 and freeze_epochs >= 0, received {epochs} and {freeze_epochs}")
+    if feature_augment not in (None, "flip"):
+        raise ValueError(f"expected feature_augment None or 'flip', received feature_augment={feature_augment!r}")
     pre: Preprocessing = getattr(model, "preprocessing", None) or Preprocessing()
     images, labels, data_classes = _pair(data, "data")
     classes = list(classes) if classes is not None else data_classes or [str(i) for i in range(int(labels.max()) + 1)]
@@ -277,11 +285,15 @@ def fine_tune(
     if freeze_epochs:
         freeze(model.backbone)
         t0 = time.perf_counter()
-        feats = extract_features(model.backbone, images, pre, cache=cache, amp=amp)
-        v_feats = extract_features(model.backbone, val[0], pre, cache=cache, amp=amp) if val is not None else None
+        feats = extract_features(model, images, pre, cache=cache, amp=amp)
+        v_feats = extract_features(model, val[0], pre, cache=cache, amp=amp) if val is not None else None
+        head_labels = labels
+        if feature_augment == "flip":
+            feats = torch.cat([feats, extract_features(model, images.flip(-1), pre, cache=cache, amp=amp)])
+            head_labels = torch.cat([labels, labels])
         seconds["features"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        result.head_history = fit_head(model, feats, labels, classes, epochs=freeze_epochs,
+        result.head_history = fit_head(model, feats, head_labels, classes, epochs=freeze_epochs,
                                        validation=(v_feats, val[1]) if val is not None else None, lr=head_lr or lr,
                                        weight_decay=weight_decay, batch_size=head_batch_size, seed=seed,
                                        verbose=verbose, class_weight=class_weight, sampler=sampler)

@@ -39,6 +39,8 @@ class TransferConfig:
     weights: str | None = "imagenet"  # "imagenet", a file, or None (random initialisation)
     weights_dir: str | None = None
     head: str = "course"
+    pool_stages: int | None = None  # also pool the last N feature stages; None: 2 on timm backbones, else 0
+    feature_augment: str | None = None  # 'flip': the head also trains on mirrored photos' features (2x features)
     image_size: int | None = None  # crop size; default: the weights' own (224)
     freeze_epochs: int = 15  # head epochs on frozen features
     epochs: int = 0  # fine-tuning epochs after that (whole network or the last `unfreeze` stages)
@@ -162,7 +164,7 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
     from imclass.io import save
     from imclass.models.weights import backbone_name, preprocessing_for
     from imclass.transfer.features import FeatureCache
-    from imclass.transfer.finetune import fine_tune, transfer
+    from imclass.transfer.finetune import fine_tune
 
     t_start = time.perf_counter()
     backbone = cfg.backbone or pick_backbone(cfg.weights_dir)
@@ -176,15 +178,14 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
     train, val, test = read_folder_for(cfg.dataset, pre, val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit)
     seconds = {"read": time.perf_counter() - t0}
     _warn_about_data(train, val, Path(cfg.dataset).expanduser().name)
-    model = transfer(backbone, len(train.classes), weights=cfg.weights, head=cfg.head, weights_dir=cfg.weights_dir,
-                     input_size=cfg.image_size)
+    model = _transfer_for(cfg, backbone, len(train.classes))
     out = Path(cfg.out or f"runs/transfer-{backbone.replace(':', '_')}-{Path(cfg.dataset).expanduser().name}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     cache = FeatureCache(cfg.cache_dir) if cfg.cache_dir else None
     result = fine_tune(model, train, epochs=cfg.epochs, freeze_epochs=cfg.freeze_epochs, validation=val,
                        unfreeze_stages=cfg.unfreeze, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                       cache=cache, verbose=cfg.verbose,
+                       cache=cache, verbose=cfg.verbose, feature_augment=cfg.feature_augment,
                        class_weight=cfg.class_weight, sampler=cfg.sampler)
     seconds.update(result.seconds)
     clf = result.classifier
@@ -202,6 +203,7 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
         "backbone": backbone,
         "weights": model.load_report.source,
         "input_size": list(pre.input_size),
+        "pool_stages": model.pool_stages,
         "head_accuracy": _last(result.head_history),
         "seconds": time.perf_counter() - t_start,
         "seconds_per_stage": seconds,
@@ -213,6 +215,30 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
         report["test_accuracy"] = clf.evaluate(test)["accuracy"]
         report["test_images"] = len(test)
     return report
+
+
+DEFAULT_POOL_STAGES = 2  # flowers, frozen MobileNetV2: +1.5 points over the final features alone (bench/RESULTS.md)
+
+
+def _transfer_for(cfg: TransferConfig, backbone: str, num_classes: int) -> Any:
+    """``transfer`` as ``cfg`` says; ``pool_stages=None`` pools the last 2 stages too where the backbone
+    can (timm's ``forward_intermediates``) and only its final features elsewhere."""
+    from imclass.models.weights import backbone_name
+    from imclass.transfer.finetune import transfer
+
+    def build(stages: int) -> Any:
+        return transfer(backbone, num_classes, weights=cfg.weights, head=cfg.head, weights_dir=cfg.weights_dir,
+                        input_size=cfg.image_size, pool_stages=stages)
+
+    if cfg.pool_stages is not None:
+        return build(cfg.pool_stages)
+    if backbone_name(backbone).startswith("timm:"):
+        try:
+            return build(DEFAULT_POOL_STAGES)
+        except ValueError as err:
+            if "pool_stages" not in str(err):
+                raise
+    return build(0)
 
 
 def _warn_about_data(train: Any, val: Any, name: str) -> None:
