@@ -5,7 +5,10 @@ weights from $IMCLASS_WEIGHTS when present).
 What is timed is the deployed graph of `imclass export`: uint8 images (N, C, H, W) in, scaling +
 normalisation + the network, logits out (no TTA), so the three engines run exactly the same computation;
 their outputs are compared (max |difference| printed). Each figure is the median over repeated timed
-runs after warm-up; torch.compile's compile time is printed separately.
+runs after warm-up; torch.compile's compile time is printed separately. The process keeps freed memory
+(``retain_freed_memory``, as ``imclass predict`` and ``serve`` do on a CPU; ``--no-retain``: glibc's default,
+which page-faults every activation again). ``bf16`` (in ``--engines``): eager under bf16 autocast, for CPUs
+that multiply bf16 natively (imclass's own inference stays float32 on a CPU).
 
     python bench/inference.py                       # both models, batches 1 and 64 (~6 min on 2 busy cores,
                                                     # most of it torch.compile compiling)
@@ -79,10 +82,16 @@ def main() -> None:
                         help="which to time (compile costs minutes of compilation on a busy machine)")
     parser.add_argument("--dynamic", action="store_true",
                         help="torch.compile once with a dynamic batch size (one compile per model instead of per batch)")
+    parser.add_argument("--no-retain", action="store_true", help="leave glibc's malloc as it is (freed memory returned)")
     parser.add_argument("--json", help="write the figures here (rewritten after every row)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(cpu_line(), f"| torch threads {args.threads}, onnxruntime intra-op threads {args.threads}")
+    if not args.no_retain:
+        from imclass.train.memory import retain_freed_memory
+
+        retain_freed_memory()
+    print(cpu_line(), f"| torch threads {args.threads}, onnxruntime intra-op threads {args.threads}, "
+          f"freed memory {'returned (glibc default)' if args.no_retain else 'kept (as imclass predict/serve)'}")
     import onnxruntime as ort
 
     batches = [int(b) for b in args.batches.split(",")]
@@ -111,6 +120,10 @@ def main() -> None:
                 with torch.inference_mode():
                     return compiled(x)
 
+            def run_bf16(x):
+                with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                    return eager(x).float()
+
             def run_ort(x):
                 return session.run(None, {"images": x.numpy()})[0]
 
@@ -126,8 +139,10 @@ def main() -> None:
                         out_c = run_compiled(x)  # compiles for this shape
                     compile_s = time.perf_counter() - t0
                 out_o = torch.from_numpy(run_ort(x))
+                out_b = run_bf16(x) if "bf16" in engines else ref
                 rates = {}
-                for engine, fn in (("eager", run_eager), ("compile", run_compiled), ("onnxruntime", run_ort)):
+                for engine, fn in (("eager", run_eager), ("compile", run_compiled), ("onnxruntime", run_ort),
+                                   ("bf16", run_bf16)):
                     if engine not in engines:
                         rates[engine] = float("nan")
                         continue
@@ -138,7 +153,9 @@ def main() -> None:
                        "ratio_to_eager": {k: round(v / rates["eager"], 2) for k, v in rates.items()},
                        "compile_s": round(compile_s, 1),
                        "max_abs_diff": {"compile": float((out_c - ref).abs().max()),
-                                        "onnxruntime": float((out_o - ref).abs().max())}}
+                                        "onnxruntime": float((out_o - ref).abs().max()),
+                                        "bf16": float((out_b - ref).abs().max())},
+                       "retain_freed_memory": not args.no_retain}
                 rows.append(row)
                 print(f"  batch {batch:3d}: " + "   ".join(
                     f"{k} {v:8.1f} img/s ({row['ratio_to_eager'][k]:.2f}x)" for k, v in rates.items())
@@ -147,11 +164,12 @@ def main() -> None:
                 if args.json:
                     Path(args.json).write_text(json.dumps({"cpu": cpu_info(), "threads": args.threads,
                                                            "dynamic": args.dynamic, "rows": rows}, indent=2))
-    print("\nmodel             batch     eager    compile   onnxruntime   (images/s; ratio to eager)")
+    print("\nmodel             batch     eager    compile            onnxruntime        bf16 autocast"
+          "   (images/s; ratio to eager)")
     for r in rows:
         ips, ratio = r["images_per_s"], r["ratio_to_eager"]
         print(f"{r['model']:17} {r['batch']:5d} {ips['eager']:9.1f} {ips['compile']:9.1f} ({ratio['compile']:.2f}x)"
-              f" {ips['onnxruntime']:9.1f} ({ratio['onnxruntime']:.2f}x)")
+              f" {ips['onnxruntime']:9.1f} ({ratio['onnxruntime']:.2f}x) {ips['bf16']:9.1f} ({ratio['bf16']:.2f}x)")
 
 
 if __name__ == "__main__":

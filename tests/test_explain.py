@@ -163,7 +163,7 @@ def test_neighbours_find_the_image_itself_in_both_spaces_and_tsne_separates_clas
     assert [n["index"] for n in r["pixel"]] == order
     t = ex.tsne_map(clf, x, y, out=tmp_path / "t.png", perplexity=10, max_iter=250)
     assert np.asarray(t["coordinates"]).shape == (60, 2)
-    assert t["neighbour_agreement"] == 1.0
+    assert t["neighbour_agreement"] >= 0.95  # chance is 1/3; 1.0 on AMD EPYC, 0.983 on the AMX Xeon (t-SNE numerics)
     assert (tmp_path / "t.png").stat().st_size > 5000
 
 
