@@ -112,11 +112,15 @@ def pooled_features(backbone: nn.Module, x: torch.Tensor, pool_stages: int = 0) 
     return b(x).flatten(1)
 
 
+class PoolStagesUnsupported(ValueError):
+    """``pool_stages > 0`` asked of a backbone without timm's ``forward_intermediates``."""
+
+
 def _check_pool_stages(backbone: nn.Module, pool_stages: int) -> int:
     if isinstance(pool_stages, bool) or not isinstance(pool_stages, int) or pool_stages < 0:
         raise ValueError(f"expected pool_stages an integer >= 0, received pool_stages={pool_stages!r}")
     if pool_stages and not hasattr(backbone, "forward_intermediates"):
-        raise ValueError(f"pool_stages={pool_stages} needs a timm backbone with forward_intermediates; "
+        raise PoolStagesUnsupported(f"pool_stages={pool_stages} needs a timm backbone with forward_intermediates; "
                          f"{type(backbone).__name__} has none: use pool_stages=0")
     stages = len(getattr(backbone, "feature_info", []) or [])
     if stages and pool_stages > stages:
@@ -125,6 +129,8 @@ def _check_pool_stages(backbone: nn.Module, pool_stages: int) -> int:
 
 
 def _num_features(backbone: nn.Module, pool_stages: int = 0) -> int:
+    """The width of ``pooled_features`` (``pool_stages`` checked first)."""
+    _check_pool_stages(backbone, pool_stages)
     n = getattr(backbone, "num_features", None)
     if isinstance(n, int) and n > 0 and not pool_stages:
         return n
@@ -146,7 +152,6 @@ def transfer_net(backbone: str = "timm:mobilenetv2_100", num_classes: int = 10, 
     if kwargs:
         raise ValueError(f"unexpected options for transfer_net: {sorted(kwargs)}")
     net = create(backbone, num_classes=0, **(backbone_options or {}))
-    _check_pool_stages(net, pool_stages)
     d = _num_features(net, pool_stages)
     seq = Sequential.from_config(head_config(head, d, num_classes))
     return TransferNet(net, seq, d, pool_stages)

@@ -25,7 +25,8 @@ def retain_freed_memory() -> bool:
 
     Process-wide and not undone (the same as starting Python with ``MALLOC_MMAP_MAX_=0
     MALLOC_TRIM_THRESHOLD_=...``). A no-op returning ``False`` off Linux/glibc or when the
-    environment sets ``IMCLASS_RETAIN_MEMORY=0``. ``Classifier.fit`` calls it for CPU training, ``extract_features`` for CPU inference.
+    environment sets ``IMCLASS_RETAIN_MEMORY=0``. ``Classifier.fit`` and ``Classifier.predict*``/``evaluate``
+    call it on a CPU, and so does ``imclass.transfer.extract_features``.
     """
     global _active
     if _active:

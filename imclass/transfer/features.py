@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from imclass.models.transfer_net import TransferNet, pooled_features
 from imclass.models.weights import Preprocessing
 
 __all__ = ["FeatureCache", "embed", "extract_features", "feature_key", "prepare_batch", "read_for"]
@@ -168,10 +169,7 @@ def read_for(paths: Sequence[str | os.PathLike], pre: Preprocessing, *, workers:
 def embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The pooled pre-logit features of ``model`` for a prepared batch (timm's contract when present;
     a ``TransferNet`` gives its backbone's, with its ``pool_stages``)."""
-    if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
-        return model.forward_head(model.forward_features(x), pre_logits=True)
-    out = model(x)
-    return out.flatten(1) if out.ndim > 2 else out
+    return pooled_features(model, x)
 
 
 def _hash_tensor(h: Any, t: torch.Tensor) -> None:
@@ -205,8 +203,6 @@ def _data_digest(images: ImagesOrPaths) -> str:
 def feature_key(model: nn.Module, images: ImagesOrPaths, pre: Preprocessing, amp: str | None) -> str:
     """The cache key: model digest, preprocessing, data digest and numerics, hashed together. For a
     ``TransferNet`` the model is its backbone and ``pool_stages`` (a new head reuses the features)."""
-    from imclass.models.transfer_net import TransferNet
-
     if isinstance(model, TransferNet):
         digest = f"{model_digest(model.backbone)}|pool_stages={model.pool_stages}"
     else:

@@ -74,9 +74,9 @@ def transfer(
 
 
 def _probe_features(net: nn.Module, pool_stages: int = 0) -> int:
-    from imclass.models.transfer_net import _check_pool_stages, _num_features
+    from imclass.models.transfer_net import _num_features
 
-    return _num_features(net, _check_pool_stages(net, pool_stages))
+    return _num_features(net, pool_stages)
 
 
 # --------------------------------------------------------------------------------------------
