@@ -156,16 +156,22 @@ def imclass_run(paths, labels, classes, splits, args) -> dict:
     out["head_epoch_uncached_s"] = time.perf_counter() - t
     if args.fine_tune_epochs:
         out["fine_tune"] = {"accuracy": [], "seconds": [], "total_s": [], "epochs": args.fine_tune_epochs,
-                            "unfreeze": args.unfreeze}
+                            "unfreeze": args.unfreeze, "batch_norm": args.batch_norm, "history": [],
+                            "lr": args.fine_tune_lr or args.lr, "backbone_lr_ratio": args.backbone_lr_ratio,
+                            "lr_decay": args.lr_decay}
         for n, (keep, held) in enumerate(splits[: args.fine_tune_seeds]):
             t = time.perf_counter()
             ft = fine_tune(build(n), (pixels[keep], labels[keep]), epochs=args.fine_tune_epochs,
-                           freeze_epochs=args.head_epochs, validation=(pixels[held], labels[held]), lr=args.lr,
+                           freeze_epochs=args.head_epochs, validation=(pixels[held], labels[held]),
+                           lr=args.fine_tune_lr or args.lr, head_lr=args.lr, backbone_lr_ratio=args.backbone_lr_ratio,
+                           lr_decay=args.lr_decay,
                            cache=cache, seed=n, classes=classes, batch_size=32, feature_augment=args.feature_augment,
-                           unfreeze_stages=args.unfreeze if args.unfreeze == "all" else int(args.unfreeze))
+                           unfreeze_stages=args.unfreeze if args.unfreeze == "all" else int(args.unfreeze),
+                           batch_norm=args.batch_norm)
             total = time.perf_counter() - t
             for key, value in (("accuracy", ft.val_accuracy), ("seconds", ft.seconds), ("total_s", total)):
                 out["fine_tune"][key].append(value)
+            out["fine_tune"]["history"].append(ft.fine_history.to_dict())
             print(f"  fine-tuned seed {n} ({args.fine_tune_epochs} epochs, unfreeze {args.unfreeze}): "
                   f"{ft.val_accuracy:.4f} in {total:.1f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in ft.seconds.items())
                   + ")", flush=True)
@@ -220,6 +226,11 @@ def main() -> None:
     parser.add_argument("--fine-tune-epochs", type=int, default=0)
     parser.add_argument("--fine-tune-seeds", type=int, default=1, help="fine-tune on the first N splits")
     parser.add_argument("--unfreeze", default="all")
+    parser.add_argument("--fine-tune-lr", type=float, default=None, help="stage 2's head lr (default: --lr)")
+    parser.add_argument("--backbone-lr-ratio", type=float, default=0.1, help="stage 2: top backbone stage lr / head lr")
+    parser.add_argument("--lr-decay", type=float, default=0.7, help="stage 2: lr factor per stage further down")
+    parser.add_argument("--batch-norm", default="eval", choices=["eval", "train"],
+                        help="fine-tuning: running statistics kept (eval) or batch statistics (train)")
     parser.add_argument("--pool-stages", type=int, default=2, help="0: the final features only (the course's GAP)")
     parser.add_argument("--feature-augment", default=None, choices=[None, "flip"])
     parser.add_argument("--skip-plain", action="store_true")

@@ -56,7 +56,7 @@ def jobs(tmp_path_factory, cifar_small):
     from PIL import Image
 
     base = tmp_path_factory.mktemp("ddp")
-    dirs = {name: base / name for name in ("ddp", "killed", "run")}
+    dirs = {name: base / name for name in ("ddp", "bf16", "killed", "run")}
     for d in dirs.values():
         d.mkdir()
     x, y, _, _ = cifar_small
@@ -66,6 +66,7 @@ def jobs(tmp_path_factory, cifar_small):
             Image.fromarray(x[i].permute(1, 2, 0).numpy()).save(dirs["run"] / "photos" / name / f"{i}.png")
     started = {
         "ddp": _start(["tests/ddp_worker.py", str(dirs["ddp"])]),
+        "bf16": _start(["tests/ddp_worker.py", str(dirs["bf16"]), "--amp", "bf16"]),
         "killed": _start(["tests/ddp_worker.py", str(dirs["killed"]), "--kill-rank", "1", "--kill-step", "3"]),
         "run": _start(["-m", "imclass", "train", "--model", "mlp", "--dataset", str(dirs["run"] / "photos"),
                        "--epochs", "1", "--batch-size", "16", "--val-fraction", "0.25", "--device", "cpu",
@@ -118,6 +119,26 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_pa
     assert resumed.history["epoch"] == [1, 2, 3]
     for name, ref in longer.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[name], ref, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_autocast_under_two_processes_trains_like_one(tmp_path, jobs):
+    """Mixed precision in distributed mode (CPU: bf16 autocast; the gradients DDP averages stay float32)."""
+    worker = _worker()
+    torch.set_num_threads(1)
+    one = worker.train(tmp_path / "one", amp="bf16")
+    fp32 = worker.train(tmp_path / "fp32")
+    job, dist_out = jobs["bf16"]
+    run = _wait(job)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = torch.load(dist_out / "weights.pt", weights_only=True)
+    # bf16 rounds each half-batch's products alike, but the two ranks sum fewer terms: agreement to
+    # bf16's precision, and closer to the one-process bf16 run than bf16 is to float32
+    gap_one = max(float((got[k] - v).abs().max()) for k, v in one.model.state_dict().items())
+    gap_fp32 = max(float((v - fp32.model.state_dict()[k]).abs().max()) for k, v in one.model.state_dict().items())
+    assert gap_one < 2e-2 and gap_one < gap_fp32, (gap_one, gap_fp32)
+    history = torch.load(dist_out / "history.pt", weights_only=True)
+    assert history["val_accuracy"] == pytest.approx(one.history["val_accuracy"], abs=0.04)
+    assert history["loss"] == pytest.approx(one.history["loss"], rel=2e-2)
 
 
 def test_a_killed_rank_ends_the_job_with_an_error_instead_of_hanging(jobs):

@@ -16,6 +16,7 @@ from imclass.train import Classifier
 from imclass.transfer import (
     FeatureCache, backbone_groups, extract_features, fine_tune, freeze, read_for, resize_for, transfer, unfreeze,
 )
+from imclass.transfer.finetune import has_folded_batch_norm
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = Preprocessing(input_size=(3, 32, 32), resize=36, crop=32)
@@ -141,6 +142,42 @@ def test_fine_tune_two_stages_with_discriminative_learning_rates():
     assert result.classifier.predict(resize_for(images[:4], model.preprocessing)).shape == (4,)
     with pytest.raises(ValueError, match="the model's head has 3 outputs but the data has 2 classes"):
         fine_tune(model, (images, labels % 2), freeze_epochs=1, classes=["a", "b"])
+
+
+def _top_stage_batch_norms(model: TransferNet) -> list[torch.nn.BatchNorm2d]:
+    return [m for m in model.backbone.layer4.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+def test_fine_tune_batch_norm_eval_keeps_running_statistics_and_trains_scale_and_shift():
+    images, labels = _data(size=32)
+    for mode in ("eval", "train"):
+        model = _tiny_model()
+        bns = _top_stage_batch_norms(model)
+        stats = [(m.running_mean.clone(), m.running_var.clone(), m.weight.detach().clone()) for m in bns]
+        result = fine_tune(model, (images, labels), epochs=1, freeze_epochs=0, unfreeze_stages=1, batch_size=8,
+                           amp=None, batch_norm=mode)
+        moved_stats = any(not torch.equal(mean, m.running_mean) or not torch.equal(var, m.running_var)
+                          for (mean, var, _), m in zip(stats, bns))
+        assert moved_stats == (mode == "train"), mode
+        assert any(not torch.equal(w, m.weight) for (_, _, w), m in zip(stats, bns)), mode  # scale trained
+        assert model.batch_norm_eval is False and result.classifier is not None
+    with pytest.raises(ValueError, match=r"expected batch_norm in \('eval', 'train'\)"):
+        fine_tune(_tiny_model(), (images, labels), epochs=1, freeze_epochs=0, batch_norm="frozen")
+
+
+def test_folded_batch_norm_is_detected_and_batch_statistics_warned_against():
+    images, labels = _data(size=32)
+    model = _tiny_model()
+    assert not has_folded_batch_norm(model.backbone)  # fresh: identity statistics, but no learnt shift
+    with torch.no_grad():  # what an exporter leaves after folding BN into the convolutions
+        for m in model.backbone.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.zero_(), m.running_var.fill_(1 - m.eps), m.weight.fill_(1), m.bias.uniform_(-1, 1)
+    assert has_folded_batch_norm(model.backbone)
+    with pytest.warns(UserWarning, match="folded into the convolutions"):
+        fine_tune(model, (images, labels), epochs=1, freeze_epochs=0, unfreeze_stages=1, batch_size=8, amp=None,
+                  batch_norm="train")
+    assert not has_folded_batch_norm(model.backbone)  # batch statistics replaced the identities
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,6 +329,7 @@ def test_frozen_mobilenetv2_features_separate_real_flowers_and_the_model_file_ro
     train_paths, train_y, classes = _photos(flowers, 12)
     val_paths, val_y, _ = _photos(flowers, 6, skip=12)
     model = transfer("mobilenetv2_100", 5, weights="imagenet", head="linear", weights_dir=weights, input_size=128)
+    assert has_folded_batch_norm(model.backbone)  # the shared file's BN is folded (its README): fine_tune keeps it eval
     assert model.load_report.ok and sorted(model.load_report.dropped_head) == ["classifier.bias", "classifier.weight"]
     assert model.preprocessing.mean == (0.5, 0.5, 0.5) and model.preprocessing.crop == 128
     pre = model.preprocessing
@@ -359,6 +397,8 @@ def test_cli_train_unknown_backbone_is_one_error_line(tmp_path):
     (tmp_path / "b").mkdir()
     result = _cli("train", "--dataset", str(tmp_path), "--backbone", "resnet_9000")
     assert result.exit_code == 2 and "error: unknown backbone 'resnet_9000'" in result.output
+    result = _cli("train", "--dataset", str(tmp_path), "--backbone", "resnet10t", "--batch-norm", "frozen")
+    assert result.exit_code == 2 and "error: expected --batch-norm in ('eval', 'train'), received 'frozen'" in result.output
 
 
 def test_cli_train_folder_without_weights_trains_the_course_cnn_and_says_how_to_get_weights(tmp_path, monkeypatch):

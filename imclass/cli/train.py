@@ -71,6 +71,9 @@ def train(
     feature_augment: Optional[str] = typer.Option(
         None, "--feature-augment", help="Transfer: flip = the head also trains on mirrored photos' features "
         "(twice the feature time), none (default)."),
+    batch_norm: Optional[str] = typer.Option(
+        None, "--batch-norm", help="Transfer: what fine-tuning does with the backbone's batch norm: eval (default: "
+        "keep its pretrained running statistics, train scale and shift) or train (batch statistics)."),
     feature_cache: Optional[str] = typer.Option(
         None, "--feature-cache", help="Transfer: cache the frozen features in this folder (reused while nothing changes)."),
     class_weight: Optional[str] = typer.Option(
@@ -100,14 +103,15 @@ def train(
                   label_smoothing=label_smoothing, augment=augment or "crop_flip", val_fraction=val_fraction,
                   seed=seed, out=out, resume=resume, device=device, recipe=None, target=None, as_json=as_json,
                   backbone=None, weights_dir=None, freeze_epochs=None, head=None, unfreeze=None, feature_cache=None,
-                  class_weight=class_weight, sampler=sampler, pool_stages=None, feature_augment=None)
+                  class_weight=class_weight, sampler=sampler, pool_stages=None, feature_augment=None,
+                  batch_norm=None)
 
         return run_transfer(dataset=dataset, backbone=backbone, weights=weights, weights_dir=weights_dir, head=head,
                             image_size=image_size, freeze_epochs=freeze_epochs, epochs=epochs, unfreeze=unfreeze,
                             lr=lr, batch_size=batch_size, val_fraction=val_fraction, seed=seed, limit=limit, out=out,
                             cache_dir=feature_cache, as_json=as_json, fallback=from_scratch,
                             class_weight=class_weight, sampler=sampler, pool_stages=pool_stages,
-                            feature_augment=feature_augment)
+                            feature_augment=feature_augment, batch_norm=batch_norm)
     if resume and config is None and out is not None and (Path(out) / CONFIG_FILE).is_file():
         config = Path(out) / CONFIG_FILE  # continue the run with its own config
     try:

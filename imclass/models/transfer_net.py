@@ -14,7 +14,9 @@ MobileNetV2 this adds about 1.5 points (bench/RESULTS.md); 0 is the course's glo
 Built with random weights (model files rebuild it this way, then load their tensors);
 ``imclass.transfer.transfer`` builds it and loads pretrained weights into the backbone. Batch-norm
 layers whose parameters are all frozen stay in eval mode in ``train()``: their running statistics
-do not move while the head trains.
+do not move while the head trains. ``batch_norm_eval = True`` keeps every backbone batch norm in
+eval mode (Keras's advice for fine-tuning: normalise with the pretrained running statistics, train
+scale and shift), which ``imclass.transfer.fine_tune`` sets by default.
 """
 from __future__ import annotations
 
@@ -65,6 +67,7 @@ class TransferNet(nn.Module):
         self.pool_stages = _check_pool_stages(backbone, pool_stages)
         self.num_classes = head.get_classifier().out_features if hasattr(head, "get_classifier") else None
         self.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", None) or {})
+        self.batch_norm_eval = False  # True: every backbone batch norm normalises with its running statistics
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> pooled backbone features (N, D): the final ones, then (``pool_stages``)
@@ -89,13 +92,14 @@ class TransferNet(nn.Module):
         self.num_classes = num_classes
 
     def train(self, mode: bool = True) -> "TransferNet":
-        """Train/eval mode; frozen batch norm (all its parameters frozen) always stays in eval mode."""
+        """Train/eval mode; frozen batch norm (all its parameters frozen), or every backbone batch norm
+        when ``batch_norm_eval`` is set, stays in eval mode."""
         super().train(mode)
         if mode:
             for m in self.backbone.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     params = list(m.parameters(recurse=False))
-                    if params and not any(p.requires_grad for p in params):
+                    if self.batch_norm_eval or params and not any(p.requires_grad for p in params):
                         m.eval()
         return self
 

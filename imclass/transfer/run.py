@@ -45,6 +45,7 @@ class TransferConfig:
     freeze_epochs: int = 15  # head epochs on frozen features
     epochs: int = 0  # fine-tuning epochs after that (whole network or the last `unfreeze` stages)
     unfreeze: str | int = "all"
+    batch_norm: str = "eval"  # fine-tuning: 'eval' keeps the pretrained running statistics, 'train' uses batch statistics
     lr: float = 1e-3
     batch_size: int = 32
     val_fraction: float = 0.2
@@ -63,6 +64,10 @@ class TransferConfig:
             raise ValueError(f"expected freeze_epochs >= 0 and epochs >= 0, received {self.freeze_epochs}, {self.epochs}")
         if self.freeze_epochs == 0 and self.epochs == 0:
             raise ValueError("expected some training: --freeze-epochs or --epochs must be > 0")
+        from imclass.transfer.finetune import BATCH_NORM_MODES
+
+        if self.batch_norm not in BATCH_NORM_MODES:
+            raise ValueError(f"expected --batch-norm in {BATCH_NORM_MODES}, received {self.batch_norm!r}")
 
 
 def pick_backbone(weights_dir: str | os.PathLike | None = None) -> str | None:
@@ -186,7 +191,7 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
     result = fine_tune(model, train, epochs=cfg.epochs, freeze_epochs=cfg.freeze_epochs, validation=val,
                        unfreeze_stages=cfg.unfreeze, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
                        cache=cache, verbose=cfg.verbose, feature_augment=cfg.feature_augment,
-                       class_weight=cfg.class_weight, sampler=cfg.sampler)
+                       class_weight=cfg.class_weight, sampler=cfg.sampler, batch_norm=cfg.batch_norm)
     seconds.update(result.seconds)
     clf = result.classifier
     metrics = clf.evaluate(val)
