@@ -10,7 +10,7 @@ runs after warm-up; torch.compile's compile time is printed separately. The proc
 which page-faults every activation again). ``bf16`` (in ``--engines``): eager under bf16 autocast, for CPUs
 that multiply bf16 natively (imclass's own inference stays float32 on a CPU).
 
-    python bench/inference.py                       # both models, batches 1 and 64 (~6 min on 2 busy cores,
+    python bench/inference.py                       # both models, batches 1 and 64 (~3.5 min on 2 quiet cores,
                                                     # most of it torch.compile compiling)
     python bench/inference.py --models fastnet --seconds 1 --json /tmp/inference.json
 """
