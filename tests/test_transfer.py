@@ -392,6 +392,34 @@ def test_cli_train_folder_with_no_other_flag_then_predict_and_evaluate(real, tmp
     assert json.loads(predicted.stdout)["predictions"][0]["top"][0]["class"] in ("daisy", "dandelion", "roses")
 
 
+def test_train_transfer_warns_when_fine_tuning_ends_below_the_frozen_head(real, tmp_path, monkeypatch):
+    import imclass.transfer.finetune as ft
+    from imclass.transfer.run import TransferConfig, train_transfer
+
+    weights, flowers = real
+    folder = tmp_path / "photos"
+    for c in sorted(p.name for p in flowers.iterdir() if p.is_dir())[:2]:
+        (folder / c).mkdir(parents=True)
+        for src in sorted((flowers / c).glob("*.jpg"))[:8]:
+            (folder / c / src.name).symlink_to(src.resolve())
+    real_fine_tune = ft.fine_tune
+
+    def head_said_perfect(*args, **kwargs):  # the frozen head at 100 %, the fine-tuned one at chance
+        result = real_fine_tune(*args, **kwargs)
+        result.head_history.history["val_accuracy"][-1] = 1.0
+        last = result.classifier.model.get_classifier()
+        with torch.no_grad():
+            last.weight.zero_(), last.bias.zero_()  # equal logits: every photo is class 0
+        return result
+
+    monkeypatch.setattr(ft, "fine_tune", head_said_perfect)
+    cfg = TransferConfig(dataset=str(folder), weights_dir=str(weights), image_size=64, freeze_epochs=1, epochs=1,
+                         out=str(tmp_path / "run"), val_fraction=0.25)
+    with pytest.warns(UserWarning, match=r"fine-tuning ended below the frozen head \(.* < 100.0% validation"):
+        report = train_transfer(cfg)
+    assert report["head_accuracy"] == 1.0 and report["accuracy"] == 0.5  # 2 val photos a class
+
+
 def test_cli_train_unknown_backbone_is_one_error_line(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
