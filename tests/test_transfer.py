@@ -368,13 +368,18 @@ def test_cli_predict_backbone_prints_imagenet_top5(real):
     assert missing.exit_code != 0 and "error:" in missing.output and "imagenet_classes.txt" in missing.output
 
 
+def _photo_folder(flowers: Path, folder: Path, classes: int, per_class: int) -> Path:
+    """A user's folder: the first ``per_class`` photos of the first ``classes`` flowers classes, linked."""
+    for c in sorted(p.name for p in flowers.iterdir() if p.is_dir())[:classes]:
+        (folder / c).mkdir(parents=True)
+        for src in sorted((flowers / c).glob("*.jpg"))[:per_class]:
+            (folder / c / src.name).symlink_to(src.resolve())
+    return folder
+
+
 def test_cli_train_folder_with_no_other_flag_then_predict_and_evaluate(real, tmp_path, monkeypatch):
     weights, flowers = real
-    folder = tmp_path / "photos"
-    for c in sorted(p.name for p in flowers.iterdir() if p.is_dir())[:3]:
-        (folder / c).mkdir(parents=True)
-        for src in sorted((flowers / c).glob("*.jpg"))[:10]:
-            (folder / c / src.name).symlink_to(src.resolve())
+    folder = _photo_folder(flowers, tmp_path / "photos", classes=3, per_class=10)
     monkeypatch.setenv("IMCLASS_WEIGHTS", str(weights))
     out = tmp_path / "run"
     result = _cli("train", "--dataset", str(folder), "--json", "--out", str(out), "--image-size", "96")
@@ -397,11 +402,7 @@ def test_train_transfer_warns_when_fine_tuning_ends_below_the_frozen_head(real, 
     from imclass.transfer.run import TransferConfig, train_transfer
 
     weights, flowers = real
-    folder = tmp_path / "photos"
-    for c in sorted(p.name for p in flowers.iterdir() if p.is_dir())[:2]:
-        (folder / c).mkdir(parents=True)
-        for src in sorted((flowers / c).glob("*.jpg"))[:8]:
-            (folder / c / src.name).symlink_to(src.resolve())
+    folder = _photo_folder(flowers, tmp_path / "photos", classes=2, per_class=8)
     real_fine_tune = ft.fine_tune
 
     def head_said_perfect(*args, **kwargs):  # the frozen head at 100 %, the fine-tuned one at chance
