@@ -155,15 +155,16 @@ def imclass_run(paths, labels, classes, splits, args) -> dict:
     clf.fit((pixels[keep], labels[keep]), epochs=1, batch_size=64, seed=0, verbose=False)
     out["head_epoch_uncached_s"] = time.perf_counter() - t
     if args.fine_tune_epochs:
+        stage2_lr = args.fine_tune_lr or args.lr
         out["fine_tune"] = {"accuracy": [], "seconds": [], "total_s": [], "epochs": args.fine_tune_epochs,
                             "unfreeze": args.unfreeze, "batch_norm": args.batch_norm, "history": [],
-                            "lr": args.fine_tune_lr or args.lr, "backbone_lr_ratio": args.backbone_lr_ratio,
+                            "lr": stage2_lr, "backbone_lr_ratio": args.backbone_lr_ratio,
                             "lr_decay": args.lr_decay}
         for n, (keep, held) in enumerate(splits[: args.fine_tune_seeds]):
             t = time.perf_counter()
             ft = fine_tune(build(n), (pixels[keep], labels[keep]), epochs=args.fine_tune_epochs,
                            freeze_epochs=args.head_epochs, validation=(pixels[held], labels[held]),
-                           lr=args.fine_tune_lr or args.lr, head_lr=args.lr, backbone_lr_ratio=args.backbone_lr_ratio,
+                           lr=stage2_lr, head_lr=args.lr, backbone_lr_ratio=args.backbone_lr_ratio,
                            lr_decay=args.lr_decay,
                            cache=cache, seed=n, classes=classes, batch_size=32, feature_augment=args.feature_augment,
                            unfreeze_stages=args.unfreeze if args.unfreeze == "all" else int(args.unfreeze),

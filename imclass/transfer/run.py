@@ -253,8 +253,6 @@ def _transfer_for(cfg: TransferConfig, backbone: str, num_classes: int) -> Any:
 
 def _warn_about_data(train: Any, val: Any, name: str) -> None:
     """The cheap check of ``imclass.data.check.quick_check`` (two labels, leakage, imbalance) as warnings."""
-    import warnings
-
     from imclass.data.check import quick_check
 
     for message in quick_check(train, val, name=name):
