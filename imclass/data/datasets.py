@@ -64,6 +64,11 @@ def load(
     *,
     download: bool = True,
     strict: bool = False,
+    mode: str | None = None,
+    limit: int | None = None,
+    limit_seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    verbose: bool = True,
 ) -> ImageDataset:
     """Load one split of a data set as an ``ImageDataset`` (uint8 images (N, C, H, W), int64 labels).
 
@@ -72,6 +77,10 @@ def load(
     class with seed 0). ``image_size`` (int or (h, w)) resizes every image; a folder of images of
     mixed sizes needs it. ``download``: fetch a known data set from its official URL when missing.
     ``strict``: raise on unreadable image files instead of skipping them with a warning.
+    A folder is decoded in the tier ``mode`` (``"memory"``, ``"cache"``: a memory-mapped cache file
+    reused by later loads; None chooses from the headers and the memory available and says which on
+    stderr when ``verbose``; see ``imclass.data.source``), ``limit`` files of it (a seeded sample,
+    ``limit_seed``) when given, taken before anything is decoded. Named data sets are held in memory.
 
     >>> train = load("cifar10", split="train")            # doctest: +SKIP
     >>> train.images.shape, train.classes[:3]              # doctest: +SKIP
@@ -91,7 +100,10 @@ def load(
                 f"unknown data set {str(name_or_path)!r}: expected one of {', '.join(names())}, "
                 f"or a path to a folder of images with one sub-folder per class (no folder {path} exists)"
             )
-        return load_folder(path, split, size, strict=strict)
+        return load_folder(path, split, size, strict=strict, mode=mode, limit=limit, limit_seed=limit_seed,
+                           cache_dir=cache_dir, verbose=verbose)
+    if mode not in (None, "memory"):
+        raise ValueError(f"{name} is held in memory (a named data set); --data-mode {mode} applies to image folders")
     ds = _load_known(name, split, root, download)
     h, w = ds.images.shape[-2:]
     if size is not None and (h, w) != size:

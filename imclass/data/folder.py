@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from imclass.data.dataset import ImageDataset
+from imclass.data.source import Decoder, ImageList, open_images
 from imclass.data.split import split_indices
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -181,68 +182,9 @@ def _size_error(sizes: list[tuple[int, int]], paths: list[Path], root: Path) -> 
     )
 
 
-def read_images(
-    paths: Sequence[Path],
-    image_size: int | tuple[int, int] | None = None,
-    *,
-    strict: bool = False,
-    root: Path | None = None,
-    workers: int | None = None,
-) -> tuple[torch.Tensor, list[int]]:
-    """Decode image files into a uint8 (N, C, H, W) tensor; also return the indices that were read.
-
-    Without ``image_size`` all images must share one size (else a ValueError lists the sizes).
-    Unreadable files are left out with one warning (or an UnreadableImageError when ``strict``).
-    """
-    size = parse_image_size(image_size)
-    paths = list(paths)
-    if root is None:
-        root = Path(os.path.commonpath([str(p) for p in paths])) if paths else Path(".")
-    bad: list[tuple[Path, str]] = []
-    if size is None:  # check sizes from the headers before decoding everything
-        probed = _map(_probe_size, paths, workers, "sizes")
-        bad = [(p, r) for p, r in zip(paths, probed) if isinstance(r, str)]
-        ok = [(p, r) for p, r in zip(paths, probed) if not isinstance(r, str)]
-        if len({r for _, r in ok}) > 1:
-            _report_bad(bad, root, strict)
-            raise _size_error([r for _, r in ok], [p for p, _ in ok], root)
-    decoded = _map(lambda p: _decode(p, size), paths, workers, "images")
-    bad_paths = {p for p, _ in bad}
-    bad += [(p, r) for p, r in zip(paths, decoded) if isinstance(r, str) and p not in bad_paths]
-    bad.sort()
-    _report_bad(bad, root, strict)
-    kept = [i for i, r in enumerate(decoded) if not isinstance(r, str)]
-    if not kept:
-        raise ValueError(f"none of the {len(paths)} image files in {root} could be read")
-    arrays = [decoded[i] for i in kept]
-    shapes = {a.shape[:2] for a in arrays}
-    if len(shapes) > 1:  # a header that lied about the size; rare
-        raise _size_error([a.shape[:2] for a in arrays], [paths[i] for i in kept], root)
-    grey = all(a.ndim == 2 for a in arrays)
-    h, w = arrays[0].shape[:2]
-    out = torch.empty((len(arrays), 1 if grey else 3, h, w), dtype=torch.uint8)
-    for i, a in enumerate(arrays):
-        t = torch.from_numpy(a)
-        if grey:
-            out[i, 0] = t
-        elif a.ndim == 2:
-            out[i] = t.unsqueeze(0)  # grey image in a colour set: broadcast to 3 channels
-        else:
-            out[i] = t.permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
-    return out, kept
-
-
-def load_folder(
-    path: str | os.PathLike,
-    split: str = "train",
-    image_size: int | tuple[int, int] | None = None,
-    *,
-    strict: bool = False,
-    test_fraction: float = TEST_FRACTION,
-    seed: int = SPLIT_SEED,
-    workers: int | None = None,
-) -> ImageDataset:
-    """Read one split of a class-per-folder image tree (see the module docstring for the layouts)."""
+def folder_images(path: str | os.PathLike, split: str = "train", *, test_fraction: float = TEST_FRACTION,
+                  seed: int = SPLIT_SEED) -> ImageList:
+    """The image files of one split of a class-per-folder tree (see the module docstring), not decoded."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder: {root}")
@@ -288,6 +230,72 @@ def load_folder(
         raise ValueError(
             f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {split_dir} for split {split!r}"
         )
-    images, kept = read_images(paths, image_size, strict=strict, root=root, workers=workers)
-    label_t = torch.tensor([labels[i] for i in kept], dtype=torch.long)
-    return ImageDataset(images, label_t, classes, name=root.name, split=split, notes=notes, source=str(root))
+    return ImageList(paths, labels, classes, root, name=root.name, split=split, notes=notes)
+
+
+def _is_grey(path: Path) -> bool:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.mode in _GREY_MODES
+
+
+def folder_decoder(size: tuple[int, int]) -> Decoder:
+    """How ``load`` decodes a folder's file at ``size`` (h, w): Pillow, JPEG draft, bilinear resize,
+    grey kept grey (one channel when every file is grey)."""
+    return Decoder(lambda p: _decode_array(p, size), size, "folder:pil-draft-bilinear", None, _is_grey)
+
+
+def native_size(images: ImageList, *, strict: bool = False, workers: int | None = None) -> tuple[int, int]:
+    """The one size (h, w) every file has, from the headers; a ValueError lists the sizes when they differ."""
+    probed = _map(_probe_size, images.paths, workers, "sizes")
+    ok = [(p, r) for p, r in zip(images.paths, probed) if not isinstance(r, str)]
+    if len({r for _, r in ok}) > 1:
+        bad = [(p, r) for p, r in zip(images.paths, probed) if isinstance(r, str)]
+        _report_bad(bad, images.root, strict)
+        raise _size_error([r for _, r in ok], [p for p, _ in ok], images.root)
+    if not ok:
+        raise ValueError(f"none of the {len(images)} image files in {images.root} could be read")
+    return ok[0][1]
+
+
+def sample_indices(n: int, limit: int | None, seed: int = 0) -> list[int] | None:
+    """``--limit`` on a folder: a seeded random sample of ``limit`` of ``n`` files, in listing order
+    (the listing goes class by class, so its first files would all be of one class); None when
+    nothing is left out."""
+    if limit is None or n <= limit:
+        return None
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit]
+    return pick.sort().values.tolist()
+
+
+def load_folder(
+    path: str | os.PathLike,
+    split: str = "train",
+    image_size: int | tuple[int, int] | None = None,
+    *,
+    strict: bool = False,
+    test_fraction: float = TEST_FRACTION,
+    seed: int = SPLIT_SEED,
+    workers: int | None = None,
+    limit: int | None = None,
+    limit_seed: int = 0,
+    mode: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    verbose: bool = True,
+) -> ImageDataset:
+    """Read one split of a class-per-folder image tree (see the module docstring for the layouts).
+
+    ``limit`` keeps a seeded sample of that many files (``limit_seed``) before anything is decoded.
+    ``mode`` is the tier (``imclass.data.source``: ``"memory"``, ``"cache"``; None chooses from the
+    headers and the memory available, and says so on stderr when ``verbose``). Each file is decoded
+    straight into its row of one preallocated uint8 tensor (or of the memory-mapped cache file).
+    """
+    images = folder_images(path, split, test_fraction=test_fraction, seed=seed)
+    pick = sample_indices(len(images), limit, limit_seed)
+    if pick is not None:
+        images = images.subset(pick)
+    size = parse_image_size(image_size) or native_size(images, strict=strict, workers=workers)
+    decoder = folder_decoder(size) if image_size is not None else Decoder(
+        lambda p: _decode_array(p, None), size, "folder:pil-native", None, _is_grey)
+    return open_images(images, decoder, mode, cache_dir=cache_dir, strict=strict, workers=workers, verbose=verbose)
