@@ -64,6 +64,7 @@ class RunConfig:
     sampler: str | None = None  # 'balanced': every class drawn about equally often
     verbose: bool = True
     budget: float | None = None  # seconds of training; then stop after the current batch (TimeBudget)
+    data_mode: str | None = None  # where a folder's images live: memory, cache or stream (None: chosen, said aloud)
 
     def __post_init__(self) -> None:
         _check(self.epochs is None or self.epochs > 0, f"expected epochs >= 1, received epochs={self.epochs}")
@@ -98,6 +99,8 @@ class RunConfig:
         if self.sampler in ("none", ""):
             self.sampler = None
         _check(self.sampler in (None, "balanced"), f"expected sampler 'balanced' or none, received {self.sampler!r}")
+        _check(self.data_mode in (None, "memory", "cache", "stream"),
+               f"expected data_mode memory, cache or stream, received {self.data_mode!r}")
 
     @property
     def uses_fast_recipe(self) -> bool:
@@ -271,6 +274,7 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
         "train_images": len(train_set),
         "test_images": len(test_set),
         "tta": clf.tta or "none",  # the test-time augmentation of `accuracy`, recorded in the model file
+        "data_mode": getattr(train_set, "mode", "memory"),
         **details,
         "out": str(out),
         "model_file": str(model_file),
@@ -364,27 +368,28 @@ def _model_name(model) -> str | None:
 
 
 def _load_data(cfg: RunConfig):
+    """The training and test sets of ``cfg``: a folder through the tier chooser (``cfg.data_mode``),
+    ``--limit`` applied to its file list before decoding, at ``cfg.image_size`` or a default size."""
     from imclass import data as imdata
 
-    size = cfg.image_size
-    train_set = imdata.load(cfg.dataset, split="train", root=cfg.data_root, image_size=size)
-    test_set = imdata.load(cfg.dataset, split="test", root=cfg.data_root, image_size=size)
-    if cfg.limit is not None:
-        train_set, test_set = _limited(train_set, cfg), _limited(test_set, cfg)
-    return train_set, test_set
+    folder = Path(cfg.dataset).expanduser()
+    if not folder.is_dir():
+        train_set = imdata.load(cfg.dataset, split="train", root=cfg.data_root, image_size=cfg.image_size,
+                                mode=cfg.data_mode)
+        test_set = imdata.load(cfg.dataset, split="test", root=cfg.data_root, image_size=cfg.image_size,
+                               mode=cfg.data_mode)
+        if cfg.limit is not None:
+            train_set, test_set = train_set.subset(slice(0, cfg.limit)), test_set.subset(slice(0, cfg.limit))
+        return train_set, test_set
+    from imclass.data.folder import default_image_size
 
-
-def _limited(ds, cfg: RunConfig):
-    """The first ``cfg.limit`` images of a known data set (already in random order), or a seeded random
-    sample of a folder's (listed class by class, so its first images would all be of one class)."""
-    import torch
-
-    if len(ds) <= cfg.limit:
-        return ds
-    if not Path(cfg.dataset).expanduser().is_dir():
-        return ds.subset(slice(0, cfg.limit))
-    pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed or 0))[: cfg.limit]
-    return ds.subset(pick.sort().values)
+    size = cfg.image_size or default_image_size(folder)
+    sets = [imdata.load(folder, split=split, image_size=size, mode=cfg.data_mode, limit=cfg.limit,
+                        limit_seed=cfg.seed or 0) for split in ("train", "test")]
+    if cfg.image_size is None:
+        for ds in sets:
+            ds.notes.append(f"images resized to {size[0]}x{size[1]} (the default without --image-size)")
+    return sets[0], sets[1]
 
 
 def _warn_about_data(cfg: RunConfig, train_set, test_set) -> None:
