@@ -133,7 +133,7 @@ def _image(saved: Any, image: str, root: Optional[str]):
         if i >= len(test):
             raise ValueError(f"{name} test split has {len(test):,} images; index {i} is out of range")
         return test.images[i], int(test.labels[i]), name
-    from imclass.serve.predictor import decode_image
+    from imclass.data.decode import decode_image
 
     pre = getattr(saved.predictor, "preprocessing", None)
     size = saved.input_size

@@ -90,10 +90,12 @@ def no_weights_advice(weights_dir: str | os.PathLike | None = None) -> str:
 def _decode(path: Path, pre: Preprocessing) -> torch.Tensor | str:
     from imclass.transfer.features import _decode_one
 
+    from imclass.data.decode import ImageError
+
     try:
         return _decode_one(path, pre)
-    except Exception as err:
-        return f"{type(err).__name__}: {err}"
+    except ImageError as err:
+        return err.reason
 
 
 def _read(paths: list[Path], labels: list[int], pre: Preprocessing, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
