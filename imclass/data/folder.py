@@ -29,7 +29,7 @@ from imclass.data.dataset import ImageDataset
 from imclass.data.decode import (
     DEFAULT_MAX_PIXELS, GREY_MODES, IMAGE_EXTENSIONS, ImageError, decode_array, decode_image, probe_image, stack_images,
 )
-from imclass.data.split import split_indices
+from imclass.data.split import limit_indices, split_indices
 from imclass.data.walk import walk_classes
 
 TEST_FRACTION = 0.2  # share of each class held out as "test" in a plain tree
@@ -198,8 +198,14 @@ def load_folder(
     test_fraction: float = TEST_FRACTION,
     seed: int = SPLIT_SEED,
     workers: int | None = None,
+    limit: int | None = None,
+    limit_seed: int = 0,
 ) -> ImageDataset:
-    """Read one split of a class-per-folder image tree (see the module docstring for the layouts)."""
+    """Read one split of a class-per-folder image tree (see the module docstring for the layouts).
+
+    ``limit``: decode only a seeded (``limit_seed``), stratified sample of that many files of the split
+    (:func:`imclass.data.split.limit_indices`, the rule of every ``--limit``).
+    """
     root = Path(path).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder: {root}")
@@ -245,6 +251,10 @@ def load_folder(
         raise ValueError(
             f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {split_dir} for split {split!r}"
         )
+    if limit is not None and limit < len(paths):
+        pick = limit_indices(torch.tensor(labels), limit, seed=limit_seed, classes=classes, where=f"{split} split").tolist()
+        paths, labels = [paths[i] for i in pick], [labels[i] for i in pick]
+        notes.append(f"--limit {limit}: a seeded (seed {limit_seed}), stratified sample of the split's files")
     images, kept = read_images(paths, image_size, strict=strict, root=root, workers=workers)
     label_t = torch.tensor([labels[i] for i in kept], dtype=torch.long)
     return ImageDataset(images, label_t, classes, name=root.name, split=split, notes=notes, source=str(root))
