@@ -49,8 +49,9 @@ def _masks(width: int, r: int) -> np.ndarray:
 
 
 def _choose_blocks(n_query: int, n_index: int, d: int) -> int:
-    """The block count with the smallest estimated cost: lookups plus candidates to verify."""
-    best, best_cost = 1, math.inf
+    """The block count with the smallest estimated cost (lookups plus candidates to verify), or 0 when
+    comparing every pair costs less (tiny sets, or distances so large that most pairs are candidates)."""
+    best, best_cost = 0, 2.0 * n_query * n_index
     for m in range(1, min(d + 1, 16) + 1):  # blocks of 4 bits at least
         r = d // m
         width = _BITS // m
@@ -66,13 +67,30 @@ def _key(h: np.ndarray, shift: int, width: int) -> np.ndarray:
     return (h >> np.uint64(shift)) & np.uint64((1 << width) - 1) if width < _BITS else h.copy()
 
 
+def _all_pairs(q: np.ndarray, x: np.ndarray, d: int, within: bool, budget: int):
+    """Every pair compared, ``budget // len(x)`` query rows at a time (bounded memory, O(N*M) time)."""
+    rows = max(1, budget // len(x))
+    found_i, found_j = [], []
+    for start in range(0, len(q), rows):
+        dist = np.bitwise_count(q[start : start + rows, None] ^ x[None, :])  # (rows, M)
+        hit = dist <= d
+        if within:
+            hit &= np.arange(len(x))[None, :] > np.arange(start, start + len(hit))[:, None]
+        i, j = np.nonzero(hit)
+        found_i.append(i + start)
+        found_j.append(j)
+    i, j = np.concatenate(found_i).astype(np.int64), np.concatenate(found_j).astype(np.int64)
+    return i, j, np.bitwise_count(q[i] ^ x[j]).astype(np.int64)
+
+
 def near_pairs(hashes: np.ndarray, max_distance: int, other: np.ndarray | None = None, *,
-               budget: int = _BUDGET, blocks_override: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               budget: int = _BUDGET, blocks: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs of uint64 hashes at most ``max_distance`` bits apart, as arrays ``(i, j, distance)``.
 
     Within ``hashes`` (each pair once, ``i < j``), or between ``hashes`` (``i``) and ``other``
     (``j``) when given. Sorted by ``i`` then ``j`` (the order of a row-by-row brute force).
-    ``budget`` bounds the candidates held at once.
+    ``budget`` bounds the candidates held at once; ``blocks`` fixes the number of blocks (default:
+    the cheapest plan by an estimate, which may be comparing every pair for tiny sets or large distances).
     """
     if not 0 <= max_distance <= _BITS:
         raise ValueError(f"expected 0 <= max_distance <= 64, received max_distance={max_distance}")
@@ -81,13 +99,17 @@ def near_pairs(hashes: np.ndarray, max_distance: int, other: np.ndarray | None =
     empty = np.zeros(0, np.int64)
     if len(q) == 0 or len(x) == 0:
         return empty, empty.copy(), empty.copy()
-    m = blocks_override or _choose_blocks(len(q), len(x), max_distance)
+    if blocks is not None and not 1 <= blocks <= _BITS:
+        raise ValueError(f"expected 1 <= blocks <= 64, received blocks={blocks}")
+    m = blocks or _choose_blocks(len(q), len(x), max_distance)
+    if m == 0:
+        return _all_pairs(q, x, max_distance, other is None, budget)
     r = max_distance // m
-    blocks = _blocks(m)
-    qkeys = [_key(q, s, w) for s, w in blocks]
-    xkeys = [_key(x, s, w) for s, w in blocks]
+    layout = _blocks(m)
+    qkeys = [_key(q, s, w) for s, w in layout]
+    xkeys = [_key(x, s, w) for s, w in layout]
     found_i, found_j = [], []
-    for k, (shift, width) in enumerate(blocks):
+    for k, (shift, width) in enumerate(layout):
         order = np.argsort(xkeys[k], kind="stable")
         sorted_keys = xkeys[k][order]
         table = None
