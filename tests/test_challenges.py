@@ -236,7 +236,7 @@ def test_severity_zero_is_the_clean_accuracy_that_evaluate_reports(cli_report, r
     from imclass.cli import app
 
     report, _, _ = cli_report
-    test = imclass.data.load(folder, split="test").subset(slice(0, 32))
+    test = imclass.data.load(folder, split="test", limit=32)
     for model in ("knn", "cnn"):
         res = CliRunner().invoke(app, ["evaluate", str(runs / model), str(folder), "--limit", "32", "--json"])
         assert res.exit_code == 0, res.output

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, DataRoot, TTAOption, fail, plain_warnings, print_json
+from imclass.cli._common import USER_ERRORS, DataRoot, TTAOption, fail, limit_option, plain_warnings, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -22,7 +22,7 @@ def challenge(
     ),
     split: str = typer.Option("test", "--split", help="Which split of DATA to test on."),
     data_root: Optional[str] = DataRoot,
-    limit: Optional[int] = typer.Option(None, "--limit", help="Test only the first N images."),
+    limit: Optional[int] = limit_option(),
     challenges: str = typer.Option(
         "all", "--challenges", help="Comma-separated subset of illumination,viewpoint,deformation,occlusion,clutter."
     ),

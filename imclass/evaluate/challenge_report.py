@@ -104,7 +104,8 @@ def _as_models(models: Sequence[Any]) -> list[ModelUnderTest]:
     return out
 
 
-def _load_data(data: Any, split: str, size: list[int] | None, root: Any, limit: int | None) -> ImageDataset:
+def _load_data(data: Any, split: str, size: list[int] | None, root: Any, limit: int | None,
+               seed: int = 0) -> ImageDataset:
     from imclass import data as imdata
 
     if isinstance(data, ImageDataset):
@@ -117,7 +118,7 @@ def _load_data(data: Any, split: str, size: list[int] | None, root: Any, limit: 
         ds = ImageDataset(imdata.resize_images(ds.images, tuple(size[1:])), ds.labels, ds.classes, ds.name, ds.split)
     if size and ds.image_shape[0] != size[0]:
         raise ValueError(f"the model takes {size[0]}-channel images, the data set has {ds.image_shape[0]} channels")
-    return ds.subset(slice(0, limit)) if limit is not None else ds
+    return imdata.limit_dataset(ds, limit, seed=seed)
 
 
 def _load_shift(shift: Any, size: list[int] | None, root: Any) -> ImageDataset:
@@ -163,7 +164,7 @@ def challenge_report(
     Writes into ``out``: ``challenges.json`` (the returned dict), ``challenges.html`` (one
     self-contained page, images embedded), a curve per challenge (``curve_<name>.png``, one line per
     model) and a grid of example images per challenge (``examples_<name>.png``: rows = images,
-    columns = severities). ``limit`` keeps the first N test images. Severity 0 is always included.
+    columns = severities). ``limit`` keeps a seeded, stratified sample of N test images (the rule of every ``--limit``). Severity 0 is always included.
     """
     from tqdm import tqdm
 
@@ -183,7 +184,7 @@ def challenge_report(
 
     # one copy of the test set per input size, so each model sees it as `imclass evaluate` does
     sizes = {tuple(m.input_size) if m.input_size else None for m in models}
-    sets = {s: _load_data(data, split, list(s) if s else None, root, limit) for s in sizes}
+    sets = {s: _load_data(data, split, list(s) if s else None, root, limit, seed) for s in sizes}
     first = next(iter(sets.values()))
     for m in models:
         ds = sets[tuple(m.input_size) if m.input_size else None]

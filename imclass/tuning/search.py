@@ -295,16 +295,17 @@ class PruningCallback:
 def _load_train(cfg: TuneConfig):
     from imclass import data as imdata
 
-    ds = imdata.load(cfg.dataset, split="train", root=cfg.data_root, image_size=cfg.image_size)
-    return ds.subset(slice(0, cfg.limit)) if cfg.limit is not None else ds
+    # --limit: a seeded, stratified sample of the split (imclass.data.split.limit_indices)
+    return imdata.load(cfg.dataset, split="train", root=cfg.data_root, image_size=cfg.image_size, limit=cfg.limit,
+                       seed=cfg.seed or 0)
 
 
 def _load_test(cfg: TuneConfig):
     """The test split: read only by the final evaluation, never during the search."""
     from imclass import data as imdata
 
-    ds = imdata.load(cfg.dataset, split="test", root=cfg.data_root, image_size=cfg.image_size)
-    return ds.subset(slice(0, cfg.limit)) if cfg.limit is not None else ds
+    return imdata.load(cfg.dataset, split="test", root=cfg.data_root, image_size=cfg.image_size, limit=cfg.limit,
+                       seed=cfg.seed or 0)
 
 
 def _folds(cfg: TuneConfig, train_set) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -367,24 +367,12 @@ def _load_data(cfg: RunConfig):
     from imclass import data as imdata
 
     size = cfg.image_size
-    train_set = imdata.load(cfg.dataset, split="train", root=cfg.data_root, image_size=size)
-    test_set = imdata.load(cfg.dataset, split="test", root=cfg.data_root, image_size=size)
-    if cfg.limit is not None:
-        train_set, test_set = _limited(train_set, cfg), _limited(test_set, cfg)
+    # --limit: a seeded, stratified sample of each split (imclass.data.split.limit_indices)
+    train_set = imdata.load(cfg.dataset, split="train", root=cfg.data_root, image_size=size, limit=cfg.limit,
+                            seed=cfg.seed or 0)
+    test_set = imdata.load(cfg.dataset, split="test", root=cfg.data_root, image_size=size, limit=cfg.limit,
+                           seed=cfg.seed or 0)
     return train_set, test_set
-
-
-def _limited(ds, cfg: RunConfig):
-    """The first ``cfg.limit`` images of a known data set (already in random order), or a seeded random
-    sample of a folder's (listed class by class, so its first images would all be of one class)."""
-    import torch
-
-    if len(ds) <= cfg.limit:
-        return ds
-    if not Path(cfg.dataset).expanduser().is_dir():
-        return ds.subset(slice(0, cfg.limit))
-    pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed or 0))[: cfg.limit]
-    return ds.subset(pick.sort().values)
 
 
 def _warn_about_data(cfg: RunConfig, train_set, test_set) -> None:
