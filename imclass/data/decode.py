@@ -178,7 +178,11 @@ def _open(data: bytes, label: str) -> Any:
         raise _error(label, f"not a readable image: corrupt header ({type(err).__name__})", 422) from None
 
 
-def _orientation(im: Any) -> int:
+def _orientation(im: Any, loaded: bool = False) -> int:
+    """The EXIF orientation (1..8) from the header; a PNG whose eXIf chunk comes after the pixels is
+    read as 1 here (Pillow would decode the whole image to find it) and turned after decoding."""
+    if im.format == "PNG" and "exif" not in im.info and not loaded:
+        return 1
     try:
         value = int(im.getexif().get(0x0112, 1))
     except Exception:  # a broken EXIF block is ignored, as every viewer does
@@ -347,6 +351,8 @@ def _pixels(im: Any, turn: int, mode: str | None, size: tuple[int, int] | None, 
     from PIL import Image
 
     im.load()
+    if turn == 1 and im.format == "PNG":
+        turn = _orientation(im, loaded=True)  # an eXIf chunk after the pixels: known only now
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         im = _to_8bit(im)
     want = mode or ("L" if im.mode in GREY_MODES else "RGB")
