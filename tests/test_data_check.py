@@ -168,7 +168,7 @@ def test_phash_matches_a_direct_2d_dct(cifar_npz):
 
 def test_quick_check_warns_at_train_start(messy, tmp_path, app):
     """imclass train on the messy folder warns about the two labels and the leakage, and still trains."""
-    from imclass.train.run import RunConfig, train_from_config
+    from imclass.workflows.training import RunConfig, train_from_config
 
     folder = tmp_path / "clean_copy"
     shutil.copytree(messy, folder)

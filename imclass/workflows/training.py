@@ -124,14 +124,14 @@ def _check(ok: bool, message: str) -> None:
 
 def split_augment(spec: str) -> tuple[str | None, tuple[str, ...]]:
     """``"crop_flip,illumination,occlusion"`` -> ``("crop_flip", ("illumination", "occlusion"))``: at most one
-    name of ``AUGMENTATIONS``, and challenge names (``imclass.data.challenges``; ``challenge`` = all of them)."""
+    name of ``AUGMENTATIONS``, and challenge names (``imclass.data.challenge_transforms``; ``challenge`` = all of them)."""
     items = [s.strip() for s in str(spec).split(",") if s.strip()]
     base = [s for s in items if s in AUGMENTATIONS]
     rest = [s for s in items if s not in AUGMENTATIONS]
     if len(base) > 1 or not items:
         raise ValueError(f"expected augment as one of {list(AUGMENTATIONS)} and/or challenge names, received {spec!r}")
     if rest:
-        from imclass.data.challenges import parse_challenges
+        from imclass.data.challenge_transforms import parse_challenges
 
         try:
             names = parse_challenges(rest)
@@ -147,7 +147,7 @@ def _make_augment(spec: str) -> tuple[Any, list]:
     base, names = split_augment(spec)
     if not names:
         return base, []
-    from imclass.data.challenges import ChallengeAugment
+    from imclass.data.challenge_transforms import ChallengeAugment
 
     augment = ChallengeAugment(names, base=base)
     return augment, [augment]
@@ -231,7 +231,7 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
     ``cfg.uses_fast_recipe``; otherwise the model comes from the registry (``cfg.model``) or
     from a model file (``cfg.weights``, to fine-tune it).
     """
-    from imclass.io import save
+    from imclass.model_file.save import save
     from imclass.train import distributed
 
     if distributed.launched() and not distributed.is_distributed():  # under torchrun: one rank of N
@@ -333,7 +333,7 @@ def _fit_model(cfg: RunConfig, train_set, test_set, out: Path):
 
 def _fit_fast_recipe(cfg: RunConfig, train_set, test_set, out: Path):
     """The fast CIFAR-10 recipe for ``cfg.target``; ``model_options`` (and epochs, batch size) override it."""
-    from imclass.train import recipes
+    from imclass.workflows import recipes
 
     cfg = dataclasses.replace(cfg, recipe="fast", target=cfg.target or DEFAULT_TARGET)
     overrides = dict(cfg.model_options)
@@ -396,7 +396,7 @@ def _build_classifier(cfg: RunConfig, train_set):
         model = _create_model(cfg.model, train_set, cfg.model_options)
         # mean/std are computed from the training images by the first fit
         return Classifier(model, classes=train_set.classes, device=cfg.device)
-    from imclass.io import load
+    from imclass.models.rebuild import load
 
     start = load(cfg.weights, device=cfg.device)
     if not hasattr(start, "model"):
