@@ -43,6 +43,7 @@ __all__ = [
     "ImageSource",
     "MemoryBudget",
     "TierChoice",
+    "UnreadableImageError",
     "cache_folder",
     "choose_mode",
     "clear_image_cache",
@@ -57,6 +58,10 @@ MEMORY_SHARE = 0.5  # the in-memory tier when the stored images take at most thi
 DISK_MARGIN = 1.1  # the cache tier needs this times the stored bytes free on its disk
 _CACHE_VERSION = 1
 _FLUSH_BYTES = 256 << 20  # write a building cache back to disk every so many bytes (bounded dirty pages)
+
+
+class UnreadableImageError(ValueError):
+    """Image files that could not be decoded (raised with ``strict=True``)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,7 +431,7 @@ def _decode_into(out: Any, images: ImageList, decoder: Decoder, positions: Seque
         try:
             a = decoder.fn(images.paths[i])
         except Exception as err:  # a worker never raises: every bad file is reported at once
-            return i, f"{type(err).__name__}: {err}"
+            return i, getattr(err, "reason", None) or f"{type(err).__name__}: {err}"
         if a.shape[:2] != (h, w):
             return i, f"decoded to {a.shape[0]}x{a.shape[1]}, expected {h}x{w}"
         return i, a
@@ -469,10 +474,14 @@ class _NotGrey(Exception):
 def _report_bad(bad: list[tuple[int, str]], images: ImageList, strict: bool) -> None:
     if not bad:
         return
-    from imclass.data.folder import UnreadableImageError, _rel
+    def rel(path: Path) -> str:
+        try:
+            return str(path.relative_to(images.root))
+        except ValueError:
+            return str(path)
 
     bad = sorted(bad)
-    shown = "; ".join(f"{_rel(images.paths[i], images.root)} ({why})" for i, why in bad[:10])
+    shown = "; ".join(f"{rel(images.paths[i])} ({why})" for i, why in bad[:10])
     more = f"; and {len(bad) - 10} more" if len(bad) > 10 else ""
     message = f"{len(bad)} unreadable image file(s) in {images.root}: {shown}{more}"
     if strict:

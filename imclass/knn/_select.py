@@ -23,6 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imclass.data.download import recall, remember
+from imclass.knn import _knn_int8, _knn_kernels
+from imclass.knn._knn_torch import l2_block, norms
+
 L2_KERNELS = ("int8", "numba", "torch")
 RECORD_FILE = "knn_kernels.json"
 _FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
@@ -57,8 +61,6 @@ def host_key(n_features: int) -> str:
 
 def available_l2_kernels(n_features: int) -> list[str]:
     """The exact L2 kernels that can run here for rows of ``n_features`` uint8 values."""
-    from imclass.knn import _knn_int8, _knn_kernels
-
     names = []
     if _knn_int8.exact_here(n_features):
         names.append("int8")
@@ -69,9 +71,6 @@ def available_l2_kernels(n_features: int) -> list[str]:
 
 def _runner(name: str, q: torch.Tensor, t: torch.Tensor):
     """A no-argument function computing one block of rankings with kernel ``name`` (train side prepared)."""
-    from imclass.knn import _knn_int8, _knn_kernels
-    from imclass.knn.estimator import _l2_block_torch, _norms
-
     if name == "int8":
         qs, ts = _knn_int8.shift(q), _knn_int8.shift(t)
         tsq = _knn_int8.squared_norms(ts)
@@ -80,8 +79,8 @@ def _runner(name: str, q: torch.Tensor, t: torch.Tensor):
         qn, tn = q.numpy(), _knn_kernels.prepare(t.numpy())
         tsq = _knn_kernels.squared_norms(t.numpy())
         return lambda: _knn_kernels.l2_ranking(qn, tn, tsq)
-    tn = _norms(t, "l2")
-    return lambda: _l2_block_torch(q, t, _norms(q, "l2"), tn)
+    tn = norms(t, "l2")
+    return lambda: l2_block(q, t, norms(q, "l2"), tn)
 
 
 def measure_l2_kernels(n_features: int, queries: int = 128, train: int = 2048, rounds: int = 5) -> dict[str, float]:
@@ -109,8 +108,6 @@ def fastest_l2_kernel(n_features: int) -> str:
 
 def l2_choice(n_features: int) -> dict:
     """``{"kernel", "reason", "seconds"}``: the L2 kernel for this host and why (``"VNNI"`` or ``"measured"``)."""
-    from imclass.data.download import recall, remember
-
     key = host_key(n_features)
     entry = recall(RECORD_FILE, key)
     available = available_l2_kernels(n_features)

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from imclass.models._registry import create
+
 __all__ = [
     "ENV_VAR",
     "IMAGENET_MEAN",
@@ -497,8 +499,6 @@ def create_backbone(
     known = KNOWN_WEIGHTS.get(_bare(arch))
     if known is not None and weights is not None:
         options = {**known.options, **options}
-    from imclass.models import create
-
     model = create(name, num_classes=num_classes, **options)
     report = apply_weights(model, _bare(arch), weights, weights_dir=weights_dir, strict=strict)
     return model, report

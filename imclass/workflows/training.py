@@ -127,14 +127,14 @@ def _check(ok: bool, message: str) -> None:
 
 def split_augment(spec: str) -> tuple[str | None, tuple[str, ...]]:
     """``"crop_flip,illumination,occlusion"`` -> ``("crop_flip", ("illumination", "occlusion"))``: at most one
-    name of ``AUGMENTATIONS``, and challenge names (``imclass.data.challenges``; ``challenge`` = all of them)."""
+    name of ``AUGMENTATIONS``, and challenge names (``imclass.data.challenge_transforms``; ``challenge`` = all of them)."""
     items = [s.strip() for s in str(spec).split(",") if s.strip()]
     base = [s for s in items if s in AUGMENTATIONS]
     rest = [s for s in items if s not in AUGMENTATIONS]
     if len(base) > 1 or not items:
         raise ValueError(f"expected augment as one of {list(AUGMENTATIONS)} and/or challenge names, received {spec!r}")
     if rest:
-        from imclass.data.challenges import parse_challenges
+        from imclass.data.challenge_transforms import parse_challenges
 
         try:
             names = parse_challenges(rest)
@@ -150,7 +150,7 @@ def _make_augment(spec: str) -> tuple[Any, list]:
     base, names = split_augment(spec)
     if not names:
         return base, []
-    from imclass.data.challenges import ChallengeAugment
+    from imclass.data.challenge_transforms import ChallengeAugment
 
     augment = ChallengeAugment(names, base=base)
     return augment, [augment]
@@ -234,7 +234,7 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
     ``cfg.uses_fast_recipe``; otherwise the model comes from the registry (``cfg.model``) or
     from a model file (``cfg.weights``, to fine-tune it).
     """
-    from imclass.io import save
+    from imclass.model_file.save import save
     from imclass.train import distributed
 
     if distributed.launched() and not distributed.is_distributed():  # under torchrun: one rank of N
@@ -337,7 +337,7 @@ def _fit_model(cfg: RunConfig, train_set, test_set, out: Path):
 
 def _fit_fast_recipe(cfg: RunConfig, train_set, test_set, out: Path):
     """The fast CIFAR-10 recipe for ``cfg.target``; ``model_options`` (and epochs, batch size) override it."""
-    from imclass.train import recipes
+    from imclass.workflows import recipes
 
     cfg = dataclasses.replace(cfg, recipe="fast", target=cfg.target or DEFAULT_TARGET)
     overrides = dict(cfg.model_options)
@@ -373,20 +373,15 @@ def _load_data(cfg: RunConfig):
     from imclass import data as imdata
 
     folder = Path(cfg.dataset).expanduser()
-    if not folder.is_dir():
-        train_set = imdata.load(cfg.dataset, split="train", root=cfg.data_root, image_size=cfg.image_size,
-                                mode=cfg.data_mode)
-        test_set = imdata.load(cfg.dataset, split="test", root=cfg.data_root, image_size=cfg.image_size,
-                               mode=cfg.data_mode)
-        if cfg.limit is not None:
-            train_set, test_set = train_set.subset(slice(0, cfg.limit)), test_set.subset(slice(0, cfg.limit))
-        return train_set, test_set
-    from imclass.data.folder import default_image_size
+    size = cfg.image_size
+    if folder.is_dir() and size is None:
+        from imclass.data.folder import default_image_size
 
-    size = cfg.image_size or default_image_size(folder)
-    sets = [imdata.load(folder, split=split, image_size=size, mode=cfg.data_mode, limit=cfg.limit,
-                        limit_seed=cfg.seed or 0) for split in ("train", "test")]
-    if cfg.image_size is None:
+        size = default_image_size(folder)
+    # --limit: a seeded, stratified sample of each split (imclass.data.split.limit_indices), before decoding
+    sets = [imdata.load(cfg.dataset, split=split, root=cfg.data_root, image_size=size, limit=cfg.limit,
+                        seed=cfg.seed or 0, mode=cfg.data_mode) for split in ("train", "test")]
+    if folder.is_dir() and cfg.image_size is None:
         for ds in sets:
             ds.notes.append(f"images resized to {size[0]}x{size[1]} (the default without --image-size)")
     return sets[0], sets[1]
@@ -413,7 +408,7 @@ def _build_classifier(cfg: RunConfig, train_set):
         model = _create_model(cfg.model, train_set, cfg.model_options)
         # mean/std are computed from the training images by the first fit
         return Classifier(model, classes=train_set.classes, device=cfg.device)
-    from imclass.io import load
+    from imclass.models.rebuild import load
 
     start = load(cfg.weights, device=cfg.device)
     if not hasattr(start, "model"):

@@ -17,6 +17,7 @@ from imclass.data.arrays import as_images, as_labels
 from imclass.data.dataset import ImageDataset
 from imclass.data.folder import load_folder, parse_image_size
 from imclass.data.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx
+from imclass.data.split import limit_dataset
 
 CLASSES: dict[str, list[str]] = {
     "cifar10": list(cifar.CLASSES),
@@ -64,9 +65,9 @@ def load(
     *,
     download: bool = True,
     strict: bool = False,
-    mode: str | None = None,
     limit: int | None = None,
-    limit_seed: int = 0,
+    seed: int = 0,
+    mode: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     verbose: bool = True,
 ) -> ImageDataset:
@@ -77,10 +78,11 @@ def load(
     class with seed 0). ``image_size`` (int or (h, w)) resizes every image; a folder of images of
     mixed sizes needs it. ``download``: fetch a known data set from its official URL when missing.
     ``strict``: raise on unreadable image files instead of skipping them with a warning.
+    ``limit``: keep a seeded (``seed``), stratified sample of that many images of the split (the rule of
+    every ``--limit``, :func:`imclass.data.split.limit_indices`; a folder decodes only those files).
     A folder is decoded in the tier ``mode`` (``"memory"``, ``"cache"``: a memory-mapped cache file
     reused by later loads; None chooses from the headers and the memory available and says which on
-    stderr when ``verbose``; see ``imclass.data.source``), ``limit`` files of it (a seeded sample,
-    ``limit_seed``) when given, taken before anything is decoded. Named data sets are held in memory.
+    stderr when ``verbose``; see ``imclass.data.source``). Named data sets are held in memory.
 
     >>> train = load("cifar10", split="train")            # doctest: +SKIP
     >>> train.images.shape, train.classes[:3]              # doctest: +SKIP
@@ -100,11 +102,11 @@ def load(
                 f"unknown data set {str(name_or_path)!r}: expected one of {', '.join(names())}, "
                 f"or a path to a folder of images with one sub-folder per class (no folder {path} exists)"
             )
-        return load_folder(path, split, size, strict=strict, mode=mode, limit=limit, limit_seed=limit_seed,
+        return load_folder(path, split, size, strict=strict, limit=limit, limit_seed=seed, mode=mode,
                            cache_dir=cache_dir, verbose=verbose)
     if mode not in (None, "memory"):
         raise ValueError(f"{name} is held in memory (a named data set); --data-mode {mode} applies to image folders")
-    ds = _load_known(name, split, root, download)
+    ds = limit_dataset(_load_known(name, split, root, download), limit, seed=seed)
     h, w = ds.images.shape[-2:]
     if size is not None and (h, w) != size:
         ds.images = resize_images(ds.images, size)

@@ -104,6 +104,17 @@ def _open(images: ImageList, pre: Preprocessing, mode: str | None, verbose: bool
     return open_images(images, transfer_decoder(pre), mode, verbose=verbose)
 
 
+def _limited(paths: list[Path], labels: list[int], limit: int | None, seed: int, classes: list[str],
+             split: str) -> tuple[list[Path], list[int]]:
+    """The files of ``--limit`` (the one rule: :func:`imclass.data.split.limit_indices`), before decoding."""
+    from imclass.data.split import limit_indices
+
+    if limit is None or limit >= len(paths):
+        return paths, labels
+    pick = limit_indices(torch.tensor(labels), limit, seed=seed, classes=classes, where=f"{split} split").tolist()
+    return [paths[i] for i in pick], [labels[i] for i in pick]
+
+
 def read_folder_for(folder: str | os.PathLike, pre: Preprocessing, *, val_fraction: float = 0.2, seed: int = 0,
                     limit: int | None = None, mode: str | None = None,
                     verbose: bool = True) -> tuple[ImageDataset, ImageDataset, ImageDataset | None]:
@@ -111,11 +122,13 @@ def read_folder_for(folder: str | os.PathLike, pre: Preprocessing, *, val_fracti
 
     ``val/`` is the validation split when the folder has one; otherwise ``val_fraction`` of each
     class of the training images is held out (seeded, stratified) from the file list, before
-    anything is decoded. ``test/``, when present, is kept apart. Each part is decoded in the tier
-    ``mode`` (``imclass.data.source``; None: chosen from the headers and said on stderr).
+    anything is decoded. ``test/``, when present, is kept apart. ``limit``: every split is a seeded,
+    stratified sample (:func:`imclass.data.split.limit_indices`) of at most that many images (the
+    training part is sampled so that ``limit`` images remain after the hold-out). Each part is decoded
+    in the tier ``mode`` (``imclass.data.source``; None: chosen from the headers and said on stderr).
     """
     from imclass.data.folder import _subfolders, list_images, split_folders
-    from imclass.data.split import split_indices
+    from imclass.data.split import limit_indices, split_indices
 
     root = Path(folder).expanduser()
     if not root.is_dir():
@@ -131,13 +144,13 @@ def read_folder_for(folder: str | os.PathLike, pre: Preprocessing, *, val_fracti
         raise ValueError(f"no image files in the class folders of {train_dir}")
     if limit is not None:  # files are listed class by class: a quick try reads a seeded sample of every class
         wanted = limit if "val" in splits else math.ceil(limit / (1 - val_fraction))
-        pick = sorted(torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed))[:wanted].tolist())
-        paths, labels = [paths[i] for i in pick], [labels[i] for i in pick]
+        paths, labels = _limited(paths, labels, wanted, seed, classes, "train")
     name = root.name
     notes: list[str] = []
     files = ImageList(paths, labels, classes, root, name=name, split="train")
     if "val" in splits:
         v_paths, v_labels = list_images(splits["val"], classes)
+        v_paths, v_labels = _limited(v_paths, v_labels, limit, seed, classes, "val")
         v_files = ImageList(v_paths, v_labels, classes, root, name=name, split="val")
         notes.append(f"validation: the folder's val/ ({len(v_paths)} images)")
     else:
@@ -145,8 +158,8 @@ def read_folder_for(folder: str | os.PathLike, pre: Preprocessing, *, val_fracti
         v_files = files.subset(held.tolist())
         files = files.subset(keep.tolist())
         notes.append(f"validation: {val_fraction:.0%} of each class held out (stratified, seed {seed})")
-    if limit is not None:
-        files = files.subset(range(min(limit, len(files))))
+    if limit is not None and len(files) > limit:
+        files = files.subset(limit_indices(torch.tensor(files.labels), limit, seed=seed).tolist())
     files.notes, v_files.notes = list(notes), list(notes)
     v_files.split = "val"
     train = _open(files, pre, mode, verbose)
@@ -154,6 +167,7 @@ def read_folder_for(folder: str | os.PathLike, pre: Preprocessing, *, val_fracti
     test = None
     if "test" in splits:
         t_paths, t_labels = list_images(splits["test"], classes)
+        t_paths, t_labels = _limited(t_paths, t_labels, limit, seed, classes, "test")
         if t_paths:
             test = _open(ImageList(t_paths, t_labels, classes, root, name=name, split="test"), pre, mode, verbose)
     return train, val, test
@@ -165,7 +179,7 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
     Returns ``accuracy`` (validation), ``seconds`` (end to end, reading included), per-stage seconds,
     image counts, the backbone and where its weights came from, and the saved ``model_file``.
     """
-    from imclass.io import save
+    from imclass.model_file.save import save
     from imclass.models.weights import backbone_name, preprocessing_for
     from imclass.transfer.features import FeatureCache
     from imclass.transfer.finetune import fine_tune
@@ -267,11 +281,13 @@ def _last(history: Any) -> float | None:
 
 
 def load_for(dataset: str, pre: Preprocessing, *, split: str = "test", root: str | os.PathLike | None = None,
-             val_fraction: float = 0.2, seed: int = 0, mode: str | None = None) -> ImageDataset:
+             val_fraction: float = 0.2, seed: int = 0, limit: int | None = None,
+             mode: str | None = None) -> ImageDataset:
     """One split of a data set prepared as ``pre`` says (shorter side resized, centre crop), for
     evaluating a transfer model. A plain folder's ``test`` split is the seeded stratified hold-out
     that ``train_transfer`` validated on (same fraction and seed); a split tree's ``test`` falls back
-    to ``val/``; named data sets (cifar10, ...) are loaded and resized in batches."""
+    to ``val/``; named data sets (cifar10, ...) are loaded and resized in batches. ``limit``: a seeded,
+    stratified sample of that many images (:func:`imclass.data.split.limit_indices`), decoded alone."""
     from imclass import data as imdata
     from imclass.data.folder import _subfolders, list_images, split_folders
     from imclass.data.split import split_indices
@@ -279,7 +295,7 @@ def load_for(dataset: str, pre: Preprocessing, *, split: str = "test", root: str
 
     folder = Path(dataset).expanduser()
     if not folder.is_dir():
-        ds = imdata.load(dataset, split=split, root=root)
+        ds = imdata.load(dataset, split=split, root=root, limit=limit, seed=seed)
         return ImageDataset(resize_for(ds.images, pre), ds.labels, ds.classes, name=ds.name, split=ds.split)
     splits = split_folders(folder)
     if splits:
@@ -299,4 +315,5 @@ def load_for(dataset: str, pre: Preprocessing, *, split: str = "test", root: str
             raise ValueError(f"expected split train, test, val or all for {folder}, received split={split!r}")
     if not paths:
         raise ValueError(f"no image files in the class folders of {folder} for split {split!r}")
+    paths, labels = _limited(paths, labels, limit, seed, classes, split)
     return _open(ImageList(paths, labels, classes, folder, name=folder.name, split=split), pre, mode)
