@@ -298,12 +298,13 @@ def test_loader_rows_and_unstaged_gathers_match_a_copied_subset():
         assert torch.equal(i1, i2) and torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
-def test_limit_is_applied_to_the_files_before_decoding(tmp_path, cache_env):
+def test_limit_is_applied_to_the_files_before_decoding_in_every_tier(tmp_path, cache_env):
     folder = _photos(tmp_path / "photos", 10)
     whole = imdata.load(folder, split="all", image_size=8, mode="memory", verbose=False)
-    part = imdata.load(folder, split="all", image_size=8, mode="memory", limit=7, limit_seed=2, verbose=False)
-    pick = torch.randperm(len(whole), generator=torch.Generator().manual_seed(2))[:7].sort().values
+    part = imdata.load(folder, split="all", image_size=8, mode="cache", limit=7, seed=2, verbose=False)
+    pick = imdata.split.limit_indices(whole.labels, 7, seed=2)
     assert torch.equal(part.images, whole.images[pick]) and torch.equal(part.labels, whole.labels[pick])
+    assert part.mode == "cache" and len(part) == 7
 
 
 def test_cli_data_cache_then_train_reads_it_and_reports_the_mode(tmp_path, cache_env, one_thread):
