@@ -250,6 +250,9 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
         raise ValueError(f"--resume: no checkpoint in {out} (expected {out / CHECKPOINT_NAME}; the run folder is "
                          "missing or mistyped, or the run stopped before its first checkpoint): drop --resume to "
                          "start a new run")
+    from imclass.train.classifier import resolve_device
+
+    resolve_device(cfg.device)  # an unknown or absent device: one clear error before the data is read
     seed_everything(cfg.seed)  # model initialisation included: two identical commands, identical model files
     train_set, test_set = _load_data(cfg)
     _warn_about_data(cfg, train_set, test_set)
@@ -400,10 +403,15 @@ def _load_data(cfg: RunConfig):
 def _warn_about_data(cfg: RunConfig, train_set, test_set) -> None:
     """A cheap check of a folder's images at train start (``imclass.data.check.quick_check``: duplicates
     with two labels, train/test leakage, class imbalance), as warnings; ``imclass data check`` says more."""
-    if not Path(cfg.dataset).expanduser().is_dir():
-        return
     import warnings
 
+    counts = train_set.class_counts()
+    empty = [c for c, n in zip(train_set.classes, counts) if n == 0]
+    if empty:
+        warnings.warn(f"{len(empty)} class(es) of {cfg.dataset} have no training images ({', '.join(empty[:5])}"
+                      f"{', ...' if len(empty) > 5 else ''}): the model can never learn to predict them", stacklevel=3)
+    if not Path(cfg.dataset).expanduser().is_dir():
+        return
     from imclass.data.check import quick_check
 
     for message in quick_check(train_set, test_set, name=Path(cfg.dataset).name):
