@@ -181,7 +181,7 @@ def application(keras_name: str, *, include_top: bool = True, weights: str | os.
                 **options: Any) -> Any:
     """Build the Keras application ``keras_name`` (see the module doc) as a functional ``Model``."""
     from imclass.models.functional import Input, Model
-    from imclass.models.weights import KNOWN_WEIGHTS
+    from imclass.models.weights import weights_options
 
     spec = APPLICATIONS[keras_name]
     if weights is not None and str(weights) != "imagenet" and not os.path.exists(weights):
@@ -195,9 +195,7 @@ def application(keras_name: str, *, include_top: bool = True, weights: str | os.
             raise ValueError(f"{keras_name} expects input_shape (H, W, C) with H and W >= {spec.min_size}, "
                              f"received input_shape={input_shape!r}")
         x = Input(shape=shape)
-    known = KNOWN_WEIGHTS.get(spec.arch)
-    if known is not None and weights is not None:
-        options = {**known.options, **options}  # e.g. the TF "same" padding the converted weights need
+    options = {**weights_options(spec.arch, weights, weights_dir), **options}  # e.g. the known file's TF padding
     layer = Application(spec.arch, include_top=include_top, pooling=pooling, classes=classes,
                         classifier_activation=classifier_activation, options=options, weights=weights,
                         weights_dir=weights_dir, name=spec.name)

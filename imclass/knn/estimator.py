@@ -256,7 +256,7 @@ class KNN:
         return rows
 
     # -- search ----------------------------------------------------------------------------------
-    def _resolve_backend(self, exact: bool) -> str:
+    def _resolve_backend(self, exact: bool, n_queries: int) -> str:
         from imclass.knn import _knn_int8, _knn_kernels, _select
 
         backend = self.backend
@@ -282,8 +282,8 @@ class KNN:
             except ImportError as err:
                 raise RuntimeError("backend='faiss' needs faiss: pip install faiss-cpu") from err
         if backend == "auto":
-            if exact and self.metric_ == "l2":  # three exact kernels: the one measured fastest on this host
-                backend = _select.fastest_l2_kernel(self.n_features_in_)
+            if exact and self.metric_ == "l2":  # exact kernels: the one measured fastest here for this shape
+                backend = _select.fastest_l2_kernel(self.n_features_in_, n_queries, self.n_samples_fit_)
             else:
                 fast = exact and self.metric_ == "l1" and _knn_kernels.available()
                 backend = "numba" if fast else "torch"
@@ -326,7 +326,7 @@ class KNN:
     def _search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(ranking distances (m, k), training indices (m, k)) of the k nearest training rows of each query."""
         exact = queries.dtype == torch.uint8 and self._fit_X.dtype == torch.uint8
-        backend = self._resolve_backend(exact)
+        backend = self._resolve_backend(exact, len(queries))
         self.backend_ = backend
         if backend == "faiss":
             return self._search_faiss(queries, k)
