@@ -74,7 +74,7 @@ def report(messy):
 def test_unreadable_files_are_named(report):
     bad = {r["path"]: r["error"] for r in report["unreadable"]}
     assert set(bad) == {"train/dog/notes.jpg", "val/cat/broken.png"}
-    assert "not an image file Pillow can identify" in bad["train/dog/notes.jpg"]
+    assert bad["train/dog/notes.jpg"] == "not a readable image in an accepted format (expected JPEG, PNG, BMP, GIF, WebP or TIFF data)"
     assert "truncated" in bad["val/cat/broken.png"].lower() or "broken" in bad["val/cat/broken.png"].lower()
 
 
@@ -168,7 +168,7 @@ def test_phash_matches_a_direct_2d_dct(cifar_npz):
 
 def test_quick_check_warns_at_train_start(messy, tmp_path, app):
     """imclass train on the messy folder warns about the two labels and the leakage, and still trains."""
-    from imclass.train.run import RunConfig, train_from_config
+    from imclass.workflows.training import RunConfig, train_from_config
 
     folder = tmp_path / "clean_copy"
     shutil.copytree(messy, folder)

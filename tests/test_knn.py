@@ -299,8 +299,8 @@ def test_cli_json_matches_the_library(data_root):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout.strip().splitlines()[-1])
-    train = imclass.data.load("cifar10", "train", root=data_root).subset(slice(0, 600))
-    test = imclass.data.load("cifar10", "test", root=data_root).subset(slice(0, 50))
+    train = imclass.data.load("cifar10", "train", root=data_root, limit=600)
+    test = imclass.data.load("cifar10", "test", root=data_root, limit=50)
     expected = KNN(3, metric="l1").fit(train.images, train.labels).score(test.images, test.labels)
     assert out["accuracy"] == expected and out["seconds"] >= 0 and (out["k"], out["n_train"]) == (3, 600)
 

@@ -20,7 +20,6 @@ The perceptual hash is pHash: the signs of the 8x8 lowest-frequency 2-D DCT coef
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import os
 import time
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from imclass.data.decode import DEFAULT_MAX_PIXELS, ImageError, decode_array, probe_image
 from imclass.data.folder import _GREY_MODES, _map, _rel
 from imclass.data.inspect import FileRecord, folder_files
 
@@ -132,24 +132,19 @@ def hamming_pairs(bits: torch.Tensor, max_distance: int, other: torch.Tensor | N
 # ------------------------------------------------------------------------------ reading files
 
 def _read(record: FileRecord) -> FileRecord:
-    """Header facts, SHA-256 of the bytes and a grey thumbnail of one file (``error`` on failure)."""
-    from PIL import Image
-
+    """Header facts, SHA-256 of the bytes and a grey thumbnail of one file (``error`` on failure), through
+    the decoding gate (``imclass.data.decode``: JPEGs drafted down to the thumbnail)."""
     try:
         raw = Path(record["path"]).read_bytes()
         record["bytes"] = len(raw)
         record["sha256"] = hashlib.sha256(raw).hexdigest()
-        with Image.open(io.BytesIO(raw)) as im:
-            record.update(format=im.format or "?", mode=im.mode, width=im.size[0], height=im.size[1])
-            if im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK"):
-                im.draft("L", (2 * THUMB, 2 * THUMB))  # decode at 1/2 .. 1/8 scale: the thumbnail needs no more
-            grey = im.convert("L").resize((THUMB, THUMB), Image.BILINEAR, reducing_gap=2.0)
-            record["thumb"] = np.asarray(grey, dtype=np.uint8)
-    except Exception as err:  # every bad file is reported, none raises
-        from PIL import UnidentifiedImageError
-
-        why = "not an image file Pillow can identify" if isinstance(err, UnidentifiedImageError) else str(err)
-        record["error"] = f"{type(err).__name__}: {why}"
+        info = probe_image(raw, name=str(record["path"]), max_pixels=DEFAULT_MAX_PIXELS)
+        record.update(format=info.format, mode=info.mode, width=info.width, height=info.height)
+        record["thumb"] = decode_array(raw, mode="L", size=(THUMB, THUMB), name=str(record["path"]))
+    except ImageError as err:  # every bad file is reported, none raises
+        record["error"] = err.reason
+    except OSError as err:
+        record["error"] = f"cannot read the file ({err.strerror or type(err).__name__})"
     return record
 
 
@@ -249,13 +244,15 @@ def check_folder(path: str | os.PathLike, options: CheckOptions | None = None, *
     Returns a JSON-ready report: ``source``, ``layout``, ``images``, ``classes``, ``class_counts``
     (of the training split in a split tree, else of all files), the findings ``unreadable``,
     ``exact_duplicates``, ``near_duplicates``, ``rare_formats``, ``size_outliers``, ``tiny``,
-    ``imbalance`` (None when balanced), ``empty_classes``, then ``summary`` (count per finding),
+    ``imbalance`` (None when balanced), ``empty_classes``, ``skipped`` (the one line naming entries the
+    folder walk skipped, or None), then ``summary`` (count per finding),
     ``options`` and ``seconds``. Paths are relative to the folder. Nothing is modified.
     """
     opt = options or CheckOptions()
     start = time.perf_counter()
     root = Path(path).expanduser()
-    layout, splits, classes, records = folder_files(root)
+    skipped: list[str] = []
+    layout, splits, classes, records = folder_files(root, report=skipped.append)
     records = _map(_read, records, workers, "checking")
     ok = [r for r in records if "error" not in r]
     exact, near = _duplicates(ok, root, classes, opt.near_distance)
@@ -279,6 +276,7 @@ def check_folder(path: str | os.PathLike, options: CheckOptions | None = None, *
         "tiny": tiny,
         "imbalance": _imbalance(counts, classes, opt.imbalance),
         "empty_classes": empty,
+        "skipped": skipped[0] if skipped else None,
     }
     report["summary"] = _summary(report)
     report["options"] = asdict(opt)
@@ -348,6 +346,8 @@ def format_report(report: dict[str, Any], shown: int = 5) -> str:
         if report[key]:
             lines += ["", f"{key.replace('_', ' ')}:"]
             more(report[key], render)
+    if report.get("skipped"):
+        lines += ["", f"not read: {report['skipped']}"]
     if imb:
         lines += ["", "class counts: " + ", ".join(f"{c} {n:,}" for c, n in imb["counts"].items())
                   + "  (train with --class-weight balanced or --sampler balanced)"]

@@ -26,6 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imclass.data.download import recall, remember
+from imclass.knn import _knn_int8, _knn_kernels
+from imclass.knn._knn_torch import l2_block, norms, smallest_k
+
 L2_KERNELS = ("int8", "numba", "torch")
 RECORD_FILE = "knn_kernels.json"
 _FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
@@ -60,8 +64,6 @@ def host_key(n_features: int) -> str:
 
 def available_l2_kernels(n_features: int) -> list[str]:
     """The exact L2 kernels that can run here for rows of ``n_features`` uint8 values."""
-    from imclass.knn import _knn_int8, _knn_kernels
-
     names = []
     if _knn_int8.exact_here(n_features):
         names.append("int8")
@@ -72,9 +74,6 @@ def available_l2_kernels(n_features: int) -> list[str]:
 
 def _runner(name: str, q: torch.Tensor, t: torch.Tensor):
     """A no-argument function computing one block of rankings with kernel ``name`` (train side prepared)."""
-    from imclass.knn import _knn_int8, _knn_kernels
-    from imclass.knn.estimator import _l2_block_torch, _norms
-
     if name == "int8":
         qs, ts = _knn_int8.shift(q), _knn_int8.shift(t)
         tsq = _knn_int8.squared_norms(ts)
@@ -83,8 +82,8 @@ def _runner(name: str, q: torch.Tensor, t: torch.Tensor):
         qn, tn = q.numpy(), _knn_kernels.prepare(t.numpy())
         tsq = _knn_kernels.squared_norms(t.numpy())
         return lambda: torch.from_numpy(_knn_kernels.l2_ranking(qn, tn, tsq))
-    tn = _norms(t, "l2")
-    return lambda: _l2_block_torch(q, t, _norms(q, "l2"), tn)
+    tn = norms(t, "l2")
+    return lambda: l2_block(q, t, norms(q, "l2"), tn)
 
 
 # query rows, training rows of one block of the exact integer kernels (see estimator._search)
@@ -112,20 +111,18 @@ def measure_l2_kernels(n_features: int, queries: int = 128, train: int = 2048, r
                        kernels: list[str] | None = None) -> dict[str, float]:
     """Seconds per block (``queries`` x ``train`` rows of ``n_features`` bytes, nearest selected) of each
     kernel in ``kernels`` (default: every available exact integer kernel), interleaved, best of ``rounds``."""
-    from imclass.knn.estimator import _smallest_k
-
     gen = np.random.default_rng(0)
     q = torch.from_numpy(gen.integers(0, 256, (queries, n_features), dtype=np.uint8))
     t = torch.from_numpy(gen.integers(0, 256, (train, n_features), dtype=np.uint8))
     names = kernels if kernels is not None else _candidates(n_features)
     runners = {name: _runner(name, q, t) for name in names}
     for run in runners.values():
-        _smallest_k(run(), 1)  # warm up: numba loads its compiled code, oneDNN builds its kernel
+        smallest_k(run(), 1)  # warm up: numba loads its compiled code, oneDNN builds its kernel
     best = {name: float("inf") for name in runners}
     for r in range(rounds):
         for name, run in (runners.items() if r % 2 == 0 else reversed(runners.items())):
             start = time.perf_counter()
-            _smallest_k(run(), 1)
+            smallest_k(run(), 1)
             best[name] = min(best[name], time.perf_counter() - start)
     return best
 
@@ -163,8 +160,6 @@ def l2_choice(n_features: int, queries: int = 512, train: int = TRAIN_BLOCK) -> 
 
 
 def _choose(n_features: int, shape: tuple[int, int]) -> dict:
-    from imclass.data.download import recall, remember
-
     key = record_key(n_features, shape)
     entry = recall(RECORD_FILE, key)
     available = available_l2_kernels(n_features)

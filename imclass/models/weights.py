@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from imclass.models._registry import create
+
 __all__ = [
     "ENV_VAR",
     "IMAGENET_MEAN",
@@ -591,8 +593,6 @@ def create_backbone(
     features) and the options the weights to be loaded need (``weights_options``), then ``apply_weights``."""
     name = backbone_name(arch)
     options = {**weights_options(arch, weights, weights_dir), **options}
-    from imclass.models import create
-
     model = create(name, num_classes=num_classes, **options)
     report = apply_weights(model, _bare(arch), weights, weights_dir=weights_dir, strict=strict)
     return model, report
