@@ -138,7 +138,7 @@ def test_nan_weights_give_valid_json_from_predict_and_serve_refuses(model_file, 
 
 
 def test_a_class_without_training_images_is_named(tmp_path):
-    from imclass.train.run import RunConfig, _warn_about_data
+    from imclass.workflows.training import RunConfig, _warn_about_data
 
     root = tmp_path / "f"
     for cls, n in (("a", 4), ("b", 4), ("c", 0)):

@@ -118,7 +118,7 @@ def _load(saved: Any, dataset: str, split: str, root: Optional[str]):
 
     pre = getattr(saved.predictor, "preprocessing", None)  # a pretrained backbone's resize + centre crop
     if pre is not None:
-        from imclass.transfer.run import load_for
+        from imclass.transfer.workflow import load_for
 
         return load_for(dataset, pre, split=split, root=root)
     size = saved.input_size

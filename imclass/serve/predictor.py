@@ -95,7 +95,8 @@ class Predictor:
             if tta not in (None, False, "none"):
                 raise ValueError(f"{path}: an exported ONNX model runs the TTA it was exported with; --tta does not apply")
             return cls._load_onnx(path, name)
-        from imclass.io import load, read_metadata
+        from imclass.model_file.format import read_metadata
+        from imclass.models.rebuild import load
         from imclass.train import Classifier
 
         header = read_metadata(path)
@@ -242,10 +243,10 @@ def _column_names(backend: Any, classes: list[str] | None) -> list[str]:
 
 
 def _num_outputs(clf: Any) -> int | None:
-    from imclass.io import _num_classes_of
+    from imclass.model_file.save import num_classes_of
 
     model = getattr(clf, "model", None)
-    return _num_classes_of(model) if model is not None else None
+    return num_classes_of(model) if model is not None else None
 
 
 def _resolve_tta(kind: str, recorded: str | None, flag: bool | str | None, path: Path) -> str:

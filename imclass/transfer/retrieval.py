@@ -42,7 +42,8 @@ def load_embedder(spec: str | os.PathLike, *, weights: str | None = "imagenet", 
     (``"imagenet"``: from the weights root; a file; ``None``: random). ``image_size`` overrides the crop."""
     path = Path(spec).expanduser()
     if path.exists():
-        from imclass.io import load, read_metadata
+        from imclass.model_file.format import read_metadata
+        from imclass.models.rebuild import load
 
         header = read_metadata(path)
         clf = load(path)

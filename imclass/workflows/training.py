@@ -125,14 +125,14 @@ def _check(ok: bool, message: str) -> None:
 
 def split_augment(spec: str) -> tuple[str | None, tuple[str, ...]]:
     """``"crop_flip,illumination,occlusion"`` -> ``("crop_flip", ("illumination", "occlusion"))``: at most one
-    name of ``AUGMENTATIONS``, and challenge names (``imclass.data.challenges``; ``challenge`` = all of them)."""
+    name of ``AUGMENTATIONS``, and challenge names (``imclass.data.challenge_transforms``; ``challenge`` = all of them)."""
     items = [s.strip() for s in str(spec).split(",") if s.strip()]
     base = [s for s in items if s in AUGMENTATIONS]
     rest = [s for s in items if s not in AUGMENTATIONS]
     if len(base) > 1 or not items:
         raise ValueError(f"expected augment as one of {list(AUGMENTATIONS)} and/or challenge names, received {spec!r}")
     if rest:
-        from imclass.data.challenges import parse_challenges
+        from imclass.data.challenge_transforms import parse_challenges
 
         try:
             names = parse_challenges(rest)
@@ -148,7 +148,7 @@ def _make_augment(spec: str) -> tuple[Any, list]:
     base, names = split_augment(spec)
     if not names:
         return base, []
-    from imclass.data.challenges import ChallengeAugment
+    from imclass.data.challenge_transforms import ChallengeAugment
 
     augment = ChallengeAugment(names, base=base)
     return augment, [augment]
@@ -232,7 +232,7 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
     ``cfg.uses_fast_recipe``; otherwise the model comes from the registry (``cfg.model``) or
     from a model file (``cfg.weights``, to fine-tune it).
     """
-    from imclass.io import save
+    from imclass.model_file.save import save
     from imclass.train import distributed
 
     if distributed.launched() and not distributed.is_distributed():  # under torchrun: one rank of N
@@ -243,6 +243,9 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
             f"expected a model name (--model) to train on {cfg.dataset!r} (see `imclass models list`); "
             "only cifar10 has a default (the fast recipe)"
         )
+    from imclass.train.checkpoint import CHECKPOINT_NAME
+    from imclass.train.classifier import resolve_device
+
     out = Path(cfg.out or f"runs/{(cfg.model or 'fast').replace(':', '_')}-{Path(cfg.dataset).name}")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: a file is in the way; expected a run folder (new or existing)")
@@ -250,8 +253,6 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
         raise ValueError(f"--resume: no checkpoint in {out} (expected {out / CHECKPOINT_NAME}; the run folder is "
                          "missing or mistyped, or the run stopped before its first checkpoint): drop --resume to "
                          "start a new run")
-    from imclass.train.classifier import resolve_device
-
     resolve_device(cfg.device)  # an unknown or absent device: one clear error before the data is read
     seed_everything(cfg.seed)  # model initialisation included: two identical commands, identical model files
     train_set, test_set = _load_data(cfg)
@@ -311,7 +312,6 @@ def _write_config(cfg: RunConfig, out: Path) -> None:
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-CHECKPOINT_NAME = "checkpoint.pt"  # imclass.train.checkpoint writes it
 
 
 def _run_callbacks(out: Path, budget: float | None = None) -> list:
@@ -358,7 +358,7 @@ def _fit_model(cfg: RunConfig, train_set, test_set, out: Path):
 
 def _fit_fast_recipe(cfg: RunConfig, train_set, test_set, out: Path):
     """The fast CIFAR-10 recipe for ``cfg.target``; ``model_options`` (and epochs, batch size) override it."""
-    from imclass.train import recipes
+    from imclass.workflows import recipes
 
     cfg = dataclasses.replace(cfg, recipe="fast", target=cfg.target or DEFAULT_TARGET)
     overrides = dict(cfg.model_options)
@@ -426,7 +426,7 @@ def _build_classifier(cfg: RunConfig, train_set):
         model = _create_model(cfg.model, train_set, cfg.model_options)
         # mean/std are computed from the training images by the first fit
         return Classifier(model, classes=train_set.classes, device=cfg.device)
-    from imclass.io import load
+    from imclass.models.rebuild import load
 
     start = load(cfg.weights, device=cfg.device)
     if not hasattr(start, "model"):

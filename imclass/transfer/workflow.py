@@ -183,7 +183,7 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
     Returns ``accuracy`` (validation), ``seconds`` (end to end, reading included), per-stage seconds,
     image counts, the backbone and where its weights came from, and the saved ``model_file``.
     """
-    from imclass.io import save
+    from imclass.model_file.save import save
     from imclass.models.weights import backbone_name, preprocessing_for
     from imclass.transfer.features import FeatureCache
     from imclass.transfer.finetune import fine_tune
