@@ -326,3 +326,36 @@ def test_cli_data_cache_then_train_reads_it_and_reports_the_mode(tmp_path, cache
     assert "-> cache tier (an existing cache)" in done.stderr
     cleared = runner.invoke(app, ["data", "cache", "--clear"])
     assert cleared.exit_code == 0 and not list(cache_env.glob("*.npy"))
+
+
+def test_evaluate_predict_and_features_read_every_tier_alike(tmp_path, cache_env, one_thread):
+    from typer.testing import CliRunner
+
+    from imclass.cli import app
+
+    folder = _photos(tmp_path / "photos", 10)
+    runner = CliRunner()
+    run = tmp_path / "run"
+    done = runner.invoke(app, ["train", "--model", "keras_cnn", "--dataset", str(folder), "--image-size", "16",
+                               "--epochs", "1", "--out", str(run), "--json", "--data-mode", "memory"])
+    assert done.exit_code == 0, done.output
+
+    def last_json(args):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    ev = {m: last_json(["evaluate", str(run), str(folder), "--json", "--data-mode", m]) for m in ("memory", "cache")}
+    assert ev["cache"]["data_mode"] == "cache" and ev["memory"]["data_mode"] == "memory"
+    assert ev["cache"]["accuracy"] == ev["memory"]["accuracy"] and ev["cache"]["loss"] == ev["memory"]["loss"]
+    pred = {m: last_json(["predict", str(run), str(folder), "--json", "--top", "2", "--data-mode", m])
+            for m in ("stream", "cache")}
+    assert pred["cache"]["predictions"] == pred["stream"]["predictions"] and len(pred["cache"]["predictions"]) == 30
+    feats = {}
+    for m in ("memory", "cache"):
+        out = tmp_path / f"{m}.npz"
+        result = runner.invoke(app, ["features", str(run), str(folder), "--out", str(out), "--cache", "none",
+                                     "--data-mode", m])
+        assert result.exit_code == 0, result.output
+        feats[m] = np.load(out)["features"]
+    assert feats["memory"].shape[0] == 30 and np.array_equal(feats["memory"], feats["cache"])
