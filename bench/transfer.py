@@ -32,11 +32,17 @@ import sys
 import time
 from pathlib import Path
 
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from host import full_strength_blas  # noqa: E402
+
+full_strength_blas()  # before numpy/torch load: peers and imclass's own numpy work on the CPU's native BLAS kernel
+
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from host import cpu_info, cpu_line  # noqa: E402
+from host import cpu_info, cpu_line, provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -278,7 +284,7 @@ def main() -> None:
         print(f"course CNN from scratch, {scratch['seconds']:.0f} s each: {_mean_sd(scratch['accuracy'])} "
               f"(imclass transfer {_mean_sd(ours['accuracy'])} in the same time)")
     if args.json:
-        args.json.write_text(json.dumps({"cpu": cpu_info(), "args": {k: str(v) for k, v in vars(args).items()},
+        args.json.write_text(json.dumps({"host": provenance(), "cpu": cpu_info(), "args": {k: str(v) for k, v in vars(args).items()},
                                          "photos": len(paths), "imclass": ours, "plain": plain,
                                          "course_cnn": scratch}, indent=1) + "\n")
 
