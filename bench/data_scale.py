@@ -93,10 +93,12 @@ def make_photos(root: Path, sizes: list[int], workers: int) -> dict[int, Path]:
 # ------------------------------------------------------------------------------ in the child
 
 class Sampler:
-    """Peak RssAnon of this process and of its child processes (DataLoader workers), sampled every 20 ms."""
+    """Peak anonymous memory of this process (RssAnon) and of it plus its child processes (DataLoader workers),
+    sampled every 50 ms. The total sums ``Pss_Anon`` (smaps_rollup): a forked worker's copy-on-write pages
+    shared with its parent count once, not once per process."""
 
     def __init__(self) -> None:
-        self.peak_self = self.peak_children = 0
+        self.peak_self = self.peak_total = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -107,6 +109,17 @@ class Sampler:
             with open(f"/proc/{pid}/status") as f:
                 for line in f:
                     if line.startswith("RssAnon:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    @staticmethod
+    def _pss_anon(pid: int | str) -> int:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss_Anon:"):
                         return int(line.split()[1]) * 1024
         except OSError:
             pass
@@ -126,8 +139,8 @@ class Sampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak_self = max(self.peak_self, self._anon("self"))
-            self.peak_children = max(self.peak_children, sum(self._anon(k) for k in self._children()))
-            time.sleep(0.02)
+            self.peak_total = max(self.peak_total, self._pss_anon("self") + sum(self._pss_anon(k) for k in self._children()))
+            time.sleep(0.05)
 
     def stop(self) -> dict:
         self._stop.set()
@@ -137,8 +150,7 @@ class Sampler:
             for line in f:
                 if line.startswith("VmHWM:"):
                     hwm = int(line.split()[1]) * 1024
-        return {"peak_anon": self.peak_self, "peak_anon_workers": self.peak_children,
-                "peak_anon_total": self.peak_self + self.peak_children, "vm_hwm": hwm}
+        return {"peak_anon": self.peak_self, "peak_anon_total": max(self.peak_total, self.peak_self), "vm_hwm": hwm}
 
 
 def _imclass(folder: str, size: int):
@@ -217,7 +229,7 @@ def child(task: str, folder: str, size: int, workers: int, batch: int, cache_dir
         for key, part in out.items():
             if isinstance(part, dict):
                 for side in part.values():
-                    side["images_per_s"] = {k: n / side[k] for k in ("median", "min", "max")}
+                    side["images_per_s"] = {"median": n / side["median"], "min": n / side["max"], "max": n / side["min"]}
     else:
         raise ValueError(f"unknown task {task!r}")
     out["seconds"] = time.perf_counter() - start
@@ -280,6 +292,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tiers", default="memory,cache,stream,torchvision")
     p.add_argument("--out", default=str(HERE / "data_scale.json"))
+    p.add_argument("--generate-only", action="store_true", help="Only generate the photos (before the quiet window).")
     p.add_argument("--no-guard", action="store_true", help="Record the load but do not refuse busy figures (trials).")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
@@ -293,10 +306,13 @@ def main() -> None:
     sizes = sorted(int(s) for s in args.sizes.split(","))
     tiers = args.tiers.split(",")
     root = Path(args.root)
-    guard = host.LoadGuard(cores=args.workers + 1, strict=not args.no_guard)
     t0 = time.perf_counter()
     folders = make_photos(root, sizes, max(1, os.cpu_count() or 1))
     print(f"photos ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.generate_only:
+        return
+    guard = host.LoadGuard(cores=args.workers + 1, strict=not args.no_guard)  # the load of the measurement only
+    t0 = time.perf_counter()
     result: dict = {"sizes": sizes, "image_size": args.image_size, "workers": args.workers, "batch": args.batch,
                     "photo": {"width": PHOTO[0], "height": PHOTO[1], "classes": CLASSES}, "per_n": {}}
     for n in sizes:
@@ -308,7 +324,7 @@ def main() -> None:
             part[task] = run_child(args, task, folders[n], cache_dir)
             f = part[task]
             print(f"N={n:>7,} {task:<12} {f['seconds']:8.1f} s  peak anon {_gb(f['peak_anon'])} "
-                  f"(+ workers {_gb(f['peak_anon_workers'])})  VmHWM {_gb(f['vm_hwm'])}"
+                  f"(with workers, PSS {_gb(f['peak_anon_total'])})  VmHWM {_gb(f['vm_hwm'])}"
                   + (f"  start-up {f['startup_s']:.2f} s, epoch {f['epoch_s']:.1f} s" if "startup_s" in f else ""),
                   flush=True)
         shutil.rmtree(cache_dir, ignore_errors=True)
