@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from imclass.cli._common import DataRoot, fail, print_json
+from imclass.cli._common import DataRoot, fail, plain_warnings, print_json
 
 data_app = typer.Typer(help="Inspect, show and download data sets (cifar10, mnist, fashion-mnist, image folders).",
                        no_args_is_help=True)
@@ -171,6 +171,85 @@ def check(
         print_json(report)
     else:
         typer.echo(format_report(report, shown=shown))
+
+
+@data_app.command("shard")
+def shard(
+    folder: Path = typer.Argument(..., help="A folder of images: one sub-folder per class, or train/ + val/ (test/)."),
+    out: Path = typer.Option(..., "--out", help="New folder for the shards (must not exist; written atomically)."),
+    image_size: Optional[str] = typer.Option(None, "--image-size",
+                                             help="Re-encode every image at this size (32 or 32x48); default: the files' own bytes."),
+    shard_size: str = typer.Option("256MB", "--shard-size", help="Per shard: images (1000) or bytes (256MB, 1GB)."),
+    quality: int = typer.Option(90, "--quality", help="JPEG quality when re-encoding (--image-size)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the shuffled sample order."),
+    as_json: bool = typer.Option(False, "--json", help="Print the index as one JSON object."),
+) -> None:
+    """Write WebDataset-format tar shards (key.jpg + key.cls, an index.json), one set per split, for the
+    stream tier and for many machines (docs/data.md)."""
+    from imclass.data.shards import write_shards
+
+    with plain_warnings():
+        try:
+            index = write_shards(folder, out, image_size=parse_size(image_size), shard_size=shard_size,
+                                 quality=quality, seed=seed, verbose=not as_json)
+        except (*_USER_ERRORS, FileExistsError) as err:
+            fail(str(err))
+    if as_json:
+        print_json(index)
+    else:
+        total = sum(s["count"] for s in index["splits"].values())
+        typer.echo(f"{out}: {total:,} images of {len(index['classes'])} classes in "
+                   + ", ".join(f"{len(s['shards'])} {name} shard(s)" for name, s in index["splits"].items())
+                   + f" ({index['seconds']:.1f} s)")
+
+@data_app.command("cache")
+def cache(
+    folder: Optional[Path] = typer.Argument(None, help="A folder of images (one sub-folder per class, or train/ + test/)."),
+    image_size: Optional[str] = _IMAGE_SIZE,
+    split: Optional[str] = typer.Option(None, "--split", help="Splits to cache, e.g. train,test (default: all that "
+                                        "`imclass train` reads) or all."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache folder (default: $IMCLASS_CACHE/images, "
+                                             "else ~/.cache/imclass/images)."),
+    clear: bool = typer.Option(False, "--clear", help="Delete every image cache in the cache folder instead."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Decode a folder once into memory-mapped caches of its resized images (one per split), which
+    every later command reading it at that size uses (start-up in well under a second). A cache is
+    keyed by the files' paths, sizes and times, the preprocessing and the size: any change makes a
+    new one. `--clear` deletes them all."""
+    from imclass.data.source import cache_folder, clear_image_cache, find_cache, open_images
+    from imclass.data.folder import folder_decoder, folder_images, parse_image_size
+
+    where = cache_folder(cache_dir)
+    if clear:
+        freed = clear_image_cache(cache_dir)
+        if as_json:
+            print_json({"cleared": str(where), "bytes": freed})
+        else:
+            typer.echo(f"cleared {where} ({freed / 1e6:,.1f} MB)")
+        return
+    if folder is None or image_size is None:
+        fail("expected a FOLDER and --image-size SIZE (or --clear)")
+    size = parse_image_size(parse_size(image_size))
+    rows = []
+    for name in _splits_of(str(folder), split):
+        try:
+            images = folder_images(folder, name)
+            decoder = folder_decoder(size)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # unreadable files are listed in the manifest
+                ds = open_images(images, decoder, "cache", cache_dir=cache_dir, verbose=not as_json)
+            manifest = find_cache(images, decoder, cache_dir)
+        except _USER_ERRORS as err:
+            fail(str(err))
+        rows.append({"split": name, "images": len(ds), "files": len(images), "shape": list(ds.image_shape),
+                     "bytes": ds.nbytes, "file": str(manifest.with_suffix(".npy"))})
+    if as_json:
+        print_json({"folder": str(folder), "cache_dir": str(where), "splits": rows})
+        return
+    for r in rows:
+        typer.echo(f"{r['split']:<6} {r['images']:>9,} images {'x'.join(map(str, r['shape']))}  "
+                   f"{r['bytes'] / 1e6:>10,.1f} MB  {r['file']}")
 
 
 @data_app.command("show")
