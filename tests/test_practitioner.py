@@ -90,3 +90,41 @@ def test_data_check_names_every_pair_that_train_warns_about(tmp_path):
     assert leak["kind"] == "across splits" and sorted(leak["splits"]) == ["test", "train"]
     text = format_report(report)
     assert "1 across splits" in text and f"cat/{leaked_file.name} (test)" in text and "ant/0.png (train)" in text
+
+
+def test_a_run_folder_holds_best_and_last_curves_and_confusion_and_is_never_overwritten(photos, tmp_path, one_thread):
+    import csv
+
+    import imclass
+    from imclass.io import read_metadata
+
+    out = tmp_path / "run"
+    args = ["train", "--model", "mlp", "--dataset", str(photos), "--image-size", "16", "--epochs", "4",
+            "--val-fraction", "0.25", "--lr", "0.01", "--out", str(out), "--json"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    result = json.loads(first.stdout.strip().splitlines()[-1])
+    for name in ("history.csv", "curves.png", "confusion_matrix.png", "best.safetensors", "last.safetensors",
+                 "model.safetensors", "config.json"):
+        assert (out / name).is_file(), name
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    val = [float(r["val_accuracy"]) for r in rows]
+    best = read_metadata(out / "best.safetensors")["metrics"]
+    assert best["val_accuracy"] == max(val) and best["epoch"] == val.index(max(val)) + 1  # best by validation
+    assert read_metadata(out / "last.safetensors")["metrics"]["epoch"] == 4
+    assert (out / "model.safetensors").read_bytes() == (out / "best.safetensors").read_bytes()
+    test = imclass.data.load(photos, "test", image_size=16)
+    assert imclass.load(out).evaluate(test)["accuracy"] == pytest.approx(result["accuracy"])
+    assert best["test_accuracy"] == pytest.approx(result["accuracy"])  # what /models and the page show
+    # the same --out again: a new folder, the first run untouched
+    before = (out / "model.safetensors").read_bytes()
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0, second.output
+    assert json.loads(second.stdout.strip().splitlines()[-1])["out"] == str(tmp_path / "run-2")
+    assert "holds an earlier run" in second.stderr and (out / "model.safetensors").read_bytes() == before
+    # --exist-ok writes into it; --resume continues it in place
+    third = runner.invoke(app, args[:-1] + ["--exist-ok", "--epochs", "1", "--json"])
+    assert json.loads(third.stdout.strip().splitlines()[-1])["out"] == str(out)
+    resumed = runner.invoke(app, ["train", "--out", str(out), "--resume", "--epochs", "2", "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["out"] == str(out)
