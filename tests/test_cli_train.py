@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from imclass.cli import app
-from imclass.train.run import RunConfig, config_from_dict, load_config
+from imclass.workflows.training import RunConfig, config_from_dict, load_config
 
 runner = CliRunner()
 
@@ -299,8 +299,8 @@ def test_errors_are_one_line(args, message, data_root):
 def test_limit_on_a_folder_samples_every_class(tmp_path, cifar_small):
     """A folder lists its files class by class: --limit takes a seeded sample of all classes, not the first class."""
     from imclass.models.weights import Preprocessing
-    from imclass.train.run import _load_data
-    from imclass.transfer.run import read_folder_for
+    from imclass.workflows.training import _load_data
+    from imclass.transfer.workflow import read_folder_for
 
     x, y, _, _ = cifar_small
     for name in ("cat", "dog", "ship"):

@@ -70,7 +70,7 @@ def test_bad_metrics_raise_a_value_error_naming_the_key_and_write_nothing(tmp_pa
 
 
 def test_train_records_its_final_metrics_and_serve_answers_them(tmp_path, data_root):
-    from imclass.train.run import RunConfig, train_from_config
+    from imclass.workflows.training import RunConfig, train_from_config
 
     out = tmp_path / "mlp-run"
     result = train_from_config(RunConfig(model="mlp", model_options={"hidden": [16]}, dataset="cifar10",

@@ -66,7 +66,7 @@ def test_load_of_a_class_ordered_folder_samples_every_class(ordered_folder):
 
 def test_transfer_reading_samples_every_class_of_every_split(ordered_folder):
     from imclass.models.weights import Preprocessing
-    from imclass.transfer.run import load_for, read_folder_for
+    from imclass.transfer.workflow import load_for, read_folder_for
 
     pre = Preprocessing(input_size=(3, 12, 12), resize=12, crop=12, mean=(0.5,) * 3, std=(0.5,) * 3)
     train, val, _ = read_folder_for(ordered_folder, pre, val_fraction=0.25, seed=0, limit=40)

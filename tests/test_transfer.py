@@ -406,8 +406,8 @@ def test_train_transfer_keeps_the_frozen_head_when_fine_tuning_ends_below_it(rea
 
     import imclass
     import imclass.transfer.finetune as ft
-    from imclass.io import read_metadata
-    from imclass.transfer.run import TransferConfig, load_for, train_transfer
+    from imclass.model_file.format import read_metadata
+    from imclass.transfer.workflow import TransferConfig, load_for, train_transfer
 
     weights, flowers = real
     folder = _photo_folder(flowers, tmp_path / "photos", classes=2, per_class=12)

@@ -86,7 +86,8 @@ class Saved:
 
 def load_saved(run: Path) -> Saved:
     """Load a model file or run folder with the metadata the commands need (errors name the file)."""
-    from imclass.io import load, read_metadata
+    from imclass.model_file.format import read_metadata
+    from imclass.models.rebuild import load
 
     header = read_metadata(run)
     predictor = load(run)

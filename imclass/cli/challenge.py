@@ -35,8 +35,8 @@ def challenge(
     Severity 0 is the clean test set (the accuracy `imclass evaluate` reports); 1-5 grow each
     challenge. Several runs go on one plot: `imclass challenge runs/knn runs/cnn cifar10 --report DIR`.
     """
-    from imclass.data.challenges import parse_challenges
-    from imclass.evaluate.challenges import HTML_NAME, challenge_report, load_models
+    from imclass.data.challenge_transforms import parse_challenges
+    from imclass.evaluate.challenge_report import HTML_NAME, challenge_report, load_models
 
     if len(args) < 2:
         fail("expected at least one RUN and then DATA, e.g. `imclass challenge runs/x cifar10 --report reports/x`")

@@ -55,7 +55,7 @@ def evaluate(
         pre = getattr(saved.predictor, "preprocessing", None)  # a pretrained backbone's resize + centre crop
         with plain_warnings():
             if pre is not None:
-                from imclass.transfer.run import load_for
+                from imclass.transfer.workflow import load_for
 
                 data = load_for(dataset, pre, split=split, root=data_root, limit=limit)
             else:

@@ -118,7 +118,7 @@ def _load(saved: Any, dataset: str, split: str, root: Optional[str]):
 
     pre = getattr(saved.predictor, "preprocessing", None)  # a pretrained backbone's resize + centre crop
     if pre is not None:
-        from imclass.transfer.run import load_for
+        from imclass.transfer.workflow import load_for
 
         return load_for(dataset, pre, split=split, root=root)
     size = saved.input_size
@@ -134,7 +134,7 @@ def _image(saved: Any, image: str, root: Optional[str]):
         if i >= len(test):
             raise ValueError(f"{name} test split has {len(test):,} images; index {i} is out of range")
         return test.images[i], int(test.labels[i]), name
-    from imclass.serve.predictor import decode_image
+    from imclass.data.decode import decode_image
 
     pre = getattr(saved.predictor, "preprocessing", None)
     size = saved.input_size

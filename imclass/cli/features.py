@@ -144,7 +144,7 @@ def similar(
     try:
         with plain_warnings():
             if backbone is None:
-                from imclass.transfer.run import no_weights_advice, pick_backbone
+                from imclass.transfer.workflow import no_weights_advice, pick_backbone
 
                 backbone = pick_backbone(weights_dir)
                 if backbone is None:

@@ -89,7 +89,7 @@ def train(
     """
     from imclass.cli.transfer import run_transfer, wants_transfer
     from imclass.train.imbalance import parse_class_weight
-    from imclass.train.run import CONFIG_FILE, load_config, train_from_config
+    from imclass.workflows.training import CONFIG_FILE, load_config, train_from_config
 
     try:
         class_weight = parse_class_weight(class_weight) if isinstance(class_weight, str) else class_weight

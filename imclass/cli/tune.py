@@ -1,4 +1,4 @@
-"""``imclass tune``: hyperparameter search with Optuna (``imclass.train.tune``)."""
+"""``imclass tune``: hyperparameter search with Optuna (``imclass.tuning.search``)."""
 from __future__ import annotations
 
 import json
@@ -50,8 +50,8 @@ def tune(
     top trials, plots.
     """
     from imclass.cli.train import _parse_model_options
-    from imclass.train.tune import TuneConfig
-    from imclass.train.tune import tune as run_tune
+    from imclass.tuning.search import TuneConfig
+    from imclass.tuning.search import tune as run_tune
 
     try:
         cfg = TuneConfig(

@@ -8,7 +8,7 @@ from __future__ import annotations
 from imclass.data.arrays import as_images, as_labels
 from imclass.data.augment import cutout, random_crop, random_flip
 from imclass.data.dataset import ImageDataset
-from imclass.data.datasets import CLASSES, canonical_name, clear_cache, from_arrays, load, names, resize_images
+from imclass.data.catalog import CLASSES, canonical_name, clear_cache, from_arrays, load, names, resize_images
 from imclass.data.download import DownloadError, fetch, resolve_root
 from imclass.data.folder import UnreadableImageError, load_folder, read_image
 from imclass.data.loader import TensorLoader

@@ -4,7 +4,7 @@ time budget, and rank them (accuracy, training time, inference images/s, paramet
     board = compare("cifar10", ["knn-l1", "knn-l2", "mlp", "keras_cnn", "resnet20", "fastnet"],
                     budget=600, out="runs/compare", limit=10_000)
 
-Neural approaches train through the one engine (``imclass.train.run.train_from_config``, or
+Neural approaches train through the one engine (``imclass.workflows.training.train_from_config``, or
 ``imclass.transfer.fine_tune`` for ``transfer:NAME``) with a :class:`~imclass.train.TimeBudget`
 callback that stops training when the budget is spent; a k-NN "trains" by storing the images.
 Every approach writes its run folder ``out/runs/<name>/`` (``imclass.load`` it, or pass it to
@@ -100,7 +100,7 @@ def _speed(predict: Callable[[torch.Tensor], Any], images: torch.Tensor) -> floa
 
 
 def _run_knn(name: str, train, test, folder: Path) -> dict[str, Any]:
-    from imclass.io import save
+    from imclass.model_file.save import save
     from imclass.knn import KNN
 
     start = time.perf_counter()
@@ -115,8 +115,8 @@ def _run_knn(name: str, train, test, folder: Path) -> dict[str, Any]:
 
 def _run_engine(name: str, data: str, folder: Path, budget: float, *, root: Any, image_size: int | None,
                 limit: int | None, seed: int, max_epochs: int, verbose: bool, device: str) -> dict[str, Any]:
-    from imclass.io import load
-    from imclass.train.run import RunConfig, train_from_config
+    from imclass.models.rebuild import load
+    from imclass.workflows.training import RunConfig, train_from_config
 
     fast = name == "fastnet"
     cfg = RunConfig(model=None if fast else name, recipe="fast" if fast else None, dataset=data, data_root=root,
@@ -138,7 +138,7 @@ def _run_engine(name: str, data: str, folder: Path, budget: float, *, root: Any,
 
 def _run_transfer(name: str, train, test, folder: Path, budget: float, *, seed: int, max_epochs: int,
                   verbose: bool) -> dict[str, Any]:
-    from imclass.io import save
+    from imclass.model_file.save import save
     from imclass.train import TimeBudget
     from imclass.transfer import fine_tune, transfer
 

@@ -2,8 +2,8 @@
 (``runs/x`` -> ``runs/x-2``), history.csv, the two-panel training curves and the confusion matrix on the
 held-out split (the pictures are drawn by :mod:`imclass.visualize.training`).
 
-Used by both training workflows (``imclass.train.run`` for registry models and the fast recipe,
-``imclass.transfer.run`` for pretrained backbones), so a run folder looks the same whichever ran.
+Used by both training workflows (``imclass.workflows.training`` for registry models and the fast recipe,
+``imclass.transfer.workflow`` for pretrained backbones), so a run folder looks the same whichever ran.
 """
 from __future__ import annotations
 

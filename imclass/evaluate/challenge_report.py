@@ -4,7 +4,7 @@ course's recognition challenges, as curves, a summary table, example grids, a JS
     report = challenge_report(["runs/knn", "runs/cnn"], "cifar10", "reports/challenge", limit=2000)
     report["challenges"]["occlusion"]["accuracy"]["cnn"]      # [clean, severity 1, ..., severity 5]
 
-The transforms are :mod:`imclass.data.challenges` (seeded ``torchvision.transforms.v2``); every
+The transforms are :mod:`imclass.data.challenge_transforms` (seeded ``torchvision.transforms.v2``); every
 model sees the same perturbed images, and severity 0 is the clean test set, so its accuracy is
 exactly the one ``imclass evaluate`` reports. A second test set of the same classes (a folder,
 a data set or ``(images, labels)``) adds the ``shift`` entry: intra-class variation /
@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from imclass.data.challenges import CHALLENGES, MAX_SEVERITY, apply_challenge, describe
+from imclass.data.challenge_transforms import CHALLENGES, MAX_SEVERITY, apply_challenge, describe
 from imclass.data.dataset import ImageDataset
 from imclass.data.loader import derive_seed
 from imclass.tta import choose_tta
@@ -61,7 +61,8 @@ class ModelUnderTest:
 def load_models(paths: Sequence[str | os.PathLike], *, tta: bool | None = None) -> list[ModelUnderTest]:
     """Load run folders / model files (``imclass.load``) with their metadata; names are the folder
     names (made unique). ``tta``: ``None`` = what each file records, ``False`` = none, ``True`` = flip_translate."""
-    from imclass.io import load, read_metadata
+    from imclass.model_file.format import read_metadata
+    from imclass.models.rebuild import load
 
     models, seen = [], {}
     for p in paths:

@@ -91,10 +91,12 @@ def no_weights_advice(weights_dir: str | os.PathLike | None = None) -> str:
 def _decode(path: Path, pre: Preprocessing) -> torch.Tensor | str:
     from imclass.transfer.features import _decode_one
 
+    from imclass.data.decode import ImageError
+
     try:
         return _decode_one(path, pre)
-    except Exception as err:
-        return f"{type(err).__name__}: {err}"
+    except ImageError as err:
+        return err.reason
 
 
 def _read(paths: list[Path], labels: list[int], pre: Preprocessing, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,9 +184,9 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
     Returns ``accuracy`` (validation), ``seconds`` (end to end, reading included), per-stage seconds,
     image counts, the backbone and where its weights came from, and the saved ``model_file``.
     """
-    from imclass.io import save
+    from imclass.model_file.save import save
     from imclass.models.weights import backbone_name, preprocessing_for
-    from imclass.evaluate.run_folder import (
+    from imclass.train.run_folder import (
         BEST_FILE,
         CONFUSION_FILE,
         CURVES_FILE,
@@ -333,7 +335,7 @@ def _train_config(cfg: TransferConfig, clf: Any) -> dict[str, Any]:
 
 def test_figures(clf: Any, test: Any) -> dict[str, Any] | None:
     """The figures on the folder's own test/ split (None without one)."""
-    from imclass.evaluate.run_folder import held_out_figures
+    from imclass.train.run_folder import held_out_figures
 
     return None if test is None else held_out_figures(clf, test)
 

@@ -127,14 +127,14 @@ def _check(ok: bool, message: str) -> None:
 
 def split_augment(spec: str) -> tuple[str | None, tuple[str, ...]]:
     """``"crop_flip,illumination,occlusion"`` -> ``("crop_flip", ("illumination", "occlusion"))``: at most one
-    name of ``AUGMENTATIONS``, and challenge names (``imclass.data.challenges``; ``challenge`` = all of them)."""
+    name of ``AUGMENTATIONS``, and challenge names (``imclass.data.challenge_transforms``; ``challenge`` = all of them)."""
     items = [s.strip() for s in str(spec).split(",") if s.strip()]
     base = [s for s in items if s in AUGMENTATIONS]
     rest = [s for s in items if s not in AUGMENTATIONS]
     if len(base) > 1 or not items:
         raise ValueError(f"expected augment as one of {list(AUGMENTATIONS)} and/or challenge names, received {spec!r}")
     if rest:
-        from imclass.data.challenges import parse_challenges
+        from imclass.data.challenge_transforms import parse_challenges
 
         try:
             names = parse_challenges(rest)
@@ -150,7 +150,7 @@ def _make_augment(spec: str) -> tuple[Any, list]:
     base, names = split_augment(spec)
     if not names:
         return base, []
-    from imclass.data.challenges import ChallengeAugment
+    from imclass.data.challenge_transforms import ChallengeAugment
 
     augment = ChallengeAugment(names, base=base)
     return augment, [augment]
@@ -279,7 +279,7 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
 def _run_dir(cfg: RunConfig) -> Path:
     """``cfg.out`` (default runs/<model>-<dataset>), or the next free ``-2``, ``-3``, ... when it holds an
     earlier run and neither ``exist_ok`` nor ``resume`` is set; every rank of a torchrun run agrees."""
-    from imclass.evaluate.run_folder import fresh_run_dir
+    from imclass.train.run_folder import fresh_run_dir
 
     wanted = Path(cfg.out or f"runs/{(cfg.model or 'fast').replace(':', '_')}-{Path(cfg.dataset).name}")
     out = fresh_run_dir(wanted, exist_ok=cfg.exist_ok, resume=cfg.resume)
@@ -301,8 +301,9 @@ def _final_models(clf, test_set, out: Path, train_config: dict, seconds: float, 
     """Write last.safetensors, best.safetensors (best by val_accuracy; the last one without validation),
     model.safetensors (the same file as best: what ``imclass.load(out)`` reads) with the test figures in
     each file, and confusion_matrix.png of the default model on the test split."""
-    from imclass.evaluate.run_folder import BEST_FILE, CONFUSION_FILE, LAST_FILE, held_out_figures, link_or_copy
-    from imclass.io import load_weights, save
+    from imclass.train.run_folder import BEST_FILE, CONFUSION_FILE, LAST_FILE, held_out_figures, link_or_copy
+    from imclass.model_file.format import load_weights
+    from imclass.model_file.save import save
     from imclass.train import distributed
     from imclass.visualize.training import save_confusion_matrix
 
@@ -355,7 +356,7 @@ CONFIG_FILE = "config.json"
 
 
 def _run_callbacks(out: Path, budget: float | None = None, validation: bool = False) -> list:
-    from imclass.evaluate.run_folder import BEST_FILE
+    from imclass.train.run_folder import BEST_FILE
     from imclass.train.callbacks import CSVLogger, ModelCheckpoint, TimeBudget, TrainingCurves
 
     callbacks = [CSVLogger(out / "history.csv"), TrainingCurves(out / "curves.png")]
@@ -401,7 +402,7 @@ def _fit_model(cfg: RunConfig, train_set, test_set, out: Path):
 
 def _fit_fast_recipe(cfg: RunConfig, train_set, test_set, out: Path):
     """The fast CIFAR-10 recipe for ``cfg.target``; ``model_options`` (and epochs, batch size) override it."""
-    from imclass.train import recipes
+    from imclass.workflows import recipes
 
     cfg = dataclasses.replace(cfg, recipe="fast", target=cfg.target or DEFAULT_TARGET)
     overrides = dict(cfg.model_options)
@@ -463,7 +464,7 @@ def _build_classifier(cfg: RunConfig, train_set):
         model = _create_model(cfg.model, train_set, cfg.model_options)
         # mean/std are computed from the training images by the first fit
         return Classifier(model, classes=train_set.classes, device=cfg.device)
-    from imclass.io import load
+    from imclass.models.rebuild import load
 
     start = load(cfg.weights, device=cfg.device)
     if not hasattr(start, "model"):
