@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AUGMENTATIONS", "RunConfig", "TrainConfig", "config_from_dict", "load_config", "train_from_config"]
+__all__ = ["AUGMENTATIONS", "RunConfig", "TrainConfig", "config_from_dict", "load_config", "seed_everything",
+           "train_from_config"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = (None, "step", "exponential", "cosine", "onecycle", "linear")
@@ -244,6 +245,18 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
             f"expected a model name (--model) to train on {cfg.dataset!r} (see `imclass models list`); "
             "only cifar10 has a default (the fast recipe)"
         )
+    from imclass.train.checkpoint import CHECKPOINT_NAME
+    from imclass.train.classifier import resolve_device
+
+    wanted = Path(cfg.out or f"runs/{(cfg.model or 'fast').replace(':', '_')}-{Path(cfg.dataset).name}")
+    if wanted.exists() and not wanted.is_dir():
+        raise ValueError(f"--out {wanted}: a file is in the way; expected a run folder (new or existing)")
+    if cfg.resume and not (wanted / CHECKPOINT_NAME).is_file():
+        raise ValueError(f"--resume: no checkpoint in {wanted} (expected {wanted / CHECKPOINT_NAME}; the run folder is "
+                         "missing or mistyped, or the run stopped before its first checkpoint): drop --resume to "
+                         "start a new run")
+    resolve_device(cfg.device)  # an unknown or absent device: one clear error before the data is read
+    seed_everything(cfg.seed)  # model initialisation included: two identical commands, identical model files
     out = _run_dir(cfg)  # runs/x holds an earlier run: runs/x-2 (never a silent overwrite)
     train_set, test_set = _load_data(cfg)
     _warn_about_data(cfg, train_set, test_set)
@@ -319,7 +332,8 @@ def _final_models(clf, test_set, out: Path, train_config: dict, seconds: float, 
         logs = {k: v[epoch - 1] for k, v in history.items() if epoch is not None and len(v) >= epoch}
         values = {**{k: v for k, v in (logs or clf.history.last()).items() if k != "seconds"},
                   "test_accuracy": float(fig["accuracy"]), "test_loss": float(fig["loss"]),
-                  "epochs": len(clf.history), "seconds": seconds}  # GET /models/{name} of `imclass serve`
+                  "epochs": len(clf.history)}  # GET /models/{name} of `imclass serve`; no wall time: two
+        # identical commands must write byte-identical model files (the time is in history.csv and the result)
         return {k: v for k, v in values.items()  # a diverged (NaN) loss is left out, not refused
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
@@ -341,6 +355,18 @@ def _final_models(clf, test_set, out: Path, train_config: dict, seconds: float, 
         save_confusion_matrix(chosen["confusion_matrix"], list(test_set.classes), out / CONFUSION_FILE,
                               title=f"{out.name}: {selected} model on the {test_set.split or 'test'} split")
     return {"metrics": chosen, "selected": selected, "last_accuracy": float(last["accuracy"])}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global generator and torch (CPU and every GPU)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def _write_config(cfg: RunConfig, out: Path) -> None:
@@ -446,10 +472,15 @@ def _load_data(cfg: RunConfig):
 def _warn_about_data(cfg: RunConfig, train_set, test_set) -> None:
     """A cheap check of a folder's images at train start (``imclass.data.check.quick_check``: duplicates
     with two labels, train/test leakage, class imbalance), as warnings; ``imclass data check`` says more."""
-    if not Path(cfg.dataset).expanduser().is_dir():
-        return
     import warnings
 
+    counts = train_set.class_counts()
+    empty = [c for c, n in zip(train_set.classes, counts) if n == 0]
+    if empty:
+        warnings.warn(f"{len(empty)} class(es) of {cfg.dataset} have no training images ({', '.join(empty[:5])}"
+                      f"{', ...' if len(empty) > 5 else ''}): the model can never learn to predict them", stacklevel=3)
+    if not Path(cfg.dataset).expanduser().is_dir():
+        return
     from imclass.data.check import quick_check
 
     for message in quick_check(train_set, test_set, name=Path(cfg.dataset).name):
