@@ -69,18 +69,23 @@ def write_history(history: Mapping[str, Sequence[Any]], path: str | os.PathLike)
 
 def held_out_figures(clf, data, tta: Any = None) -> dict[str, Any]:
     """Accuracy, the plain cross-entropy loss (no label smoothing: the figure ``imclass evaluate`` prints)
-    and the confusion matrix of ``clf`` on ``data``, from one pass over the images."""
+    and the confusion matrix of ``clf`` on ``data`` (an ``ImageDataset`` or any ``ImageSource``), from one
+    pass over the images."""
     import torch
     import torch.nn.functional as F
 
-    logits = clf.predict_logits(data.images, tta=tta).float()
+    if hasattr(data, "images"):  # in memory (or memory-mapped)
+        logits, labels = clf.predict_logits(data.images, tta=tta).float(), data.labels
+    else:  # a streamed source (imclass.data.source.ImageSource): batch by batch
+        parts = [(clf.predict_logits(x, tta=tta).float(), y) for x, y in data.batches(256)]
+        logits, labels = torch.cat([p for p, _ in parts]), torch.cat([y for _, y in parts])
     if logits.shape[1] == 1:  # one sigmoid output
         predicted = (logits[:, 0] > 0).long()
-        loss = F.binary_cross_entropy_with_logits(logits[:, 0], data.labels.float()).item()
+        loss = F.binary_cross_entropy_with_logits(logits[:, 0], labels.float()).item()
     else:
         predicted = logits.argmax(1)
-        loss = F.cross_entropy(logits, data.labels).item()
-    n = max(len(data.classes), int(data.labels.max()) + 1 if len(data.labels) else 0)
-    cm = torch.bincount(data.labels * n + predicted, minlength=n * n).reshape(n, n)
-    return {"accuracy": (predicted == data.labels).double().mean().item(), "loss": loss, "confusion_matrix": cm,
-            "n": len(data.labels)}
+        loss = F.cross_entropy(logits, labels).item()
+    n = max(len(data.classes), int(labels.max()) + 1 if len(labels) else 0)
+    cm = torch.bincount(labels * n + predicted, minlength=n * n).reshape(n, n)
+    return {"accuracy": (predicted == labels).double().mean().item(), "loss": loss, "confusion_matrix": cm,
+            "n": len(labels)}
