@@ -162,7 +162,7 @@ def test_the_chooser_reads_a_real_cgroup_memory_limit():
 # the cache
 
 
-def test_cache_tier_holds_the_memory_tiers_pixels_and_trains_to_the_same_predictions(tmp_path, cache_env, one_thread):
+def test_the_three_tiers_hold_the_same_pixels_and_train_to_the_same_predictions(tmp_path, cache_env, one_thread):
     folder = _photos(tmp_path / "photos", 8)
     memory = imdata.load(folder, split="train", image_size=16, mode="memory")
     cached = imdata.load(folder, split="train", image_size=16, mode="cache")
@@ -175,13 +175,16 @@ def test_cache_tier_holds_the_memory_tiers_pixels_and_trains_to_the_same_predict
     from imclass import models
     from imclass.train import Classifier
 
+    stream = imdata.load(folder, split="train", image_size=16, mode="stream")
+    assert stream.mode == "stream" and torch.equal(stream.read(torch.arange(len(stream))), memory.images)
     preds = []
-    for ds in (memory, cached):
+    for ds in (memory, cached, stream):
         torch.manual_seed(0)
         clf = Classifier(models.create("mlp", num_classes=3, in_chans=3, img_size=16), device="cpu").compile("adam")
         clf.fit(ds, epochs=2, batch_size=4, seed=0, verbose=False, validation=0.25)
         preds.append((clf.predict_logits(ds), clf.history.history["val_accuracy"]))
-    assert torch.equal(preds[0][0], preds[1][0]) and preds[0][1] == preds[1][1]
+    for other in preds[1:]:  # bit for bit: the same batches, statistics, dropout draws and validation rows
+        assert torch.equal(preds[0][0], other[0]) and preds[0][1] == other[1]
 
 
 def test_cache_is_invalidated_by_any_change(tmp_path, cache_env):
