@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from host import cpu_info, cpu_line, provenance  # noqa: E402
+from host import LoadGuard, cpu_info, cpu_line, provenance  # noqa: E402
 
 import imclass  # noqa: E402
 
@@ -167,6 +167,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="the server's torch threads (both modes alike)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
+    guard = LoadGuard(strict=False)  # load average before/after; a busy host marks the figures refused
     clients = max(1, min(args.clients, 256))
     seconds = max(1.0, min(args.seconds, 60.0))
     print(cpu_line())
@@ -210,7 +211,7 @@ def main() -> None:
           f"{fault['bad_mishandled_count']} mishandled; good requests: {fault['requests']} answered, "
           f"{fault['errors']} errors, {fault['wrong_answers']} wrong; server still up: {alive}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"host": provenance(), "cpu": cpu_info(), "clients": clients, "seconds": seconds,
+        Path(args.json).write_text(json.dumps({"host": provenance(guard.before), "load": guard.check(), "cpu": cpu_info(), "clients": clients, "seconds": seconds,
                                                "server_threads": args.threads,
                                                "results": results, "ratio": ratio, "server_alive": alive}, indent=2))
 
