@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from imclass.cli._common import DataRoot, fail, print_json
+from imclass.cli._common import DataRoot, fail, plain_warnings, print_json
 
 data_app = typer.Typer(help="Inspect, show and download data sets (cifar10, mnist, fashion-mnist, image folders).",
                        no_args_is_help=True)
@@ -172,6 +172,35 @@ def check(
     else:
         typer.echo(format_report(report, shown=shown))
 
+
+@data_app.command("shard")
+def shard(
+    folder: Path = typer.Argument(..., help="A folder of images: one sub-folder per class, or train/ + val/ (test/)."),
+    out: Path = typer.Option(..., "--out", help="New folder for the shards (must not exist; written atomically)."),
+    image_size: Optional[str] = typer.Option(None, "--image-size",
+                                             help="Re-encode every image at this size (32 or 32x48); default: the files' own bytes."),
+    shard_size: str = typer.Option("256MB", "--shard-size", help="Per shard: images (1000) or bytes (256MB, 1GB)."),
+    quality: int = typer.Option(90, "--quality", help="JPEG quality when re-encoding (--image-size)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the shuffled sample order."),
+    as_json: bool = typer.Option(False, "--json", help="Print the index as one JSON object."),
+) -> None:
+    """Write WebDataset-format tar shards (key.jpg + key.cls, an index.json), one set per split, for the
+    stream tier and for many machines (docs/data.md)."""
+    from imclass.data.shards import write_shards
+
+    with plain_warnings():
+        try:
+            index = write_shards(folder, out, image_size=parse_size(image_size), shard_size=shard_size,
+                                 quality=quality, seed=seed, verbose=not as_json)
+        except (*_USER_ERRORS, FileExistsError) as err:
+            fail(str(err))
+    if as_json:
+        print_json(index)
+    else:
+        total = sum(s["count"] for s in index["splits"].values())
+        typer.echo(f"{out}: {total:,} images of {len(index['classes'])} classes in "
+                   + ", ".join(f"{len(s['shards'])} {name} shard(s)" for name, s in index["splits"].items())
+                   + f" ({index['seconds']:.1f} s)")
 
 @data_app.command("cache")
 def cache(
