@@ -270,7 +270,9 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
     clf, cfg, details = fit(cfg, train_set, test_set, out)
     seconds = time.perf_counter() - start
     _write_config(cfg, out)
-    train_config = {**cfg.run_dict(), **details}
+    # the model file records how it was trained, not where: the same command twice (in runs/x, then runs/x-2)
+    # writes byte-identical model files; config.json keeps the folder
+    train_config = {k: v for k, v in {**cfg.run_dict(), **details}.items() if k != "out"}
     figures = _final_models(clf, test_set, out, train_config, seconds, list(train_set.image_shape))
     metrics = figures["metrics"]
     model_file = out / MODEL_FILE
