@@ -362,8 +362,13 @@ def quick_check(train: Any, test: Any = None, *, near_distance: int = 2, imbalan
                 name: str = "the data") -> list[str]:
     """Warnings about data already loaded as ``ImageDataset`` s, from their pixels alone (no files read):
     near-identical images with different labels in ``train``, images of ``test`` that are in
-    ``train`` (leakage) and class imbalance in ``train``. Cheap: a 64-bit hash per image."""
+    ``train`` (leakage) and class imbalance in ``train``. Cheap: a 64-bit hash per image, pairs found by an
+    index (no step compares every pair); a memory-mapped set is hashed a chunk at a time. A stream-tier
+    source (no ``images``) is not read twice: one message says the check was skipped."""
     messages = []
+    if not hasattr(train, "images") or (test is not None and len(test) and not hasattr(test, "images")):
+        return [f"the stream tier reads {name} batch by batch: the train-time duplicate and leakage check is "
+                "skipped (imclass data check FOLDER runs it without holding the images)"]
     bits = image_hashes(train.images)
     pairs = hamming_pairs(bits, near_distance)
     conflicts = [(i, j) for i, j, _ in pairs if int(train.labels[i]) != int(train.labels[j])]
