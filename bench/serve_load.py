@@ -28,11 +28,17 @@ import time
 import zlib
 from pathlib import Path
 
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from host import full_strength_blas  # noqa: E402
+
+full_strength_blas()  # before numpy/torch load: peers and imclass's own numpy work on the CPU's native BLAS kernel
+
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from host import cpu_info, cpu_line  # noqa: E402
+from host import cpu_info, cpu_line, provenance  # noqa: E402
 
 import imclass  # noqa: E402
 
@@ -204,7 +210,7 @@ def main() -> None:
           f"{fault['bad_mishandled_count']} mishandled; good requests: {fault['requests']} answered, "
           f"{fault['errors']} errors, {fault['wrong_answers']} wrong; server still up: {alive}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_info(), "clients": clients, "seconds": seconds,
+        Path(args.json).write_text(json.dumps({"host": provenance(), "cpu": cpu_info(), "clients": clients, "seconds": seconds,
                                                "server_threads": args.threads,
                                                "results": results, "ratio": ratio, "server_alive": alive}, indent=2))
 
