@@ -276,8 +276,9 @@ def check_folder(path: str | os.PathLike, options: CheckOptions | None = None, *
     counted_split = "train" if layout == "split" else "all"
     counts = np.bincount(np.array([r["label"] for r in records if r["split"] == counted_split], dtype=np.int64),
                          minlength=len(classes)).tolist()
+    present = {(r["split"], r["label"]) for r in records}  # one pass: classes x files would grow as N^2 with ImageNet
     empty = [f"{s}/{c}" if layout == "split" else c for s in splits for i, c in enumerate(classes)
-             if not any(r["split"] == s and r["label"] == i for r in records)]
+             if (s, i) not in present]
     report = {
         "source": str(root),
         "layout": layout,
