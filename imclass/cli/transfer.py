@@ -101,6 +101,10 @@ def run_transfer(*, dataset: str | None, backbone: str | None, weights: str | No
     typer.echo(f"validation accuracy {result['accuracy']:.2%} on {result['val_images']:,} images "
                f"({result['backbone']}, {result['train_images']:,} training images), {result['seconds']:.1f} s "
                f"({stages}); saved {result['model_file']}")
+    if result.get("suspected_label_errors"):
+        typer.echo(f"{result['suspected_label_errors']} of the {result['val_images']:,} validation images look "
+                   f"mislabelled (confident learning on the held-out predictions); see them: "
+                   f"imclass review {dataset} --out review/")
 
 
 def _int(text: str, flag: str) -> int:

@@ -194,7 +194,7 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
                        class_weight=cfg.class_weight, sampler=cfg.sampler, batch_norm=cfg.batch_norm)
     seconds.update(result.seconds)
     clf = result.classifier
-    metrics = clf.evaluate(val)
+    metrics, suspected = _validate(clf, val)
     head_accuracy = _last(result.head_history)
     if cfg.epochs and head_accuracy is not None and metrics["accuracy"] < head_accuracy:
         warnings.warn(f"fine-tuning ended below the frozen head ({metrics['accuracy']:.1%} < {head_accuracy:.1%} "
@@ -215,6 +215,7 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
         "input_size": list(pre.input_size),
         "pool_stages": model.pool_stages,
         "head_accuracy": head_accuracy,
+        "suspected_label_errors": suspected,
         "seconds": time.perf_counter() - t_start,
         "seconds_per_stage": seconds,
         "model_file": str(model_file),
@@ -225,6 +226,21 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
         report["test_accuracy"] = clf.evaluate(test)["accuracy"]
         report["test_images"] = len(test)
     return report
+
+
+def _validate(clf: Any, val: ImageDataset) -> tuple[dict[str, float], int]:
+    """Accuracy and loss on the validation split, and how many of its images confident learning
+    (``imclass.review.confident``) finds mislabelled: the head never trained on them, so its
+    probabilities there are out of sample. One forward pass serves both."""
+    import torch.nn.functional as F
+
+    from imclass.review.confident import find_label_issues
+
+    logits = clf.predict_logits(val.images)
+    metrics = {"accuracy": float((logits.argmax(1) == val.labels).float().mean()),
+               "loss": float(F.cross_entropy(logits, val.labels))}
+    found = find_label_issues(logits.softmax(1).double().numpy(), val.labels.numpy())
+    return metrics, len(found.indices)
 
 
 DEFAULT_POOL_STAGES = 2  # flowers, frozen MobileNetV2: +1.5 points over the final features alone (bench/RESULTS.md)
