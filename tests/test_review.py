@@ -317,3 +317,21 @@ def test_cli_review_cifar10_cross_validated_and_with_a_run(tmp_path, data_root):
     assert scored.exit_code == 0, scored.output
     report = json.loads(scored.stdout.strip().splitlines()[-1])
     assert report["split"] == "test" and report["images"] == 200 and str(run) in report["method"]
+
+
+def test_train_counts_suspected_label_errors_on_its_validation_split_as_review_with_the_run_does(reviewed, tmp_path,
+                                                                                                 monkeypatch, shared_weights):
+    monkeypatch.setenv("IMCLASS_WEIGHTS", str(shared_weights))
+    root, run = reviewed["root"], tmp_path / "run"
+    trained = _cli("train", "--dataset", str(root), "--image-size", "96", "--val-fraction", "0.5", "--json",
+                   "--out", str(run))
+    assert trained.exit_code == 0, trained.output
+    report = json.loads(trained.stdout.strip().splitlines()[-1])
+    assert report["val_images"] == 23 and isinstance(report["suspected_label_errors"], int)
+    refused = _cli("review", str(root), "--run", str(run), "--split", "train", "--out", str(tmp_path / "r"))
+    assert refused.exit_code == 2 and "not out of sample" in refused.output
+    scored = _cli("review", str(root), "--run", str(run), "--json", "--out", str(tmp_path / "r"))
+    assert scored.exit_code == 0, scored.output
+    review = json.loads(scored.stdout.strip().splitlines()[-1])
+    assert review["images"] == 23  # the same held-out half, scored by the same model
+    assert review["counts"]["label"] == report["suspected_label_errors"]

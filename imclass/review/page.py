@@ -84,7 +84,7 @@ def render_page(data: dict[str, Any], shown: list[dict[str, Any]]) -> str:
 
 _TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>%TITLE%</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">
 <style>
 body { font: 14px system-ui, sans-serif; margin: 16px; background: #fafafa; color: #222; }
 h1 { font-size: 20px; margin: 0 0 4px; } #summary { color: #555; margin-bottom: 12px; }
