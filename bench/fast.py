@@ -8,7 +8,7 @@
     python bench/fast.py --amp-ab                          # CPU training img/s: float32 vs bf16 autocast, side by side
     python bench/fast.py --target 90 --amp bf16            # the timed runs under bf16 autocast (CPU or GPU)
 
-Each seed trains ``imclass.train.recipes.run_fast_recipe`` on all 50,000 CIFAR-10 training
+Each seed trains ``imclass.workflows.recipes.run_fast_recipe`` on all 50,000 CIFAR-10 training
 images and evaluates with TTA on all 10,000 official test images of the shared data: the
 "seconds" are wall time of training + evaluation (the data are loaded before the clock
 starts). Then the Keras-style CNN (``imclass.models.create("keras_cnn")``, Adam 1e-3, batch 32,
@@ -249,7 +249,7 @@ def main(argv=None) -> dict:
         return {"throughput": rows, "threads": torch.get_num_threads()}
 
     from imclass.train.classifier import resolve_device
-    from imclass.train.recipes import run_fast_recipe
+    from imclass.workflows.recipes import run_fast_recipe
 
     root = args.data or Path(os.environ.get("IMCLASS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
     train, test = load_cifar(root)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from imclass.layers import to_channels_first
+from imclass.nn.shapes import to_channels_first
 
 __all__ = ["LayerRow", "summary", "summary_rows"]
 

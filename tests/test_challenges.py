@@ -1,4 +1,4 @@
-"""The challenge transforms (imclass.data.challenges), robustness training and the challenge report."""
+"""The challenge transforms (imclass.data.challenge_transforms), robustness training and the challenge report."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from imclass.data import challenges as ch
+from imclass.data import challenge_transforms as ch
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_robust_training_goes_through_the_engine_and_repeats(cifar_small, one_th
 
 
 def test_run_config_takes_challenge_augmentations(tmp_path, folder, one_thread):
-    from imclass.train.run import RunConfig, split_augment, train_from_config
+    from imclass.workflows.training import RunConfig, split_augment, train_from_config
 
     assert split_augment("crop_flip,illumination,occlusion") == ("crop_flip", ("illumination", "occlusion"))
     assert split_augment("challenge") == (None, ch.CHALLENGES)
@@ -236,7 +236,7 @@ def test_severity_zero_is_the_clean_accuracy_that_evaluate_reports(cli_report, r
     from imclass.cli import app
 
     report, _, _ = cli_report
-    test = imclass.data.load(folder, split="test").subset(slice(0, 32))
+    test = imclass.data.load(folder, split="test", limit=32)
     for model in ("knn", "cnn"):
         res = CliRunner().invoke(app, ["evaluate", str(runs / model), str(folder), "--limit", "32", "--json"])
         assert res.exit_code == 0, res.output
@@ -260,7 +260,7 @@ def test_shift_entry_is_the_accuracy_on_the_second_test_set(cli_report, runs):
 
 
 def test_html_page_renders_offline_with_the_json_numbers(cli_report, chromium_page):
-    from imclass.evaluate.challenges import pct
+    from imclass.evaluate.challenge_report import pct
 
     report, out, _ = cli_report
     page = chromium_page

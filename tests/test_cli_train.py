@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from imclass.cli import app
-from imclass.train.run import RunConfig, config_from_dict, load_config
+from imclass.workflows.training import RunConfig, config_from_dict, load_config
 
 runner = CliRunner()
 
@@ -241,7 +241,7 @@ def test_train_fast_recipe_is_the_cifar10_default(data_root, tmp_path):
     assert report["tta"] == "flip_translate" and report["images"] == result["test_images"] == 256
     assert report["accuracy"] == pytest.approx(result["accuracy"])
     plain = json_out(invoke("evaluate", out, "cifar10", "--data", data_root, "--limit", 256, "--no-tta", "--json"))
-    test = imclass.data.load("cifar10", split="test", root=data_root).subset(slice(0, 256))
+    test = imclass.data.load("cifar10", split="test", root=data_root, limit=256)
     assert plain["tta"] == "none" and plain["accuracy"] == pytest.approx(clf.evaluate(test)["accuracy"])
     assert report["accuracy"] == pytest.approx(clf.evaluate(test, tta="flip_translate")["accuracy"])
     text = invoke("evaluate", out, "cifar10", "--data", data_root, "--limit", 256)
@@ -262,7 +262,7 @@ def test_evaluate_and_predict_a_saved_knn(data_root, tmp_path):
     from imclass.data import load
 
     train = load("fashion-mnist", split="train", root=data_root).subset(slice(0, 500))
-    test = load("fashion-mnist", split="test", root=data_root).subset(slice(0, 50))
+    test = load("fashion-mnist", split="test", root=data_root, limit=50)
     knn = imclass.KNN(k=1, metric="l1", backend="torch").fit(train.images, train.labels)
     path = imclass.save(knn, tmp_path / "knn.safetensors", classes=train.classes)
     report = json_out(invoke("evaluate", path, "fashion-mnist", "--data", data_root, "--limit", 50, "--json"))
@@ -281,8 +281,8 @@ def test_evaluate_and_predict_a_saved_knn(data_root, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["train", "--dataset", "mnist", "--limit", "8"], "expected a model name (--model)"),
-        (["train", "--model", "no_such_net", "--dataset", "mnist", "--limit", "8"], "unknown model 'no_such_net'"),
+        (["train", "--dataset", "mnist", "--limit", "10"], "expected a model name (--model)"),
+        (["train", "--model", "no_such_net", "--dataset", "mnist", "--limit", "10"], "unknown model 'no_such_net'"),
         (["train", "--model", "mlp", "--epochs", "0"], "expected epochs >= 1, received epochs=0"),
         (["train", "--model", "mlp", "-o", "hidden"], "expected --model-option KEY=VALUE, received 'hidden'"),
         (["evaluate", "/nonexistent/run", "mnist"], "/nonexistent/run: no such model file or run folder"),
@@ -299,8 +299,8 @@ def test_errors_are_one_line(args, message, data_root):
 def test_limit_on_a_folder_samples_every_class(tmp_path, cifar_small):
     """A folder lists its files class by class: --limit takes a seeded sample of all classes, not the first class."""
     from imclass.models.weights import Preprocessing
-    from imclass.train.run import _load_data
-    from imclass.transfer.run import read_folder_for
+    from imclass.workflows.training import _load_data
+    from imclass.transfer.workflow import read_folder_for
 
     x, y, _, _ = cifar_small
     for name in ("cat", "dog", "ship"):

@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import imclass.data as data
-from imclass.data import datasets, download as dl
+from imclass.data import catalog as datasets, download as dl
 from imclass.data.cifar import CifarFormatError
 from imclass.data.idx import IdxFormatError, read_idx
 

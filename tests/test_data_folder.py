@@ -105,12 +105,14 @@ def test_unreadable_files_are_skipped_with_one_warning_or_raise_when_strict(tmp_
     (root / "cat" / "bad.png").write_bytes(b"this is not a png")
     good = root / "dog" / "00.png"
     (root / "dog" / "cut.png").write_bytes(good.read_bytes()[:40])  # truncated
-    (root / "dog" / "notes.txt").write_text("ignored: not an image extension")
+    (root / "dog" / "notes.txt").write_text("skipped: not an image extension")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ds = data.load(root, split="all")
-    assert len(caught) == 1
-    message = str(caught[0].message)
+    assert len(caught) == 2  # one for what the walk skipped, one for what the decoder refused
+    assert str(caught[0].message) == (f"skipped 1 entry under {root}: 1 not an image file name "
+                                      "(.jpg .jpeg .png .bmp .gif .webp .tif .tiff): dog/notes.txt")
+    message = str(caught[1].message)
     assert message.startswith(f"skipped 2 unreadable image file(s) in {root}: cat/bad.png (")
     assert "dog/cut.png" in message and "strict=True" in message
     assert ds.class_counts() == [3, 3, 3]

@@ -11,7 +11,7 @@ from imclass.data.dataset import ImageDataset
 from imclass.data.loader import TensorLoader
 from imclass.models import create
 from imclass.models.fastnet import init_whitening, patch_covariance
-from imclass.train.recipes import (
+from imclass.workflows.recipes import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     FAST_TARGETS,

@@ -12,7 +12,7 @@ from imclass.data.loader import TensorLoader
 from imclass.evaluate import per_class_accuracy
 from imclass.train import Classifier
 from imclass.train.imbalance import class_weights, parse_class_weight, sample_weights
-from imclass.train.run import RunConfig, config_from_dict
+from imclass.workflows.training import RunConfig, config_from_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

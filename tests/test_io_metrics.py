@@ -70,7 +70,7 @@ def test_bad_metrics_raise_a_value_error_naming_the_key_and_write_nothing(tmp_pa
 
 
 def test_train_records_its_final_metrics_and_serve_answers_them(tmp_path, data_root):
-    from imclass.train.run import RunConfig, train_from_config
+    from imclass.workflows.training import RunConfig, train_from_config
 
     out = tmp_path / "mlp-run"
     result = train_from_config(RunConfig(model="mlp", model_options={"hidden": [16]}, dataset="cifar10",
@@ -85,7 +85,7 @@ def test_train_records_its_final_metrics_and_serve_answers_them(tmp_path, data_r
     for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
         assert saved[key] == pytest.approx(float(last[key]))
     # the file's test accuracy is what the model scores on the same 300 test images
-    test = imclass.data.load("cifar10", split="test", root=str(data_root)).subset(slice(0, 300))
+    test = imclass.data.load("cifar10", split="test", root=str(data_root), limit=300)
     assert imclass.load(out).evaluate(test)["accuracy"] == pytest.approx(saved["test_accuracy"])
 
     # history.csv is rewritten: the served metrics are the file's, not the CSV's

@@ -232,7 +232,7 @@ def test_metrics_match_sklearn():
 
 def test_fast_recipe_amp_auto_follows_the_cpu(monkeypatch):
     """'auto' trains in bf16 only on a CPU with native bf16 (AVX-512-BF16/AMX); elsewhere float32."""
-    from imclass.train import recipes
+    from imclass.workflows import recipes
 
     monkeypatch.setattr(recipes, "cpu_has_native_bf16", lambda: True)
     assert recipes.resolve_amp("auto", torch.device("cpu")) == "bf16"
@@ -243,7 +243,7 @@ def test_fast_recipe_amp_auto_follows_the_cpu(monkeypatch):
 
 def test_bf16_autocast_on_cpu_runs_convolutions_in_bfloat16():
     """amp='bf16' is honoured on a CPU (autocast): convolutions see bf16, weights stay float32."""
-    from imclass.train.recipes import resolve_amp
+    from imclass.workflows.recipes import resolve_amp
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))

@@ -399,7 +399,7 @@ def test_cli_train_folder_with_no_other_flag_then_predict_and_evaluate(real, tmp
 
 def test_train_transfer_warns_when_fine_tuning_ends_below_the_frozen_head(real, tmp_path, monkeypatch):
     import imclass.transfer.finetune as ft
-    from imclass.transfer.run import TransferConfig, train_transfer
+    from imclass.transfer.workflow import TransferConfig, train_transfer
 
     weights, flowers = real
     folder = _photo_folder(flowers, tmp_path / "photos", classes=2, per_class=8)

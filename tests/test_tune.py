@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 
 import imclass
 from imclass.cli import app
-from imclass.train import tune as tune_mod
-from imclass.train.tune import Param, TuneConfig, load_space, parse_space, suggest, tune
+from imclass.tuning import search as tune_mod
+from imclass.tuning.search import Param, TuneConfig, load_space, parse_space, suggest, tune
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACE = {
@@ -270,7 +270,7 @@ def test_a_trial_left_running_without_a_heartbeat_is_failed_and_retried(tmp_path
 
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    from imclass.train.tune import fail_orphaned_trials
+    from imclass.tuning.search import fail_orphaned_trials
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

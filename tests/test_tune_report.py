@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from imclass.cli import app
 from imclass.evaluate.report import _top_trials, report, tuning_folder
-from imclass.train.tune import TuneConfig, tune
+from imclass.tuning.search import TuneConfig, tune
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SPACE = {"lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True},

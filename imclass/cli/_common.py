@@ -19,6 +19,14 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError, DownloadEr
 
 DataRoot = typer.Option(None, "--data", help="Data root folder (default: $IMCLASS_DATA, else ~/.cache/imclass).")
 
+LIMIT_HELP = ("A seeded, stratified sample of N images of each split (every class keeps its share; "
+              "the same images in every command).")
+
+
+def limit_option(**kwargs: Any) -> Any:
+    """The ``--limit N`` option of every command: one meaning (``imclass.data.split.limit_indices``)."""
+    return typer.Option(None, "--limit", help=LIMIT_HELP, **kwargs)
+
 
 def print_json(obj: Any) -> None:
     """Print one JSON object on stdout (for --json)."""
@@ -78,7 +86,8 @@ class Saved:
 
 def load_saved(run: Path) -> Saved:
     """Load a model file or run folder with the metadata the commands need (errors name the file)."""
-    from imclass.io import load, read_metadata
+    from imclass.model_file.format import read_metadata
+    from imclass.models.rebuild import load
 
     header = read_metadata(run)
     predictor = load(run)

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, DataRoot, TTAOption, fail, plain_warnings, print_json
+from imclass.cli._common import USER_ERRORS, DataRoot, TTAOption, fail, limit_option, plain_warnings, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -22,7 +22,7 @@ def challenge(
     ),
     split: str = typer.Option("test", "--split", help="Which split of DATA to test on."),
     data_root: Optional[str] = DataRoot,
-    limit: Optional[int] = typer.Option(None, "--limit", help="Test only the first N images."),
+    limit: Optional[int] = limit_option(),
     challenges: str = typer.Option(
         "all", "--challenges", help="Comma-separated subset of illumination,viewpoint,deformation,occlusion,clutter."
     ),
@@ -35,8 +35,8 @@ def challenge(
     Severity 0 is the clean test set (the accuracy `imclass evaluate` reports); 1-5 grow each
     challenge. Several runs go on one plot: `imclass challenge runs/knn runs/cnn cifar10 --report DIR`.
     """
-    from imclass.data.challenges import parse_challenges
-    from imclass.evaluate.challenges import HTML_NAME, challenge_report, load_models
+    from imclass.data.challenge_transforms import parse_challenges
+    from imclass.evaluate.challenge_report import HTML_NAME, challenge_report, load_models
 
     if len(args) < 2:
         fail("expected at least one RUN and then DATA, e.g. `imclass challenge runs/x cifar10 --report reports/x`")

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, DataRoot, fail, plain_warnings, print_json
+from imclass.cli._common import USER_ERRORS, DataRoot, fail, limit_option, plain_warnings, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -23,7 +23,7 @@ def compare(
     ),
     budget: str = typer.Option("10m", "--budget", help="Training time per approach: 10m, 90s, 1h."),
     out: Path = typer.Option(..., "--out", help="Folder for the leaderboard, the entries and each approach's run."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N training and N test images."),
+    limit: Optional[int] = limit_option(),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to N x N (needed for a folder "
                                              "of mixed sizes)."),
     data_root: Optional[str] = DataRoot,

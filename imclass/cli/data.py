@@ -37,7 +37,7 @@ def parse_size(text: str | None) -> int | tuple[int, int] | None:
 
 
 def _splits_of(name: str, split: str | None) -> list[str]:
-    from imclass.data.datasets import canonical_name
+    from imclass.data.catalog import canonical_name
     from imclass.data.folder import split_folders
 
     if split:
@@ -77,7 +77,7 @@ def info(
 
     A folder of images is described from its file headers (nothing decoded): its layout, formats,
     colour modes and size distribution too, so folders of mixed sizes and formats work."""
-    from imclass.data.datasets import canonical_name
+    from imclass.data.catalog import canonical_name
 
     if canonical_name(name) is None and Path(name).expanduser().is_dir():
         _folder_info(Path(name).expanduser(), split, parse_size(image_size), as_json)

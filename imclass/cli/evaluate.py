@@ -6,7 +6,16 @@ from typing import Any, Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, DataRoot, TTAOption, fail, load_saved, plain_warnings, print_json
+from imclass.cli._common import (
+    USER_ERRORS,
+    DataRoot,
+    TTAOption,
+    fail,
+    limit_option,
+    load_saved,
+    plain_warnings,
+    print_json,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -19,7 +28,7 @@ def evaluate(
     dataset: str = typer.Argument(..., help="cifar10, mnist, fashion-mnist or an image folder."),
     split: str = typer.Option("test", "--split", help="Which split to evaluate on."),
     data_root: Optional[str] = DataRoot,
-    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N images."),
+    limit: Optional[int] = limit_option(),
     confusion: bool = typer.Option(False, "--confusion", help="Also print the confusion matrix."),
     tta: Optional[bool] = TTAOption,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -46,13 +55,12 @@ def evaluate(
         pre = getattr(saved.predictor, "preprocessing", None)  # a pretrained backbone's resize + centre crop
         with plain_warnings():
             if pre is not None:
-                from imclass.transfer.run import load_for
+                from imclass.transfer.workflow import load_for
 
-                data = load_for(dataset, pre, split=split, root=data_root)
+                data = load_for(dataset, pre, split=split, root=data_root, limit=limit)
             else:
-                data = imdata.load(dataset, split=split, root=data_root, image_size=tuple(size[1:]) if size else None)
-        if limit is not None:
-            data = data.subset(slice(0, limit))
+                data = imdata.load(dataset, split=split, root=data_root, image_size=tuple(size[1:]) if size else None,
+                                   limit=limit)
         if saved.classes is not None and len(saved.classes) != data.num_classes:
             raise ValueError(
                 f"{run}: the model knows {len(saved.classes)} classes but {dataset} has {data.num_classes}"

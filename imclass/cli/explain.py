@@ -30,8 +30,8 @@ def explain(
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Training images for neighbours and same-l2 "
                                           "(default: the data set of IMAGE given as DATASET:INDEX)."),
     data_root: Optional[str] = DataRoot,
-    limit: Optional[int] = typer.Option(None, "--limit", help="Images used: training images for neighbours and "
-                                        "same-l2 (default 10000), test images for tsne (default 1000)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="A seeded, stratified sample of N images: training images "
+                                        "for neighbours and same-l2 (default 10000), test images for tsne (default 1000)."),
     window: Optional[int] = typer.Option(None, "--window", help="Occlusion patch size in pixels (default: a sixth of the side)."),
     k: int = typer.Option(8, "--k", help="Neighbours shown (neighbours)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object of the figures."),
@@ -42,6 +42,7 @@ def explain(
     Attributions come from Captum; a k-NN model (no layers) takes occlusion, neighbours, tsne and same-l2.
     """
     from imclass import explain as ex
+    from imclass.data.split import limit_dataset
 
     try:
         if method not in METHODS:
@@ -63,7 +64,7 @@ def explain(
                 raise ValueError("tsne needs a data set as IMAGE (cifar10, mnist, ... or a folder)")
             with plain_warnings():
                 test = _load(saved, image.rsplit(":", 1)[0] if _indexed(image) else image, "test", data_root)
-            test = test.subset(slice(0, limit or 1000))
+            test = limit_dataset(test, limit or 1000)
             result = ex.tsne_map(model, test.images, test.labels, classes=saved.classes or test.classes, out=out)
             result.pop("coordinates")
             result.pop("labels")
@@ -88,7 +89,7 @@ def explain(
                     raise ValueError(f"{method} needs training images: give --dataset (cifar10, ... or a folder)")
                 with plain_warnings():
                     train = _load(saved, train_name, "train", data_root)
-                train = train.subset(slice(0, limit or 10000))
+                train = limit_dataset(train, limit or 10000)
                 classes = saved.classes or train.classes
                 if method == "neighbours":
                     result = ex.neighbours(model, x, train.images, train.labels, k=k, classes=classes, out=out)
@@ -117,7 +118,7 @@ def _load(saved: Any, dataset: str, split: str, root: Optional[str]):
 
     pre = getattr(saved.predictor, "preprocessing", None)  # a pretrained backbone's resize + centre crop
     if pre is not None:
-        from imclass.transfer.run import load_for
+        from imclass.transfer.workflow import load_for
 
         return load_for(dataset, pre, split=split, root=root)
     size = saved.input_size
@@ -133,7 +134,7 @@ def _image(saved: Any, image: str, root: Optional[str]):
         if i >= len(test):
             raise ValueError(f"{name} test split has {len(test):,} images; index {i} is out of range")
         return test.images[i], int(test.labels[i]), name
-    from imclass.serve.predictor import decode_image
+    from imclass.data.decode import decode_image
 
     pre = getattr(saved.predictor, "preprocessing", None)
     size = saved.input_size

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, DataRoot, fail, plain_warnings, print_json
+from imclass.cli._common import USER_ERRORS, DataRoot, fail, limit_option, plain_warnings, print_json
 
 _MODEL = typer.Argument(..., help="A run folder or model file (imclass train --out), or a backbone name "
                                   "(mobilenetv2_100, timm:resnet18, torchvision:squeezenet1_1).")
@@ -62,7 +62,7 @@ def features(
     image_size: Optional[int] = _IMAGE_SIZE,
     batch_size: int = _BATCH,
     split: str = typer.Option("train", "--split", help="Split of a named data set (train or test)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images of a named data set."),
+    limit: Optional[int] = limit_option(),
     data_root: Optional[str] = DataRoot,
     cache: Optional[str] = _CACHE,
     amp: str = _AMP,
@@ -88,9 +88,7 @@ def features(
             else:
                 from imclass.data import load
 
-                ds = load(data, split=split, root=data_root)
-                if limit is not None:
-                    ds = ds.subset(slice(0, limit))
+                ds = load(data, split=split, root=data_root, limit=limit)
                 source, labels, classes = ds.images, ds.labels, list(ds.classes)
                 splits, paths = [split] * len(ds), [f"{ds.name}/{split}/{i}" for i in range(len(ds))]
             feats = extract_features(emb.model, source, emb.preprocessing, batch_size, cache=_cache(cache),
@@ -146,7 +144,7 @@ def similar(
     try:
         with plain_warnings():
             if backbone is None:
-                from imclass.transfer.run import no_weights_advice, pick_backbone
+                from imclass.transfer.workflow import no_weights_advice, pick_backbone
 
                 backbone = pick_backbone(weights_dir)
                 if backbone is None:

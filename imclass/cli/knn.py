@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from imclass.cli._common import DataRoot, fail, print_json
+from imclass.cli._common import DataRoot, fail, limit_option, print_json
 
 _USER_ERRORS = (ValueError, TypeError, FileNotFoundError, RuntimeError, OSError)
 
@@ -28,12 +28,20 @@ def parse_ks(text: str) -> list[int]:
     return ks
 
 
-def _limit(ds, n: Optional[int], flag: str):
+def _limit(ds, n: Optional[int], flag: str, seed: int):
+    """``--limit``: a seeded, stratified sample of the split (``imclass.data.split.limit_indices``)."""
+    from imclass.data.split import limit_dataset
+
     if n is None:
         return ds
     if n < 1:
         fail(f"expected {flag} >= 1, received {n}")
-    return ds.subset(slice(0, n))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = limit_dataset(ds, n, seed=seed)
+    for w in caught:
+        typer.secho(f"warning: {w.message}", fg=typer.colors.YELLOW, err=True)
+    return out
 
 
 def _load(name: str, split: str, root: Optional[str]):
@@ -57,8 +65,10 @@ def knn(
     k: int = typer.Option(1, "--k", "-k", help="Neighbours that vote (ignored with --cv, which chooses k)."),
     weights: str = typer.Option("uniform", "--weights", help="uniform or distance (votes weighted by 1/distance)."),
     data: Optional[str] = DataRoot,
-    train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Use only the first N training images."),
-    test_limit: Optional[int] = typer.Option(None, "--test-limit", help="Use only the first N test images."),
+    limit: Optional[int] = limit_option(),
+    train_limit: Optional[int] = typer.Option(None, "--train-limit", hidden=True,
+                                              help="--limit for the training split only."),
+    test_limit: Optional[int] = typer.Option(None, "--test-limit", hidden=True, help="--limit for the test split only."),
     cv: bool = typer.Option(False, "--cv", help="Choose k by cross-validation on the training images first."),
     ks: str = typer.Option("1,3,5,7,10,20", "--ks", help="k values tried by --cv."),
     folds: int = typer.Option(5, "--folds", help="Folds for --cv."),
@@ -84,8 +94,8 @@ def knn(
         fail(str(err))
     k_values = parse_ks(ks) if cv else None
     t_load = time.perf_counter()
-    train = _limit(_load(dataset, "train", data), train_limit, "--train-limit")
-    test = _limit(_load(dataset, "test", data), test_limit, "--test-limit")
+    train = _limit(_load(dataset, "train", data), limit if train_limit is None else train_limit, "--limit", seed)
+    test = _limit(_load(dataset, "test", data), limit if test_limit is None else test_limit, "--limit", seed)
     t_load = time.perf_counter() - t_load
 
     result: dict = {"dataset": dataset, "metric": model.metric_, "weights": weights,

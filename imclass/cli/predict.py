@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, TTAOption, fail, print_json
+from imclass.cli._common import USER_ERRORS, TTAOption, fail, plain_warnings, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -67,7 +67,8 @@ def predict(
         predictor = Predictor.load(run, tta=tta)
     except USER_ERRORS as err:
         fail(str(err))
-    paths = find_images(images)
+    with plain_warnings():  # what the folder walk skipped: one `warning:` line
+        paths = find_images(images)
     if not paths:
         fail(f"no image files found in {', '.join(map(str, images))}")
     results: dict[int, dict] = {}

@@ -31,39 +31,44 @@ def serve(
     max_files: int = typer.Option(16, "--max-files", help="Files per request at most; beyond: 413."),
     max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Pixels per image at most (checked before decoding)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for inference (default: torch's)."),
+    allowed_hosts: Optional[str] = typer.Option(
+        None, "--allowed-hosts", help="Host header values to answer, comma-separated ('*': any); default: the --host "
+        "address, plus localhost and 127.0.0.1 when it is a loopback address; any when bound to 0.0.0.0."),
+    header_timeout: float = typer.Option(10.0, "--header-timeout", help="Seconds a client has to send a request's "
+                                         "headers; then the connection is closed."),
+    body_timeout: float = typer.Option(60.0, "--body-timeout", help="Seconds a client has to send a request's body; "
+                                       "then 408."),
 ) -> None:
     """Serve saved models over HTTP: POST /predict, GET /health, GET /models, the page at /, docs at /docs."""
     from imclass.serve.app import API_KEY_ENV, ServeConfig, create_app
     from imclass.serve.predictor import Predictor
+    from imclass.serve.server import default_allowed_hosts, listen, run
 
     if threads is not None:
         import torch
 
         torch.set_num_threads(max(1, threads))
+    hosts = tuple(h.strip() for h in allowed_hosts.split(",")) if allowed_hosts is not None \
+        else default_allowed_hosts(host)
     try:
         config = ServeConfig(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_files=max_files,
                              max_pixels=max_pixels, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                             max_queue=max_queue, api_key=api_key or os.environ.get(API_KEY_ENV) or None)
-        predictors = []
-        for run in runs:
-            predictors.append(Predictor.load(run, tta=tta))
-        app = create_app(predictors, config)
+                             max_queue=max_queue, api_key=api_key if api_key is not None else os.environ.get(API_KEY_ENV),
+                             allowed_hosts=hosts, header_timeout_s=header_timeout, body_timeout_s=body_timeout)
+        sock = listen(host, port)  # bound before loading models: a port in use or out of range is one clear error
     except USER_ERRORS as err:
         fail(str(err))
-    import socket
-
-    import uvicorn
-
-    # bind here so that --port 0 can say which port it got, and a port in use is one clear error
-    try:
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
     except OSError as err:
         fail(f"cannot listen on {host}:{port}: {err.strerror or err}")
+    try:
+        predictors = [Predictor.load(run_, tta=tta) for run_ in runs]
+        app = create_app(predictors, config)
+    except USER_ERRORS as err:
+        sock.close()
+        fail(str(err))
     bound = sock.getsockname()[1]
     names = ", ".join(p.name for p in predictors)
     typer.echo(f"serving {names} on http://{host}:{bound} (docs: /docs; batching {'on' if batching else 'off'}"
-               f"{'; API key required' if config.api_key else ''})", err=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2))
-    server.run(sockets=[sock])
+               f"{'; API key required' if config.api_key else ''}; hosts: "
+               f"{', '.join(config.allowed_hosts) if config.allowed_hosts else 'any'})", err=True)
+    run(app, sock, header_timeout=header_timeout)

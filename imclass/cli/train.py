@@ -7,7 +7,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, DataRoot, fail, plain_warnings, print_json
+from imclass.cli._common import USER_ERRORS, DataRoot, fail, limit_option, plain_warnings, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -29,7 +29,7 @@ def train(
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="cifar10, mnist, fashion-mnist or a folder."),
     data_root: Optional[str] = DataRoot,
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to SIZE x SIZE."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N training and test images."),
+    limit: Optional[int] = limit_option(),
     epochs: Optional[int] = typer.Option(None, "--epochs", "-e", help="Passes over the training set (default 10)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per step (default 32)."),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam, adamw, sgd or rmsprop (default adam)."),
@@ -87,7 +87,7 @@ def train(
     """
     from imclass.cli.transfer import run_transfer, wants_transfer
     from imclass.train.imbalance import parse_class_weight
-    from imclass.train.run import CONFIG_FILE, load_config, train_from_config
+    from imclass.workflows.training import CONFIG_FILE, load_config, train_from_config
 
     try:
         class_weight = parse_class_weight(class_weight) if isinstance(class_weight, str) else class_weight

@@ -65,7 +65,7 @@ def run_transfer(*, dataset: str | None, backbone: str | None, weights: str | No
                  batch_norm: str | None = None) -> None:
     """``imclass train`` for transfer learning; ``fallback()`` trains a small network from scratch
     when no ``--backbone`` was asked for and no pretrained weights are found."""
-    from imclass.transfer.run import TransferConfig, no_weights_advice, pick_backbone, train_transfer
+    from imclass.transfer.workflow import TransferConfig, no_weights_advice, pick_backbone, train_transfer
 
     if dataset is None:
         fail("expected --dataset FOLDER (a class-per-folder tree of photos) to transfer to")

@@ -1,4 +1,4 @@
-"""``imclass tune``: hyperparameter search with Optuna (``imclass.train.tune``)."""
+"""``imclass tune``: hyperparameter search with Optuna (``imclass.tuning.search``)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, DataRoot, fail, plain_warnings, print_json
+from imclass.cli._common import USER_ERRORS, DataRoot, fail, limit_option, plain_warnings, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -19,7 +19,7 @@ def tune(
     model: str = typer.Option("mlp", "--model", help="Architecture to tune (imclass models list), or knn."),
     dataset: str = typer.Option("cifar10", "--dataset", help="cifar10, mnist, fashion-mnist or an image folder."),
     data_root: Optional[str] = DataRoot,
-    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N training (and test) images."),
+    limit: Optional[int] = limit_option(),
     epochs: int = typer.Option(3, "--epochs", help="Epochs per trial (and for the final retraining)."),
     trials: int = typer.Option(20, "--trials", help="Finished trials the study should hold (a rerun adds the rest)."),
     space: Optional[Path] = typer.Option(None, "--space", help="Search space file (.yaml, .toml, .json)."),
@@ -50,8 +50,8 @@ def tune(
     top trials, plots.
     """
     from imclass.cli.train import _parse_model_options
-    from imclass.train.tune import TuneConfig
-    from imclass.train.tune import tune as run_tune
+    from imclass.tuning.search import TuneConfig
+    from imclass.tuning.search import tune as run_tune
 
     try:
         cfg = TuneConfig(

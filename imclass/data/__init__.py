@@ -8,11 +8,11 @@ from __future__ import annotations
 from imclass.data.arrays import as_images, as_labels
 from imclass.data.augment import cutout, random_crop, random_flip
 from imclass.data.dataset import ImageDataset
-from imclass.data.datasets import CLASSES, canonical_name, clear_cache, from_arrays, load, names, resize_images
+from imclass.data.catalog import CLASSES, canonical_name, clear_cache, from_arrays, load, names, resize_images
 from imclass.data.download import DownloadError, fetch, resolve_root
 from imclass.data.folder import UnreadableImageError, load_folder, read_image
 from imclass.data.loader import TensorLoader
-from imclass.data.split import split_indices, train_val_split
+from imclass.data.split import limit_dataset, limit_indices, split_indices, train_val_split
 
 __all__ = [
     "CLASSES",
@@ -27,6 +27,8 @@ __all__ = [
     "cutout",
     "fetch",
     "from_arrays",
+    "limit_dataset",
+    "limit_indices",
     "load",
     "load_folder",
     "names",

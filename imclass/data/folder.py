@@ -7,9 +7,11 @@ Two layouts are understood:
 * a **plain tree**: ``root/<class>/...``; it is split reproducibly, 20% of each class held out as
   ``"test"`` and the rest as ``"train"`` (seed 0), or read whole with ``split="all"``.
 
-Images are decoded with Pillow (JPEG, PNG, BMP, GIF, WebP) in a thread pool, as RGB, or as one
-grey channel when every image is grey. Unreadable files are skipped with one warning listing them
-(``strict=True`` makes that an error).
+Files are listed by the one folder walk (``imclass.data.walk``: symlinked folders read once, regular
+files only, skipped entries named in one warning) and decoded by the one gate (``imclass.data.decode``:
+JPEG, PNG, BMP, GIF, WebP, TIFF; pixel limit; EXIF orientation; 16-bit and float scaled) in a thread
+pool, as RGB, or as one grey channel when every image is grey. Unreadable files are skipped with one
+warning listing them (``strict=True`` makes that an error).
 """
 from __future__ import annotations
 
@@ -24,12 +26,15 @@ import numpy as np
 import torch
 
 from imclass.data.dataset import ImageDataset
-from imclass.data.split import split_indices
+from imclass.data.decode import (
+    DEFAULT_MAX_PIXELS, GREY_MODES, IMAGE_EXTENSIONS, ImageError, decode_array, decode_image, probe_image, stack_images,
+)
+from imclass.data.split import limit_indices, split_indices
+from imclass.data.walk import walk_classes
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 TEST_FRACTION = 0.2  # share of each class held out as "test" in a plain tree
 SPLIT_SEED = 0
-_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+_GREY_MODES = GREY_MODES
 _SHOWN = 10  # unreadable files named in a message before "... and N more"
 
 
@@ -56,10 +61,6 @@ def _subfolders(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
 
 
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
-
-
 def split_folders(root: Path) -> dict[str, Path]:
     """The split sub-folders of a split tree (``train`` plus ``test`` and/or ``val``), else ``{}``."""
     found = {name: root / name for name in ("train", "val", "test") if (root / name).is_dir()}
@@ -67,42 +68,24 @@ def split_folders(root: Path) -> dict[str, Path]:
 
 
 def list_images(folder: Path, classes: Sequence[str]) -> tuple[list[Path], list[int]]:
-    """Image files under ``folder/<class>/`` (searched recursively, sorted) and their class indices."""
-    paths: list[Path] = []
-    labels: list[int] = []
-    for label, name in enumerate(classes):
-        class_dir = folder / name
-        if not class_dir.is_dir():
-            continue
-        found = []
-        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            found += [Path(dirpath) / f for f in filenames if _is_image(f)]
-        found.sort()
-        paths += found
-        labels += [label] * len(found)
-    return paths, labels
+    """Image files under ``folder/<class>/`` (searched recursively, sorted) and their class indices.
 
-
-def _decode_array(path: Path, size: tuple[int, int] | None, mode: str | None = None, draft: bool = True) -> np.ndarray:
-    """One image as (H, W) grey or (H, W, 3) RGB uint8 (``mode`` "L"/"RGB" forces one), resized to ``size``."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        if draft and size is not None and im.format == "JPEG" and im.mode in ("RGB", "L"):
-            im.draft(im.mode, (size[1], size[0]))  # cheap DCT downscale, to at least the target size
-        im = im.convert(mode or ("L" if im.mode in _GREY_MODES else "RGB"))
-        if size is not None and im.size != (size[1], size[0]):
-            im = im.resize((size[1], size[0]), Image.BILINEAR)  # PIL sizes are (width, height)
-        return np.array(im, dtype=np.uint8)  # a writable copy (torch warns about read-only arrays)
+    Listed by ``imclass.data.walk.walk_classes``; entries it skips (symlink loops, FIFOs, other files)
+    are named in one warning.
+    """
+    found = walk_classes(folder, classes)
+    message = found.message(folder)
+    if message:
+        warnings.warn(message, stacklevel=2)
+    return found.paths, found.labels
 
 
 def _decode(path: Path, size: tuple[int, int] | None) -> np.ndarray | str:
     """One image as (H, W) grey or (H, W, 3) RGB uint8, resized to ``size``; on failure the reason."""
     try:
-        return _decode_array(path, size)
-    except Exception as err:  # a worker never raises: the caller reports every bad file at once
-        return f"{type(err).__name__}: {err}"
+        return decode_array(path, size=size, max_pixels=DEFAULT_MAX_PIXELS)
+    except ImageError as err:  # a worker never raises: the caller reports every bad file at once
+        return err.reason
 
 
 def read_image(path: str | Path, size: tuple[int, int] | None = None, channels: int | None = None) -> torch.Tensor:
@@ -111,31 +94,16 @@ def read_image(path: str | Path, size: tuple[int, int] | None = None, channels: 
     ``channels`` 1 or 3 converts to grey or RGB (default: grey stays grey, anything else RGB);
     ``size`` (h, w) resizes. A missing or unreadable file raises a ValueError naming it.
     """
-    from PIL import UnidentifiedImageError
-
-    path = Path(path)
-    if channels not in (None, 1, 3):
-        raise ValueError(f"expected channels 1, 3 or None, received channels={channels!r}")
-    if not path.is_file():
-        raise ValueError(f"{path}: no such image file")
-    mode = {None: None, 1: "L", 3: "RGB"}[channels]
-    try:
-        array = _decode_array(path, size, mode, draft=False)
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"{path}: not a readable image ({err})") from None
-    t = torch.from_numpy(array)
-    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()  # (H, W, C) -> (C, H, W)
+    return decode_image(path, size=size, channels=channels, name=str(path))  # ImageError is a ValueError
 
 
 def _probe_size(path: Path) -> tuple[int, int] | str:
-    """(height, width) from the file header, without decoding the pixels."""
-    from PIL import Image
-
+    """(height, width) from the file header (after EXIF orientation), without decoding the pixels."""
     try:
-        with Image.open(path) as im:
-            return im.size[1], im.size[0]
-    except Exception as err:
-        return f"{type(err).__name__}: {err}"
+        info = probe_image(path, max_pixels=DEFAULT_MAX_PIXELS)
+    except ImageError as err:
+        return err.reason
+    return info.height, info.width
 
 
 def _map(fn, items: list, workers: int | None, desc: str) -> list:
@@ -218,18 +186,7 @@ def read_images(
     shapes = {a.shape[:2] for a in arrays}
     if len(shapes) > 1:  # a header that lied about the size; rare
         raise _size_error([a.shape[:2] for a in arrays], [paths[i] for i in kept], root)
-    grey = all(a.ndim == 2 for a in arrays)
-    h, w = arrays[0].shape[:2]
-    out = torch.empty((len(arrays), 1 if grey else 3, h, w), dtype=torch.uint8)
-    for i, a in enumerate(arrays):
-        t = torch.from_numpy(a)
-        if grey:
-            out[i, 0] = t
-        elif a.ndim == 2:
-            out[i] = t.unsqueeze(0)  # grey image in a colour set: broadcast to 3 channels
-        else:
-            out[i] = t.permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
-    return out, kept
+    return stack_images(arrays), kept
 
 
 def load_folder(
@@ -241,8 +198,14 @@ def load_folder(
     test_fraction: float = TEST_FRACTION,
     seed: int = SPLIT_SEED,
     workers: int | None = None,
+    limit: int | None = None,
+    limit_seed: int = 0,
 ) -> ImageDataset:
-    """Read one split of a class-per-folder image tree (see the module docstring for the layouts)."""
+    """Read one split of a class-per-folder image tree (see the module docstring for the layouts).
+
+    ``limit``: decode only a seeded (``limit_seed``), stratified sample of that many files of the split
+    (:func:`imclass.data.split.limit_indices`, the rule of every ``--limit``).
+    """
     root = Path(path).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder: {root}")
@@ -288,6 +251,10 @@ def load_folder(
         raise ValueError(
             f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {split_dir} for split {split!r}"
         )
+    if limit is not None and limit < len(paths):
+        pick = limit_indices(torch.tensor(labels), limit, seed=limit_seed, classes=classes, where=f"{split} split").tolist()
+        paths, labels = [paths[i] for i in pick], [labels[i] for i in pick]
+        notes.append(f"--limit {limit}: a seeded (seed {limit_seed}), stratified sample of the split's files")
     images, kept = read_images(paths, image_size, strict=strict, root=root, workers=workers)
     label_t = torch.tensor([labels[i] for i in kept], dtype=torch.long)
     return ImageDataset(images, label_t, classes, name=root.name, split=split, notes=notes, source=str(root))

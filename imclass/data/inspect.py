@@ -10,17 +10,20 @@ second or two instead of failing the way loading it without ``image_size`` does.
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from imclass.data.folder import (
-    IMAGE_EXTENSIONS, SPLIT_SEED, TEST_FRACTION, _GREY_MODES, _map, _rel, _subfolders, list_images, split_folders,
-)
+from imclass.data.decode import DEFAULT_MAX_PIXELS, GREY_MODES, IMAGE_EXTENSIONS, ImageError, probe_image
+from imclass.data.folder import SPLIT_SEED, TEST_FRACTION, _map, _rel, _subfolders, split_folders
 from imclass.data.split import split_indices
+from imclass.data.walk import skip_message, walk_classes
+
+_GREY_MODES = GREY_MODES
 
 __all__ = ["FileRecord", "folder_files", "inspect_folder", "probe"]
 
@@ -30,12 +33,14 @@ class FileRecord(dict):
     ``format``, ``mode``, ``height``, ``width``, ``bytes`` or ``error``."""
 
 
-def folder_files(path: str | os.PathLike) -> tuple[str, dict[str, Path], list[str], list[FileRecord]]:
+def folder_files(path: str | os.PathLike, *, report: Callable[[str], None] | None = None,
+                 ) -> tuple[str, dict[str, Path], list[str], list[FileRecord]]:
     """The image files of a class-per-folder tree: ``(layout, split folders, classes, records)``.
 
     ``layout`` is ``"split"`` (``train/`` plus ``val/`` and/or ``test/``) or ``"plain"`` (one
     sub-folder per class, ``split`` is ``"all"``). Raises a ValueError naming the folder when it
-    holds no class folders or no image files.
+    holds no class folders or no image files. Files are listed by ``imclass.data.walk``; the one
+    line naming what it skipped goes to ``report`` (default: a warning).
     """
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -53,25 +58,34 @@ def folder_files(path: str | os.PathLike) -> tuple[str, dict[str, Path], list[st
             f"{'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} files"
         )
     records: list[FileRecord] = []
+    skipped: list = []
     for split, folder in splits.items():
-        paths, labels = list_images(folder, classes)
-        records += [FileRecord(path=p, split=split, label=y) for p, y in zip(paths, labels)]
+        found = walk_classes(folder, classes)
+        records += [FileRecord(path=p, split=split, label=y) for p, y in zip(found.paths, found.labels)]
+        skipped += found.skipped
+    if skipped:
+        message = skip_message(skipped, root)
+        if report is None:
+            warnings.warn(message, stacklevel=2)
+        else:
+            report(message)
     if not records:
         raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {root}")
     return layout, splits, classes, records
 
 
 def probe(record: FileRecord) -> FileRecord:
-    """Fill ``format``, ``mode``, ``height``, ``width`` and ``bytes`` from the file header (no decoding),
-    or ``error`` when Pillow cannot identify the file."""
-    from PIL import Image
-
+    """Fill ``format``, ``mode``, ``height``, ``width`` (after EXIF orientation) and ``bytes`` from the file
+    header (no decoding, ``imclass.data.decode.probe_image``), or ``error`` when the gate refuses the file
+    (not an accepted format, more pixels than the limit, corrupt header)."""
     try:
         record["bytes"] = os.path.getsize(record["path"])
-        with Image.open(record["path"]) as im:
-            record.update(format=im.format or "?", mode=im.mode, width=im.size[0], height=im.size[1])
-    except Exception as err:  # reported per file, never raised
-        record["error"] = f"{type(err).__name__}: {err}"
+        info = probe_image(record["path"], max_pixels=DEFAULT_MAX_PIXELS)
+        record.update(format=info.format, mode=info.mode, width=info.width, height=info.height)
+    except ImageError as err:  # reported per file, never raised
+        record["error"] = err.reason
+    except OSError as err:
+        record["error"] = f"cannot read the file ({err.strerror or type(err).__name__})"
     return record
 
 
@@ -120,9 +134,9 @@ def inspect_folder(path: str | os.PathLike, *, workers: int | None = None, test_
     makes of it (``test_fraction`` of each class, ``seed``).
     """
     root = Path(path).expanduser()
-    layout, _, classes, records = folder_files(root)
-    records = _map(probe, records, workers, "headers")
     notes: list[str] = []
+    layout, _, classes, records = folder_files(root, report=notes.append)
+    records = _map(probe, records, workers, "headers")
     if layout == "plain":
         labels = torch.tensor([r["label"] for r in records])
         train_idx, test_idx = split_indices(labels, test_fraction, seed=seed)

@@ -4,7 +4,7 @@ time budget, and rank them (accuracy, training time, inference images/s, paramet
     board = compare("cifar10", ["knn-l1", "knn-l2", "mlp", "keras_cnn", "resnet20", "fastnet"],
                     budget=600, out="runs/compare", limit=10_000)
 
-Neural approaches train through the one engine (``imclass.train.run.train_from_config``, or
+Neural approaches train through the one engine (``imclass.workflows.training.train_from_config``, or
 ``imclass.transfer.fine_tune`` for ``transfer:NAME``) with a :class:`~imclass.train.TimeBudget`
 callback that stops training when the budget is spent; a k-NN "trains" by storing the images.
 Every approach writes its run folder ``out/runs/<name>/`` (``imclass.load`` it, or pass it to
@@ -81,14 +81,13 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)  # atomic: a killed run never leaves half an entry
 
 
-def _load_split(data: str, root: Any, image_size: int | None, limit: int | None):
+def _load_split(data: str, root: Any, image_size: int | None, limit: int | None, seed: int = 0):
     """The train and test splits every approach uses (as ``train_from_config`` loads them)."""
     from imclass import data as imdata
 
-    train = imdata.load(data, split="train", root=root, image_size=image_size)
-    test = imdata.load(data, split="test", root=root, image_size=image_size)
-    if limit is not None:
-        train, test = train.subset(slice(0, limit)), test.subset(slice(0, limit))
+    # --limit: a seeded, stratified sample of each split, as every command takes it (seed 0, as train's default)
+    train = imdata.load(data, split="train", root=root, image_size=image_size, limit=limit, seed=seed)
+    test = imdata.load(data, split="test", root=root, image_size=image_size, limit=limit, seed=seed)
     return train, test
 
 
@@ -101,7 +100,7 @@ def _speed(predict: Callable[[torch.Tensor], Any], images: torch.Tensor) -> floa
 
 
 def _run_knn(name: str, train, test, folder: Path) -> dict[str, Any]:
-    from imclass.io import save
+    from imclass.model_file.save import save
     from imclass.knn import KNN
 
     start = time.perf_counter()
@@ -116,8 +115,8 @@ def _run_knn(name: str, train, test, folder: Path) -> dict[str, Any]:
 
 def _run_engine(name: str, data: str, folder: Path, budget: float, *, root: Any, image_size: int | None,
                 limit: int | None, seed: int, max_epochs: int, verbose: bool, device: str) -> dict[str, Any]:
-    from imclass.io import load
-    from imclass.train.run import RunConfig, train_from_config
+    from imclass.models.rebuild import load
+    from imclass.workflows.training import RunConfig, train_from_config
 
     fast = name == "fastnet"
     cfg = RunConfig(model=None if fast else name, recipe="fast" if fast else None, dataset=data, data_root=root,
@@ -128,7 +127,7 @@ def _run_engine(name: str, data: str, folder: Path, budget: float, *, root: Any,
     result = train_from_config(cfg)
     wall = time.perf_counter() - start
     clf = load(result["model_file"])
-    test_images = _load_split(data, root, image_size, limit)[1].images
+    test_images = _load_split(data, root, image_size, limit, seed)[1].images
     tta = None if result.get("tta") in (None, "none") else result["tta"]
     return {"kind": "fast recipe" if fast else "classifier", "accuracy": result["accuracy"],
             "train_seconds": _train_seconds(folder, result["seconds"]), "wall_seconds": wall,
@@ -139,7 +138,7 @@ def _run_engine(name: str, data: str, folder: Path, budget: float, *, root: Any,
 
 def _run_transfer(name: str, train, test, folder: Path, budget: float, *, seed: int, max_epochs: int,
                   verbose: bool) -> dict[str, Any]:
-    from imclass.io import save
+    from imclass.model_file.save import save
     from imclass.train import TimeBudget
     from imclass.transfer import fine_tune, transfer
 
@@ -218,7 +217,7 @@ def compare(
     (out / "entries").mkdir(parents=True, exist_ok=True)
     setup = {"data": str(data), "limit": limit, "image_size": image_size, "budget_seconds": seconds, "seed": seed}
     say = log or (lambda _msg: None)
-    train, test = _load_split(data, root, image_size, limit)
+    train, test = _load_split(data, root, image_size, limit, seed)
     entries = []
     for name in names:
         entry_file = out / "entries" / f"{_folder_name(name)}.json"

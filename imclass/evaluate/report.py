@@ -127,7 +127,7 @@ def report(
     ``calibration``, ``temperature``, ``examples``, ``tuning`` (``None`` without a tune) and ``files``.
     """
     if isinstance(model, (str, os.PathLike)):
-        from imclass.io import load
+        from imclass.models.rebuild import load
 
         run = Path(model)
         if history is None and (run / "history.csv").is_file():

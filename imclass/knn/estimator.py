@@ -40,6 +40,13 @@ import numpy as np
 import torch
 
 from imclass.data.arrays import as_images, as_labels
+from imclass.knn import _knn_int8, _knn_kernels, _select
+from imclass.knn._knn_torch import TRAIN_CHUNK as _TRAIN_CHUNK
+from imclass.knn._knn_torch import cosine_block as _cosine_block
+from imclass.knn._knn_torch import l1_block as _l1_block_torch
+from imclass.knn._knn_torch import l2_block as _l2_block_torch
+from imclass.knn._knn_torch import norms as _norms
+from imclass.knn._knn_torch import smallest_k as _smallest_k
 
 __all__ = ["KNN", "NearestNeighbor", "KSelection", "choose_k", "neighbour_grid"]
 
@@ -47,7 +54,6 @@ METRICS = ("l1", "l2", "cosine")
 WEIGHTS = ("uniform", "distance")
 BACKENDS = ("auto", "torch", "numba", "int8", "faiss")
 _METRIC_ALIASES = {"manhattan": "l1", "cityblock": "l1", "euclidean": "l2"}
-_TRAIN_CHUNK = 4096  # training rows compared with a query chunk at once
 _MAX_BLOCK = 2**23  # query chunk x training chunk distances at once (64 MB of float64), when batch_size is None
 
 
@@ -76,63 +82,8 @@ def _rows(x: Any, name: str) -> tuple[torch.Tensor, tuple[int, ...]]:
 # squared L2, L1, or cosine distance, as float64 (exact integers on the uint8 path) or int64.
 
 
-def _l2_block_torch(q: torch.Tensor, t: torch.Tensor, qn: torch.Tensor, tn: torch.Tensor) -> torch.Tensor:
-    # |q|^2 + |t|^2 - 2 q.t in float64: exact for uint8 pixels (integers below 2^53)
-    d = torch.addmm(tn.unsqueeze(0), q.double(), t.double().T, beta=1, alpha=-2)
-    return d.add_(qn.unsqueeze(1)).clamp_(min=0)
-
-
-def _l1_block_torch(q: torch.Tensor, t: torch.Tensor, exact: bool) -> torch.Tensor:
-    # float32 is exact for uint8 while D * 255 < 2^24 (every partial sum is a small integer)
-    dtype = torch.float32 if exact and q.shape[1] * 255 < 2**24 else torch.float64
-    return torch.cdist(q.to(dtype), t.to(dtype), p=1).double()
-
-
-def _cosine_block(q: torch.Tensor, t: torch.Tensor, qn: torch.Tensor, tn: torch.Tensor) -> torch.Tensor:
-    # 1 - cos(q, t); a zero vector has similarity 0 with everything (as scikit-learn's normalize)
-    sim = (q.double() @ t.double().T).div_(qn.unsqueeze(1)).div_(tn.unsqueeze(0))
-    return sim.neg_().add_(1).clamp_(0, 2)
-
-
-def _norms(rows: torch.Tensor, metric: str) -> torch.Tensor | None:
-    """Per-row quantity the block function needs: squared norms (L2), norms with 0 -> 1 (cosine)."""
-    if metric == "l1":
-        return None
-    sq = torch.cat([(c.double() ** 2).sum(1) for c in rows.split(_TRAIN_CHUNK)])
-    if metric == "l2":
-        return sq
-    n = sq.sqrt()
-    return torch.where(n == 0, torch.ones_like(n), n)
-
-
+# (the torch block functions live in imclass.knn._knn_torch, shared with the kernel choice in _select)
 # ----------------------------------------------------------------------------- k smallest, ties by index
-
-
-def _smallest_k(d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k smallest entries of each row of ``d`` (m, n), ordered by (value, column): a stable top-k.
-
-    ``torch.topk`` picks an arbitrary member of a tie. It is asked for k + 1 entries: where the (k+1)-th
-    smallest value equals the k-th, a tie straddles the cut and the row is redone with a stable sort, so
-    the lower column always wins (scikit-learn's rule).
-    """
-    if k == 1:  # torch.min returns the first (lowest-column) minimum of a row: documented
-        vals, idx = d.min(dim=1, keepdim=True)
-        return vals, idx
-    k = min(k, d.shape[1])
-    extra = int(k < d.shape[1])
-    vals, idx = torch.topk(d, k + extra, dim=1, largest=False, sorted=True)
-    tied = vals[:, k - 1] == vals[:, k] if extra else torch.zeros(len(d), dtype=torch.bool)
-    vals, idx = vals[:, :k], idx[:, :k]
-    # order the selected entries by (value, column): sort by column, then stable sort by value
-    idx, order = idx.sort(dim=1)
-    vals = vals.gather(1, order)
-    vals, order = vals.sort(dim=1, stable=True)
-    idx = idx.gather(1, order)
-    if tied.any():
-        rows = tied.nonzero().squeeze(1)
-        v, i = d[rows].sort(dim=1, stable=True)
-        vals[rows], idx[rows] = v[:, :k], i[:, :k]
-    return vals, idx
 
 
 def _merge(best: tuple[torch.Tensor, torch.Tensor] | None, new: tuple[torch.Tensor, torch.Tensor], k: int):
@@ -256,9 +207,7 @@ class KNN:
         return rows
 
     # -- search ----------------------------------------------------------------------------------
-    def _resolve_backend(self, exact: bool) -> str:
-        from imclass.knn import _knn_int8, _knn_kernels, _select
-
+    def _resolve_backend(self, exact: bool, n_queries: int) -> str:
         backend = self.backend
         if backend == "int8":
             if not exact or self.metric_ != "l2":
@@ -282,8 +231,8 @@ class KNN:
             except ImportError as err:
                 raise RuntimeError("backend='faiss' needs faiss: pip install faiss-cpu") from err
         if backend == "auto":
-            if exact and self.metric_ == "l2":  # three exact kernels: the one measured fastest on this host
-                backend = _select.fastest_l2_kernel(self.n_features_in_)
+            if exact and self.metric_ == "l2":  # exact kernels: the one measured fastest here for this shape
+                backend = _select.fastest_l2_kernel(self.n_features_in_, n_queries, self.n_samples_fit_)
             else:
                 fast = exact and self.metric_ == "l1" and _knn_kernels.available()
                 backend = "numba" if fast else "torch"
@@ -295,16 +244,12 @@ class KNN:
         cached); ``row constant(query rows)`` -> (m, 1) to add after the selection, or None."""
         metric, X = self.metric_, self._fit_X
         if backend == "int8":
-            from imclass.knn import _knn_int8
-
             train = self._cached("int8_rows", lambda: _knn_int8.shift(X))
             tsq = self._cached("int8_sqnorm", lambda: _knn_int8.squared_norms(train))
             # ranking |s_t|^2 - 2 s_q.s_t of the shifted pixels s = u - 128; |s_q|^2 is added after the selection
             return (lambda q, s: _knn_int8.l2_ranking(_knn_int8.shift(q), train[s], tsq[s]),
                     lambda q: _knn_int8.squared_norms(_knn_int8.shift(q)).unsqueeze(1))
         if backend == "numba":
-            from imclass.knn import _knn_kernels
-
             train = self._cached("numba_rows", lambda: _knn_kernels.prepare(X.numpy()))
             if metric == "l1":
                 return lambda q, s: torch.from_numpy(_knn_kernels.l1_distances(q.numpy(), train[s])), None
@@ -326,7 +271,7 @@ class KNN:
     def _search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(ranking distances (m, k), training indices (m, k)) of the k nearest training rows of each query."""
         exact = queries.dtype == torch.uint8 and self._fit_X.dtype == torch.uint8
-        backend = self._resolve_backend(exact)
+        backend = self._resolve_backend(exact, len(queries))
         self.backend_ = backend
         if backend == "faiss":
             return self._search_faiss(queries, k)

@@ -39,13 +39,11 @@ def register_prefix(prefix: str, factory: Callable[..., nn.Module]) -> None:
 
 def names(pattern: str = "*") -> list[str]:
     """Sorted registered architecture names matching a shell-style pattern."""
-    _load_builtin_models()
     return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
 
 
 def create(name: str, **options: Any) -> nn.Module:
     """Build the architecture ``name`` with keyword ``options`` (e.g. ``num_classes=10``)."""
-    _load_builtin_models()
     if ":" in name:
         prefix, rest = name.split(":", 1)
         if prefix not in _PREFIX_FACTORIES:
@@ -59,8 +57,3 @@ def create(name: str, **options: Any) -> nn.Module:
         model = _MODELS[name](**options)
     model.imclass_spec = {"name": name, "options": dict(options)}
     return model
-
-
-def _load_builtin_models() -> None:
-    # Importing the package registers every built-in architecture (import side effect, done once).
-    import imclass.models  # noqa: F401

@@ -7,8 +7,10 @@ swallow a 32x32 image whole.
 """
 from __future__ import annotations
 
-from imclass.layers import Conv2D, Dense, Dropout, Flatten, MaxPooling2D, Sequential
 from imclass.models._registry import register_model
+from imclass.models.sequential import Sequential
+from imclass.nn.conv import Conv2D, MaxPooling2D
+from imclass.nn.core import Dense, Dropout, Flatten
 
 
 @register_model

@@ -10,10 +10,9 @@
     out = Dense(10, activation="softmax")(GlobalAveragePooling2D()(z))
     model = Model(inputs=x, outputs=out)                # a plain torch.nn.Module
 
-A :class:`KerasTensor` holds no data: only its shape (channels-first, without the batch) and the
-:class:`Node` that made it. Calling a layer on one checks and infers the shape and builds the
-layer's torch modules right away (so sizes are never written by hand, as in ``Sequential``); a
-layer called twice reuses its modules (shared weights, as in Keras). ``Model`` collects the modules
+The symbolic tensors (``KerasTensor``, ``Node``, ``Input``, ``call_layer``) live below the layers, in
+``imclass.nn.symbolic``; calling a layer on one infers the shape and builds the layer's torch modules
+right away (so sizes are never written by hand, as in ``Sequential``). ``Model`` collects the modules
 between its input and output into one ``nn.Module`` whose ``forward`` runs the graph. Like
 ``Sequential`` it returns logits: a final softmax (or the sigmoid of a one-unit output) is recorded
 in ``final_activation``, not applied.
@@ -21,145 +20,22 @@ in ``final_activation``, not applied.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from imclass.layers import (
-    _LAYERS,
-    Dense,
-    KerasModel,
-    Layer,
-    ModelLayer,
-    Shape,
-    _fmt,
-    _LayerNames,
-    adapt_flat_input,
-    final_activation_of,
-    to_channels_first,
-)
+from imclass.models.keras_training import KerasMethods
+from imclass.nn.core import Dense
+from imclass.nn.layer import Layer, LayerNames, final_activation_of, layer_from_config
+from imclass.nn.model_layer import ModelLayer
+from imclass.nn.shapes import Shape, adapt_flat_input, format_shape
+from imclass.nn.symbolic import Input, KerasTensor, Node, as_tensor_list, call_layer, graph_nodes
 
 __all__ = ["Input", "KerasTensor", "Model", "Node"]
 
 
-class Node:
-    """One call of a layer: its input tensors, the torch modules it built and its output tensor."""
-
-    def __init__(self, layer: Layer | None, inputs: list["KerasTensor"], modules: list[tuple[str, nn.Module]],
-                 shape: Shape, name: str | None = None) -> None:
-        self.layer = layer  # None for an Input
-        self.inputs = inputs
-        self.modules = modules
-        self.output = KerasTensor(shape, self)
-        self.name = name  # an Input's name
-
-    @property
-    def multi_input(self) -> bool:
-        return bool(getattr(self.layer, "multi_input", False))
-
-
-class KerasTensor:
-    """A symbolic tensor: the shape of one example (channels-first ``(C, H, W)`` or ``(features,)``)."""
-
-    def __init__(self, shape: Shape, node: Node) -> None:
-        self.shape = tuple(shape)
-        self.node = node
-
-    @property
-    def keras_shape(self) -> tuple[int | None, ...]:
-        """The shape as Keras prints it: batch ``None`` first, channels last."""
-        if len(self.shape) == 3:
-            return (None, self.shape[1], self.shape[2], self.shape[0])
-        return (None, *self.shape)
-
-    def __repr__(self) -> str:
-        made_by = "Input" if self.node.layer is None else type(self.node.layer).__name__
-        return f"<KerasTensor shape={_fmt(self.shape)} from {made_by}>"
-
-
-def Input(shape: int | Sequence[int] | None = None, batch_size: int | None = None, name: str | None = None,
-          dtype: Any = None) -> KerasTensor:
-    """A symbolic model input of ``shape`` (one example, without the batch; channels-last ``(32, 32, 3)``
-    as Keras writes it, or channels-first)."""
-    if shape is None:
-        raise ValueError("Input needs shape=, e.g. Input(shape=(32, 32, 3)) or Input(shape=(784,))")
-    if name is not None and (not isinstance(name, str) or not name.isidentifier()):
-        raise ValueError(f"expected an input name made of letters, digits and '_', received name={name!r}")
-    return Node(None, [], [], to_channels_first(shape), name=name).output
-
-
-def _as_tensor_list(inputs: Any, what: str) -> list[KerasTensor]:
-    items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
-    for item in items:
-        if not isinstance(item, KerasTensor):
-            raise TypeError(
-                f"expected {what} as symbolic tensors from Input(...) or from calling a layer, received "
-                f"{type(item).__name__}"
-            )
-    return items
-
-
-def call_layer(layer: Layer, inputs: Any) -> KerasTensor:
-    """``layer(inputs)`` on symbolic tensors: infer the output shape, build (or reuse) the modules."""
-    multi = bool(getattr(layer, "multi_input", False))
-    tensors = _as_tensor_list(inputs, f"the inputs of {type(layer).__name__}")
-    if multi and (not isinstance(inputs, (list, tuple)) or len(tensors) < 2):
-        raise ValueError(f"{type(layer).__name__} merges several tensors: call it on a list, e.g. "
-                         f"{type(layer).__name__}()([x, y])")
-    if not multi and len(tensors) != 1:
-        raise ValueError(f"{type(layer).__name__} takes one input tensor, received {len(tensors)}")
-    shapes = [t.shape for t in tensors]
-    in_shape: Any = shapes if multi else shapes[0]
-    if not multi and layer.input_shape is not None and layer.input_shape != in_shape:
-        raise ValueError(f"{type(layer).__name__} was given input shape {_fmt(layer.input_shape)} but is called on "
-                         f"a tensor of shape {_fmt(in_shape)}")
-    built = getattr(layer, "_functional_built", None)
-    if built is not None:
-        if built[0] != in_shape:
-            raise ValueError(
-                f"{type(layer).__name__} was first called on shape {_fmt(built[0]) if not multi else built[0]} and "
-                f"shares its weights; received shape {_fmt(in_shape) if not multi else in_shape}: use a new layer"
-            )
-        modules, out_shape = built[1], built[2]
-    else:
-        out_shape = layer.compute_output_shape(in_shape)
-        modules = layer.build(in_shape)
-        layer._functional_built = (in_shape, modules, out_shape)
-    return Node(layer, tensors, modules, out_shape).output
-
-
-def _graph(inputs: list[KerasTensor], output: KerasTensor) -> list[Node]:
-    """The nodes between ``inputs`` and ``output`` in an order where each follows its inputs."""
-    order: list[Node] = []
-    state: dict[int, str] = {}
-    input_nodes = {id(t.node) for t in inputs}
-
-    def visit(node: Node) -> None:
-        key = id(node)
-        if state.get(key) == "done":
-            return
-        if node.layer is None and key not in input_nodes:
-            name = f" {node.name!r}" if node.name else ""
-            raise ValueError(
-                f"the output depends on an Input{name} of shape {_fmt(node.output.shape)} that is not among the "
-                "model's inputs: pass it in inputs="
-            )
-        state[key] = "visiting"
-        for t in node.inputs:
-            visit(t.node)
-        state[key] = "done"
-        order.append(node)
-
-    visit(output.node)
-    used = {id(n) for n in order}
-    for t in inputs:
-        if id(t.node) not in used:
-            raise ValueError(f"the input of shape {_fmt(t.shape)} is not used to compute the output")
-    return order
-
-
-class Model(KerasModel, nn.Module):
+class Model(KerasMethods, nn.Module):
     """A model from a graph of layers: ``Model(inputs=x, outputs=y)`` with ``x`` from ``Input`` (or
     another model's ``input``) and ``y`` from calling layers on it. One input, one output.
 
@@ -171,8 +47,8 @@ class Model(KerasModel, nn.Module):
 
     def __init__(self, inputs: Any = None, outputs: Any = None, name: str | None = None) -> None:
         nn.Module.__init__(self)
-        ins = _as_tensor_list(inputs, "inputs")
-        outs = _as_tensor_list(outputs, "outputs")
+        ins = as_tensor_list(inputs, "inputs")
+        outs = as_tensor_list(outputs, "outputs")
         if len(ins) != 1 or len(outs) != 1:
             raise ValueError(f"Model takes one input and one output (images -> class scores), received "
                              f"{len(ins)} inputs and {len(outs)} outputs")
@@ -180,9 +56,9 @@ class Model(KerasModel, nn.Module):
         self._input, self._output = ins[0], outs[0]
         self.input_shape: Shape = ins[0].shape
         self.output_shape: Shape = outs[0].shape
-        self._nodes = [n for n in _graph(ins, outs[0]) if n.layer is not None]
+        self._nodes = [n for n in graph_nodes(ins, outs[0]) if n.layer is not None]
         self._node_names: list[str] = []
-        names = _LayerNames()
+        names = LayerNames()
         taken: dict[int, str] = {}  # id(layer) -> its module prefix (a shared layer registers once)
         for node in self._nodes:
             key = id(node.layer)
@@ -334,22 +210,11 @@ class Model(KerasModel, nn.Module):
         return cls(x, tensors[len(config["nodes"]) - 1], name=config.get("name"))
 
 
-def layer_from_config(entry: dict[str, Any]) -> Layer:
-    """A layer from ``{"class_name", "config"}`` (layers of ``imclass.layers`` and ``imclass.applications``)."""
-    name = entry.get("class_name") if isinstance(entry, dict) else None
-    if name not in _LAYERS:
-        import imclass.applications  # noqa: F401  (registers its layer classes)
-    if name not in _LAYERS or name.startswith("_"):
-        known = sorted(n for n in _LAYERS if not n.startswith("_"))
-        raise ValueError(f"unknown layer class {name!r} in config; known: {known}")
-    return _LAYERS[name].from_config(dict(entry.get("config", {})))
-
-
 def _check_shape(x: torch.Tensor, expected: Shape) -> None:
     received = tuple(x.shape[1:])
     if received == expected or (len(expected) == 1 and received == (1, 1, expected[0])):
         return
-    message = f"expected input of shape {_fmt(expected)}, received {_fmt(received)}"
+    message = f"expected input of shape {format_shape(expected)}, received {format_shape(received)}"
     if len(expected) == 3 and len(received) == 3 and received == (expected[1], expected[2], expected[0]):
         message += "; the model takes channels-first images (N, C, H, W): use x.permute(0, 3, 1, 2)"
     elif len(expected) == 1 and math.prod(received) == expected[0]:

@@ -5,8 +5,10 @@ smaller images such as MNIST's 28x28 the first one is "same", which is the paper
 """
 from __future__ import annotations
 
-from imclass.layers import AveragePooling2D, Conv2D, Dense, Flatten, MaxPooling2D, Sequential
 from imclass.models._registry import register_model
+from imclass.models.sequential import Sequential
+from imclass.nn.conv import AveragePooling2D, Conv2D, MaxPooling2D
+from imclass.nn.core import Dense, Flatten
 
 
 @register_model

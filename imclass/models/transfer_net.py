@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 
 from imclass.models._registry import create, register_model
+from imclass.models.sequential import Sequential
+from imclass.nn.core import Dense
 
 HEADS = ("course", "linear")
 
@@ -34,8 +36,6 @@ def head_config(head: str | dict | list, in_features: int, num_classes: int) -> 
     """The head as a ``Sequential`` config: ``"course"`` (Dense 1024 relu, Dense 200 relu, Dense n),
     ``"linear"`` (Dense n), a list of ``imclass.layers`` (a final ``Dense(num_classes)`` is added when
     the last layer does not output ``num_classes``) or a ``Sequential.get_config()`` dict."""
-    from imclass.layers import Dense, Sequential
-
     if isinstance(head, dict):
         return head
     if head == "course":
@@ -151,8 +151,6 @@ def transfer_net(backbone: str = "timm:mobilenetv2_100", num_classes: int = 10, 
                  backbone_options: dict[str, Any] | None = None, pool_stages: int = 0, **kwargs: Any) -> TransferNet:
     """A registered backbone (``timm:<name>`` / ``torchvision:<name>``) without its classifier, then
     ``head``; ``pool_stages``: also pool the last N feature stages (see the module's docstring)."""
-    from imclass.layers import Sequential
-
     if kwargs:
         raise ValueError(f"unexpected options for transfer_net: {sorted(kwargs)}")
     net = create(backbone, num_classes=0, **(backbone_options or {}))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -68,17 +68,25 @@ class MicroBatcher:
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    def admit(self, n: int) -> "_Admitted":
+        """Hold ``n`` places of the queue bound while the ``with`` block runs; ``Overloaded`` when they do not fit."""
+        if self._pending + n > self.max_queue:
+            self.stats.refused += 1
+            raise Overloaded(f"the server is busy ({self._pending} images waiting, at most {self.max_queue}); "
+                             f"retry in {self.retry_after} s", self.retry_after)
+        return _Admitted(self, n)
+
+    async def run_alone(self, fn: Callable[..., Any], *args: Any, weight: int = 1) -> Any:
+        """``fn(*args)`` on the inference thread, between batches, admitted as ``weight`` images (e.g. Grad-CAM)."""
+        with self.admit(weight):
+            return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: fn(*args))
+
     async def predict(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Probabilities (K,) for each (C, H, W) uint8 image, in order; ``Overloaded`` when the queue is full."""
         n = len(images)
         if n == 0:
             return []
-        if self._pending + n > self.max_queue:
-            self.stats.refused += 1
-            raise Overloaded(f"the server is busy ({self._pending} images waiting, at most {self.max_queue}); "
-                             f"retry in {self.retry_after} s", self.retry_after)
-        self._pending += n
-        try:
+        with self.admit(n):
             if not self.enabled:
                 return await self._predict_alone(images)
             queue = self._ensure_worker()
@@ -87,8 +95,6 @@ class MicroBatcher:
             for image, future in zip(images, futures):
                 queue.put_nowait((image, future))
             return list(await asyncio.gather(*futures))
-        finally:
-            self._pending -= n
 
     async def _predict_alone(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         loop = asyncio.get_running_loop()
@@ -156,6 +162,18 @@ class MicroBatcher:
         if self._worker is not None and not self._worker.done():
             self._worker.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class _Admitted:
+    def __init__(self, batcher: MicroBatcher, n: int) -> None:
+        self.batcher, self.n = batcher, n
+        batcher._pending += n
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        self.batcher._pending -= self.n
 
 
 def _by_shape(images: Sequence[torch.Tensor]) -> list[list[int]]:

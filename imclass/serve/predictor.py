@@ -12,7 +12,6 @@ returns its vote shares; a bare ``nn.Module`` gets inputs scaled to [0, 1]; an `
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import threading
@@ -24,121 +23,31 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from imclass.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, decode_image
+from imclass.data.walk import walk_images
+
 __all__ = ["DEFAULT_MAX_PIXELS", "ImageError", "Predictor", "decode_image", "find_images", "IMAGE_EXTENSIONS"]
 
-DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7,700 x 5,200 photo; anything bigger is refused before decoding
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 ONNX_METADATA_KEY = "imclass"
 
 
-class ImageError(ValueError):
-    """An image that cannot be classified; ``status`` is the HTTP status that fits (413, 415 or 422)."""
-
-    def __init__(self, message: str, status: int = 422) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 # --------------------------------------------------------------------------------------------
-# decoding
-
-
-def _as_size(value: Any) -> tuple[int, int] | int | None:
-    if value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return int(value)
-    values = [int(v) for v in value]
-    return values[0] if len(values) == 1 else (values[-2], values[-1])
-
-
-def decode_image(
-    source: bytes | str | os.PathLike,
-    *,
-    size: tuple[int, int] | None = None,
-    channels: int = 3,
-    resize: Any = None,
-    crop: Any = None,
-    interpolation: str = "bilinear",
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    name: str | None = None,
-) -> torch.Tensor:
-    """One image (bytes or a file) as a uint8 tensor (C, H, W) ready for a model.
-
-    The pixel count is read from the header and checked against ``max_pixels`` BEFORE any pixel is
-    decoded (decompression bombs). Then: ``resize`` + ``crop`` when given (shorter side to ``resize``
-    with ``interpolation``, centre crop ``crop``, as a pretrained backbone's evaluation does), else a resize to ``size`` (h, w) with the
-    bilinear filter the folder loader trains with. Raises ``ImageError``: 415 not an image, 413 too many
-    pixels, 422 corrupt or truncated.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    from imclass.data.folder import _decode_array
-
-    label = name or (str(source) if not isinstance(source, (bytes, bytearray)) else "upload")
-    if not isinstance(source, (bytes, bytearray)):
-        path = Path(source)
-        if not path.is_file():
-            raise ImageError(f"{label}: no such image file", 422)
-        source = path.read_bytes()
-    if not source:
-        raise ImageError(f"{label}: empty file, expected an image (PNG, JPEG, ...)", 415)
-    mode = {1: "L", 3: "RGB"}.get(channels)
-    if mode is None:
-        raise ValueError(f"expected channels 1 or 3, received channels={channels!r}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(source)) as im:  # reads the header only
-                width, height = im.size
-        except UnidentifiedImageError:
-            raise ImageError(f"{label}: not a readable image (expected PNG, JPEG, BMP, GIF, WebP or TIFF data)", 415) from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageError(f"{label}: refused, the image header claims too many pixels", 413) from None
-        except Exception as err:
-            raise ImageError(f"{label}: not a readable image: corrupt header ({type(err).__name__})", 422) from None
-        if width * height > max_pixels:
-            raise ImageError(
-                f"{label}: image of {width} x {height} = {width * height:,} pixels exceeds the limit of {max_pixels:,}",
-                413,
-            )
-        plain = resize is None and crop is None
-        try:
-            array = _decode_array(io.BytesIO(source), size if plain else None, mode, draft=False)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageError(f"{label}: refused, the image has too many pixels", 413) from None
-        except Exception as err:  # truncated data, bad chunks, ...: PIL raises OSError / SyntaxError / ValueError
-            raise ImageError(f"{label}: not a readable image: corrupt or truncated data ({type(err).__name__}: {err})", 422) from None
-    t = torch.from_numpy(array)
-    t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()  # (H, W, C) -> (C, H, W)
-    if not plain:
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms.v2 import functional as TF
-
-        if resize is not None:
-            size_ = _as_size(resize)
-            t = TF.resize(t, [size_] if isinstance(size_, int) else list(size_),
-                          interpolation=InterpolationMode(interpolation), antialias=True)
-        crop_size = _as_size(crop) if crop is not None else size
-        if crop_size is not None:
-            t = TF.center_crop(t, list(crop_size) if isinstance(crop_size, tuple) else [crop_size])
-    return t
+# decoding and finding files: the one gate and the one walk of imclass.data
 
 
 def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files given, plus the image files under each folder given (recursively, sorted); order kept.
-
-    A path that does not exist is kept, so that the caller reports it as a per-file error.
+    """Files given, plus the image files under each folder given (``imclass.data.walk``: recursively,
+    each real folder once, regular files only, sorted); order kept. Entries a walk skips are named in
+    one warning. A path that does not exist is kept, so that the caller reports it as a per-file error.
     """
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            inner = []
-            for dirpath, dirnames, filenames in os.walk(p, followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                inner += [Path(dirpath) / f for f in filenames
-                          if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
-            found += sorted(inner)
+            walk = walk_images(p)
+            message = walk.message(p)
+            if message:
+                warnings.warn(message, stacklevel=2)
+            found += walk.files
         else:
             found.append(p)
     return found
@@ -185,7 +94,8 @@ class Predictor:
             if tta not in (None, False, "none"):
                 raise ValueError(f"{path}: an exported ONNX model runs the TTA it was exported with; --tta does not apply")
             return cls._load_onnx(path, name)
-        from imclass.io import load, read_metadata
+        from imclass.model_file.format import read_metadata
+        from imclass.models.rebuild import load
         from imclass.train import Classifier
 
         header = read_metadata(path)
@@ -324,10 +234,10 @@ def _column_names(backend: Any, classes: list[str] | None) -> list[str]:
 
 
 def _num_outputs(clf: Any) -> int | None:
-    from imclass.io import _num_classes_of
+    from imclass.model_file.save import num_classes_of
 
     model = getattr(clf, "model", None)
-    return _num_classes_of(model) if model is not None else None
+    return num_classes_of(model) if model is not None else None
 
 
 def _resolve_tta(kind: str, recorded: str | None, flag: bool | str | None, path: Path) -> str:

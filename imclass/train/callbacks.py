@@ -193,7 +193,7 @@ def _save_model(state: TrainState, path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     model = state.model
     if hasattr(model, "imclass_spec") or hasattr(model, "get_config"):  # rebuildable: a full model file
-        from imclass.io import save
+        from imclass.model_file.save import save
 
         save(state.classifier, path)
         return

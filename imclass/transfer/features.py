@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from imclass.data.decode import ImageError, decode_image
 from imclass.models.transfer_net import TransferNet, pooled_features
 from imclass.models.weights import Preprocessing
 
@@ -120,25 +121,10 @@ def prepare_batch(x: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
 
 
 def _decode_one(path: Path, pre: Preprocessing) -> torch.Tensor:
-    """One file -> uint8 (3, crop, crop): shorter side to ``resize``, centre crop (PIL, JPEG draft)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        if im.format == "JPEG" and im.mode in ("RGB", "L"):
-            w, h = im.size
-            scale = pre.resize / min(w, h)
-            im.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))  # DCT downscale, >= target
-        im = im.convert("RGB")
-        w, h = im.size
-        scale = pre.resize / min(w, h)
-        nw, nh = max(pre.crop, round(w * scale)), max(pre.crop, round(h * scale))
-        resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[pre.interpolation]
-        im = im.resize((nw, nh), resample, reducing_gap=None)
-        left, top = (nw - pre.crop) // 2, (nh - pre.crop) // 2
-        im = im.crop((left, top, left + pre.crop, top + pre.crop))
-        import numpy as np
-
-        return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
+    """One file -> uint8 (3, crop, crop): shorter side to ``resize``, centre crop, through the decoding gate
+    (``imclass.data.decode``: JPEG draft, pixel limit, EXIF orientation)."""
+    return decode_image(path, channels=3, resize=pre.resize, crop=pre.crop, interpolation=pre.interpolation,
+                        name=str(path))
 
 
 def read_for(paths: Sequence[str | os.PathLike], pre: Preprocessing, *, workers: int | None = None) -> torch.Tensor:
@@ -151,8 +137,8 @@ def read_for(paths: Sequence[str | os.PathLike], pre: Preprocessing, *, workers:
     def one(p: Path) -> torch.Tensor | str:
         try:
             return _decode_one(p, pre)
-        except Exception as err:
-            return f"{p}: not a readable image ({type(err).__name__}: {err})"
+        except ImageError as err:
+            return str(err)
 
     with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
         decoded = list(pool.map(one, paths))

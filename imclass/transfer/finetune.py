@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from imclass.models.transfer_net import TransferNet, head_config
-from imclass.models.weights import Preprocessing, apply_weights, backbone_name, KNOWN_WEIGHTS
+from imclass.models.weights import Preprocessing, apply_weights, backbone_name, weights_options
 from imclass.transfer.features import FeatureCache, extract_features
 
 __all__ = ["BATCH_NORM_MODES", "FineTuneResult", "backbone_groups", "fine_tune", "fit_head", "freeze",
@@ -59,9 +59,7 @@ def transfer(
         raise ValueError(f"expected num_classes >= 1, received num_classes={num_classes}")
     name = backbone_name(backbone)
     bare = name.split(":", 1)[1]
-    known = KNOWN_WEIGHTS.get(bare)
-    if known is not None and weights is not None:
-        backbone_options = {**known.options, **backbone_options}
+    backbone_options = {**weights_options(bare, weights, weights_dir), **backbone_options}
     if isinstance(head, str):  # "course" / "linear": the factory sizes it from the backbone
         config: str | dict = head
     else:  # a list of layers: sized on a probe of the backbone, stored as a Sequential config

@@ -42,7 +42,8 @@ def load_embedder(spec: str | os.PathLike, *, weights: str | None = "imagenet", 
     (``"imagenet"``: from the weights root; a file; ``None``: random). ``image_size`` overrides the crop."""
     path = Path(spec).expanduser()
     if path.exists():
-        from imclass.io import load, read_metadata
+        from imclass.model_file.format import read_metadata
+        from imclass.models.rebuild import load
 
         header = read_metadata(path)
         clf = load(path)
@@ -88,8 +89,8 @@ class ImageSet:
 def image_set(folder: str | os.PathLike) -> ImageSet:
     """The images of ``folder``: a class-per-folder tree, a ``train/`` + ``val/`` tree, or a flat folder
     of images (unlabelled). Files whose header Pillow cannot read are skipped with one warning."""
-    from imclass.data.folder import _is_image
     from imclass.data.inspect import FileRecord, folder_files, probe
+    from imclass.data.walk import walk_images
 
     root = Path(folder).expanduser()
     if not root.is_dir():
@@ -99,7 +100,10 @@ def image_set(folder: str | os.PathLike) -> ImageSet:
     except ValueError as err:
         if "no class folders" not in str(err):
             raise
-        files = sorted(p for p in root.rglob("*") if p.is_file() and _is_image(p.name))
+        walk = walk_images(root)
+        if walk.message(root):
+            warnings.warn(walk.message(root), stacklevel=2)
+        files = walk.files
         if not files:
             raise ValueError(f"no image files in {root}") from None
         layout, classes = "flat", []

@@ -4,7 +4,7 @@ done by ``Classifier`` (the one engine): this module only converts what Keras us
 * ``x``: numpy arrays or tensors, channels-last ``(N, H, W, C)`` or channels-first ``(N, C, H, W)``
   (decided by the model's input shape), uint8 (scaled by 1/255) or float (already divided by 255).
   Flat features ``(N, F)`` travel through the image-based engine as one-row grey images
-  ``(N, 1, 1, F)``; the models flatten them back (``imclass.layers.adapt_flat_input``).
+  ``(N, 1, 1, F)``; the models flatten them back (``imclass.nn.shapes.adapt_flat_input``).
 * ``y``: what the loss expects (``imclass.losses``): one-hot / soft rows for
   ``categorical_crossentropy``, integers for ``sparse_categorical_crossentropy``, 0/1 for
   ``binary_crossentropy``; labels that do not fit raise an error saying which loss expects what.
@@ -25,10 +25,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from imclass import losses, optimizers
+from imclass.model_file.save import save
+from imclass.nn.model_layer import ModelLayer
+from imclass.nn.symbolic import is_symbolic
+from imclass.summarize import summary
 from imclass.train.classifier import Classifier
 from imclass.train.state import History
 
-__all__ = ["KerasState", "compile_model", "evaluate_model", "fit_model", "load_model", "predict_model", "save_model"]
+__all__ = ["KerasMethods", "KerasState", "compile_model", "evaluate_model", "fit_model", "predict_model", "save_model"]
 
 METRIC_NAMES = {"accuracy": "accuracy", "acc": "accuracy", "categorical_accuracy": "accuracy",
                 "sparse_categorical_accuracy": "accuracy", "binary_accuracy": "accuracy"}
@@ -94,8 +99,6 @@ def compile_model(model: nn.Module, optimizer: Any = "rmsprop", loss: Any = None
                   *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None, device: str = "auto",
                   **options: Any) -> None:
     """``model.compile(optimizer, loss, metrics)`` -> ``Classifier.compile`` with the loss and optimizer objects."""
-    from imclass import losses, optimizers
-
     if loss is None:
         raise ValueError("compile needs a loss, e.g. loss='categorical_crossentropy' (one-hot labels) or "
                          "loss='sparse_categorical_crossentropy' (integer labels)")
@@ -239,8 +242,6 @@ def predict_model(model: nn.Module, x: Any, *, batch_size: int | None = None) ->
 def save_model(model: nn.Module, filepath: str | Path) -> Path:
     """``model.save(path)``: one imclass ``.safetensors`` model file (Keras's ``.h5``/``.keras`` suffixes
     are replaced, with a warning: the file is not HDF5)."""
-    from imclass.io import save
-
     path = Path(filepath)
     if path.suffix in (".h5", ".keras", ".hdf5"):
         new = path.with_suffix(".safetensors")
@@ -252,25 +253,56 @@ def save_model(model: nn.Module, filepath: str | Path) -> Path:
     return save(model, path)
 
 
-def load_model(filepath: str | Path, device: str = "auto") -> nn.Module:
-    """``load_model(path)``: the model a ``model.save`` (or ``imclass.save``) wrote, ready to ``predict``,
-    ``evaluate`` (with the loss it was trained with) or train further after ``compile``."""
-    from imclass import losses
-    from imclass.io import load
+class KerasMethods:
+    """Keras's model methods on ``Sequential`` and ``Model``, all delegating to ``imclass.Classifier``
+    (the one engine; this module's functions convert what Keras users hold)."""
 
-    obj = load(filepath, device=device)
-    if not isinstance(obj, Classifier):
-        if not isinstance(obj, nn.Module):
-            raise ValueError(f"{filepath}: holds a {type(obj).__name__}, not a neural network model")
-        return obj
-    model = obj.model
-    if getattr(model, "input_shape", None) is None:
-        return model
-    state = KerasState(obj)
-    config = obj.train_config if isinstance(getattr(obj, "train_config", None), dict) else {}
-    if config.get("loss") in losses.names():
-        state.loss = losses.get(config["loss"])
-        obj._loss_fn = state.loss.logits_loss
-        state.compiled = True  # evaluate works; fit needs compile (the optimizer state is not in model files)
-    model._keras_state = state
-    return model
+    def compile(self, optimizer: Any = "rmsprop", loss: Any = None, metrics: Sequence[Any] | None = None,
+                **options: Any) -> None:
+        """Keras's ``compile``: an optimizer (name or ``imclass.optimizers`` object), a loss (name or
+        ``imclass.losses`` object) and ``metrics`` (``["accuracy"]``). Other ``options`` go to
+        ``Classifier.compile`` (``label_smoothing``, ``amp``, ...); ``mean``/``std`` set the input
+        normalisation (default: none beyond uint8 / 255, as Keras)."""
+        compile_model(self, optimizer, loss, metrics, **options)
+
+    def fit(self, x: Any = None, y: Any = None, batch_size: int | None = None, epochs: int = 1, verbose: Any = "auto",
+            callbacks: Sequence[Any] | None = None, validation_split: float = 0.0, validation_data: Any = None,
+            shuffle: bool = True, **options: Any) -> Any:
+        """Keras's ``fit`` on numpy arrays or tensors (channels-last or -first, uint8 or float / 255;
+        labels as the loss expects). Returns the ``History`` (``history.history["loss"]``)."""
+        return fit_model(self, x, y, batch_size=batch_size, epochs=epochs, verbose=verbose, callbacks=callbacks,
+                         validation_split=validation_split, validation_data=validation_data, shuffle=shuffle,
+                         **options)
+
+    def evaluate(self, x: Any = None, y: Any = None, batch_size: int | None = None, verbose: Any = "auto",
+                 return_dict: bool = False) -> Any:
+        """Keras's ``evaluate``: the loss, or ``[loss, accuracy]`` when ``metrics=["accuracy"]`` was compiled."""
+        return evaluate_model(self, x, y, batch_size=batch_size, verbose=verbose, return_dict=return_dict)
+
+    def predict(self, x: Any, batch_size: int | None = None, verbose: Any = 0) -> Any:
+        """Keras's ``predict``: the model's outputs as numpy, the final softmax/sigmoid applied
+        (class probabilities); ``predict(x).argmax(1)`` gives the classes."""
+        return predict_model(self, x, batch_size=batch_size)
+
+    def summary(self, print_fn: Any = None) -> int:
+        """Print the table of layers, output shapes and parameter counts; returns the parameter count."""
+        return summary(self, self.input_shape, print_fn=print_fn or print)
+
+    def save(self, filepath: Any) -> Any:
+        """Write one imclass model file (``.safetensors``: weights, architecture, and once trained the
+        classes, normalisation and training config); ``imclass.models.load_model`` reads it back."""
+        return save_model(self, filepath)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # a symbolic tensor (functional API): the whole model becomes one layer of a bigger graph
+        first = args[0] if args else None
+        if is_symbolic(first):
+            return ModelLayer(self)(first)
+        return nn.Module.__call__(self, *args, **kwargs)
+
+    @property
+    def classifier(self) -> Any:
+        """The ``imclass.Classifier`` that ``compile`` made (``None`` before)."""
+        state = self.__dict__.get("_keras_state")
+        return state.classifier if state is not None else None
+

@@ -4,7 +4,7 @@ course's recognition challenges, as curves, a summary table, example grids, a JS
     report = challenge_report(["runs/knn", "runs/cnn"], "cifar10", "reports/challenge", limit=2000)
     report["challenges"]["occlusion"]["accuracy"]["cnn"]      # [clean, severity 1, ..., severity 5]
 
-The transforms are :mod:`imclass.data.challenges` (seeded ``torchvision.transforms.v2``); every
+The transforms are :mod:`imclass.data.challenge_transforms` (seeded ``torchvision.transforms.v2``); every
 model sees the same perturbed images, and severity 0 is the clean test set, so its accuracy is
 exactly the one ``imclass evaluate`` reports. A second test set of the same classes (a folder,
 a data set or ``(images, labels)``) adds the ``shift`` entry: intra-class variation /
@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from imclass.data.challenges import CHALLENGES, MAX_SEVERITY, apply_challenge, describe
+from imclass.data.challenge_transforms import CHALLENGES, MAX_SEVERITY, apply_challenge, describe
 from imclass.data.dataset import ImageDataset
 from imclass.data.loader import derive_seed
 from imclass.tta import choose_tta
@@ -61,7 +61,8 @@ class ModelUnderTest:
 def load_models(paths: Sequence[str | os.PathLike], *, tta: bool | None = None) -> list[ModelUnderTest]:
     """Load run folders / model files (``imclass.load``) with their metadata; names are the folder
     names (made unique). ``tta``: ``None`` = what each file records, ``False`` = none, ``True`` = flip_translate."""
-    from imclass.io import load, read_metadata
+    from imclass.model_file.format import read_metadata
+    from imclass.models.rebuild import load
 
     models, seen = [], {}
     for p in paths:
@@ -103,7 +104,8 @@ def _as_models(models: Sequence[Any]) -> list[ModelUnderTest]:
     return out
 
 
-def _load_data(data: Any, split: str, size: list[int] | None, root: Any, limit: int | None) -> ImageDataset:
+def _load_data(data: Any, split: str, size: list[int] | None, root: Any, limit: int | None,
+               seed: int = 0) -> ImageDataset:
     from imclass import data as imdata
 
     if isinstance(data, ImageDataset):
@@ -116,7 +118,7 @@ def _load_data(data: Any, split: str, size: list[int] | None, root: Any, limit: 
         ds = ImageDataset(imdata.resize_images(ds.images, tuple(size[1:])), ds.labels, ds.classes, ds.name, ds.split)
     if size and ds.image_shape[0] != size[0]:
         raise ValueError(f"the model takes {size[0]}-channel images, the data set has {ds.image_shape[0]} channels")
-    return ds.subset(slice(0, limit)) if limit is not None else ds
+    return imdata.limit_dataset(ds, limit, seed=seed)
 
 
 def _load_shift(shift: Any, size: list[int] | None, root: Any) -> ImageDataset:
@@ -162,7 +164,7 @@ def challenge_report(
     Writes into ``out``: ``challenges.json`` (the returned dict), ``challenges.html`` (one
     self-contained page, images embedded), a curve per challenge (``curve_<name>.png``, one line per
     model) and a grid of example images per challenge (``examples_<name>.png``: rows = images,
-    columns = severities). ``limit`` keeps the first N test images. Severity 0 is always included.
+    columns = severities). ``limit`` keeps a seeded, stratified sample of N test images (the rule of every ``--limit``). Severity 0 is always included.
     """
     from tqdm import tqdm
 
@@ -182,7 +184,7 @@ def challenge_report(
 
     # one copy of the test set per input size, so each model sees it as `imclass evaluate` does
     sizes = {tuple(m.input_size) if m.input_size else None for m in models}
-    sets = {s: _load_data(data, split, list(s) if s else None, root, limit) for s in sizes}
+    sets = {s: _load_data(data, split, list(s) if s else None, root, limit, seed) for s in sizes}
     first = next(iter(sets.values()))
     for m in models:
         ds = sets[tuple(m.input_size) if m.input_size else None]

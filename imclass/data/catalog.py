@@ -17,6 +17,7 @@ from imclass.data.arrays import as_images, as_labels
 from imclass.data.dataset import ImageDataset
 from imclass.data.folder import load_folder, parse_image_size
 from imclass.data.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx
+from imclass.data.split import limit_dataset
 
 CLASSES: dict[str, list[str]] = {
     "cifar10": list(cifar.CLASSES),
@@ -64,6 +65,8 @@ def load(
     *,
     download: bool = True,
     strict: bool = False,
+    limit: int | None = None,
+    seed: int = 0,
 ) -> ImageDataset:
     """Load one split of a data set as an ``ImageDataset`` (uint8 images (N, C, H, W), int64 labels).
 
@@ -72,6 +75,8 @@ def load(
     class with seed 0). ``image_size`` (int or (h, w)) resizes every image; a folder of images of
     mixed sizes needs it. ``download``: fetch a known data set from its official URL when missing.
     ``strict``: raise on unreadable image files instead of skipping them with a warning.
+    ``limit``: keep a seeded (``seed``), stratified sample of that many images of the split (the rule of
+    every ``--limit``, :func:`imclass.data.split.limit_indices`; a folder decodes only those files).
 
     >>> train = load("cifar10", split="train")            # doctest: +SKIP
     >>> train.images.shape, train.classes[:3]              # doctest: +SKIP
@@ -91,8 +96,8 @@ def load(
                 f"unknown data set {str(name_or_path)!r}: expected one of {', '.join(names())}, "
                 f"or a path to a folder of images with one sub-folder per class (no folder {path} exists)"
             )
-        return load_folder(path, split, size, strict=strict)
-    ds = _load_known(name, split, root, download)
+        return load_folder(path, split, size, strict=strict, limit=limit, limit_seed=seed)
+    ds = limit_dataset(_load_known(name, split, root, download), limit, seed=seed)
     h, w = ds.images.shape[-2:]
     if size is not None and (h, w) != size:
         ds.images = resize_images(ds.images, size)

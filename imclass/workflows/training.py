@@ -124,14 +124,14 @@ def _check(ok: bool, message: str) -> None:
 
 def split_augment(spec: str) -> tuple[str | None, tuple[str, ...]]:
     """``"crop_flip,illumination,occlusion"`` -> ``("crop_flip", ("illumination", "occlusion"))``: at most one
-    name of ``AUGMENTATIONS``, and challenge names (``imclass.data.challenges``; ``challenge`` = all of them)."""
+    name of ``AUGMENTATIONS``, and challenge names (``imclass.data.challenge_transforms``; ``challenge`` = all of them)."""
     items = [s.strip() for s in str(spec).split(",") if s.strip()]
     base = [s for s in items if s in AUGMENTATIONS]
     rest = [s for s in items if s not in AUGMENTATIONS]
     if len(base) > 1 or not items:
         raise ValueError(f"expected augment as one of {list(AUGMENTATIONS)} and/or challenge names, received {spec!r}")
     if rest:
-        from imclass.data.challenges import parse_challenges
+        from imclass.data.challenge_transforms import parse_challenges
 
         try:
             names = parse_challenges(rest)
@@ -147,7 +147,7 @@ def _make_augment(spec: str) -> tuple[Any, list]:
     base, names = split_augment(spec)
     if not names:
         return base, []
-    from imclass.data.challenges import ChallengeAugment
+    from imclass.data.challenge_transforms import ChallengeAugment
 
     augment = ChallengeAugment(names, base=base)
     return augment, [augment]
@@ -231,7 +231,7 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
     ``cfg.uses_fast_recipe``; otherwise the model comes from the registry (``cfg.model``) or
     from a model file (``cfg.weights``, to fine-tune it).
     """
-    from imclass.io import save
+    from imclass.model_file.save import save
     from imclass.train import distributed
 
     if distributed.launched() and not distributed.is_distributed():  # under torchrun: one rank of N
@@ -333,7 +333,7 @@ def _fit_model(cfg: RunConfig, train_set, test_set, out: Path):
 
 def _fit_fast_recipe(cfg: RunConfig, train_set, test_set, out: Path):
     """The fast CIFAR-10 recipe for ``cfg.target``; ``model_options`` (and epochs, batch size) override it."""
-    from imclass.train import recipes
+    from imclass.workflows import recipes
 
     cfg = dataclasses.replace(cfg, recipe="fast", target=cfg.target or DEFAULT_TARGET)
     overrides = dict(cfg.model_options)
@@ -367,24 +367,12 @@ def _load_data(cfg: RunConfig):
     from imclass import data as imdata
 
     size = cfg.image_size
-    train_set = imdata.load(cfg.dataset, split="train", root=cfg.data_root, image_size=size)
-    test_set = imdata.load(cfg.dataset, split="test", root=cfg.data_root, image_size=size)
-    if cfg.limit is not None:
-        train_set, test_set = _limited(train_set, cfg), _limited(test_set, cfg)
+    # --limit: a seeded, stratified sample of each split (imclass.data.split.limit_indices)
+    train_set = imdata.load(cfg.dataset, split="train", root=cfg.data_root, image_size=size, limit=cfg.limit,
+                            seed=cfg.seed or 0)
+    test_set = imdata.load(cfg.dataset, split="test", root=cfg.data_root, image_size=size, limit=cfg.limit,
+                           seed=cfg.seed or 0)
     return train_set, test_set
-
-
-def _limited(ds, cfg: RunConfig):
-    """The first ``cfg.limit`` images of a known data set (already in random order), or a seeded random
-    sample of a folder's (listed class by class, so its first images would all be of one class)."""
-    import torch
-
-    if len(ds) <= cfg.limit:
-        return ds
-    if not Path(cfg.dataset).expanduser().is_dir():
-        return ds.subset(slice(0, cfg.limit))
-    pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed or 0))[: cfg.limit]
-    return ds.subset(pick.sort().values)
 
 
 def _warn_about_data(cfg: RunConfig, train_set, test_set) -> None:
@@ -408,7 +396,7 @@ def _build_classifier(cfg: RunConfig, train_set):
         model = _create_model(cfg.model, train_set, cfg.model_options)
         # mean/std are computed from the training images by the first fit
         return Classifier(model, classes=train_set.classes, device=cfg.device)
-    from imclass.io import load
+    from imclass.models.rebuild import load
 
     start = load(cfg.weights, device=cfg.device)
     if not hasattr(start, "model"):

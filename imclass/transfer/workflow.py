@@ -90,10 +90,12 @@ def no_weights_advice(weights_dir: str | os.PathLike | None = None) -> str:
 def _decode(path: Path, pre: Preprocessing) -> torch.Tensor | str:
     from imclass.transfer.features import _decode_one
 
+    from imclass.data.decode import ImageError
+
     try:
         return _decode_one(path, pre)
-    except Exception as err:
-        return f"{type(err).__name__}: {err}"
+    except ImageError as err:
+        return err.reason
 
 
 def _read(paths: list[Path], labels: list[int], pre: Preprocessing, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,15 +111,28 @@ def _read(paths: list[Path], labels: list[int], pre: Preprocessing, root: Path) 
     return torch.stack([decoded[i] for i in kept]), torch.tensor([labels[i] for i in kept], dtype=torch.long)
 
 
+def _limited(paths: list[Path], labels: list[int], limit: int | None, seed: int, classes: list[str],
+             split: str) -> tuple[list[Path], list[int]]:
+    """The files of ``--limit`` (the one rule: :func:`imclass.data.split.limit_indices`), before decoding."""
+    from imclass.data.split import limit_indices
+
+    if limit is None or limit >= len(paths):
+        return paths, labels
+    pick = limit_indices(torch.tensor(labels), limit, seed=seed, classes=classes, where=f"{split} split").tolist()
+    return [paths[i] for i in pick], [labels[i] for i in pick]
+
+
 def read_folder_for(folder: str | os.PathLike, pre: Preprocessing, *, val_fraction: float = 0.2, seed: int = 0,
                     limit: int | None = None) -> tuple[ImageDataset, ImageDataset, ImageDataset | None]:
     """(train, val, test or None) of a class-per-folder tree, every photo prepared as ``pre`` says.
 
     ``val/`` is the validation split when the folder has one; otherwise ``val_fraction`` of each
     class of the training images is held out (seeded, stratified). ``test/``, when present, is kept apart.
+    ``limit``: every split is a seeded, stratified sample (:func:`imclass.data.split.limit_indices`) of at
+    most that many images (the training part is sampled so that ``limit`` images remain after the hold-out).
     """
     from imclass.data.folder import _subfolders, list_images, split_folders
-    from imclass.data.split import split_indices
+    from imclass.data.split import limit_indices, split_indices
 
     root = Path(folder).expanduser()
     if not root.is_dir():
@@ -133,13 +148,13 @@ def read_folder_for(folder: str | os.PathLike, pre: Preprocessing, *, val_fracti
         raise ValueError(f"no image files in the class folders of {train_dir}")
     if limit is not None:  # files are listed class by class: a quick try reads a seeded sample of every class
         wanted = limit if "val" in splits else math.ceil(limit / (1 - val_fraction))
-        pick = sorted(torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed))[:wanted].tolist())
-        paths, labels = [paths[i] for i in pick], [labels[i] for i in pick]
+        paths, labels = _limited(paths, labels, wanted, seed, classes, "train")
     images, y = _read(paths, labels, pre, root)
     name = root.name
     notes: list[str] = []
     if "val" in splits:
         v_paths, v_labels = list_images(splits["val"], classes)
+        v_paths, v_labels = _limited(v_paths, v_labels, limit, seed, classes, "val")
         v_images, v_y = _read(v_paths, v_labels, pre, root)
         notes.append(f"validation: the folder's val/ ({len(v_y)} images)")
     else:
@@ -147,13 +162,15 @@ def read_folder_for(folder: str | os.PathLike, pre: Preprocessing, *, val_fracti
         v_images, v_y = images[held], y[held]
         images, y = images[keep], y[keep]
         notes.append(f"validation: {val_fraction:.0%} of each class held out (stratified, seed {seed})")
-    if limit is not None:
-        images, y = images[:limit], y[:limit]
+    if limit is not None and len(y) > limit:
+        pick = limit_indices(y, limit, seed=seed)
+        images, y = images[pick], y[pick]
     train = ImageDataset(images, y, classes, name=name, split="train", notes=list(notes), source=str(root))
     val = ImageDataset(v_images, v_y, classes, name=name, split="val", notes=list(notes), source=str(root))
     test = None
     if "test" in splits:
         t_paths, t_labels = list_images(splits["test"], classes)
+        t_paths, t_labels = _limited(t_paths, t_labels, limit, seed, classes, "test")
         if t_paths:
             t_images, t_y = _read(t_paths, t_labels, pre, root)
             test = ImageDataset(t_images, t_y, classes, name=name, split="test", source=str(root))
@@ -166,7 +183,7 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
     Returns ``accuracy`` (validation), ``seconds`` (end to end, reading included), per-stage seconds,
     image counts, the backbone and where its weights came from, and the saved ``model_file``.
     """
-    from imclass.io import save
+    from imclass.model_file.save import save
     from imclass.models.weights import backbone_name, preprocessing_for
     from imclass.transfer.features import FeatureCache
     from imclass.transfer.finetune import fine_tune
@@ -282,11 +299,12 @@ def _last(history: Any) -> float | None:
 
 
 def load_for(dataset: str, pre: Preprocessing, *, split: str = "test", root: str | os.PathLike | None = None,
-             val_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
+             val_fraction: float = 0.2, seed: int = 0, limit: int | None = None) -> ImageDataset:
     """One split of a data set prepared as ``pre`` says (shorter side resized, centre crop), for
     evaluating a transfer model. A plain folder's ``test`` split is the seeded stratified hold-out
     that ``train_transfer`` validated on (same fraction and seed); a split tree's ``test`` falls back
-    to ``val/``; named data sets (cifar10, ...) are loaded and resized in batches."""
+    to ``val/``; named data sets (cifar10, ...) are loaded and resized in batches. ``limit``: a seeded,
+    stratified sample of that many images (:func:`imclass.data.split.limit_indices`), decoded alone."""
     from imclass import data as imdata
     from imclass.data.folder import _subfolders, list_images, split_folders
     from imclass.data.split import split_indices
@@ -294,7 +312,7 @@ def load_for(dataset: str, pre: Preprocessing, *, split: str = "test", root: str
 
     folder = Path(dataset).expanduser()
     if not folder.is_dir():
-        ds = imdata.load(dataset, split=split, root=root)
+        ds = imdata.load(dataset, split=split, root=root, limit=limit, seed=seed)
         return ImageDataset(resize_for(ds.images, pre), ds.labels, ds.classes, name=ds.name, split=ds.split)
     splits = split_folders(folder)
     if splits:
@@ -314,5 +332,6 @@ def load_for(dataset: str, pre: Preprocessing, *, split: str = "test", root: str
             raise ValueError(f"expected split train, test, val or all for {folder}, received split={split!r}")
     if not paths:
         raise ValueError(f"no image files in the class folders of {folder} for split {split!r}")
+    paths, labels = _limited(paths, labels, limit, seed, classes, split)
     images, y = _read(paths, labels, pre, folder)
     return ImageDataset(images, y, classes, name=folder.name, split=split, source=str(folder))

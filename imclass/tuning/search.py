@@ -295,16 +295,17 @@ class PruningCallback:
 def _load_train(cfg: TuneConfig):
     from imclass import data as imdata
 
-    ds = imdata.load(cfg.dataset, split="train", root=cfg.data_root, image_size=cfg.image_size)
-    return ds.subset(slice(0, cfg.limit)) if cfg.limit is not None else ds
+    # --limit: a seeded, stratified sample of the split (imclass.data.split.limit_indices)
+    return imdata.load(cfg.dataset, split="train", root=cfg.data_root, image_size=cfg.image_size, limit=cfg.limit,
+                       seed=cfg.seed or 0)
 
 
 def _load_test(cfg: TuneConfig):
     """The test split: read only by the final evaluation, never during the search."""
     from imclass import data as imdata
 
-    ds = imdata.load(cfg.dataset, split="test", root=cfg.data_root, image_size=cfg.image_size)
-    return ds.subset(slice(0, cfg.limit)) if cfg.limit is not None else ds
+    return imdata.load(cfg.dataset, split="test", root=cfg.data_root, image_size=cfg.image_size, limit=cfg.limit,
+                       seed=cfg.seed or 0)
 
 
 def _folds(cfg: TuneConfig, train_set) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -356,7 +357,7 @@ def _schedule(train: dict) -> str | dict | None:
 def train_classifier(cfg: TuneConfig, params: dict[str, Any], train_set, validation=None, callbacks: Sequence = ()):
     """Build the model ``params`` describe and train it with ``Classifier.fit`` (the one engine)."""
     from imclass.train import Classifier
-    from imclass.train.run import _create_model
+    from imclass.workflows.training import _create_model
 
     model_name, options, train = _split_params(params, cfg)
     if model_name == "knn":
@@ -678,7 +679,7 @@ def _plots(study, out: Path) -> dict[str, str]:
 
 def _final(cfg: TuneConfig, params: dict[str, Any], out: Path) -> dict[str, Any]:
     """Retrain the best parameters on the whole training split; the one read of the test split."""
-    from imclass.io import save
+    from imclass.model_file.save import save
 
     train_set = _load_train(cfg)
     test_set = _load_test(cfg)

@@ -1,0 +1,192 @@
+"""The one folder walk: every path that lists the image files of a user's folder goes through here
+(``data.load`` on folders, ``data info/check``, ``train --dataset FOLDER``, ``predict FOLDER``, label review).
+
+    found = walk_images("photos/daisy")          # Walk(files=[...sorted...], skipped=[(path, kind), ...])
+    found.message("photos")                      # None, or one line naming every skipped entry by kind
+    listing = walk_classes("photos", ["daisy", "roses"])   # files + class indices, one walk for all classes
+
+Rules, the same everywhere:
+
+* a symbolic link to a folder is followed, but each real folder (device + inode) is read **once**: a
+  link back up the tree (``ln -s .. photos/daisy/loop``), or a second link to a folder already read,
+  is skipped as ``"repeated folder"`` (within a folder, real sub-folders are read before links); ``walk_classes`` marks the root and every class folder as read
+  before it starts, so a link from one class into another never relabels images;
+* only **regular files** are listed (a FIFO, socket or device named ``x.jpg`` is skipped, never
+  opened); symbolic links to files are followed; a broken link is skipped;
+* hidden entries (names starting with ``.``) and files whose names are not images
+  (``IMAGE_EXTENSIONS``) are skipped too; every skipped entry is kept, by kind, for one message.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from imclass.data.decode import IMAGE_EXTENSIONS, is_image_name
+
+__all__ = ["SKIP_KINDS", "ClassWalk", "Walk", "skip_message", "walk_classes", "walk_images"]
+
+SKIP_KINDS = {  # kind -> how the message describes it, in the order the message lists them
+    "repeated folder": "folder already read (a symlink loop or a second link to it)",
+    "not a regular file": "not a regular file (FIFO, socket or device)",
+    "broken link": "broken symbolic link",
+    "unreadable": "cannot be read (permissions)",
+    "not an image name": f"not an image file name ({' '.join(IMAGE_EXTENSIONS)})",
+    "hidden": "hidden (name starts with '.')",
+}
+_SHOWN = 3  # entries named per kind before "..."
+
+
+@dataclass
+class Walk:
+    """Image files found (sorted) and every entry skipped, as ``(path, kind)`` with kind in ``SKIP_KINDS``."""
+
+    files: list[Path] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def message(self, root: str | os.PathLike | None = None) -> str | None:
+        """One line naming every skipped entry by kind (paths relative to ``root``), or None."""
+        return skip_message(self.skipped, root)
+
+
+@dataclass
+class ClassWalk:
+    """The image files of a class-per-folder tree: ``paths`` (sorted within each class), ``labels``
+    (class index per path) and the ``skipped`` entries of all class folders."""
+
+    paths: list[Path]
+    labels: list[int]
+    skipped: list[tuple[Path, str]]
+
+    def message(self, root: str | os.PathLike | None = None) -> str | None:
+        """One line naming every skipped entry by kind, or None."""
+        return skip_message(self.skipped, root)
+
+
+def _rel(path: Path, root: Path | None) -> str:
+    if root is not None:
+        try:
+            return str(path.relative_to(root))
+        except ValueError:
+            pass
+    return str(path)
+
+
+def skip_message(skipped: Sequence[tuple[Path, str]], root: str | os.PathLike | None = None) -> str | None:
+    """``"skipped 4 entries under photos: 1 not a regular file (...): daisy/x.jpg; 3 hidden (...): ..."``."""
+    if not skipped:
+        return None
+    root_p = Path(root) if root is not None else None
+    counts = Counter(kind for _, kind in skipped)
+    parts = []
+    for kind, described in SKIP_KINDS.items():
+        if kind not in counts:
+            continue
+        named = [_rel(p, root_p) for p, k in skipped if k == kind]
+        more = f", ... ({len(named) - _SHOWN} more)" if len(named) > _SHOWN else ""
+        parts.append(f"{counts[kind]} {described}: {', '.join(named[:_SHOWN])}{more}")
+    where = f" under {root_p}" if root_p is not None else ""
+    n = len(skipped)
+    return f"skipped {n} entr{'y' if n == 1 else 'ies'}{where}: " + "; ".join(parts)
+
+
+def _dir_id(path: str | os.PathLike) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
+def walk_images(root: str | os.PathLike, *, seen: set[tuple[int, int]] | None = None,
+                extensions: Sequence[str] = IMAGE_EXTENSIONS) -> Walk:
+    """Image files under ``root`` (recursively, following folder links once per real folder, sorted).
+
+    ``seen`` holds the (device, inode) of folders already read; pass one set to several walks to read
+    each real folder once across all of them (``root`` itself is added). A ``root`` that is not a
+    folder gives an empty walk.
+    """
+    seen = set() if seen is None else seen
+    walk = Walk()
+    root = Path(root)
+    start = _dir_id(root)
+    if start is None:
+        return walk
+    seen.add(start)
+    wanted = tuple(e.lower() for e in extensions)
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: (e.is_symlink(), e.name))  # real folders claim themselves first
+        except OSError:
+            walk.skipped.append((folder, "unreadable"))
+            continue
+        subfolders = []
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.name.startswith("."):
+                walk.skipped.append((path, "hidden"))
+                continue
+            try:
+                st = os.stat(entry.path)  # follows links; never opens the file
+            except FileNotFoundError:
+                walk.skipped.append((path, "broken link"))
+                continue
+            except OSError:
+                walk.skipped.append((path, "unreadable"))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if key in seen:
+                    walk.skipped.append((path, "repeated folder"))
+                else:
+                    seen.add(key)
+                    subfolders.append(path)
+            elif not stat.S_ISREG(st.st_mode):
+                walk.skipped.append((path, "not a regular file"))
+            elif is_image_name(entry.name) and entry.name.lower().endswith(wanted):
+                walk.files.append(path)
+            else:
+                walk.skipped.append((path, "not an image name"))
+        stack.extend(reversed(subfolders))
+    walk.files.sort()
+    walk.skipped.sort()
+    return walk
+
+
+def walk_classes(folder: str | os.PathLike, classes: Sequence[str]) -> ClassWalk:
+    """Image files under ``folder/<class>/`` for each class (a missing class folder has none).
+
+    The root and every class folder count as read before the walk starts: a link from one class
+    into another, or back up to the root, is skipped rather than read again under the wrong label.
+    """
+    folder = Path(folder)
+    seen: set[tuple[int, int]] = set()
+    for d in [folder] + [folder / c for c in classes]:
+        key = _dir_id(d)
+        if key is not None:
+            seen.add(key)
+    paths: list[Path] = []
+    labels: list[int] = []
+    skipped: list[tuple[Path, str]] = []
+    done: set[tuple[int, int]] = set()
+    for label, name in enumerate(classes):
+        class_dir = folder / name
+        key = _dir_id(class_dir)
+        if key is None:
+            continue
+        if key in done:  # a class folder that links to another class folder
+            skipped.append((class_dir, "repeated folder"))
+            continue
+        done.add(key)
+        seen.discard(key)  # this class's own folder is read now
+        found = walk_images(class_dir, seen=seen)
+        paths += found.files
+        labels += [label] * len(found.files)
+        skipped += found.skipped
+    return ClassWalk(paths, labels, skipped)

@@ -1,0 +1,113 @@
+"""Rebuilding what a model file holds (``imclass.load``): a ``Classifier`` (its model in eval mode), a
+``KNN`` or a bare model, through the model registry, ``Sequential.from_config`` or
+``Model.from_config``; and Keras's ``load_model``. The file itself is read by ``imclass.model_file``."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from imclass import losses
+from imclass.knn import KNN
+from imclass.model_file.format import (
+    TORCH_SUFFIXES,
+    ModelFileError,
+    load_state,
+    read_metadata,
+    read_tensors,
+    resolve_path,
+    short_json,
+)
+from imclass.models._registry import create
+from imclass.models.functional import Model
+from imclass.models.keras_training import KerasState
+from imclass.models.sequential import Sequential
+from imclass.models.weights import Preprocessing
+from imclass.train.classifier import Classifier
+
+__all__ = ["WEIGHT_SOURCE_OPTIONS", "load", "load_model", "rebuild_model"]
+
+WEIGHT_SOURCE_OPTIONS = {"pretrained", "pretrained_file", "checkpoint_path"}
+
+
+def load(path: str | os.PathLike, *, device: str = "auto") -> Any:
+    """Rebuild what ``save`` wrote: a ``Classifier`` (model in eval mode), a ``KNN`` or a bare model.
+
+    ``path`` is a ``.safetensors`` file or a run folder holding ``model.safetensors``. A Classifier
+    and a KNN get ``training_metrics``: the ``metrics`` dict ``save`` recorded, or ``None``.
+    """
+    path = resolve_path(path)
+    if path.suffix in TORCH_SUFFIXES:
+        raise ModelFileError(
+            f"{path}: expected an imclass .safetensors model file; a torch file holds weights only: build the "
+            "model and copy them in with imclass.io.load_weights(model, path)"
+        )
+    header = read_metadata(path)
+    tensors = read_tensors(path)
+    kind = header["kind"]
+    metrics = header.get("metrics") if isinstance(header.get("metrics"), dict) else None
+    if kind == "knn":
+        knn = rebuild_knn(path, header, tensors)
+        knn.training_metrics = metrics
+        return knn
+    model = rebuild_model(path, header["architecture"])
+    load_state(model, tensors, path)
+    model.eval()
+    if kind == "model":
+        return model
+    pre = header.get("preprocessing") or {}
+    clf = Classifier(model, classes=header.get("classes"), mean=pre.get("mean"), std=pre.get("std"), device=device)
+    clf.model.eval()
+    clf.input_size = tuple(pre["input_size"]) if pre.get("input_size") else None
+    clf.tta = pre.get("tta")
+    clf.train_config = header.get("train_config")
+    clf.training_metrics = metrics  # what training measured (None in files written without metrics)
+    if pre.get("crop") and pre.get("mean") and pre.get("input_size"):  # resize / centre-crop of pretrained weights
+        clf.preprocessing = model.preprocessing = Preprocessing.from_dict(pre)
+    return clf
+
+
+def rebuild_model(path: Path, arch: dict) -> nn.Module:
+    try:
+        if "sequential" in arch:
+            return Sequential.from_config(arch["sequential"])
+        if "functional" in arch:
+            return Model.from_config(arch["functional"])
+        if "name" in arch:
+            # the weights come from this file: options that load weights from elsewhere are dropped
+            options = {k: v for k, v in (arch.get("options") or {}).items() if k not in WEIGHT_SOURCE_OPTIONS}
+            return create(arch["name"], **options)
+    except Exception as err:
+        raise ModelFileError(f"{path}: cannot rebuild the architecture {short_json(arch)}: {err}") from None
+    raise ModelFileError(f"{path}: unknown architecture description {short_json(arch)} (expected 'name' or 'sequential')")
+
+
+def rebuild_knn(path: Path, header: dict, tensors: dict[str, torch.Tensor]) -> Any:
+    try:
+        return KNN.from_state(tensors, header.get("knn") or {})
+    except Exception as err:
+        raise ModelFileError(f"{path}: cannot rebuild the k-NN classifier: {err}") from None
+
+
+def load_model(filepath: str | Path, device: str = "auto") -> nn.Module:
+    """``load_model(path)``: the model a ``model.save`` (or ``imclass.save``) wrote, ready to ``predict``,
+    ``evaluate`` (with the loss it was trained with) or train further after ``compile``."""
+    obj = load(filepath, device=device)
+    if not isinstance(obj, Classifier):
+        if not isinstance(obj, nn.Module):
+            raise ValueError(f"{filepath}: holds a {type(obj).__name__}, not a neural network model")
+        return obj
+    model = obj.model
+    if getattr(model, "input_shape", None) is None:
+        return model
+    state = KerasState(obj)
+    config = obj.train_config if isinstance(getattr(obj, "train_config", None), dict) else {}
+    if config.get("loss") in losses.names():
+        state.loss = losses.get(config["loss"])
+        obj._loss_fn = state.loss.logits_loss
+        state.compiled = True  # evaluate works; fit needs compile (the optimizer state is not in model files)
+    model._keras_state = state
+    return model
