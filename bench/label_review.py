@@ -114,7 +114,7 @@ def compare(probs: np.ndarray, noisy: np.ndarray, flipped: np.ndarray) -> list[d
     from cleanlab.filter import find_label_issues as cl_find
     from cleanlab.rank import get_label_quality_scores
 
-    from imclass.review.confident import find_label_issues, label_quality
+    from imclass.confident import find_label_issues, label_quality
 
     rows = []
     for rank_by in ("self_confidence", "normalized_margin"):
@@ -149,7 +149,7 @@ def cifar(limit: int):
 
 
 def fast_accuracy(train, test, seed: int, **overrides) -> float:
-    from imclass.train.recipes import fast_config, fast_recipe
+    from imclass.workflows.recipes import fast_config, fast_recipe
 
     clf = fast_recipe(train, fast_config(90, **overrides), seed=seed, verbose=False)
     return float(clf.evaluate(test, tta=clf.tta)["accuracy"])
@@ -167,7 +167,7 @@ def fast_overrides(args) -> dict:
 
 def noise(args) -> dict:
     from imclass.data.dataset import ImageDataset
-    from imclass.review.confident import find_label_issues
+    from imclass.confident import find_label_issues
     from imclass.review.oof import cross_val_features, cross_val_images
 
     result = {"host_before": provenance(), "args": vars(args), "levels": []}

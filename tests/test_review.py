@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from imclass.review.confident import calibrate, confident_joint, find_label_issues, label_quality, thresholds
+from imclass.confident import calibrate, confident_joint, find_label_issues, label_quality, thresholds
 from imclass.review.find import heldout_of_run
 from imclass.review.oof import cross_val_features, stratified_folds
 from imclass.review.plan import apply_plan, destination_for, read_plan, undo_log, write_plan
@@ -297,15 +297,16 @@ def test_served_page_accept_two_reject_one_then_apply_and_undo_byte_for_byte(rev
 # named data sets: cross-validated fast recipe, and a run's held-out predictions
 
 
-def test_cli_review_cifar10_cross_validated_and_with_a_run(tmp_path, data_root):
+def test_cli_review_cifar10_cross_validated_and_with_a_run(tmp_path, data_root, cifar_npz):
     result = _cli("review", "cifar10", "--limit", "300", "--folds", "2", "--epochs", "1", "--widths", "8,16,16",
                   "--json", "--out", str(tmp_path / "cv"))
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["images"] == 300 and report["split"] == "train" and "fast recipe" in report["method"]
     classes = report["classes"]
-    for issue in report["issues"]:
-        assert issue["path"] is None and 0 <= issue["index"] < 300 and issue["given"] in classes
+    official = np.asarray(cifar_npz["y_train"]).reshape(-1)
+    for issue in report["issues"]:  # index: the position in the official training split (--limit is a sample)
+        assert issue["path"] is None and issue["given"] == classes[official[issue["index"]]]
         assert issue["kind"] in ("label", "duplicate") and issue["suggested"] in classes
     assert (tmp_path / "cv" / "index.html").stat().st_size > 1000
     run = tmp_path / "run"

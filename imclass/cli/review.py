@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, DataRoot, fail, plain_warnings, print_json
+from imclass.cli._common import USER_ERRORS, DataRoot, fail, limit_option, plain_warnings, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -27,7 +27,7 @@ def review_command(
                                                               "(default), train, val, test; with --run: test."),
     folds: int = typer.Option(5, "--folds", help="Cross-validation folds."),
     seed: int = typer.Option(0, "--seed", help="Seed of the folds and of the networks trained per fold."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images of a named data set."),
+    limit: Optional[int] = limit_option(),
     data_root: Optional[str] = DataRoot,
     backbone: Optional[str] = typer.Option(None, "--backbone", help="Folders: feature backbone (default: one whose "
                                                                      "weights are in the weights root)."),

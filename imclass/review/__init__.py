@@ -4,7 +4,7 @@
 probabilities, feature-space outliers, duplicates with two labels); ``write_review`` writes
 ``review.json`` and an offline page; ``apply_plan`` / ``undo_log`` move files and back.
 """
-from imclass.review.confident import find_label_issues, label_quality
+from imclass.confident import find_label_issues, label_quality
 from imclass.review.find import ReviewConfig, ReviewResult, review
 from imclass.review.page import write_review
 from imclass.review.plan import apply_plan, undo_log

@@ -2,7 +2,7 @@
 
 Three kinds of findings, each labelled:
 
-* ``"label"``: confident learning (:mod:`imclass.review.confident`) on out-of-sample probabilities:
+* ``"label"``: confident learning (:mod:`imclass.confident`) on out-of-sample probabilities:
   a run's predictions on images it never trained on (``run=``), else k-fold cross-validation
   (:mod:`imclass.review.oof`): a logistic regression on cached frozen-backbone features for photo
   folders, the fast recipe per fold for CIFAR-10 / MNIST / Fashion-MNIST;
@@ -44,7 +44,7 @@ class ReviewConfig:
     run: str | None = None  # score with this run's model on images it did not train on
     folds: int = 5
     seed: int = 0
-    limit: int | None = None  # only the first N images of a named data set (quick tries)
+    limit: int | None = None  # a seeded stratified sample of N images (imclass.data.split.limit_indices)
     data_root: str | None = None
     backbone: str | None = None  # folders: the feature backbone (default: one whose weights are present)
     weights_dir: str | None = None
@@ -60,7 +60,7 @@ class ReviewConfig:
     verbose: bool = False
 
     def __post_init__(self) -> None:
-        from imclass.review.confident import FILTERS, RANKINGS
+        from imclass.confident import FILTERS, RANKINGS
 
         if self.folds < 2:
             raise ValueError(f"expected --folds >= 2, received {self.folds}")
@@ -124,6 +124,7 @@ class ReviewItems:
     relative: list[str] | None = None
     root: Path | None = None
     pixels: torch.Tensor | None = None  # named data sets
+    positions: torch.Tensor | None = None  # position of each image in its whole split (a --limit sample)
     notes: list[str] = field(default_factory=list)
 
 
@@ -147,12 +148,17 @@ def folder_items(root: Path, split: str) -> ReviewItems:
 def _named_items(cfg: ReviewConfig, split: str) -> ReviewItems:
     from imclass.data import load
 
+    from imclass.data.split import limit_indices
+
     ds = load(cfg.data, split=split, root=cfg.data_root)
     notes = list(ds.notes)
+    positions = None
     if cfg.limit is not None and cfg.limit < len(ds):
-        ds = ds.subset(slice(0, cfg.limit))
-        notes.append(f"the first {cfg.limit:,} images of the {split} split (--limit)")
-    return ReviewItems(ds.labels, list(ds.classes), split, pixels=ds.images, notes=notes)
+        positions = limit_indices(ds.labels, cfg.limit, seed=cfg.seed, classes=ds.classes, where=f"{cfg.data} {split}")
+        ds = ds.subset(positions)
+        notes.append(f"{cfg.limit:,} images of the {split} split (--limit: seeded, stratified, seed {cfg.seed}); "
+                     "index = position in the whole split")
+    return ReviewItems(ds.labels, list(ds.classes), split, pixels=ds.images, notes=notes, positions=positions)
 
 
 # ------------------------------------------------------------------------------ with a run
@@ -170,7 +176,7 @@ def heldout_of_run(run_config: dict[str, Any], data: str, split: str | None) -> 
     """``(split to review, why)`` for a run trained as ``run_config`` (its config.json) reviewing ``data``
     at ``split``; raises a ValueError when that split overlaps the run's training images.
 
-    A run trained on a named data set trained on its ``train`` split (``--limit``: the first N);
+    A run trained on a named data set trained on (a ``--limit`` sample of) its ``train`` split;
     a run trained on a folder trained on its ``train/`` folder, or on all but a seeded held-out
     share of a plain folder (``val_fraction`` and ``seed`` of its config; ``imclass.data.load``'s 20 %,
     seed 0 for runs trained from scratch).
@@ -192,7 +198,8 @@ def heldout_of_run(run_config: dict[str, Any], data: str, split: str | None) -> 
 
 
 def _run_items_and_probs(cfg: ReviewConfig) -> tuple[ReviewItems, np.ndarray, str]:
-    from imclass.io import load, read_metadata
+    from imclass.model_file.format import read_metadata
+    from imclass.models.rebuild import load
 
     run = Path(cfg.run).expanduser()
     if not run.exists():
@@ -289,7 +296,7 @@ def folder_features(cfg: ReviewConfig, items: ReviewItems) -> tuple[torch.Tensor
     from imclass.models.transfer_net import PoolStagesUnsupported
     from imclass.transfer.features import FeatureCache, extract_features
     from imclass.transfer.finetune import transfer
-    from imclass.transfer.run import DEFAULT_POOL_STAGES, no_weights_advice, pick_backbone
+    from imclass.transfer.workflow import DEFAULT_POOL_STAGES, no_weights_advice, pick_backbone
 
     backbone = cfg.backbone or pick_backbone(cfg.weights_dir)
     if backbone is None:
@@ -358,7 +365,7 @@ def _duplicates(items: ReviewItems, near_distance: int) -> list[tuple[int, int, 
 
 def review(cfg: ReviewConfig) -> ReviewResult:
     """Review ``cfg.data``: out-of-sample probabilities, confident learning, outliers, duplicates; ranked."""
-    from imclass.review.confident import find_label_issues, label_quality
+    from imclass.confident import find_label_issues, label_quality
     from imclass.review.oof import cross_val_features, cross_val_images
 
     start = time.perf_counter()
@@ -368,6 +375,13 @@ def review(cfg: ReviewConfig) -> ReviewResult:
         items, probs, method = _run_items_and_probs(cfg)
     elif folder.is_dir():
         items = folder_items(folder.resolve(), cfg.split or "all")
+        if cfg.limit is not None and cfg.limit < len(items.labels):
+            from imclass.data.split import limit_indices
+
+            keep = limit_indices(items.labels, cfg.limit, seed=cfg.seed, classes=items.classes).tolist()
+            items = ReviewItems(items.labels[keep], items.classes, items.split, [items.paths[i] for i in keep],
+                                [items.splits[i] for i in keep], [items.relative[i] for i in keep], items.root,
+                                notes=[f"{cfg.limit:,} of the folder's images (--limit, seed {cfg.seed})"])
         feats, backbone = folder_features(cfg, items)
         probs = cross_val_features(feats, items.labels, len(items.classes), folds=cfg.folds, seed=cfg.seed,
                                    C=cfg.C, verbose=cfg.verbose)
@@ -387,7 +401,8 @@ def review(cfg: ReviewConfig) -> ReviewResult:
         key = (int(i), kind)
         if key in issues and issues[key]["score"] >= score:
             return
-        issues[key] = {"index": int(i), "path": items.relative[i] if items.relative else None,
+        issues[key] = {"index": int(items.positions[i]) if items.positions is not None else int(i), "row": int(i),
+                       "path": items.relative[i] if items.relative else None,
                        "given": items.classes[labels[i]],
                        "suggested": items.classes[suggested] if suggested is not None else None,
                        "score": float(score), "kind": kind,
@@ -406,11 +421,12 @@ def review(cfg: ReviewConfig) -> ReviewResult:
     for a, b, bits in _duplicates(items, cfg.near_distance):
         for x, y in ((a, b), (b, a)):
             add(x, "duplicate", int(labels[y]), 1.0 if bits < 0 else 1.0 - bits / 64,
-                duplicate_of=items.relative[y] if items.relative else int(y), bits=None if bits < 0 else bits)
+                duplicate_of=items.relative[y] if items.relative else
+                int(items.positions[y]) if items.positions is not None else int(y), bits=None if bits < 0 else bits)
     ranked = sorted(issues.values(), key=lambda r: (-r["score"], r["index"], KINDS.index(r["kind"])))
     if items.paths is not None:
         for r in ranked:
-            r["sha256"] = sha256_of(items.paths[r["index"]])
+            r["sha256"] = sha256_of(items.paths[r["row"]])
     quality = label_quality(probs, labels, cfg.rank_by)
     _say(cfg, f"{len(ranked)} findings in {len(labels):,} images ({time.perf_counter() - start:.1f} s)")
     return ReviewResult(ranked, items.classes, len(labels), str(items.root) if items.root else cfg.data, items.split,

@@ -3,7 +3,7 @@
 * :func:`stratified_folds` deals each class's images into ``k`` folds (seeded);
 * :func:`cross_val_features` fits a multinomial logistic regression on the other folds' features
   (frozen-backbone embeddings, cached) and predicts each held-out fold: seconds per fold;
-* :func:`cross_val_images` trains a network per fold with the fast recipe (``imclass.train.recipes``)
+* :func:`cross_val_images` trains a network per fold with the fast recipe (``imclass.workflows.recipes``)
   on the other folds' pixels: for data sets without a pretrained backbone (CIFAR-10, MNIST, ...).
 """
 from __future__ import annotations
@@ -90,7 +90,7 @@ def cross_val_images(data: Any, *, folds: int = 5, seed: int = 0, target: int = 
                      verbose: bool = False, **overrides: Any) -> np.ndarray:
     """Out-of-fold probabilities (n, classes) of the fast recipe (``fast_config(target, **overrides)``)
     trained on the other folds of ``data`` (an ``ImageDataset``), with the recipe's test-time augmentation."""
-    from imclass.train.recipes import fast_config, fast_recipe
+    from imclass.workflows.recipes import fast_config, fast_recipe
 
     cfg = fast_config(target, **overrides)
     labels = data.labels

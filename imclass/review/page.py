@@ -36,12 +36,13 @@ def thumbnail(source: Path | torch.Tensor) -> str:
         buf = io.BytesIO()
         im.save(buf, format="PNG")
         return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    with Image.open(source) as im:
-        im.draft("RGB", (THUMB, THUMB))
-        im = im.convert("RGB")
-        im.thumbnail((THUMB, THUMB))
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=85)
+    from imclass.data.decode import decode_array
+
+    array = decode_array(source, mode="RGB", resize=THUMB)  # the one decoding gate; shorter side 224
+    im = Image.fromarray(array)
+    im.thumbnail((THUMB, THUMB))  # longer side 224 too
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -60,7 +61,7 @@ def write_review(result: Any, out: str | os.PathLike, *, config: dict[str, Any] 
     review_path.write_text(json.dumps(data, indent=1, default=float) + "\n")
     shown = []
     for issue in data["issues"][:max_shown]:
-        i = issue["index"]
+        i = issue["row"]  # position among the reviewed images
         src = result.paths[i] if result.paths is not None else result.pixels[i]
         shown.append({**{k: issue[k] for k in ("id", "index", "path", "given", "suggested", "score", "kind")},
                       "img": thumbnail(src)})

@@ -247,11 +247,11 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
 
 def _validate(clf: Any, val: ImageDataset) -> tuple[dict[str, float], int]:
     """Accuracy and loss on the validation split, and how many of its images confident learning
-    (``imclass.review.confident``) finds mislabelled: the head never trained on them, so its
+    (``imclass.confident``) finds mislabelled: the head never trained on them, so its
     probabilities there are out of sample. One forward pass serves both."""
     import torch.nn.functional as F
 
-    from imclass.review.confident import find_label_issues
+    from imclass.confident import find_label_issues
 
     logits = clf.predict_logits(val.images)
     metrics = {"accuracy": float((logits.argmax(1) == val.labels).float().mean()),
