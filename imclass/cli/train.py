@@ -7,7 +7,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, DataRoot, fail, limit_option, plain_warnings, print_json
+from imclass.cli._common import USER_ERRORS, DataRoot, fail, limit_option, plain_warnings, print_json, write_error
 
 
 def register(app: typer.Typer) -> None:
@@ -156,6 +156,8 @@ def train(
         fail(f"{err} (try a smaller --lr)")
     except USER_ERRORS as err:
         fail(str(err))
+    except OSError as err:  # a full disk or a file size limit while writing the run folder
+        fail(write_error(err))
     from imclass.train.distributed import env_rank
 
     if env_rank() != 0:  # under torchrun rank 0 reports for all

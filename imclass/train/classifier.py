@@ -92,10 +92,26 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``.
+
+    A ValueError names the problem: an unknown device name, or a CUDA / MPS device this machine lacks.
+    """
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        found = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"expected --device auto, cpu, cuda, cuda:N or mps, received {device!r}") from None
+    if found.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA GPU is available on this machine (use --device cpu or auto)")
+        if found.index is not None and found.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif found.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {device}: no Apple MPS device is available on this machine (use --device cpu)")
+    elif found.type not in ("cpu", "cuda", "mps", "meta"):
+        raise ValueError(f"expected --device auto, cpu, cuda, cuda:N or mps, received {device!r}")
+    return found
 
 
 def _as_data(data: Any, name: str = "data") -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AUGMENTATIONS", "RunConfig", "TrainConfig", "config_from_dict", "load_config", "train_from_config"]
+__all__ = ["AUGMENTATIONS", "RunConfig", "TrainConfig", "config_from_dict", "load_config", "seed_everything",
+           "train_from_config"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = (None, "step", "exponential", "cosine", "onecycle", "linear")
@@ -242,9 +243,20 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
             f"expected a model name (--model) to train on {cfg.dataset!r} (see `imclass models list`); "
             "only cifar10 has a default (the fast recipe)"
         )
+    from imclass.train.checkpoint import CHECKPOINT_NAME
+    from imclass.train.classifier import resolve_device
+
+    out = Path(cfg.out or f"runs/{(cfg.model or 'fast').replace(':', '_')}-{Path(cfg.dataset).name}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file is in the way; expected a run folder (new or existing)")
+    if cfg.resume and not (out / CHECKPOINT_NAME).is_file():
+        raise ValueError(f"--resume: no checkpoint in {out} (expected {out / CHECKPOINT_NAME}; the run folder is "
+                         "missing or mistyped, or the run stopped before its first checkpoint): drop --resume to "
+                         "start a new run")
+    resolve_device(cfg.device)  # an unknown or absent device: one clear error before the data is read
+    seed_everything(cfg.seed)  # model initialisation included: two identical commands, identical model files
     train_set, test_set = _load_data(cfg)
     _warn_about_data(cfg, train_set, test_set)
-    out = Path(cfg.out or f"runs/{(cfg.model or 'fast').replace(':', '_')}-{Path(cfg.dataset).name}")
     out.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(cfg, out=str(out))
     start = time.perf_counter()
@@ -257,7 +269,8 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
     if distributed.is_main():  # under torchrun rank 0 writes the run folder
         recorded = {**{k: v for k, v in clf.history.last().items() if k != "seconds"},
                     "test_accuracy": float(metrics["accuracy"]), "test_loss": float(metrics["loss"]),
-                    "epochs": len(clf.history), "seconds": seconds}  # GET /models/{name} of `imclass serve`
+                    "epochs": len(clf.history)}  # GET /models/{name} of `imclass serve`; no wall time: two
+        # identical commands must write byte-identical model files (the time is in history.csv and the result)
         recorded = {k: v for k, v in recorded.items()  # a diverged (NaN) loss is left out, not refused
                     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         save(clf, model_file, train_config=train_config, input_size=list(train_set.image_shape), metrics=recorded)
@@ -275,6 +288,18 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
         "out": str(out),
         "model_file": str(model_file),
     }
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global generator and torch (CPU and every GPU)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def _write_config(cfg: RunConfig, out: Path) -> None:
@@ -378,10 +403,15 @@ def _load_data(cfg: RunConfig):
 def _warn_about_data(cfg: RunConfig, train_set, test_set) -> None:
     """A cheap check of a folder's images at train start (``imclass.data.check.quick_check``: duplicates
     with two labels, train/test leakage, class imbalance), as warnings; ``imclass data check`` says more."""
-    if not Path(cfg.dataset).expanduser().is_dir():
-        return
     import warnings
 
+    counts = train_set.class_counts()
+    empty = [c for c, n in zip(train_set.classes, counts) if n == 0]
+    if empty:
+        warnings.warn(f"{len(empty)} class(es) of {cfg.dataset} have no training images ({', '.join(empty[:5])}"
+                      f"{', ...' if len(empty) > 5 else ''}): the model can never learn to predict them", stacklevel=3)
+    if not Path(cfg.dataset).expanduser().is_dir():
+        return
     from imclass.data.check import quick_check
 
     for message in quick_check(train_set, test_set, name=Path(cfg.dataset).name):
