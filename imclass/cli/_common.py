@@ -20,6 +20,11 @@ from imclass.data.download import DownloadError
 # reported as one `error: ...` line; anything else is a bug and keeps its traceback
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError, DownloadError)
 
+DataMode = typer.Option(
+    None, "--data-mode", help="Where a folder's images live while the command runs: memory, cache (a memory-mapped "
+    "file of the resized images on disk, $IMCLASS_CACHE/images, reused by later runs) or stream (decoded batch by "
+    "batch). Default: chosen from the image count and size against the memory available, and said on stderr.")
+
 DataRoot = typer.Option(None, "--data", help="Data root folder (default: $IMCLASS_DATA, else ~/.cache/imclass).")
 
 LIMIT_HELP = ("A seeded, stratified sample of N images of each split (every class keeps its share; "

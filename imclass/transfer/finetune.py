@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from imclass.data.dataset import ImageDataset
 from imclass.models.transfer_net import TransferNet, head_config
 from imclass.models.weights import Preprocessing, apply_weights, backbone_name, weights_options
 from imclass.transfer.features import FeatureCache, extract_features
@@ -342,7 +343,8 @@ def fine_tune(
             from imclass.data.augment import CropFlip
 
             augment = CropFlip(padding=max(1, pre.crop // 14))
-        result.fine_history = clf.fit((images, labels), epochs=epochs, batch_size=batch_size, validation=val,
+        same = isinstance(data, ImageDataset) and data.images is images  # a memory-mapped set stays mapped
+        result.fine_history = clf.fit(data if same else (images, labels), epochs=epochs, batch_size=batch_size, validation=val,
                                       augment=augment, seed=seed, callbacks=callbacks, verbose=verbose,
                                       class_weight=class_weight, sampler=sampler)
         seconds["fine_tune"] = time.perf_counter() - t0

@@ -65,6 +65,7 @@ class RunConfig:
     sampler: str | None = None  # 'balanced': every class drawn about equally often
     verbose: bool = True
     budget: float | None = None  # seconds of training; then stop after the current batch (TimeBudget)
+    data_mode: str | None = None  # where a folder's images live: memory, cache or stream (None: chosen, said aloud)
 
     def __post_init__(self) -> None:
         _check(self.epochs is None or self.epochs > 0, f"expected epochs >= 1, received epochs={self.epochs}")
@@ -99,6 +100,8 @@ class RunConfig:
         if self.sampler in ("none", ""):
             self.sampler = None
         _check(self.sampler in (None, "balanced"), f"expected sampler 'balanced' or none, received {self.sampler!r}")
+        _check(self.data_mode in (None, "memory", "cache", "stream"),
+               f"expected data_mode memory, cache or stream, received {self.data_mode!r}")
 
     @property
     def uses_fast_recipe(self) -> bool:
@@ -284,6 +287,7 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
         "train_images": len(train_set),
         "test_images": len(test_set),
         "tta": clf.tta or "none",  # the test-time augmentation of `accuracy`, recorded in the model file
+        "data_mode": getattr(train_set, "mode", "memory"),
         **details,
         "out": str(out),
         "model_file": str(model_file),
@@ -389,15 +393,23 @@ def _model_name(model) -> str | None:
 
 
 def _load_data(cfg: RunConfig):
+    """The training and test sets of ``cfg``: a folder through the tier chooser (``cfg.data_mode``),
+    ``--limit`` applied to its file list before decoding, at ``cfg.image_size`` or a default size."""
     from imclass import data as imdata
 
+    folder = Path(cfg.dataset).expanduser()
     size = cfg.image_size
-    # --limit: a seeded, stratified sample of each split (imclass.data.split.limit_indices)
-    train_set = imdata.load(cfg.dataset, split="train", root=cfg.data_root, image_size=size, limit=cfg.limit,
-                            seed=cfg.seed or 0)
-    test_set = imdata.load(cfg.dataset, split="test", root=cfg.data_root, image_size=size, limit=cfg.limit,
-                           seed=cfg.seed or 0)
-    return train_set, test_set
+    if folder.is_dir() and size is None:
+        from imclass.data.folder import default_image_size
+
+        size = default_image_size(folder)
+    # --limit: a seeded, stratified sample of each split (imclass.data.split.limit_indices), before decoding
+    sets = [imdata.load(cfg.dataset, split=split, root=cfg.data_root, image_size=size, limit=cfg.limit,
+                        seed=cfg.seed or 0, mode=cfg.data_mode) for split in ("train", "test")]
+    if folder.is_dir() and cfg.image_size is None:
+        for ds in sets:
+            ds.notes.append(f"images resized to {size[0]}x{size[1]} (the default without --image-size)")
+    return sets[0], sets[1]
 
 
 def _warn_about_data(cfg: RunConfig, train_set, test_set) -> None:
