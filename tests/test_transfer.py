@@ -397,28 +397,53 @@ def test_cli_train_folder_with_no_other_flag_then_predict_and_evaluate(real, tmp
     assert json.loads(predicted.stdout)["predictions"][0]["top"][0]["class"] in ("daisy", "dandelion", "roses")
 
 
-def test_train_transfer_warns_when_fine_tuning_ends_below_the_frozen_head(real, tmp_path, monkeypatch):
+def test_train_transfer_keeps_the_frozen_head_when_fine_tuning_ends_below_it(real, tmp_path, monkeypatch):
+    """Fine-tuning that ends below the frozen head (80.5 % < 87.0 % on flowers) must not leave the worse model
+    as the default: model.safetensors = best.safetensors = the head, last.safetensors = the fine-tuned one;
+    the run folder holds history.csv (both stages), curves.png and confusion_matrix.png; a second run with
+    the same out goes to out-2."""
+    import csv
+
+    import imclass
     import imclass.transfer.finetune as ft
-    from imclass.transfer.workflow import TransferConfig, train_transfer
+    from imclass.model_file.format import read_metadata
+    from imclass.transfer.workflow import TransferConfig, load_for, train_transfer
 
     weights, flowers = real
-    folder = _photo_folder(flowers, tmp_path / "photos", classes=2, per_class=8)
+    folder = _photo_folder(flowers, tmp_path / "photos", classes=2, per_class=12)
     real_fine_tune = ft.fine_tune
 
-    def head_said_perfect(*args, **kwargs):  # the frozen head at 100 %, the fine-tuned one at chance
+    def fine_tuning_flips_the_head(*args, **kwargs):  # stage 2 ends with every 2-class prediction flipped
         result = real_fine_tune(*args, **kwargs)
-        result.head_history.history["val_accuracy"][-1] = 1.0
-        last = result.classifier.model.get_classifier()
-        with torch.no_grad():
-            last.weight.zero_(), last.bias.zero_()  # equal logits: every photo is class 0
+        if kwargs.get("freeze_epochs") == 0:
+            last = result.classifier.model.get_classifier()
+            with torch.no_grad():
+                last.weight.neg_(), last.bias.neg_()
         return result
 
-    monkeypatch.setattr(ft, "fine_tune", head_said_perfect)
-    cfg = TransferConfig(dataset=str(folder), weights_dir=str(weights), image_size=64, freeze_epochs=1, epochs=1,
-                         out=str(tmp_path / "run"), val_fraction=0.25)
-    with pytest.warns(UserWarning, match=r"fine-tuning ended below the frozen head \(.* < 100.0% validation"):
+    monkeypatch.setattr(ft, "fine_tune", fine_tuning_flips_the_head)
+    out = tmp_path / "run"
+    cfg = TransferConfig(dataset=str(folder), weights_dir=str(weights), image_size=96, freeze_epochs=8, epochs=1,
+                         out=str(out), val_fraction=0.25, lr=3e-3)
+    with pytest.warns(UserWarning, match=r"fine-tuning ended below the frozen head \(.* < .*validation accuracy\): "
+                                         r"the frozen head is the saved model"):
         report = train_transfer(cfg)
-    assert report["head_accuracy"] == 1.0 and report["accuracy"] == 0.5  # 2 val photos a class
+    assert report["accuracy"] > report["last_accuracy"] and report["model_selected"] == "frozen head"
+    val = load_for(str(folder), imclass.load(out).preprocessing, split="test", val_fraction=0.25)
+    assert imclass.load(out).evaluate(val)["accuracy"] == pytest.approx(report["accuracy"])  # the default: the head
+    assert imclass.load(out / "last.safetensors").evaluate(val)["accuracy"] == pytest.approx(report["last_accuracy"])
+    assert (out / "best.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert read_metadata(out)["metrics"]["val_accuracy"] == pytest.approx(report["accuracy"])  # /models shows it
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    assert [r["stage"] for r in rows] == ["head"] * 8 + ["fine-tune"] and [r["epoch"] for r in rows] == [str(i) for i in range(1, 10)]
+    assert (out / "curves.png").stat().st_size > 10_000 and (out / "confusion_matrix.png").stat().st_size > 10_000
+
+    monkeypatch.setattr(ft, "fine_tune", real_fine_tune)
+    with pytest.warns(UserWarning, match="holds an earlier run: this run goes to .*run-2"):
+        again = train_transfer(TransferConfig(dataset=str(folder), weights_dir=str(weights), image_size=96,
+                                              freeze_epochs=1, out=str(out), val_fraction=0.25))
+    assert again["out"] == str(tmp_path / "run-2") and (tmp_path / "run-2" / "last.safetensors").is_file()
+    assert imclass.load(out).evaluate(val)["accuracy"] == pytest.approx(report["accuracy"])  # the first run intact
 
 
 def test_cli_train_unknown_backbone_is_one_error_line(tmp_path):

@@ -44,13 +44,20 @@ def _limit(ds, n: Optional[int], flag: str, seed: int):
     return out
 
 
-def _load(name: str, split: str, root: Optional[str]):
-    from imclass.data import load
+FOLDER_IMAGE_SIZE = 32  # raw-pixel k-NN on a folder of photos: CIFAR-10's size unless --image-size says otherwise
 
+
+def _load(name: str, split: str, root: Optional[str], image_size: Optional[int] = None):
+    from pathlib import Path
+
+    from imclass.data import canonical_name, load
+
+    if image_size is None and canonical_name(name) is None and Path(name).expanduser().is_dir():
+        image_size = FOLDER_IMAGE_SIZE
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            ds = load(name, split=split, root=root)
+            ds = load(name, split=split, root=root, image_size=image_size)
         except _USER_ERRORS as err:
             fail(str(err))
     for w in caught:
@@ -65,6 +72,9 @@ def knn(
     k: int = typer.Option(1, "--k", "-k", help="Neighbours that vote (ignored with --cv, which chooses k)."),
     weights: str = typer.Option("uniform", "--weights", help="uniform or distance (votes weighted by 1/distance)."),
     data: Optional[str] = DataRoot,
+    image_size: Optional[int] = typer.Option(
+        None, "--image-size", help=f"Resize every image to N x N (default for a folder: {FOLDER_IMAGE_SIZE}; "
+        "a named data set keeps its size)."),
     limit: Optional[int] = limit_option(),
     train_limit: Optional[int] = typer.Option(None, "--train-limit", hidden=True,
                                               help="--limit for the training split only."),
@@ -94,8 +104,10 @@ def knn(
         fail(str(err))
     k_values = parse_ks(ks) if cv else None
     t_load = time.perf_counter()
-    train = _limit(_load(dataset, "train", data), limit if train_limit is None else train_limit, "--limit", seed)
-    test = _limit(_load(dataset, "test", data), limit if test_limit is None else test_limit, "--limit", seed)
+    if image_size is not None and image_size < 1:
+        fail(f"expected --image-size >= 1, received {image_size}")
+    train = _limit(_load(dataset, "train", data, image_size), limit if train_limit is None else train_limit, "--limit", seed)
+    test = _limit(_load(dataset, "test", data, image_size), limit if test_limit is None else test_limit, "--limit", seed)
     t_load = time.perf_counter() - t_load
 
     result: dict = {"dataset": dataset, "metric": model.metric_, "weights": weights,

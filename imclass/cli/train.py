@@ -49,7 +49,9 @@ def train(
     ),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Hold out this fraction for validation."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
-    out: Optional[str] = typer.Option(None, "--out", help="Run folder (default runs/<model>-<dataset>)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Run folder (default runs/<model>-<dataset>); when it "
+                                      "holds an earlier run, a new OUT-2, OUT-3, ... (see --exist-ok)."),
+    exist_ok: bool = typer.Option(False, "--exist-ok", help="Write into OUT even when it holds an earlier run."),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from OUT/checkpoint.pt."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, mps (default auto)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="'fast': the fast CIFAR-10 recipe."),
@@ -105,14 +107,15 @@ def train(
                   seed=seed, out=out, resume=resume, device=device, recipe=None, target=None, as_json=as_json,
                   backbone=None, weights_dir=None, freeze_epochs=None, head=None, unfreeze=None, feature_cache=None,
                   class_weight=class_weight, sampler=sampler, pool_stages=None, feature_augment=None,
-                  batch_norm=None, data_mode=data_mode)
+                  batch_norm=None, exist_ok=exist_ok, data_mode=data_mode)
 
         return run_transfer(dataset=dataset, backbone=backbone, weights=weights, weights_dir=weights_dir, head=head,
                             image_size=image_size, freeze_epochs=freeze_epochs, epochs=epochs, unfreeze=unfreeze,
                             lr=lr, batch_size=batch_size, val_fraction=val_fraction, seed=seed, limit=limit, out=out,
                             cache_dir=feature_cache, as_json=as_json, fallback=from_scratch,
                             class_weight=class_weight, sampler=sampler, pool_stages=pool_stages,
-                            feature_augment=feature_augment, batch_norm=batch_norm, data_mode=data_mode)
+                            feature_augment=feature_augment, batch_norm=batch_norm, exist_ok=exist_ok,
+                            data_mode=data_mode)
     if resume and config is None and out is not None and (Path(out) / CONFIG_FILE).is_file():
         config = Path(out) / CONFIG_FILE  # continue the run with its own config
     try:
@@ -145,6 +148,7 @@ def train(
             target=target,
             class_weight=class_weight,
             sampler=sampler,
+            exist_ok=exist_ok or None,
             data_mode=data_mode,
             verbose=False if as_json else None,
         )

@@ -152,8 +152,13 @@ def _read(record: FileRecord) -> FileRecord:
 
 # ------------------------------------------------------------------------------ findings
 
+def _part(m: FileRecord) -> str:
+    """The split a file ends in when imclass reads the folder (a plain tree's part is the seeded hold-out)."""
+    return m.get("part", m["split"])
+
+
 def _kind(members: Sequence[FileRecord]) -> str:
-    if len({m["split"] for m in members}) > 1:
+    if len({_part(m) for m in members}) > 1:
         return "across splits"
     if len({m["label"] for m in members}) > 1:
         return "across classes"
@@ -165,7 +170,8 @@ def _group(members: Sequence[FileRecord], root: Path, classes: list[str], **extr
         "kind": _kind(members),
         "files": [_rel(m["path"], root) for m in members],
         "classes": [classes[m["label"]] for m in members],
-        "splits": [m["split"] for m in members],
+        "splits": [_part(m) for m in members],
+        "labels_differ": len({m["label"] for m in members}) > 1,
         **extra,
     }
 
@@ -255,6 +261,14 @@ def check_folder(path: str | os.PathLike, options: CheckOptions | None = None, *
     root = Path(path).expanduser()
     skipped: list[str] = []
     layout, splits, classes, records = folder_files(root, report=skipped.append)
+    if layout == "plain":  # the parts `imclass train` / `imclass.data.load` make of a plain tree: same rule, same seed
+        from imclass.data.folder import SPLIT_SEED, TEST_FRACTION
+        from imclass.data.split import split_indices
+
+        _, held = split_indices(torch.tensor([r["label"] for r in records]), TEST_FRACTION, seed=SPLIT_SEED)
+        held_set = set(held.tolist())
+        for i, r in enumerate(records):
+            r["part"] = "test" if i in held_set else "train"
     records = _map(_read, records, workers, "checking")
     ok = [r for r in records if "error" not in r]
     exact, near = _duplicates(ok, root, classes, opt.near_distance)
@@ -299,7 +313,13 @@ def _summary(report: dict[str, Any]) -> dict[str, int]:
         kinds = Counter(g["kind"] for g in report[key])
         for kind in ("within class", "across classes", "across splits"):
             out[f"{key}.{kind.replace(' ', '_')}"] = kinds.get(kind, 0)
+        out[f"{key}.labels_differ"] = sum(1 for g in report[key] if g.get("labels_differ"))
     return out
+
+
+def _files(group: dict[str, Any]) -> str:
+    """A group's files, each with its split unless its path already starts with it (a split tree)."""
+    return "  ".join(f if f.startswith(f"{sp}/") else f"{f} ({sp})" for f, sp in zip(group["files"], group["splits"]))
 
 
 def format_report(report: dict[str, Any], shown: int = 5) -> str:
@@ -311,6 +331,8 @@ def format_report(report: dict[str, Any], shown: int = 5) -> str:
     def kinds(key: str) -> str:
         parts = [f"{s[f'{key}.{k}']} {k.replace('_', ' ')}" for k in ("within_class", "across_classes", "across_splits")
                  if s[f"{key}.{k}"]]
+        if s.get(f"{key}.labels_differ"):
+            parts.append(f"{s[f'{key}.labels_differ']} with different labels")
         return ", ".join(parts)
 
     imb = report["imbalance"]
@@ -336,9 +358,8 @@ def format_report(report: dict[str, Any], shown: int = 5) -> str:
 
     sections = [
         ("unreadable", lambda r: f"{r['path']}: {r['error']}"),
-        ("exact_duplicates", lambda g: f"[{g['kind']}] " + "  ".join(f"{f} ({c}/{sp})" if sp != "all" else f"{f}"
-                                                                       for f, c, sp in zip(g["files"], g["classes"], g["splits"]))),
-        ("near_duplicates", lambda g: f"[{g['kind']}, {g['distance']} bits] " + "  ".join(g["files"])),
+        ("exact_duplicates", lambda g: f"[{g['kind']}] " + _files(g)),
+        ("near_duplicates", lambda g: f"[{g['kind']}, {g['distance']} bits] " + _files(g)),
         ("rare_formats", lambda r: f"{r['path']}: {r['why']}"),
         ("size_outliers", lambda r: f"{r['path']} {r['height']}x{r['width']}: {r['why']}"),
         ("tiny", lambda r: f"{r['path']} {r['height']}x{r['width']}"),
@@ -384,6 +405,7 @@ def quick_check(train: Any, test: Any = None, *, near_distance: int = 2, imbalan
         messages.append(f"class imbalance in {name}: {imb['largest']} has {imb['ratio']:.1f}x the images of "
                         f"{imb['smallest']}; consider --class-weight balanced or --sampler balanced")
     source = str(getattr(train, "source", "") or "")
-    if messages and source and Path(source).is_dir():
-        messages[-1] += f" (imclass data check {train.source} lists the files)"
+    if source and Path(source).is_dir():  # every finding about files: data check names them
+        messages = [m if m.startswith("class imbalance") else f"{m} (imclass data check {train.source} lists the files)"
+                    for m in messages]
     return messages

@@ -5,9 +5,11 @@
 
 The same config comes from a JSON or TOML file (``load_config(path, **overrides)``), flat keys
 named like the fields below, with ``[model_options]`` as a table. Unknown keys are an error, so
-a typo never silently trains something else. The run folder ``out`` ends up holding
-``model.safetensors`` (``imclass.load(out)``), ``config.json`` (the resolved config) and what the
-training engine writes there (history, checkpoint, training-curve PNG).
+a typo never silently trains something else. The run folder ``out`` (a new ``out-2``, ``out-3``, ...
+when ``out`` holds an earlier run, unless ``exist_ok`` or ``resume``) ends up holding
+``model.safetensors`` (``imclass.load(out)``: the best model by validation accuracy, the same file as
+``best.safetensors``), ``last.safetensors`` (the last epoch's), ``config.json`` (the resolved config),
+``history.csv``, ``curves.png``, ``confusion_matrix.png`` (on the test split) and ``checkpoint.pt``.
 """
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ class RunConfig:
     seed: int = 0
     out: str | None = None  # run folder; default runs/<model>-<dataset>
     resume: bool = False  # continue from out/checkpoint.pt
+    exist_ok: bool = False  # write into an existing `out`; else a new run goes to out-2, out-3, ...
     device: str = "auto"
     recipe: str | None = None  # "fast": the fast CIFAR-10 recipe
     target: int | None = None  # accuracy target of the fast recipe: 90, 94 or 95
@@ -115,7 +118,7 @@ class RunConfig:
     def run_dict(self) -> dict:
         """What ``config.json`` holds: the config less how this command was run (``resume``, ``verbose``),
         so that ``imclass train --out DIR --resume`` can read it back."""
-        return {k: v for k, v in self.to_dict().items() if k not in ("resume", "verbose")}
+        return {k: v for k, v in self.to_dict().items() if k not in ("resume", "verbose", "exist_ok")}
 
 
 TrainConfig = RunConfig  # the name used in the design notes
@@ -235,7 +238,6 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
     ``cfg.uses_fast_recipe``; otherwise the model comes from the registry (``cfg.model``) or
     from a model file (``cfg.weights``, to fine-tune it).
     """
-    from imclass.model_file.save import save
     from imclass.train import distributed
 
     if distributed.launched() and not distributed.is_distributed():  # under torchrun: one rank of N
@@ -249,37 +251,34 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
     from imclass.train.checkpoint import CHECKPOINT_NAME
     from imclass.train.classifier import resolve_device
 
-    out = Path(cfg.out or f"runs/{(cfg.model or 'fast').replace(':', '_')}-{Path(cfg.dataset).name}")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: a file is in the way; expected a run folder (new or existing)")
-    if cfg.resume and not (out / CHECKPOINT_NAME).is_file():
-        raise ValueError(f"--resume: no checkpoint in {out} (expected {out / CHECKPOINT_NAME}; the run folder is "
+    wanted = Path(cfg.out or f"runs/{(cfg.model or 'fast').replace(':', '_')}-{Path(cfg.dataset).name}")
+    if wanted.exists() and not wanted.is_dir():
+        raise ValueError(f"--out {wanted}: a file is in the way; expected a run folder (new or existing)")
+    if cfg.resume and not (wanted / CHECKPOINT_NAME).is_file():
+        raise ValueError(f"--resume: no checkpoint in {wanted} (expected {wanted / CHECKPOINT_NAME}; the run folder is "
                          "missing or mistyped, or the run stopped before its first checkpoint): drop --resume to "
                          "start a new run")
     resolve_device(cfg.device)  # an unknown or absent device: one clear error before the data is read
     seed_everything(cfg.seed)  # model initialisation included: two identical commands, identical model files
+    out = _run_dir(cfg)  # runs/x holds an earlier run: runs/x-2 (never a silent overwrite)
     train_set, test_set = _load_data(cfg)
     _warn_about_data(cfg, train_set, test_set)
     out.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(cfg, out=str(out))
     start = time.perf_counter()
     fit = _fit_fast_recipe if cfg.uses_fast_recipe else _fit_model
-    clf, metrics, cfg, details = fit(cfg, train_set, test_set, out)
+    clf, cfg, details = fit(cfg, train_set, test_set, out)
     seconds = time.perf_counter() - start
     _write_config(cfg, out)
     train_config = {**cfg.run_dict(), **details}
+    figures = _final_models(clf, test_set, out, train_config, seconds, list(train_set.image_shape))
+    metrics = figures["metrics"]
     model_file = out / MODEL_FILE
-    if distributed.is_main():  # under torchrun rank 0 writes the run folder
-        recorded = {**{k: v for k, v in clf.history.last().items() if k != "seconds"},
-                    "test_accuracy": float(metrics["accuracy"]), "test_loss": float(metrics["loss"]),
-                    "epochs": len(clf.history)}  # GET /models/{name} of `imclass serve`; no wall time: two
-        # identical commands must write byte-identical model files (the time is in history.csv and the result)
-        recorded = {k: v for k, v in recorded.items()  # a diverged (NaN) loss is left out, not refused
-                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-        save(clf, model_file, train_config=train_config, input_size=list(train_set.image_shape), metrics=recorded)
     return {
         "accuracy": float(metrics["accuracy"]),
         "loss": float(metrics["loss"]),
+        "model_selected": figures["selected"],  # the saved default model: "best" (by val_accuracy) or "last"
+        "last_accuracy": figures["last_accuracy"],
         "seconds": seconds,
         "model": cfg.model,
         "dataset": cfg.dataset,
@@ -292,6 +291,74 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
         "out": str(out),
         "model_file": str(model_file),
     }
+
+
+def _run_dir(cfg: RunConfig) -> Path:
+    """``cfg.out`` (default runs/<model>-<dataset>), or the next free ``-2``, ``-3``, ... when it holds an
+    earlier run and neither ``exist_ok`` nor ``resume`` is set; every rank of a torchrun run agrees."""
+    from imclass.train.run_folder import fresh_run_dir
+
+    wanted = Path(cfg.out or f"runs/{(cfg.model or 'fast').replace(':', '_')}-{Path(cfg.dataset).name}")
+    out = fresh_run_dir(wanted, exist_ok=cfg.exist_ok, resume=cfg.resume)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # rank 0 decides, before anyone creates a folder
+        chosen = [str(out)]
+        dist.broadcast_object_list(chosen, src=0)
+        out = Path(chosen[0])
+    if out != wanted:
+        import warnings
+
+        warnings.warn(f"{wanted} holds an earlier run: this run goes to {out} (--exist-ok writes into {wanted})",
+                      stacklevel=3)
+    return out
+
+
+def _final_models(clf, test_set, out: Path, train_config: dict, seconds: float, input_size: list) -> dict[str, Any]:
+    """Write last.safetensors, best.safetensors (best by val_accuracy; the last one without validation),
+    model.safetensors (the same file as best: what ``imclass.load(out)`` reads) with the test figures in
+    each file, and confusion_matrix.png of the default model on the test split."""
+    from imclass.train.run_folder import BEST_FILE, CONFUSION_FILE, LAST_FILE, held_out_figures, link_or_copy
+    from imclass.model_file.format import load_weights
+    from imclass.model_file.save import save
+    from imclass.train import distributed
+    from imclass.visualize.training import save_confusion_matrix
+
+    last = held_out_figures(clf, test_set, clf.tta)
+    history = clf.history.to_dict()
+    vals = [v for v in history.get("val_accuracy", []) if v is not None and math.isfinite(v)]
+    best_epoch = None
+    if vals and (out / BEST_FILE).is_file():
+        best_epoch = history["val_accuracy"].index(max(vals)) + 1
+    main = distributed.is_main()  # under torchrun rank 0 writes the run folder
+
+    def recorded(fig: dict, epoch: int | None) -> dict:
+        logs = {k: v[epoch - 1] for k, v in history.items() if epoch is not None and len(v) >= epoch}
+        values = {**{k: v for k, v in (logs or clf.history.last()).items() if k != "seconds"},
+                  "test_accuracy": float(fig["accuracy"]), "test_loss": float(fig["loss"]),
+                  "epochs": len(clf.history)}  # GET /models/{name} of `imclass serve`; no wall time: two
+        # identical commands must write byte-identical model files (the time is in history.csv and the result)
+        return {k: v for k, v in values.items()  # a diverged (NaN) loss is left out, not refused
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+    if main:
+        save(clf, out / LAST_FILE, train_config=train_config, input_size=input_size, metrics=recorded(last, None))
+    chosen, selected = last, "last"
+    if best_epoch is not None and best_epoch != len(clf.history):
+        load_weights(clf.model, out / BEST_FILE)  # the best epoch's weights, written by ModelCheckpoint
+        chosen, selected = held_out_figures(clf, test_set, clf.tta), "best"
+    elif best_epoch is not None:
+        selected = "best"  # the last epoch is the best one
+    if main:
+        if selected == "best" and chosen is not last:
+            save(clf, out / BEST_FILE, train_config={**train_config, "selected": f"best (epoch {best_epoch})"},
+                 input_size=input_size, metrics=recorded(chosen, best_epoch))
+        else:
+            link_or_copy(out / LAST_FILE, out / BEST_FILE)
+        link_or_copy(out / BEST_FILE, out / MODEL_FILE)
+        save_confusion_matrix(chosen["confusion_matrix"], list(test_set.classes), out / CONFUSION_FILE,
+                              title=f"{out.name}: {selected} model on the {test_set.split or 'test'} split")
+    return {"metrics": chosen, "selected": selected, "last_accuracy": float(last["accuracy"])}
 
 
 def seed_everything(seed: int) -> None:
@@ -318,10 +385,13 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
-def _run_callbacks(out: Path, budget: float | None = None) -> list:
-    from imclass.train.callbacks import CSVLogger, TimeBudget, TrainingCurves
+def _run_callbacks(out: Path, budget: float | None = None, validation: bool = False) -> list:
+    from imclass.train.run_folder import BEST_FILE
+    from imclass.train.callbacks import CSVLogger, ModelCheckpoint, TimeBudget, TrainingCurves
 
     callbacks = [CSVLogger(out / "history.csv"), TrainingCurves(out / "curves.png")]
+    if validation:  # best.safetensors: the best epoch by validation accuracy so far
+        callbacks.append(ModelCheckpoint(out / BEST_FILE, monitor="val_accuracy", mode="max"))
     return callbacks + [TimeBudget(budget)] if budget else callbacks
 
 
@@ -349,7 +419,7 @@ def _fit_model(cfg: RunConfig, train_set, test_set, out: Path):
         batch_size=cfg.batch_size,
         validation=cfg.val_fraction or None,
         augment=augment,
-        callbacks=_run_callbacks(out, cfg.budget) + augment_callbacks,
+        callbacks=_run_callbacks(out, cfg.budget, validation=bool(cfg.val_fraction)) + augment_callbacks,
         seed=cfg.seed,
         checkpoint_dir=out,
         resume=cfg.resume,
@@ -357,7 +427,7 @@ def _fit_model(cfg: RunConfig, train_set, test_set, out: Path):
         class_weight=cfg.class_weight,
         sampler=cfg.sampler,
     )
-    return clf, clf.evaluate(test_set), cfg, {}
+    return clf, cfg, {}
 
 
 def _fit_fast_recipe(cfg: RunConfig, train_set, test_set, out: Path):
@@ -382,9 +452,8 @@ def _fit_fast_recipe(cfg: RunConfig, train_set, test_set, out: Path):
         callbacks=tuple(_run_callbacks(out, cfg.budget)),
         verbose=cfg.verbose,
     )
-    metrics = clf.evaluate(test_set, tta=clf.tta)
     details = {"model": "fastnet", "target": cfg.target, "epochs": fast.epochs, "fast_recipe": dataclasses.asdict(fast)}
-    return clf, metrics, cfg, details
+    return clf, cfg, details
 
 
 def _model_name(model) -> str | None:
