@@ -503,14 +503,15 @@ def _load_data(cfg: RunConfig):
 
     folder = Path(cfg.dataset).expanduser()
     size = cfg.image_size
-    if folder.is_dir() and size is None:
+    shards = (folder / "index.json").is_file()  # `imclass data shard` output: images at the size they were written
+    if folder.is_dir() and size is None and not shards:
         from imclass.data.folder import default_image_size
 
         size = default_image_size(folder)
     # --limit: a seeded, stratified sample of each split (imclass.data.split.limit_indices), before decoding
     sets = [imdata.load(cfg.dataset, split=split, root=cfg.data_root, image_size=size, limit=cfg.limit,
                         seed=cfg.seed or 0, mode=cfg.data_mode) for split in ("train", "test")]
-    if folder.is_dir() and cfg.image_size is None:
+    if folder.is_dir() and cfg.image_size is None and not shards:
         for ds in sets:
             ds.notes.append(f"images resized to {size[0]}x{size[1]} (the default without --image-size)")
     return sets[0], sets[1]
