@@ -8,7 +8,8 @@ writes, per split, tar files ``<split>-000000.tar``, ... of samples in a seeded 
     <key>.cls                         the class index as decimal text
 
 plus ``index.json`` (format, classes, per split: the shards with their sample counts and class
-counts, the total) and ``<split>-labels.npy`` (the label of every sample, in shard order). Keys are
+counts, the total) and ``<split>-samples.npy`` (per sample in shard order: label, shard, byte offset
+and byte count of the image in its tar: any sample can be read without scanning). Keys are
 ``<split>_<position>`` (no dots: WebDataset splits a member name at its first dot). This is the
 layout the ``webdataset`` library and timm's ``ReaderWds`` read.
 
@@ -16,7 +17,8 @@ Atomic: everything is written into a hidden sibling folder, renamed to ``out`` o
 so a killed run leaves no half-written set that looks finished.
 
 ``read_shard(path)`` yields ``Sample(key, data, ext, label)`` from one tar (stdlib ``tarfile``,
-streaming); ``ShardSet(out)`` reads the index.
+streaming); ``ShardSet(out)`` reads the index; ``ShardSource(out, split)`` is the stream tier over
+the shards (timm's ``ReaderWds`` pattern: rank x worker shards of each epoch's seeded shard order).
 """
 from __future__ import annotations
 
@@ -39,15 +41,18 @@ import torch
 from imclass.data.decode import ImageError, decode_array, probe_image
 from imclass.data.folder import SPLIT_SEED, TEST_FRACTION, _rel, parse_image_size
 from imclass.data.inspect import folder_files
+from imclass.data.loader import derive_seed
 from imclass.data.split import split_indices
+from imclass.data.stream import StreamLoader, StreamSource, default_workers, to_chw, worker_loader
 
-__all__ = ["FORMAT", "Sample", "ShardSet", "parse_shard_size", "read_shard", "write_shards"]
+__all__ = ["FORMAT", "Sample", "ShardLoader", "ShardSet", "ShardSource", "parse_shard_size", "read_shard", "write_shards"]
 
 FORMAT = "imclass-webdataset/1"
 INDEX = "index.json"
 DEFAULT_SHARD_BYTES = 256 << 20  # WebDataset's advice: shards of 100 MB to 1 GB
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tiff"}
 _WINDOW = 64  # files decoded ahead of the writer (bounded memory, whatever the folder's size)
+_SHUFFLE_BUFFER = 1000  # samples (encoded bytes) a shard reader shuffles among
 
 
 @dataclass(frozen=True)
@@ -108,11 +113,14 @@ def _ordered(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> It
             yield pending.pop(0).result()
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
+def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> int:
+    """Append one member; returns where its bytes start in the tar file (after its one 512-byte header)."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), int(mtime), 0o644
     info.uname = info.gname = ""
+    start = tar.offset
     tar.addfile(info, io.BytesIO(data))
+    return start + tarfile.BLOCKSIZE  # USTAR names under 100 characters: a single header block
 
 
 def write_shards(folder: str | os.PathLike, out: str | os.PathLike, *, image_size: int | tuple[int, int] | None = None,
@@ -171,6 +179,7 @@ def write_shards(folder: str | os.PathLike, out: str | os.PathLike, *, image_siz
 
             shards: list[dict[str, Any]] = []
             labels_out: list[int] = []
+            where: list[tuple[int, int, int]] = []  # (shard, offset, bytes) of each sample: random access
             tar = None
             now = time.time()
             bar = tqdm(total=len(files), desc=f"shards {split}", disable=None if verbose else True, leave=False)
@@ -188,7 +197,7 @@ def write_shards(folder: str | os.PathLike, out: str | os.PathLike, *, image_siz
                     tar = tarfile.open(tmp / name, "w", format=tarfile.USTAR_FORMAT)
                     shards.append({"name": name, "count": 0, "bytes": 0, "class_counts": [0] * len(classes)})
                 key = f"{split}_{len(labels_out):09d}"
-                _add(tar, f"{key}.{ext}", data, now)
+                where.append((len(shards) - 1, _add(tar, f"{key}.{ext}", data, now), len(data)))
                 _add(tar, f"{key}.cls", str(label).encode(), now)
                 shard = shards[-1]
                 shard["count"] += 1
@@ -198,7 +207,8 @@ def write_shards(folder: str | os.PathLike, out: str | os.PathLike, *, image_siz
             bar.close()
             if tar is not None:
                 tar.close()
-            np.save(tmp / f"{split}-labels.npy", np.array(labels_out, dtype=np.int64))
+            table = np.array([(y, *w) for y, w in zip(labels_out, where)], dtype=np.int64).reshape(-1, 4)
+            np.save(tmp / f"{split}-samples.npy", table)  # (N, 4): label, shard, byte offset, byte count
             index["splits"][split] = {
                 "count": len(labels_out),
                 "class_counts": np.bincount(np.array(labels_out, dtype=np.int64), minlength=len(classes)).tolist(),
@@ -272,11 +282,222 @@ class ShardSet:
         """Samples per shard of ``split``."""
         return [int(s["count"]) for s in self._split(split)["shards"]]
 
+    def table(self, split: str) -> np.ndarray:
+        """(N, 4) int64 per sample of ``split`` in shard order: label, shard number, byte offset, byte count."""
+        self._split(split)
+        return np.load(self.folder / f"{split}-samples.npy")
+
     def labels(self, split: str) -> torch.Tensor:
         """The label of every sample of ``split`` in shard order, int64 (N,)."""
-        return torch.from_numpy(np.load(self.folder / f"{split}-labels.npy"))
+        return torch.from_numpy(np.ascontiguousarray(self.table(split)[:, 0]))
+
+    def read_bytes(self, split: str, positions: Sequence[int], table: np.ndarray | None = None) -> list[bytes]:
+        """The image bytes of the samples at ``positions`` of ``split`` (seek and read; no scan)."""
+        table = self.table(split) if table is None else table
+        paths = self.shards(split)
+        out = []
+        for i in positions:
+            _, shard, offset, size = (int(v) for v in table[int(i)])
+            with open(paths[shard], "rb") as f:
+                f.seek(offset)
+                out.append(f.read(size))
+        return out
 
     def samples(self, split: str) -> Iterable[Sample]:
         """Every sample of ``split``, shard after shard."""
         for path in self.shards(split):
             yield from read_shard(path)
+
+
+# ------------------------------------------------------------------------------ the stream tier over shards
+
+def _shard_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+    """The order the ``n`` shards are dealt out in ``epoch``: seeded by ``(seed, epoch)``, the same on every rank."""
+    if not shuffle:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, epoch, 1)))
+
+
+class _ShardStream(torch.utils.data.IterableDataset):
+    """One rank's share of an epoch: worker ``w`` of ``workers`` reads every ``(world*workers)``-th shard of
+    the epoch's seeded order from ``rank * workers + w`` on, and yields ``steps_w`` batches of ``batch``."""
+
+    def __init__(self, shards: Sequence[Path], steps: int, batch: int, seed: int, epoch: int, rank: int, world: int,
+                 workers: int, decode: Callable[[bytes, str], np.ndarray], channels: int, size: tuple[int, int],
+                 shuffle: bool) -> None:
+        self.shards, self.steps, self.batch, self.seed, self.epoch = list(shards), steps, batch, seed, epoch
+        self.rank, self.world, self.workers = rank, world, max(1, workers)
+        self.decode, self.channels, self.size, self.shuffle = decode, channels, size, shuffle
+
+    def assigned(self, worker: int) -> list[int]:
+        """Shard numbers worker ``worker`` of this rank reads this epoch (disjoint over ranks x workers)."""
+        order = _shard_order(len(self.shards), self.seed, self.epoch, self.shuffle)
+        g, total = self.rank * self.workers + worker, self.world * self.workers
+        return order[g::total].tolist()
+
+    def _samples(self, worker: int) -> Iterator[Any]:
+        mine = self.assigned(worker)
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        buffer: list[Any] = []
+        cycle = 0
+        while True:  # a worker whose shards run out before its steps are done reads them again
+            for s in (rng.permutation(mine).tolist() if self.shuffle and cycle else mine):
+                for sample in read_shard(self.shards[s]):
+                    if not self.shuffle:
+                        yield sample
+                        continue
+                    buffer.append(sample)
+                    if len(buffer) >= _SHUFFLE_BUFFER:
+                        k = int(rng.integers(len(buffer)))
+                        buffer[k], buffer[-1] = buffer[-1], buffer[k]
+                        yield buffer.pop()
+            while buffer:
+                k = int(rng.integers(len(buffer)))
+                buffer[k], buffer[-1] = buffer[-1], buffer[k]
+                yield buffer.pop()
+            cycle += 1
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        worker = 0 if info is None else info.id
+        count = len(range(worker, self.steps, self.workers))  # this worker's batches: w, w + workers, ...
+        if count == 0:
+            return
+        samples = self._samples(worker)
+        for _ in range(count):
+            images = torch.empty((self.batch, self.channels, *self.size), dtype=torch.uint8)
+            labels = torch.empty(self.batch, dtype=torch.long)
+            keys = torch.empty(self.batch, dtype=torch.long)
+            for k in range(self.batch):
+                sample = next(samples)
+                images[k] = to_chw(self.decode(sample.data, sample.key), self.channels)
+                labels[k] = sample.label
+                keys[k] = int(sample.key.rsplit("_", 1)[-1])
+            yield keys, images, labels
+
+
+class ShardLoader:
+    """The loader of :class:`ShardSource`: ``len(self)`` steps per epoch on every rank, each rank's local batch
+    ``batch_size // world_size`` (``indexed_batches`` yields sample positions, images, labels)."""
+
+    def __init__(self, source: "ShardSource", batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1, drop_last: bool = True,
+                 workers: int | None = None, sample_weights: torch.Tensor | None = None,
+                 rows: torch.Tensor | None = None) -> None:
+        if sample_weights is not None or rows is not None:
+            raise ValueError("a shard reader reads whole shards: for rows or sample_weights use ShardSource.loader, "
+                             "which reads those images by offset")
+        if batch_size < world_size:
+            raise ValueError(f"expected a global batch of at least one image per rank, received batch_size="
+                             f"{batch_size} for {world_size} ranks")
+        self.source, self.batch_size, self.shuffle, self.seed = source, int(batch_size), shuffle, int(seed)
+        self.device = torch.device(device)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.local = self.batch_size // self.world_size
+        self.workers = source.workers if workers is None else int(workers)
+        per_rank = len(source) // self.world_size
+        self.steps = per_rank // self.local if drop_last or per_rank % self.local == 0 else -(-per_rank // self.local)
+        shards = len(source.shard_paths)
+        if shards < self.world_size * max(1, self.workers):
+            raise ValueError(f"{source.folder} has {shards} {source.split} shard(s) for {self.world_size} rank(s) x "
+                             f"{max(1, self.workers)} worker(s): write smaller shards (imclass data shard --shard-size) "
+                             "or use fewer workers")
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def global_batch_len(self, b: int) -> int:
+        """Images in global batch ``b`` over all ranks (every rank's local batch is full)."""
+        return self.local * self.world_size
+
+    def stream(self, epoch: int) -> _ShardStream:
+        """This rank's share of ``epoch`` (``assigned(worker)`` says which shards each worker reads)."""
+        return _ShardStream(self.source.shard_paths, self.steps, self.local, self.seed, epoch, self.rank,
+                            self.world_size, self.workers, self.source._decode, self.source.image_shape[0],
+                            self.source.size, self.shuffle)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The shard order of ``epoch`` (shard numbers; samples follow their shards)."""
+        return _shard_order(len(self.source.shard_paths), self.seed, epoch, self.shuffle)
+
+    def indexed_batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(sample positions, uint8 images, labels)`` of each step of ``epoch`` from ``start`` on (a resumed
+        epoch reads the epoch's stream again and skips the first ``start`` steps)."""
+        pin = self.device.type == "cuda"
+        for b, (keys, images, labels) in enumerate(worker_loader(self.stream(epoch), self.workers, pin_memory=pin)):
+            if b >= start:
+                yield keys.to(self.device), images.to(self.device, non_blocking=pin), labels.to(self.device)
+
+    def batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(images, labels)`` of each step of ``epoch``."""
+        for _, images, labels in self.indexed_batches(epoch, start):
+            yield images, labels
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.batches(0)
+
+
+class ShardSource(StreamSource):
+    """One split of a shard folder written by ``imclass data shard`` (the ``"stream"`` tier over shards).
+
+    ``image_size`` (h, w) is the size images are decoded to (default: the size the shards were written
+    at). Labels, class counts and each sample's place in its tar come from the index, so ``read``
+    (a seek per image), ``batches`` and the exact ``TensorLoader`` plan work as over files; ``loader``
+    gives the rank x worker shard reader (:class:`ShardLoader`) unless ``rows`` or ``sample_weights``
+    ask for particular images (then the exact plan, reading by offset).
+    """
+
+    def __init__(self, folder: str | os.PathLike, split: str = "train", *, image_size: int | tuple[int, int] | None = None,
+                 channels: int = 3, workers: int | None = None, strict: bool = False) -> None:
+        self.set = ShardSet(folder)
+        self.folder, self.split = self.set.folder, split
+        self.shard_paths = self.set.shards(split)
+        self._table = self.set.table(split)
+        if len(self._table) == 0:
+            raise ValueError(f"{self.folder} holds no {split} images")
+        self.labels = torch.from_numpy(np.ascontiguousarray(self._table[:, 0]))
+        self.classes = self.set.classes
+        size = parse_image_size(image_size) or (tuple(self.set.index["image_size"]) if self.set.index["image_size"] else None)
+        if size is None:
+            raise ValueError(f"{self.folder} was written without --image-size: give image_size to decode its images")
+        if channels not in (1, 3):
+            raise ValueError(f"expected channels 1 or 3, received channels={channels!r}")
+        self.size, self._channels = tuple(size), channels
+        self.workers = default_workers() if workers is None else int(workers)
+        self.strict, self.verbose = strict, False
+        self.name, self.source, self.notes, self.root = self.folder.name, str(self.folder), [], self.folder
+        self._warned: set[int] = set()
+
+    def _decode(self, data: bytes, key: str) -> np.ndarray:
+        return decode_array(data, mode="L" if self._channels == 1 else "RGB", size=self.size, name=key)
+
+    def _fetch(self, i: int) -> np.ndarray:
+        return self._decode(self.set.read_bytes(self.split, [i], self._table)[0], self._name(i))
+
+    def _name(self, i: int) -> str:
+        return f"{self.folder}/{self.split}_{i:09d}"
+
+    def _size(self) -> tuple[int, int]:
+        return self.size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image."""
+        return (self._channels, *self.size)
+
+    def class_counts(self) -> list[int]:
+        """Images per class (from the index)."""
+        return list(self.set.index["splits"][self.split]["class_counts"])
+
+    def loader(self, batch_size: int, **options: Any) -> ShardLoader | StreamLoader:
+        """The rank x worker shard reader (``shuffle``, ``seed``, ``device``, ``rank``, ``world_size``,
+        ``drop_last``, ``workers``; see :class:`ShardLoader`), or with ``rows`` / ``sample_weights`` the exact
+        ``TensorLoader`` plan read by offset (:class:`StreamLoader`)."""
+        if options.get("rows") is not None or options.get("sample_weights") is not None:
+            return StreamLoader(self, batch_size, **options)
+        options.pop("rows", None)
+        options.pop("sample_weights", None)
+        return ShardLoader(self, batch_size, **options)
