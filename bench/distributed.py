@@ -84,7 +84,9 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    from host import cpu_info, cpu_line, provenance
+    from host import LoadGuard, cpu_info, cpu_line, provenance
+
+    guard = LoadGuard(strict=False)  # load average before/after; a busy host marks the figures refused
 
     print(cpu_line())
     print(f"{args.model}, {args.images:,} images 3x32x32, global batch {args.batch_size}, {args.epochs} epochs "
@@ -103,7 +105,7 @@ def main() -> None:
     losses = {name: rs[0]["final_loss"] for name, rs in runs.items()}
     print(f"final training loss: 1 process {losses['1 process']:.5f}, 2 processes {losses['2 processes']:.5f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"host": provenance(), "cpu": cpu_info(), "args": vars(args), "runs": runs,
+        Path(args.json).write_text(json.dumps({"host": provenance(guard.before), "load": guard.check(), "cpu": cpu_info(), "args": vars(args), "runs": runs,
                                                "median_images_per_s": median, "ratio_2_over_1": ratio}, indent=2))
 
 

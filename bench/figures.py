@@ -67,9 +67,13 @@ FIGURES: tuple[Figure, ...] = (
                       f"L1 {d['summary']['l1_ratio']:.0f}×; smallest over sizes {d['summary']['slowest_size_ratio']:.2f}×"),
            command="python bench/knn.py --parts speed,sizes --json bench/knn_speed.json", minutes=12,
            pending="the earlier 5.5× ran the peer on a forced Haswell BLAS kernel under a load of 6 → 19"),
-    Figure("serving: micro-batching vs one request per forward, 64 clients, steady state", "bench/serve_load_v2.json",
-           lambda d: f"{d['ratio']:.2f}×",
-           command="python bench/serve_load.py --clients 64 --seconds 60 --json bench/serve_load_v2.json", minutes=3,
+    Figure("serving: requests/s, micro-batched vs one request per forward, keep-alive clients, steady state",
+           "bench/serve_load_v2.json",
+           lambda d: (f"{d['summary']['imclass micro-batched / keep-alive']['rps']['median'] / d['summary']['imclass one-at-a-time / keep-alive']['rps']['median']:.2f}× "
+                      f"({d['summary']['imclass micro-batched / keep-alive']['rps']['median']:.0f} vs "
+                      f"{d['summary']['imclass one-at-a-time / keep-alive']['rps']['median']:.0f} requests/s, "
+                      f"{d['clients']} clients)"),
+           command="python bench/serve_load.py --json bench/serve_load_v2.json", minutes=21,
            pending="the earlier 2.42× was one run under a load of 14–26 (a drain, not a steady state), before the "
                    "keep-alive fix"),
     Figure("flowers transfer (MobileNetV2 features + head) vs a plain PyTorch script, same allocator setting",

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from host import cpu_info, cpu_line, provenance  # noqa: E402
+from host import LoadGuard, cpu_info, cpu_line, provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -262,6 +262,7 @@ def main() -> None:
     parser.add_argument("--scratch", action="store_true", help="also the course CNN from scratch, same wall time")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    guard = LoadGuard(strict=False)  # load average before/after; a busy host marks the figures refused
     from imclass.data.split import split_indices
     from imclass.models.weights import find_known_weights
     from imclass.train import cpu_has_native_bf16
@@ -303,7 +304,7 @@ def main() -> None:
         print(f"course CNN from scratch, {scratch['seconds']:.0f} s each: {_mean_sd(scratch['accuracy'])} "
               f"(imclass transfer {_mean_sd(ours['accuracy'])} in the same time)")
     if args.json:
-        args.json.write_text(json.dumps({"host": provenance(), "cpu": cpu_info(), "args": {k: str(v) for k, v in vars(args).items()},
+        args.json.write_text(json.dumps({"host": provenance(guard.before), "load": guard.check(), "cpu": cpu_info(), "args": {k: str(v) for k, v in vars(args).items()},
                                          "photos": len(paths), "imclass": ours, "plain": plain,
                                          "course_cnn": scratch}, indent=1) + "\n")
 

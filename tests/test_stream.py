@@ -268,3 +268,28 @@ def test_two_gloo_processes_read_disjoint_files_and_shards(photos, shard_dir, tm
     shards0, shards1 = seen["shards"]
     assert len(shards0) == len(shards1) == 48 and sorted(shards0 + shards1) == list(range(96))
     assert seen["steps"] == [[6, 12], [6, 12]]
+
+
+def test_shard_source_reads_any_sample_and_trains(shard_dir, tmp_path):
+    """A shard folder is a full source: read() seeks to any sample (the bytes the tar holds), the exact plan
+    (rows given) gives TensorLoader's batches of the decoded samples, and imclass.data.load / imclass train
+    read it in the stream tier (memory refused with the reason)."""
+    import imclass.data as imdata
+    from imclass.workflows.training import RunConfig, train_from_config
+
+    source = imdata.load(str(shard_dir), "train", verbose=False)
+    assert isinstance(source, ShardSource) and source.mode == "stream" and len(source) == 96
+    samples = list(sh.ShardSet(shard_dir).samples("train"))
+    every = torch.stack([torch.from_numpy(decode_array(s.data, mode="RGB")).permute(2, 0, 1) for s in samples])
+    assert torch.equal(source.read([95, 3, 40]), every[[95, 3, 40]])
+    rows = torch.arange(0, 96, 2)
+    exact = source.loader(8, seed=1, rows=rows, workers=1)
+    memory = TensorLoader(every, source.labels, 8, seed=1, rows=rows)
+    for (i, x, y), (j, u, v) in zip(memory.indexed_batches(0), exact.indexed_batches(0), strict=True):
+        assert torch.equal(i, j) and torch.equal(x, u) and torch.equal(y, v)
+    assert torch.equal(torch.cat([x for x, _ in source.batches(40)]), every)
+    with pytest.raises(ValueError, match="read in the stream tier \\(--data-mode stream\\), received --data-mode memory"):
+        imdata.load(str(shard_dir), "train", mode="memory")
+    result = train_from_config(RunConfig(model="mlp", model_options={"hidden": [16]}, dataset=str(shard_dir), epochs=1,
+                                         batch_size=16, out=str(tmp_path / "run"), verbose=False))
+    assert result["data_mode"] == "stream" and result["train_images"] == 96 and result["test_images"] == 24

@@ -52,6 +52,8 @@ def train(
     out: Optional[str] = typer.Option(None, "--out", help="Run folder (default runs/<model>-<dataset>); when it "
                                       "holds an earlier run, a new OUT-2, OUT-3, ... (see --exist-ok)."),
     exist_ok: bool = typer.Option(False, "--exist-ok", help="Write into OUT even when it holds an earlier run."),
+    lr_find: bool = typer.Option(False, "--lr-find", help="Run the learning-rate range test instead of training: "
+                                 "print the suggested --lr and write OUT-lr_find.png."),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from OUT/checkpoint.pt."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, mps (default auto)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="'fast': the fast CIFAR-10 recipe."),
@@ -116,6 +118,9 @@ def train(
                             class_weight=class_weight, sampler=sampler, pool_stages=pool_stages,
                             feature_augment=feature_augment, batch_norm=batch_norm, exist_ok=exist_ok,
                             data_mode=data_mode)
+    if lr_find and wants_transfer(dataset=dataset, model=model, weights=weights, recipe=recipe, backbone=backbone,
+                                  config=config):
+        fail("--lr-find tests a model: add --model NAME (e.g. --model keras_cnn --image-size 64)")
     if resume and config is None and out is not None and (Path(out) / CONFIG_FILE).is_file():
         config = Path(out) / CONFIG_FILE  # continue the run with its own config
     try:
@@ -154,6 +159,8 @@ def train(
         )
         if options:
             cfg.model_options = {**cfg.model_options, **options}
+        if lr_find:
+            return _lr_find(cfg, as_json)
         with plain_warnings():
             result = train_from_config(cfg)
     except KeyboardInterrupt:
@@ -176,6 +183,23 @@ def train(
             f"loss {result['loss']:.4f}, {result['seconds']:.1f} s (training + evaluation); "
             f"saved {result['model_file']}"
         )
+
+
+def _lr_find(cfg: Any, as_json: bool) -> None:
+    """``imclass train --lr-find``: the range test, its suggestion on one line, the plot beside OUT."""
+    from imclass.workflows.training import lr_find_from_config
+
+    out = Path(cfg.out or f"runs/{(cfg.model or 'model').replace(':', '_')}-{Path(cfg.dataset).name}")
+    plot = out.with_name(f"{out.name}-lr_find.png")
+    with plain_warnings():
+        result = lr_find_from_config(cfg, plot=plot)
+    if as_json:
+        print_json(result)
+        return
+    typer.echo(f"suggested learning rate {result['suggestion']:.2e} (steepest descent of the smoothed loss; "
+               f"minimum / 10: {result['minimum']:.2e}); tried {result['start_lr']:.0e} to {result['end_lr']:.0e}, "
+               f"{result['steps_before_divergence']} of {result['steps']} steps before divergence; plot {plot}")
+    typer.echo(f"train with: --lr {result['suggestion']:.2g}")
 
 
 def _parse_model_options(items: list[str]) -> dict[str, Any]:

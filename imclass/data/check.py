@@ -276,8 +276,9 @@ def check_folder(path: str | os.PathLike, options: CheckOptions | None = None, *
     counted_split = "train" if layout == "split" else "all"
     counts = np.bincount(np.array([r["label"] for r in records if r["split"] == counted_split], dtype=np.int64),
                          minlength=len(classes)).tolist()
+    present = {(r["split"], r["label"]) for r in records}  # one pass: classes x files would grow as N^2 with ImageNet
     empty = [f"{s}/{c}" if layout == "split" else c for s in splits for i, c in enumerate(classes)
-             if not any(r["split"] == s and r["label"] == i for r in records)]
+             if (s, i) not in present]
     report = {
         "source": str(root),
         "layout": layout,
@@ -383,8 +384,13 @@ def quick_check(train: Any, test: Any = None, *, near_distance: int = 2, imbalan
                 name: str = "the data") -> list[str]:
     """Warnings about data already loaded as ``ImageDataset`` s, from their pixels alone (no files read):
     near-identical images with different labels in ``train``, images of ``test`` that are in
-    ``train`` (leakage) and class imbalance in ``train``. Cheap: a 64-bit hash per image."""
+    ``train`` (leakage) and class imbalance in ``train``. Cheap: a 64-bit hash per image, pairs found by an
+    index (no step compares every pair); a memory-mapped set is hashed a chunk at a time. A stream-tier
+    source (no ``images``) is not read twice: one message says the check was skipped."""
     messages = []
+    if not hasattr(train, "images") or (test is not None and len(test) and not hasattr(test, "images")):
+        return [f"the stream tier reads {name} batch by batch: the train-time duplicate and leakage check is "
+                "skipped (imclass data check FOLDER runs it without holding the images)"]
     bits = image_hashes(train.images)
     pairs = hamming_pairs(bits, near_distance)
     conflicts = [(i, j) for i, j, _ in pairs if int(train.labels[i]) != int(train.labels[j])]

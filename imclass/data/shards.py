@@ -8,7 +8,8 @@ writes, per split, tar files ``<split>-000000.tar``, ... of samples in a seeded 
     <key>.cls                         the class index as decimal text
 
 plus ``index.json`` (format, classes, per split: the shards with their sample counts and class
-counts, the total) and ``<split>-labels.npy`` (the label of every sample, in shard order). Keys are
+counts, the total) and ``<split>-samples.npy`` (per sample in shard order: label, shard, byte offset
+and byte count of the image in its tar: any sample can be read without scanning). Keys are
 ``<split>_<position>`` (no dots: WebDataset splits a member name at its first dot). This is the
 layout the ``webdataset`` library and timm's ``ReaderWds`` read.
 
@@ -108,11 +109,14 @@ def _ordered(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> It
             yield pending.pop(0).result()
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
+def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> int:
+    """Append one member; returns where its bytes start in the tar file (after its one 512-byte header)."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), int(mtime), 0o644
     info.uname = info.gname = ""
+    start = tar.offset
     tar.addfile(info, io.BytesIO(data))
+    return start + tarfile.BLOCKSIZE  # USTAR names under 100 characters: a single header block
 
 
 def write_shards(folder: str | os.PathLike, out: str | os.PathLike, *, image_size: int | tuple[int, int] | None = None,
@@ -171,6 +175,7 @@ def write_shards(folder: str | os.PathLike, out: str | os.PathLike, *, image_siz
 
             shards: list[dict[str, Any]] = []
             labels_out: list[int] = []
+            where: list[tuple[int, int, int]] = []  # (shard, offset, bytes) of each sample: random access
             tar = None
             now = time.time()
             bar = tqdm(total=len(files), desc=f"shards {split}", disable=None if verbose else True, leave=False)
@@ -188,7 +193,7 @@ def write_shards(folder: str | os.PathLike, out: str | os.PathLike, *, image_siz
                     tar = tarfile.open(tmp / name, "w", format=tarfile.USTAR_FORMAT)
                     shards.append({"name": name, "count": 0, "bytes": 0, "class_counts": [0] * len(classes)})
                 key = f"{split}_{len(labels_out):09d}"
-                _add(tar, f"{key}.{ext}", data, now)
+                where.append((len(shards) - 1, _add(tar, f"{key}.{ext}", data, now), len(data)))
                 _add(tar, f"{key}.cls", str(label).encode(), now)
                 shard = shards[-1]
                 shard["count"] += 1
@@ -198,7 +203,8 @@ def write_shards(folder: str | os.PathLike, out: str | os.PathLike, *, image_siz
             bar.close()
             if tar is not None:
                 tar.close()
-            np.save(tmp / f"{split}-labels.npy", np.array(labels_out, dtype=np.int64))
+            table = np.array([(y, *w) for y, w in zip(labels_out, where)], dtype=np.int64).reshape(-1, 4)
+            np.save(tmp / f"{split}-samples.npy", table)  # (N, 4): label, shard, byte offset, byte count
             index["splits"][split] = {
                 "count": len(labels_out),
                 "class_counts": np.bincount(np.array(labels_out, dtype=np.int64), minlength=len(classes)).tolist(),
@@ -272,9 +278,26 @@ class ShardSet:
         """Samples per shard of ``split``."""
         return [int(s["count"]) for s in self._split(split)["shards"]]
 
+    def table(self, split: str) -> np.ndarray:
+        """(N, 4) int64 per sample of ``split`` in shard order: label, shard number, byte offset, byte count."""
+        self._split(split)
+        return np.load(self.folder / f"{split}-samples.npy")
+
     def labels(self, split: str) -> torch.Tensor:
         """The label of every sample of ``split`` in shard order, int64 (N,)."""
-        return torch.from_numpy(np.load(self.folder / f"{split}-labels.npy"))
+        return torch.from_numpy(np.ascontiguousarray(self.table(split)[:, 0]))
+
+    def read_bytes(self, split: str, positions: Sequence[int], table: np.ndarray | None = None) -> list[bytes]:
+        """The image bytes of the samples at ``positions`` of ``split`` (seek and read; no scan)."""
+        table = self.table(split) if table is None else table
+        paths = self.shards(split)
+        out = []
+        for i in positions:
+            _, shard, offset, size = (int(v) for v in table[int(i)])
+            with open(paths[shard], "rb") as f:
+                f.seek(offset)
+                out.append(f.read(size))
+        return out
 
     def samples(self, split: str) -> Iterable[Sample]:
         """Every sample of ``split``, shard after shard."""

@@ -57,12 +57,13 @@ def _to_chw(a: np.ndarray, channels: int) -> torch.Tensor:
     return t
 
 
-class _FileBatches(torch.utils.data.Dataset):
-    """Item ``b`` = the decoded images of ``plan[b]`` (file positions): what one worker makes at a time."""
+class _Batches(torch.utils.data.Dataset):
+    """Item ``b`` = the decoded images of ``plan[b]`` (sample positions; ``fetch(i)`` decodes sample ``i``):
+    what one worker makes at a time."""
 
-    def __init__(self, paths: Sequence[Path], fn: Callable[[Path], np.ndarray], size: tuple[int, int], channels: int,
+    def __init__(self, fetch: Callable[[int], np.ndarray], size: tuple[int, int], channels: int,
                  plan: Sequence[torch.Tensor]) -> None:
-        self.paths, self.fn, self.size, self.channels, self.plan = paths, fn, size, channels, plan
+        self.fetch, self.size, self.channels, self.plan = fetch, size, channels, plan
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -73,7 +74,7 @@ class _FileBatches(torch.utils.data.Dataset):
         bad: list[tuple[int, str]] = []
         for k, i in enumerate(idx):
             try:
-                a = self.fn(self.paths[i])
+                a = self.fetch(i)
                 if a.shape[:2] != tuple(self.size):
                     raise ValueError(f"decoded to {a.shape[0]}x{a.shape[1]}, expected {self.size[0]}x{self.size[1]}")
                 out[k] = _to_chw(a, self.channels)
@@ -89,10 +90,11 @@ def _loader(dataset: Any, workers: int, **kw: Any) -> torch.utils.data.DataLoade
 
 
 class StreamLoader:
-    """The loader of :class:`StreamSource`: ``TensorLoader``'s batches (same order, same rank slices),
-    decoded by ``workers`` DataLoader processes. Same methods as ``TensorLoader``."""
+    """The loader of :class:`StreamSource` (and of :class:`ShardSource` with ``rows`` or ``sample_weights``):
+    ``TensorLoader``'s batches (same order, same rank slices), decoded by ``workers`` DataLoader processes.
+    Same methods as ``TensorLoader``."""
 
-    def __init__(self, source: "StreamSource", batch_size: int, *, shuffle: bool = True, seed: int = 0,
+    def __init__(self, source: Any, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  device: str | torch.device = "cpu", sample_weights: torch.Tensor | None = None, rank: int = 0,
                  world_size: int = 1, rows: torch.Tensor | None = None, drop_last: bool = False,
                  workers: int | None = None) -> None:
@@ -184,12 +186,26 @@ class StreamSource:
         """(C, H, W) of every image."""
         return (self._channels, *self.decoder.size)
 
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.classes)
+
     def class_counts(self) -> list[int]:
         """Images per class."""
         return torch.bincount(self.labels, minlength=len(self.classes)).tolist()
 
+    def _fetch(self, i: int) -> np.ndarray:
+        return self.decoder.fn(self.paths[i])
+
+    def _name(self, i: int) -> str:
+        return str(self.paths[i])
+
+    def _size(self) -> tuple[int, int]:
+        return tuple(self.decoder.size)
+
     def _bad(self, file_index: int, why: str) -> None:
-        message = f"{self.paths[file_index]}: unreadable while streaming ({why})"
+        message = f"{self._name(file_index)}: unreadable while streaming ({why})"
         if self.strict:
             raise ValueError(message)
         if file_index not in self._warned:
@@ -201,7 +217,7 @@ class StreamSource:
         """Decode ``files[b]`` for every step in worker processes, in order; yield (positions, images, labels)."""
         if not steps:
             return
-        dataset = _FileBatches(self.paths, self.decoder.fn, tuple(self.decoder.size), self._channels, files)
+        dataset = _Batches(self._fetch, self._size(), self.image_shape[0], files)
         pin = device.type == "cuda"
         for (idx, labels), fidx, (images, bad) in zip(steps, files, _loader(dataset, self.workers, pin_memory=pin)):
             if bad:
@@ -215,10 +231,10 @@ class StreamSource:
     def read(self, indices: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """The images at ``indices`` as uint8 (n, C, H, W), decoded here (unreadable files raise)."""
         idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-        images, bad = _FileBatches(self.paths, self.decoder.fn, tuple(self.decoder.size), self._channels, [idx])[0]
+        images, bad = _Batches(self._fetch, self._size(), self.image_shape[0], [idx])[0]
         if bad:
             k, why = bad[0]
-            raise ValueError(f"{self.paths[int(idx[k])]}: unreadable ({why})")
+            raise ValueError(f"{self._name(int(idx[k]))}: unreadable ({why})")
         return images
 
     def batches(self, batch_size: int, indices: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -237,6 +253,13 @@ class StreamSource:
 
 # ------------------------------------------------------------------------------ WebDataset shards
 
+def _shard_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+    """The order the ``n`` shards are dealt out in ``epoch``: seeded by ``(seed, epoch)``, the same on every rank."""
+    if not shuffle:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, epoch, 1)))
+
+
 class _ShardStream(torch.utils.data.IterableDataset):
     """One rank's share of an epoch: worker ``w`` of ``workers`` reads every ``(world*workers)``-th shard of
     the epoch's seeded order from ``rank * workers + w`` on, and yields ``steps_w`` batches of ``batch``."""
@@ -250,9 +273,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
 
     def assigned(self, worker: int) -> list[int]:
         """Shard numbers worker ``worker`` of this rank reads this epoch (disjoint over ranks x workers)."""
-        n = len(self.shards)
-        order = (torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, 1)))
-                 if self.shuffle else torch.arange(n))
+        order = _shard_order(len(self.shards), self.seed, self.epoch, self.shuffle)
         g, total = self.rank * self.workers + worker, self.world * self.workers
         return order[g::total].tolist()
 
@@ -308,8 +329,8 @@ class ShardLoader:
                  workers: int | None = None, sample_weights: torch.Tensor | None = None,
                  rows: torch.Tensor | None = None) -> None:
         if sample_weights is not None or rows is not None:
-            raise ValueError("the stream tier over shards reads whole shards: sample_weights and rows need "
-                             "--data-mode memory or cache (or the stream tier over the image files)")
+            raise ValueError("a shard reader reads whole shards: for rows or sample_weights use ShardSource.loader, "
+                             "which reads those images by offset")
         if batch_size < world_size:
             raise ValueError(f"expected a global batch of at least one image per rank, received batch_size="
                              f"{batch_size} for {world_size} ranks")
@@ -339,6 +360,10 @@ class ShardLoader:
                             self.world_size, self.workers, self.source._decode, self.source.image_shape[0],
                             self.source.size, self.shuffle)
 
+    def order(self, epoch: int) -> torch.Tensor:
+        """The shard order of ``epoch`` (shard numbers; samples follow their shards)."""
+        return _shard_order(len(self.source.shard_paths), self.seed, epoch, self.shuffle)
+
     def indexed_batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """``(sample positions, uint8 images, labels)`` of each step of ``epoch`` from ``start`` on (a resumed
         epoch reads the epoch's stream again and skips the first ``start`` steps)."""
@@ -356,38 +381,53 @@ class ShardLoader:
         return self.batches(0)
 
 
-class ShardSource:
+class ShardSource(StreamSource):
     """One split of a shard folder written by ``imclass data shard`` (the ``"stream"`` tier over shards).
 
     ``image_size`` (h, w) is the size images are decoded to (default: the size the shards were written
-    at). ``labels`` come from the index, so class counts and weights need no pass over the shards.
+    at). Labels, class counts and each sample's place in its tar come from the index, so ``read``
+    (a seek per image), ``batches`` and the exact ``TensorLoader`` plan work as over files; ``loader``
+    gives the rank x worker shard reader (:class:`ShardLoader`) unless ``rows`` or ``sample_weights``
+    ask for particular images (then the exact plan, reading by offset).
     """
 
-    mode = "stream"
-
     def __init__(self, folder: str | os.PathLike, split: str = "train", *, image_size: int | tuple[int, int] | None = None,
-                 channels: int = 3, workers: int | None = None) -> None:
+                 channels: int = 3, workers: int | None = None, strict: bool = False) -> None:
         from imclass.data.folder import parse_image_size
         from imclass.data.shards import ShardSet
 
         self.set = ShardSet(folder)
         self.folder, self.split = self.set.folder, split
         self.shard_paths = self.set.shards(split)
-        self.labels = self.set.labels(split)
+        self._table = self.set.table(split)
+        if len(self._table) == 0:
+            raise ValueError(f"{self.folder} holds no {split} images")
+        self.labels = torch.from_numpy(np.ascontiguousarray(self._table[:, 0]))
         self.classes = self.set.classes
         size = parse_image_size(image_size) or (tuple(self.set.index["image_size"]) if self.set.index["image_size"] else None)
         if size is None:
             raise ValueError(f"{self.folder} was written without --image-size: give image_size to decode its images")
         if channels not in (1, 3):
             raise ValueError(f"expected channels 1 or 3, received channels={channels!r}")
-        self.size, self.channels = size, channels
+        self.size, self._channels = tuple(size), channels
         self.workers = default_workers() if workers is None else int(workers)
-        self.name, self.source, self.notes = self.folder.name, str(self.folder), []
+        self.strict, self.verbose = strict, False
+        self.name, self.source, self.notes, self.root = self.folder.name, str(self.folder), [], self.folder
+        self._warned: set[int] = set()
 
     def _decode(self, data: bytes, key: str) -> np.ndarray:
         from imclass.data.decode import decode_array
 
-        return decode_array(data, mode="L" if self.channels == 1 else "RGB", size=self.size, name=key)
+        return decode_array(data, mode="L" if self._channels == 1 else "RGB", size=self.size, name=key)
+
+    def _fetch(self, i: int) -> np.ndarray:
+        return self._decode(self.set.read_bytes(self.split, [i], self._table)[0], self._name(i))
+
+    def _name(self, i: int) -> str:
+        return f"{self.folder}/{self.split}_{i:09d}"
+
+    def _size(self) -> tuple[int, int]:
+        return self.size
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -395,34 +435,18 @@ class ShardSource:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of every image."""
-        return (self.channels, *self.size)
+        return (self._channels, *self.size)
 
     def class_counts(self) -> list[int]:
         """Images per class (from the index)."""
         return list(self.set.index["splits"][self.split]["class_counts"])
 
-    def read(self, indices: torch.Tensor | Sequence[int]) -> torch.Tensor:
-        """Not offered: shards are read in order. Raises a ValueError saying what to do instead."""
-        raise ValueError("shards are read in order, not by index: use batches() or loader(), or the cache tier")
-
-    def batches(self, batch_size: int, indices: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Every sample in shard order, ``(uint8 images, labels)`` batches (``indices`` not offered)."""
-        if indices is not None:
-            raise ValueError("shards are read in order: batches() of a shard source takes no indices")
-        from imclass.data.shards import read_shard
-
-        images, labels = [], []
-        for path in self.shard_paths:
-            for sample in read_shard(path):
-                images.append(_to_chw(self._decode(sample.data, sample.key), self.channels))
-                labels.append(sample.label)
-                if len(images) == batch_size:
-                    yield torch.stack(images), torch.tensor(labels, dtype=torch.long)
-                    images, labels = [], []
-        if images:
-            yield torch.stack(images), torch.tensor(labels, dtype=torch.long)
-
-    def loader(self, batch_size: int, **options: Any) -> ShardLoader:
-        """The rank x worker shard loader (``shuffle``, ``seed``, ``device``, ``rank``, ``world_size``,
-        ``drop_last``, ``workers``); see :class:`ShardLoader`."""
+    def loader(self, batch_size: int, **options: Any) -> ShardLoader | StreamLoader:
+        """The rank x worker shard reader (``shuffle``, ``seed``, ``device``, ``rank``, ``world_size``,
+        ``drop_last``, ``workers``; see :class:`ShardLoader`), or with ``rows`` / ``sample_weights`` the exact
+        ``TensorLoader`` plan read by offset (:class:`StreamLoader`)."""
+        if options.get("rows") is not None or options.get("sample_weights") is not None:
+            return StreamLoader(self, batch_size, **options)
+        options.pop("rows", None)
+        options.pop("sample_weights", None)
         return ShardLoader(self, batch_size, **options)

@@ -292,6 +292,7 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
         "input_size": list(pre.input_size),
         "pool_stages": model.pool_stages,
         "head_accuracy": head_accuracy,
+        "suspected_label_errors": chosen["suspected_label_errors"],  # confident learning on the held-out predictions
         "data_mode": getattr(train, "mode", "memory"),
         "seconds": total,
         "seconds_per_stage": seconds,

@@ -397,6 +397,39 @@ def _run_callbacks(out: Path, budget: float | None = None, validation: bool = Fa
     return callbacks + [TimeBudget(budget)] if budget else callbacks
 
 
+LR_FIND_START, LR_FIND_END, LR_FIND_STEPS = 1e-7, 10.0, 100
+
+
+def lr_find_from_config(cfg: RunConfig, *, start_lr: float = LR_FIND_START, end_lr: float = LR_FIND_END,
+                        num_steps: int = LR_FIND_STEPS, plot: str | Path | None = None) -> dict[str, Any]:
+    """``imclass train --lr-find``: the learning-rate range test of the model ``cfg`` describes, compiled as
+    ``cfg`` says (optimizer, momentum, weight decay, label smoothing), on its training images; nothing is
+    trained for good and no run folder is written. Returns ``suggestion`` (steepest descent of the smoothed
+    loss, strictly between ``start_lr`` and ``end_lr``), ``minimum`` (lowest-loss lr / 10), the range, the
+    points kept and where the plot went."""
+    from imclass.train.lr_range import LRFindResult, clean_curve
+
+    if cfg.uses_fast_recipe or (cfg.model is None and cfg.weights is None):
+        raise ValueError("--lr-find needs a model to test (--model NAME, or --weights FILE to fine-tune); "
+                         "the fast recipe has its own tuned learning rates")
+    train_set, _ = _load_data(cfg)
+    cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size or DEFAULT_BATCH_SIZE)
+    seed_everything(cfg.seed)
+    clf = _build_classifier(cfg, train_set)
+    clf.compile(cfg.optimizer, lr=cfg.lr, label_smoothing=cfg.label_smoothing, weight_decay=cfg.weight_decay,
+                momentum=cfg.momentum, nesterov=cfg.nesterov)
+    raw = clf.lr_find(train_set, start_lr=start_lr, end_lr=end_lr, num_steps=num_steps, batch_size=cfg.batch_size,
+                      seed=cfg.seed)
+    result = LRFindResult(list(raw.lrs), list(raw.losses), start_lr=start_lr, end_lr=end_lr)
+    if plot is not None:
+        result.plot(plot)
+    kept, _ = clean_curve(result.lrs, result.losses)
+    return {"suggestion": result.suggestion, "minimum": result.minimum, "start_lr": start_lr, "end_lr": end_lr,
+            "steps": len(result.lrs), "steps_before_divergence": len(kept), "plot": str(plot) if plot else None,
+            "model": cfg.model or _model_name(clf.model), "dataset": cfg.dataset, "batch_size": cfg.batch_size,
+            "optimizer": cfg.optimizer}
+
+
 def _fit_model(cfg: RunConfig, train_set, test_set, out: Path):
     """Compile and fit a registry (or loaded) model as ``cfg`` says; evaluate it on ``test_set``."""
     cfg = dataclasses.replace(cfg, epochs=cfg.epochs or DEFAULT_EPOCHS, batch_size=cfg.batch_size or DEFAULT_BATCH_SIZE)
@@ -470,14 +503,15 @@ def _load_data(cfg: RunConfig):
 
     folder = Path(cfg.dataset).expanduser()
     size = cfg.image_size
-    if folder.is_dir() and size is None:
+    shards = (folder / "index.json").is_file()  # `imclass data shard` output: images at the size they were written
+    if folder.is_dir() and size is None and not shards:
         from imclass.data.folder import default_image_size
 
         size = default_image_size(folder)
     # --limit: a seeded, stratified sample of each split (imclass.data.split.limit_indices), before decoding
     sets = [imdata.load(cfg.dataset, split=split, root=cfg.data_root, image_size=size, limit=cfg.limit,
                         seed=cfg.seed or 0, mode=cfg.data_mode) for split in ("train", "test")]
-    if folder.is_dir() and cfg.image_size is None:
+    if folder.is_dir() and cfg.image_size is None and not shards:
         for ds in sets:
             ds.notes.append(f"images resized to {size[0]}x{size[1]} (the default without --image-size)")
     return sets[0], sets[1]
