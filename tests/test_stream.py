@@ -25,7 +25,8 @@ from imclass.data.decode import decode_array
 from imclass.data.folder import folder_decoder, folder_images
 from imclass.data.loader import TensorLoader
 from imclass.data.source import open_images
-from imclass.data.stream import ShardSource, StreamSource
+from imclass.data.shards import ShardSource
+from imclass.data.stream import StreamSource
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ("airplane", "cat", "ship")
