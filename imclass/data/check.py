@@ -382,8 +382,7 @@ def format_report(report: dict[str, Any], shown: int = 5) -> str:
 
 def quick_check(train: Any, test: Any = None, *, near_distance: int = 2, imbalance: float = 3.0,
                 name: str = "the data") -> list[str]:
-    """Warnings about data already loaded as ``ImageDataset`` s (or any image source of
-    ``imclass.data.source``, read a batch at a time), from their pixels alone (no files read):
+    """Warnings about data already loaded as ``ImageDataset`` s, from their pixels alone (no files read):
     near-identical images with different labels in ``train``, images of ``test`` that are in
     ``train`` (leakage) and class imbalance in ``train``. Cheap: a 64-bit hash per image, pairs found by an
     index (no step compares every pair); a memory-mapped set is hashed a chunk at a time. A stream-tier
