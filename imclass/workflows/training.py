@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AUGMENTATIONS", "RunConfig", "TrainConfig", "config_from_dict", "load_config", "seed_everything",
-           "train_from_config"]
+__all__ = ["AUGMENTATIONS", "RunConfig", "TrainConfig", "check_resumable", "config_from_dict", "load_config",
+           "seed_everything", "train_from_config"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = (None, "step", "exponential", "cosine", "onecycle", "linear")
@@ -254,10 +254,8 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
     wanted = Path(cfg.out or f"runs/{(cfg.model or 'fast').replace(':', '_')}-{Path(cfg.dataset).name}")
     if wanted.exists() and not wanted.is_dir():
         raise ValueError(f"--out {wanted}: a file is in the way; expected a run folder (new or existing)")
-    if cfg.resume and not (wanted / CHECKPOINT_NAME).is_file():
-        raise ValueError(f"--resume: no checkpoint in {wanted} (expected {wanted / CHECKPOINT_NAME}; the run folder is "
-                         "missing or mistyped, or the run stopped before its first checkpoint): drop --resume to "
-                         "start a new run")
+    if cfg.resume:
+        check_resumable(wanted)
     resolve_device(cfg.device)  # an unknown or absent device: one clear error before the data is read
     seed_everything(cfg.seed)  # model initialisation included: two identical commands, identical model files
     out = _run_dir(cfg)  # runs/x holds an earlier run: runs/x-2 (never a silent overwrite)
@@ -361,6 +359,17 @@ def _final_models(clf, test_set, out: Path, train_config: dict, seconds: float, 
         save_confusion_matrix(chosen["confusion_matrix"], list(test_set.classes), out / CONFUSION_FILE,
                               title=f"{out.name}: {selected} model on the {test_set.split or 'test'} split")
     return {"metrics": chosen, "selected": selected, "last_accuracy": float(last["accuracy"])}
+
+
+def check_resumable(out: str | Path) -> None:
+    """A ValueError saying so when ``out`` holds no training checkpoint to resume (``--resume``)."""
+    from imclass.train.checkpoint import CHECKPOINT_NAME
+
+    out = Path(out)
+    if not (out / CHECKPOINT_NAME).is_file():
+        raise ValueError(f"--resume: no checkpoint in {out} (expected {out / CHECKPOINT_NAME}; the run folder is "
+                         "missing or mistyped, or the run stopped before its first checkpoint): drop --resume to "
+                         "start a new run")
 
 
 def seed_everything(seed: int) -> None:
