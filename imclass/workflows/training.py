@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imclass.train.seed import seed_everything
+
 __all__ = ["AUGMENTATIONS", "RunConfig", "TrainConfig", "check_resumable", "config_from_dict", "load_config",
            "seed_everything", "train_from_config"]
 
@@ -370,18 +372,6 @@ def check_resumable(out: str | Path) -> None:
         raise ValueError(f"--resume: no checkpoint in {out} (expected {out / CHECKPOINT_NAME}; the run folder is "
                          "missing or mistyped, or the run stopped before its first checkpoint): drop --resume to "
                          "start a new run")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, NumPy's global generator and torch (CPU and every GPU)."""
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _write_config(cfg: RunConfig, out: Path) -> None:
