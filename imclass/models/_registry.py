@@ -57,3 +57,11 @@ def create(name: str, **options: Any) -> nn.Module:
         model = _MODELS[name](**options)
     model.imclass_spec = {"name": name, "options": dict(options)}
     return model
+
+
+def describe(name: str) -> str:
+    """The first line of the factory's docstring of registered architecture ``name`` ("" without one)."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {sorted(_MODELS)}")
+    doc = (_MODELS[name].__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else ""

@@ -27,13 +27,17 @@ from imclass.data.arrays import as_images, as_labels
 from imclass.data.augment import make_augment
 from imclass.data.dataset import ImageDataset
 from imclass.data.loader import TensorLoader, derive_seed
+from imclass.optimizers import Optimizer as KerasOptimizer
 from imclass.train import checkpoint as ckpt
 from imclass.train import distributed as ddp
-from imclass.train.imbalance import class_weights, sample_weights
 from imclass.train.callbacks import LRFinder, progress_callbacks, run_event, sort_callbacks
+from imclass.train.imbalance import class_weights, sample_weights
 from imclass.train.memory import retain_freed_memory
 from imclass.train.optim import make_optimizer, make_schedule
 from imclass.train.state import History, TrainingDiverged, TrainState
+from imclass.tta import tta_logits
+from imclass.visualize import save_line_plot
+from imclass import losses
 
 # "cross_entropy" plus Keras's names (imclass.losses): categorical (one-hot or soft labels), sparse, binary
 LOSSES = ("cross_entropy", "categorical_crossentropy", "sparse_categorical_crossentropy", "binary_crossentropy")
@@ -235,14 +239,10 @@ class Classifier:
         if isinstance(loss, str) and loss not in LOSSES:
             raise ValueError(f"expected loss in {LOSSES}, an imclass.losses object or a callable, received loss={loss!r}")
         if isinstance(loss, str) and loss != "cross_entropy" or hasattr(loss, "logits_loss"):
-            from imclass import losses
-
             keras_loss = losses.get(loss)
             if label_smoothing and not keras_loss.label_smoothing:
                 keras_loss.label_smoothing = label_smoothing
             loss = keras_loss
-        from imclass.optimizers import Optimizer as KerasOptimizer
-
         if isinstance(optimizer, KerasOptimizer):  # imclass.optimizers.Adam(lr=...): Keras decay/schedules as factors
             schedule = optimizer.lr_factor if schedule is None else schedule
             grad_clip = optimizer.clipnorm if grad_clip is None else grad_clip
@@ -717,8 +717,6 @@ class Classifier:
             return self._forward(x)
         if callable(tta):
             return tta(self._forward_view, x)
-        from imclass.tta import tta_logits
-
         return tta_logits(self._forward_view, x, tta)
 
     def _forward_view(self, x: torch.Tensor) -> torch.Tensor:
@@ -821,8 +819,6 @@ class LRFindResult:
 
     def plot(self, path: str | Path) -> Path:
         """Write loss against learning rate (log scale) as a PNG, the suggestion marked."""
-        from imclass.visualize import save_line_plot
-
         marks = {f"suggestion {self.suggestion:.2g}": self.suggestion} if math.isfinite(self.suggestion) else None
         return save_line_plot(self.lrs, {"loss": self.losses}, path, xlabel="learning rate",
                               ylabel="loss (smoothed)", logx=True, marks=marks)

@@ -21,8 +21,18 @@ from typing import Any
 
 import torch
 
+from imclass import data as imdata
+from imclass.data.check import quick_check
 from imclass.data.dataset import ImageDataset
+from imclass.data.decode import ImageError
+from imclass.data.folder import _subfolders, list_images, split_folders
+from imclass.data.split import limit_indices, split_indices
+from imclass.model_file.save import save
+from imclass.models.transfer_net import PoolStagesUnsupported
 from imclass.models.weights import KNOWN_WEIGHTS, Preprocessing, find_known_weights, resolve_weights_root
+from imclass.models.weights import backbone_name, preprocessing_for
+from imclass.transfer import finetune  # called as finetune.X: tests replace finetune.fine_tune
+from imclass.transfer.features import FeatureCache, decode_one
 
 __all__ = ["PREFERRED_BACKBONES", "TransferConfig", "pick_backbone", "read_folder_for", "train_transfer"]
 
@@ -64,10 +74,8 @@ class TransferConfig:
             raise ValueError(f"expected freeze_epochs >= 0 and epochs >= 0, received {self.freeze_epochs}, {self.epochs}")
         if self.freeze_epochs == 0 and self.epochs == 0:
             raise ValueError("expected some training: --freeze-epochs or --epochs must be > 0")
-        from imclass.transfer.finetune import BATCH_NORM_MODES
-
-        if self.batch_norm not in BATCH_NORM_MODES:
-            raise ValueError(f"expected --batch-norm in {BATCH_NORM_MODES}, received {self.batch_norm!r}")
+        if self.batch_norm not in finetune.BATCH_NORM_MODES:
+            raise ValueError(f"expected --batch-norm in {finetune.BATCH_NORM_MODES}, received {self.batch_norm!r}")
 
 
 def pick_backbone(weights_dir: str | os.PathLike | None = None) -> str | None:
@@ -88,12 +96,8 @@ def no_weights_advice(weights_dir: str | os.PathLike | None = None) -> str:
 
 
 def _decode(path: Path, pre: Preprocessing) -> torch.Tensor | str:
-    from imclass.transfer.features import _decode_one
-
-    from imclass.data.decode import ImageError
-
     try:
-        return _decode_one(path, pre)
+        return decode_one(path, pre)
     except ImageError as err:
         return err.reason
 
@@ -114,8 +118,6 @@ def _read(paths: list[Path], labels: list[int], pre: Preprocessing, root: Path) 
 def _limited(paths: list[Path], labels: list[int], limit: int | None, seed: int, classes: list[str],
              split: str) -> tuple[list[Path], list[int]]:
     """The files of ``--limit`` (the one rule: :func:`imclass.data.split.limit_indices`), before decoding."""
-    from imclass.data.split import limit_indices
-
     if limit is None or limit >= len(paths):
         return paths, labels
     pick = limit_indices(torch.tensor(labels), limit, seed=seed, classes=classes, where=f"{split} split").tolist()
@@ -131,9 +133,6 @@ def read_folder_for(folder: str | os.PathLike, pre: Preprocessing, *, val_fracti
     ``limit``: every split is a seeded, stratified sample (:func:`imclass.data.split.limit_indices`) of at
     most that many images (the training part is sampled so that ``limit`` images remain after the hold-out).
     """
-    from imclass.data.folder import _subfolders, list_images, split_folders
-    from imclass.data.split import limit_indices, split_indices
-
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder: {root}")
@@ -183,11 +182,6 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
     Returns ``accuracy`` (validation), ``seconds`` (end to end, reading included), per-stage seconds,
     image counts, the backbone and where its weights came from, and the saved ``model_file``.
     """
-    from imclass.model_file.save import save
-    from imclass.models.weights import backbone_name, preprocessing_for
-    from imclass.transfer.features import FeatureCache
-    from imclass.transfer.finetune import fine_tune
-
     t_start = time.perf_counter()
     backbone = cfg.backbone or pick_backbone(cfg.weights_dir)
     if backbone is None:
@@ -205,7 +199,7 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     cache = FeatureCache(cfg.cache_dir) if cfg.cache_dir else None
-    result = fine_tune(model, train, epochs=cfg.epochs, freeze_epochs=cfg.freeze_epochs, validation=val,
+    result = finetune.fine_tune(model, train, epochs=cfg.epochs, freeze_epochs=cfg.freeze_epochs, validation=val,
                        unfreeze_stages=cfg.unfreeze, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
                        cache=cache, verbose=cfg.verbose, feature_augment=cfg.feature_augment,
                        class_weight=cfg.class_weight, sampler=cfg.sampler, batch_norm=cfg.batch_norm)
@@ -250,12 +244,8 @@ DEFAULT_POOL_STAGES = 2  # flowers, frozen MobileNetV2: +1.5 points over the fin
 def _transfer_for(cfg: TransferConfig, backbone: str, num_classes: int) -> Any:
     """``transfer`` as ``cfg`` says; ``pool_stages=None`` pools the last 2 stages too where the backbone
     can (timm's ``forward_intermediates``) and only its final features elsewhere."""
-    from imclass.models.transfer_net import PoolStagesUnsupported
-    from imclass.models.weights import backbone_name
-    from imclass.transfer.finetune import transfer
-
     def build(stages: int) -> Any:
-        return transfer(backbone, num_classes, weights=cfg.weights, head=cfg.head, weights_dir=cfg.weights_dir,
+        return finetune.transfer(backbone, num_classes, weights=cfg.weights, head=cfg.head, weights_dir=cfg.weights_dir,
                         input_size=cfg.image_size, pool_stages=stages)
 
     if cfg.pool_stages is not None:
@@ -270,8 +260,6 @@ def _transfer_for(cfg: TransferConfig, backbone: str, num_classes: int) -> Any:
 
 def _warn_about_data(train: Any, val: Any, name: str) -> None:
     """The cheap check of ``imclass.data.check.quick_check`` (two labels, leakage, imbalance) as warnings."""
-    from imclass.data.check import quick_check
-
     for message in quick_check(train, val, name=name):
         warnings.warn(message, stacklevel=3)
 
@@ -289,15 +277,10 @@ def load_for(dataset: str, pre: Preprocessing, *, split: str = "test", root: str
     that ``train_transfer`` validated on (same fraction and seed); a split tree's ``test`` falls back
     to ``val/``; named data sets (cifar10, ...) are loaded and resized in batches. ``limit``: a seeded,
     stratified sample of that many images (:func:`imclass.data.split.limit_indices`), decoded alone."""
-    from imclass import data as imdata
-    from imclass.data.folder import _subfolders, list_images, split_folders
-    from imclass.data.split import split_indices
-    from imclass.transfer.finetune import resize_for
-
     folder = Path(dataset).expanduser()
     if not folder.is_dir():
         ds = imdata.load(dataset, split=split, root=root, limit=limit, seed=seed)
-        return ImageDataset(resize_for(ds.images, pre), ds.labels, ds.classes, name=ds.name, split=ds.split)
+        return ImageDataset(finetune.resize_for(ds.images, pre), ds.labels, ds.classes, name=ds.name, split=ds.split)
     splits = split_folders(folder)
     if splits:
         classes = sorted({c.name for d in splits.values() for c in _subfolders(d)})

@@ -40,8 +40,10 @@ from imclass.data.loader import derive_seed
 from imclass.models import create
 from imclass.models.fastnet import init_whitening
 from imclass.train.classifier import cpu_has_native_bf16
+from imclass.train.classifier import Classifier
 from imclass.train.optim import MuonSGD
 from imclass.tta import tta_name
+from imclass.data.arrays import as_images, as_labels
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -345,8 +347,6 @@ def _as_dataset(data: Any, name: str) -> ImageDataset:
     if isinstance(data, ImageDataset):
         return data
     if isinstance(data, (tuple, list)) and len(data) == 2:
-        from imclass.data.arrays import as_images, as_labels
-
         images = as_images(data[0], name=f"{name} images")
         labels = as_labels(data[1], len(images), name=f"{name} labels")
         return ImageDataset(images, labels, [str(i) for i in range(int(labels.max()) + 1)])
@@ -369,8 +369,6 @@ def fast_recipe(
     The model is ``imclass.models.create("fastnet", widths=..., depth=..., act=...)`` with its
     whitening conv set from the first ``cfg.whiten_images`` training images.
     """
-    from imclass.train.classifier import Classifier
-
     train = _as_dataset(train, "train")
     torch.manual_seed(seed)
     model = create("fastnet", num_classes=train.num_classes, in_chans=train.image_shape[0], widths=list(cfg.widths),

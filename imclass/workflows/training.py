@@ -20,6 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imclass import config_file
+from imclass import data as imdata, models
+from imclass.data.challenge_transforms import ChallengeAugment
+from imclass.data.check import quick_check
+from imclass.model_file.save import save
+from imclass.models.rebuild import load
+from imclass.train import Classifier, distributed
+from imclass.train.callbacks import CSVLogger, TimeBudget, TrainingCurves
+from imclass.train.distributed import is_main
+from imclass.workflows import recipes
+from imclass.data.challenge_transforms import parse_challenges
+
 __all__ = ["AUGMENTATIONS", "RunConfig", "TrainConfig", "config_from_dict", "load_config", "train_from_config"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
@@ -131,8 +143,6 @@ def split_augment(spec: str) -> tuple[str | None, tuple[str, ...]]:
     if len(base) > 1 or not items:
         raise ValueError(f"expected augment as one of {list(AUGMENTATIONS)} and/or challenge names, received {spec!r}")
     if rest:
-        from imclass.data.challenge_transforms import parse_challenges
-
         try:
             names = parse_challenges(rest)
         except ValueError as err:
@@ -147,8 +157,6 @@ def _make_augment(spec: str) -> tuple[Any, list]:
     base, names = split_augment(spec)
     if not names:
         return base, []
-    from imclass.data.challenge_transforms import ChallengeAugment
-
     augment = ChallengeAugment(names, base=base)
     return augment, [augment]
 
@@ -184,23 +192,7 @@ _TYPES = _field_types()
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The keys of a JSON (``.json``) or TOML (``.toml``) config file as a dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file {path} not found")
-    text = path.read_text()
-    try:
-        if path.suffix == ".json":
-            values = json.loads(text)
-        elif path.suffix == ".toml":
-            import tomllib
-
-            values = tomllib.loads(text)
-        else:
-            raise ValueError(f"expected a .json or .toml config file, received {path.name!r}")
-    except (json.JSONDecodeError, ValueError) as err:
-        if "expected a .json" in str(err):
-            raise
-        raise ValueError(f"config file {path}: cannot parse it: {err}") from None
+    values = config_file.read_config_file(path, what="config file", kinds=(".json", ".toml"))
     if not isinstance(values, dict):
         raise ValueError(f"config file {path}: expected a table of keys, received {type(values).__name__}")
     return {k.replace("-", "_"): v for k, v in values.items()}
@@ -231,9 +223,6 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
     ``cfg.uses_fast_recipe``; otherwise the model comes from the registry (``cfg.model``) or
     from a model file (``cfg.weights``, to fine-tune it).
     """
-    from imclass.model_file.save import save
-    from imclass.train import distributed
-
     if distributed.launched() and not distributed.is_distributed():  # under torchrun: one rank of N
         with distributed.session(cfg.device) as ctx:
             return train_from_config(dataclasses.replace(cfg, device=ctx.device))
@@ -278,8 +267,6 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _write_config(cfg: RunConfig, out: Path) -> None:
-    from imclass.train.distributed import is_main
-
     if not is_main():
         return
     (out / CONFIG_FILE).write_text(json.dumps(cfg.run_dict(), indent=2) + "\n")
@@ -290,8 +277,6 @@ CONFIG_FILE = "config.json"
 
 
 def _run_callbacks(out: Path, budget: float | None = None) -> list:
-    from imclass.train.callbacks import CSVLogger, TimeBudget, TrainingCurves
-
     callbacks = [CSVLogger(out / "history.csv"), TrainingCurves(out / "curves.png")]
     return callbacks + [TimeBudget(budget)] if budget else callbacks
 
@@ -333,8 +318,6 @@ def _fit_model(cfg: RunConfig, train_set, test_set, out: Path):
 
 def _fit_fast_recipe(cfg: RunConfig, train_set, test_set, out: Path):
     """The fast CIFAR-10 recipe for ``cfg.target``; ``model_options`` (and epochs, batch size) override it."""
-    from imclass.workflows import recipes
-
     cfg = dataclasses.replace(cfg, recipe="fast", target=cfg.target or DEFAULT_TARGET)
     overrides = dict(cfg.model_options)
     if cfg.epochs is not None:
@@ -364,8 +347,6 @@ def _model_name(model) -> str | None:
 
 
 def _load_data(cfg: RunConfig):
-    from imclass import data as imdata
-
     size = cfg.image_size
     # --limit: a seeded, stratified sample of each split (imclass.data.split.limit_indices)
     train_set = imdata.load(cfg.dataset, split="train", root=cfg.data_root, image_size=size, limit=cfg.limit,
@@ -382,22 +363,16 @@ def _warn_about_data(cfg: RunConfig, train_set, test_set) -> None:
         return
     import warnings
 
-    from imclass.data.check import quick_check
-
     for message in quick_check(train_set, test_set, name=Path(cfg.dataset).name):
         warnings.warn(message, stacklevel=3)
 
 
 def _build_classifier(cfg: RunConfig, train_set):
     """A fresh model from the registry, or the model of the file ``cfg.weights`` (fine-tuning)."""
-    from imclass.train import Classifier
-
     if cfg.weights is None:
-        model = _create_model(cfg.model, train_set, cfg.model_options)
+        model = create_model(cfg.model, train_set, cfg.model_options)
         # mean/std are computed from the training images by the first fit
         return Classifier(model, classes=train_set.classes, device=cfg.device)
-    from imclass.models.rebuild import load
-
     start = load(cfg.weights, device=cfg.device)
     if not hasattr(start, "model"):
         raise ValueError(f"{cfg.weights}: expected a classifier model file to fine-tune, not a {type(start).__name__}")
@@ -416,10 +391,8 @@ def _build_classifier(cfg: RunConfig, train_set):
     return Classifier(model, classes=train_set.classes, mean=start.mean, std=start.std, device=cfg.device)
 
 
-def _create_model(name: str, train_set, options: dict):
+def create_model(name: str, train_set, options: dict):
     """``models.create`` with the data set's classes, channels and (when the model takes it) image size."""
-    from imclass import models
-
     c, h, w = train_set.image_shape
     base = {"num_classes": train_set.num_classes, "in_chans": c}
     if h == w and "img_size" not in options:
