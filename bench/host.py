@@ -249,11 +249,12 @@ def write_result(path: str | os.PathLike, figures: Mapping, guard: LoadGuard | N
     if load is not None:
         record["load"] = load
     record |= dict(figures)
-    Path(path).write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
+    Path(path).write_text(json.dumps(record, indent=1, default=jsonable) + "\n")
     return record
 
 
-def _jsonable(obj):
+def jsonable(obj):
+    """JSON fallback for numpy/torch values and paths (``json.dumps(..., default=jsonable)``)."""
     if hasattr(obj, "tolist"):
         return obj.tolist()
     if isinstance(obj, Path):

@@ -15,12 +15,21 @@ training images as the memory, unless said otherwise):
 4. ``--folds 5``: choosing k by 5-fold cross-validation on all 50,000 training images (the course's
    recipe; 5 full searches per metric), then the test accuracy of the chosen k.
 
-scikit-learn gets its fastest input: float64 for L2 (its ArgKmin GEMM path), uint8 for L1 (float input
-is about twice as slow there). Run it alone when you can: every part uses every core.
+5. ``sizes``: L2 1-NN at every problem size of ``--sizes`` (queries x training images, from 100 x 1,000 up),
+   imclass against scikit-learn, to show imclass is never the slower one.
 
-    python bench/knn.py --folds 5 --json /tmp/knn.json   # everything (about 10 minutes on 2 busy cores)
-    python bench/knn.py --parts speed --metrics l2       # only the L2 speed against scikit-learn
-    python bench/knn.py --quick                          # a slice of the data, to check the script
+The peer runs at full strength: the script re-executes itself without ``OPENBLAS_CORETYPE`` /
+``OPENBLAS_L2_SIZE`` (``bench/host.py``), and the BLAS kernel scikit-learn's numpy/scipy got is recorded
+(threadpoolctl) in the output. scikit-learn gets its fastest input: float64 for L2 (its ArgKmin GEMM
+path), uint8 for L1 (float input is about twice as slow there). Timings are a user's *second* call (the
+first, with its one-time kernel choice, is made before), imclass and scikit-learn interleaved
+(A B B A ..., ``--rounds``, at least 3), median and range; the load average is taken before and after and
+the figures are refused (exit status 3) when it exceeded the cores in use (``--allow-busy`` keeps them,
+marked ``"refused": true``, for a trial run). Run it alone: every part uses every core.
+
+    python bench/knn.py --json                                      # the published run: JSON on stdout
+    python bench/knn.py --parts speed,sizes --json bench/knn_speed.json   # speed + sizes into a result file
+    python bench/knn.py --quick --allow-busy                        # a slice of the data, to check the script
 """
 from __future__ import annotations
 
@@ -31,14 +40,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from sklearn.neighbors import KNeighborsClassifier
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from host import cpu_info, cpu_line  # noqa: E402
+import host  # noqa: E402
+
+host.full_strength_blas()  # before numpy: the peer and imclass's numpy work run on the CPU's own BLAS kernel
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from sklearn.neighbors import KNeighborsClassifier  # noqa: E402
 
 from imclass.knn import KNN, _knn_kernels, _select, choose_k  # noqa: E402
+
+print = __import__("functools").partial(print, file=sys.stderr, flush=True)  # noqa: A001 (stdout: the JSON)
 
 SK_METRIC = {"l1": "manhattan", "l2": "euclidean"}
 SK_DTYPE = {"l1": np.uint8, "l2": np.float64}
@@ -61,12 +74,6 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
-def sklearn_predict(metric: str, k: int, x, y, q):
-    dt = SK_DTYPE[metric]
-    model = KNeighborsClassifier(k, algorithm="brute", metric=SK_METRIC[metric]).fit(x.astype(dt), y)
-    return timed(lambda: model.predict(q.astype(dt)))
-
-
 def accuracy_part(x, y, xt, yt, ks, metrics) -> dict:
     print(f"\n== accuracy: {len(xt):,} test images vs {len(x):,} training images (raw pixels) ==")
     out = {}
@@ -83,41 +90,94 @@ def accuracy_part(x, y, xt, yt, ks, metrics) -> dict:
     return out
 
 
-def speed_part(x, y, xt, yt, k: int, metrics, sk_queries: dict, sk: bool) -> dict:
-    print(f"\n== speed: {k}-NN of {len(xt):,} test images vs {len(x):,} training images ==")
+def speed_part(x, y, xt, yt, k: int, metrics, sk_queries: dict, sk: bool, rounds: int) -> dict:
+    print(f"\n== speed: {k}-NN of {len(xt):,} test images vs {len(x):,} training images, "
+          f"{rounds} interleaved rounds (a user's second call) ==")
     out = {}
     for metric in metrics:
         model = KNN(k, metric=metric).fit(x, y)
-        model.predict(xt[:8])  # compile / warm up / choose the kernel outside the timing
-        ours, seconds = timed(lambda: model.predict(xt).numpy())
-        row = {"imclass_seconds": seconds, "backend": model.backend_, "queries": len(xt),
-               "imclass_accuracy": float((ours == yt).mean())}
-        print(f"{metric}: imclass {seconds:.1f} s (kernel: {model.backend_}), accuracy {row['imclass_accuracy']:.2%}")
+        first, first_s = timed(lambda: model.predict(xt).numpy())  # the user's first call: kernel choice included
+        sides = {"imclass": lambda: model.predict(xt).numpy()}
+        n_sk = min(sk_queries[metric], len(xt))
         if sk:
-            n_sk = min(sk_queries[metric], len(xt))
-            sk_pred, sk_s = sklearn_predict(metric, k, x, y, xt[:n_sk])
-            scaled = sk_s * len(xt) / n_sk
+            dt = SK_DTYPE[metric]
+            est = KNeighborsClassifier(k, algorithm="brute", metric=SK_METRIC[metric]).fit(x.astype(dt), y)
+            q_sk = xt[:n_sk].astype(dt)
+            sides["sklearn"] = lambda: est.predict(q_sk)
+        res = host.interleave(sides, rounds=rounds)
+        ours = res["imclass"]["result"]
+        assert (ours == first).all(), "imclass's first and later calls disagree"
+        row = {"backend": model.backend_, "queries": len(xt), "train": len(x), "first_call_seconds": first_s,
+               "imclass_seconds": res["imclass"]["median"], "imclass": _timing(res["imclass"]),
+               "imclass_accuracy": float((ours == yt).mean())}
+        print(f"{metric}: imclass median {row['imclass_seconds']:.2f} s (range {res['imclass']['min']:.2f}-"
+              f"{res['imclass']['max']:.2f}; first call {first_s:.2f} s; kernel {model.backend_}), "
+              f"accuracy {row['imclass_accuracy']:.2%}")
+        if sk:
+            scale = len(xt) / n_sk
+            sk_pred = res["sklearn"]["result"]
             agree = int((sk_pred == ours[:n_sk]).sum())
-            note = "" if n_sk == len(xt) else (f" (measured on the first {n_sk} queries: {sk_s:.1f} s, "
-                                               f"scaled x{len(xt) / n_sk:g})")
-            row |= {"sklearn_seconds": scaled, "sklearn_measured_queries": n_sk, "sklearn_measured_seconds": sk_s,
-                    "speedup": scaled / seconds, "agree": agree, "compared": n_sk,
+            sk_t = {key: v * scale for key, v in _timing(res["sklearn"]).items() if key != "runs"}
+            row |= {"sklearn_seconds": sk_t["median"], "sklearn": _timing(res["sklearn"]) | {"scaled_x": scale},
+                    "sklearn_measured_queries": n_sk, "agree": agree, "compared": n_sk,
+                    "speedup": sk_t["median"] / row["imclass_seconds"],
+                    "speedup_range": [sk_t["min"] / res["imclass"]["max"], sk_t["max"] / res["imclass"]["min"]],
                     "sklearn_accuracy_measured_queries": float((sk_pred == yt[:n_sk]).mean())}
-            print(f"    scikit-learn brute: {scaled:.1f} s{note}; imclass/{model.backend_} is "
-                  f"{scaled / seconds:.1f}x faster; predictions identical on {agree}/{n_sk}")
+            note = "" if n_sk == len(xt) else f" (measured on the first {n_sk} queries, scaled x{scale:g})"
+            print(f"    scikit-learn brute: median {sk_t['median']:.2f} s{note}; imclass/{model.backend_} is "
+                  f"{row['speedup']:.2f}x faster (range {row['speedup_range'][0]:.2f}-{row['speedup_range'][1]:.2f}); "
+                  f"predictions identical on {agree}/{n_sk}")
         out[metric] = row
     return out
+
+
+def sizes_part(x, y, xt, sizes, rounds: int, sk: bool) -> dict:
+    """L2 1-NN at each (queries, training) size: imclass's second call against scikit-learn, interleaved."""
+    print(f"\n== sizes: L2 1-NN, imclass (second call) vs scikit-learn brute, {rounds} interleaved rounds ==")
+    out = {}
+    for m, n in sizes:
+        if m > len(xt) or n > len(x):
+            print(f"{m} x {n}: skipped (the data holds {len(xt)} queries x {len(x)} training images)")
+            continue
+        xm, ym, q = x[:n], y[:n], xt[:m]
+        model = KNN(1, metric="l2").fit(xm, ym)
+        first, first_s = timed(lambda: model.predict(q).numpy())
+        sides = {"imclass": lambda: model.predict(q).numpy()}
+        if sk:
+            est = KNeighborsClassifier(1, algorithm="brute").fit(xm.astype(np.float64), ym)
+            qf = q.astype(np.float64)
+            sides["sklearn"] = lambda: est.predict(qf)
+        res = host.interleave(sides, rounds=rounds)
+        row = {"queries": m, "train": n, "backend": model.backend_, "first_call_seconds": first_s,
+               "imclass": _timing(res["imclass"])}
+        line = f"{m:>6} x {n:<6} imclass {res['imclass']['median']:.3f} s ({model.backend_}, first call {first_s:.3f} s)"
+        if sk:
+            row["sklearn"] = _timing(res["sklearn"])
+            row["speedup"] = res["sklearn"]["median"] / res["imclass"]["median"]
+            row["speedup_range"] = [res["sklearn"]["min"] / res["imclass"]["max"],
+                                    res["sklearn"]["max"] / res["imclass"]["min"]]
+            row["identical"] = bool((res["sklearn"]["result"] == first).all())
+            line += (f", scikit-learn {res['sklearn']['median']:.3f} s: {row['speedup']:.2f}x "
+                     f"(range {row['speedup_range'][0]:.2f}-{row['speedup_range'][1]:.2f}), "
+                     f"identical {row['identical']}")
+        print(line)
+        out[f"{m}x{n}"] = row
+    return out
+
+
+def _timing(t: dict) -> dict:
+    return {key: t[key] for key in ("median", "min", "max", "runs")}
 
 
 def kernels_part(x, y, xt, metrics, n_query: int) -> dict:
     q = xt[:n_query]
     print(f"\n== imclass kernels: 1-NN of {len(q)} test images vs {len(x):,} training images ==")
-    choice = _select.l2_choice(x.shape[1])
-    print(f"backend='auto' takes for L2 on this host: {choice['kernel']} ({choice['reason']}"
+    choice = _select.l2_choice(x.shape[1], len(xt), len(x))
+    print(f"backend='auto' takes for L2 on this host at {len(xt)} x {len(x)}: {choice['kernel']} ({choice['reason']}"
           + (", " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in choice["seconds"].items()) if choice["seconds"]
              else "") + ")")
-    bench = _select.measure_l2_kernels(x.shape[1])  # what auto would time on a CPU without VNNI
-    print("micro-benchmark of the exact L2 kernels (128 x 2,048 rows, best of 5): "
+    bench = _select.measure_l2_kernels(x.shape[1], kernels=_select.available_l2_kernels(x.shape[1]))
+    print("micro-benchmark of every exact L2 kernel (128 x 2,048 rows, nearest selected, best of 3): "
           + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in bench.items()))
     out = {"auto_l2": choice, "l2_micro_benchmark_seconds": bench}
     kernels = {"l1": ["torch"] + (["numba"] if _knn_kernels.available() else []),
@@ -164,41 +224,69 @@ def main() -> None:
     ap.add_argument("--sk-l2-queries", type=int, default=10000, help="queries scikit-learn's L2 is timed on")
     ap.add_argument("--kernel-queries", type=int, default=250, help="queries of the kernel comparison (0: skip)")
     ap.add_argument("--folds", type=int, default=0, help="also choose k by k-fold cross-validation (5: the course)")
-    ap.add_argument("--parts", default="accuracy,speed,kernels", help="which parts to run (and cv with --folds)")
+    ap.add_argument("--parts", default="accuracy,speed,sizes,kernels",
+                    help="which parts to run: accuracy, speed, sizes, kernels (and cv with --folds)")
+    ap.add_argument("--sizes", default="100x1000,500x1000,100x10000,500x10000,2000x10000,2000x50000",
+                    help="queries x training images of the sizes part")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per timing (at least 3)")
     ap.add_argument("--no-sklearn", action="store_true", help="time imclass only")
     ap.add_argument("--quick", action="store_true", help="small sizes: 5,000 training images, 500 test images")
-    ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--allow-busy", action="store_true",
+                    help="keep figures taken while the load exceeded the cores in use (marked refused)")
+    ap.add_argument("--json", nargs="?", const="-", help="write the figures as JSON to this file ('-' or no "
+                    "value: stdout; the progress lines go to stderr)")
     args = ap.parse_args()
 
+    guard = host.LoadGuard(cores=torch.get_num_threads(), strict=not args.allow_busy)
     x, y, xt, yt = load_cifar(args.data)
     metrics, ks = args.metrics.split(","), [int(k) for k in args.ks.split(",")]
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",") if s]
     if args.quick:
         x, y, xt, yt = x[:5000], y[:5000], xt[:500], yt[:500]
         args.sk_l1_queries, args.sk_l2_queries = 50, 500
         args.folds, args.kernel_queries = min(args.folds, 3), min(args.kernel_queries, 100)
+        sizes = [(m, n) for m, n in sizes if m <= 500 and n <= 5000] or [(100, 1000)]
     import sklearn
 
-    env = {"cpu": cpu_info(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "sklearn": sklearn.__version__, "load_avg_before": os.getloadavg()}
-    print(cpu_line())
-    print(f"imclass k-NN bench: torch {torch.__version__} ({env['threads']} threads), scikit-learn "
-          f"{sklearn.__version__}, load average before {env['load_avg_before'][0]:.2f}")
+    print(host.cpu_line())
+    print(f"imclass k-NN bench: torch {torch.__version__} ({torch.get_num_threads()} threads), scikit-learn "
+          f"{sklearn.__version__} on {host.blas_kernel_line()}, load average before {guard.before[0]:.2f}")
     sk = not args.no_sklearn
-    results = {"env": env}
+    results: dict = {"peer": {"library": "scikit-learn", "version": sklearn.__version__,
+                              "estimator": "KNeighborsClassifier(algorithm='brute')",
+                              "blas": [b for b in host.blas_kernels() if b.get("user_api") == "blas"],
+                              "full_strength_blas": not any(v in os.environ for v in host.HANDICAP_VARS)}}
     parts = args.parts.split(",")
     if "accuracy" in parts:
         results["accuracy"] = accuracy_part(x, y, xt, yt, ks, metrics)
     if "speed" in parts:
         results["speed"] = speed_part(x, y, xt, yt, args.speed_k, metrics,
-                                      {"l1": args.sk_l1_queries, "l2": args.sk_l2_queries}, sk)
+                                      {"l1": args.sk_l1_queries, "l2": args.sk_l2_queries}, sk, args.rounds)
+    if "sizes" in parts:
+        results["sizes"] = sizes_part(x, y, xt, sizes, args.rounds, sk)
     if args.kernel_queries and "kernels" in parts:
         results["kernels"] = kernels_part(x, y, xt, metrics, args.kernel_queries)
     if args.folds:
         results["cv"] = cv_part(x, y, xt, yt, ks, metrics, args.folds)
-    env["load_avg_after"] = os.getloadavg()
-    print(f"\nload average after: {env['load_avg_after'][0]:.2f}")
+    l2 = results.get("speed", {}).get("l2", {})
+    results["summary"] = {"peer_blas_kernel": host.blas_kernel_line(results["peer"]["blas"]),
+                          "l2_ratio": l2.get("speedup"), "l2_ratio_range": l2.get("speedup_range"),
+                          "l2_goal": 3.0, "l1_ratio": results.get("speed", {}).get("l1", {}).get("speedup"),
+                          "slowest_size_ratio": min((r["speedup"] for r in results.get("sizes", {}).values()
+                                                     if "speedup" in r), default=None)}
+    try:
+        status = guard.check()
+    except host.HostBusy as err:
+        print(f"\n{err}")
+        raise SystemExit(3) from None
+    print(f"\nload average after: {status['load_after'][0]:.2f}" + (" (BUSY: figures refused)" if status["refused"] else ""))
+    print(f"summary: peer BLAS {results['summary']['peer_blas_kernel']}; L2 ratio {results['summary']['l2_ratio']}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1, default=float))
+        path = None if args.json == "-" else Path(args.json)
+        target = path or Path(os.devnull)
+        record = host.write_result(target, results, guard=guard)
+        if path is None:
+            sys.stdout.write(json.dumps(record, indent=1, default=host.jsonable) + "\n")
 
 
 if __name__ == "__main__":

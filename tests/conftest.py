@@ -1,6 +1,14 @@
-"""Shared fixtures: the real data root and small real subsets of it."""
+"""Shared fixtures (the real data root and small real subsets of it) and the rule that CI cannot skip.
+
+Under ``CI=true`` (and ``make test``, which sets ``IMCLASS_TEST_STRICT=1``) every input a CI machine
+always has is required: the session stops at once, before any test, naming what is missing and how to
+install it or where to put it (``missing_inputs``); and a test that still skips fails, unless it is marked
+``cuda`` or skipped through ``lacks_hardware`` (what this machine kind truly lacks: a GPU, a CPU
+instruction). Every run ends with one line per skip and its reason.
+"""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -19,6 +27,111 @@ def _data_root() -> Path:
 def _weights_root() -> Path:
     env = os.environ.get("IMCLASS_WEIGHTS")
     return Path(env) if env else ROOT.parent / "shared" / "weights"
+
+
+HARDWARE_SKIP = "machine lacks"  # the prefix of the only skips CI allows besides the `cuda` marker
+
+
+def strict() -> bool:
+    """True under CI (``CI=true``/``1``) or ``make test`` (``IMCLASS_TEST_STRICT=1``): nothing may be skipped."""
+    return (os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+            or os.environ.get("IMCLASS_TEST_STRICT", "") not in ("", "0"))
+
+
+def lacks_hardware(what: str) -> None:
+    """Skip because this machine kind lacks ``what`` (a GPU, a CPU instruction): the one skip CI allows."""
+    pytest.skip(f"{HARDWARE_SKIP} {what}")
+
+
+def require_kernel(backend: str) -> None:
+    """Skip a k-NN kernel case only when the CPU lacks its instruction; fail when the CPU has it but the
+    kernel cannot run (a broken install must not pass as a smaller test matrix)."""
+    from imclass.knn import _knn_int8, _knn_kernels, _select
+
+    if backend == "numba" and not _knn_kernels.available():
+        if "avx2" not in _select.cpu()[1]:
+            lacks_hardware("AVX2 (the numba k-NN kernels use vpsadbw/vpmaddwd)")
+        pytest.fail("the numba k-NN kernels do not run on this AVX2 CPU: pip install numba (pip install -e '.[dev]')")
+    if backend == "int8" and not _knn_int8.exact_here(3072):
+        if not _select.vnni_here():
+            lacks_hardware("VNNI (the int8 k-NN kernel is only expected on a CPU with avx512_vnni/avx_vnni/amx_int8)")
+        pytest.fail(f"the int8 k-NN kernel (torch._int_mm) is not exact on this VNNI CPU (torch {torch.__version__})")
+
+
+def missing_inputs() -> list[str]:
+    """What a CI machine must have and this one lacks, each with what to install or where to put it."""
+    from imclass.models.weights import KNOWN_WEIGHTS
+
+    problems = []
+    data, weights = _data_root(), _weights_root()
+    if not (data / "cifar10").is_dir():
+        problems.append(f"CIFAR-10 not under {data / 'cifar10'}: set IMCLASS_DATA to the shared data folder "
+                        "(or `imclass data download cifar10`)")
+    flowers = data / "flowers" / "photos"
+    classes = [d for d in flowers.iterdir() if d.is_dir()] if flowers.is_dir() else []
+    if len(classes) != 5:
+        problems.append(f"the flowers photos (5 class folders) are not under {flowers} ({len(classes)} found): "
+                        "put tf_flower_photos there (IMCLASS_DATA/flowers/photos)")
+    wanted = ["imagenet_classes.txt"] + [k.path for k in KNOWN_WEIGHTS.values()]
+    absent = [w for w in wanted if not (weights / w).is_file()]
+    if absent:
+        problems.append(f"the ImageNet weights folder {weights} lacks {', '.join(absent)}: point IMCLASS_WEIGHTS at "
+                        "the shared weights folder (see its README.md)")
+    if _chromium_path() is None:
+        problems.append("no chromium binary: `make browser` (apt-get install chromium, as root) or set IMCLASS_CHROMIUM")
+    for module, package in (("playwright", "playwright"), ("faiss", "faiss-cpu"), ("pyarrow", "pyarrow"),
+                            ("captum", "captum"), ("numba", "numba"), ("threadpoolctl", "threadpoolctl")):
+        if importlib.util.find_spec(module) is None:
+            problems.append(f"the {module} package is missing: pip install -e '.[dev]' (or pip install {package})")
+    from imclass.knn import _knn_int8, _knn_kernels, _select
+
+    flags = _select.cpu()[1]
+    if "avx2" in flags and not _knn_kernels.available():
+        problems.append("the numba k-NN kernels do not run on this AVX2 CPU: pip install numba")
+    if _select.vnni_here() and not _knn_int8.exact_here(3072):
+        problems.append(f"the int8 k-NN kernel is not exact on this VNNI CPU (torch {torch.__version__}'s _int_mm)")
+    return problems
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs an NVIDIA GPU (the only test CI may skip for want of hardware)")
+
+
+def pytest_sessionstart(session):
+    """Under CI, stop before the first test when a required input is missing (fail fast, say what to do)."""
+    if not strict() or hasattr(session.config, "workerinput"):  # checked once, in the controller
+        return
+    problems = missing_inputs()
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        pytest.exit(f"CI=true: {len(problems)} required test input(s) missing, nothing was run:\n{lines}", returncode=4)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI a skip is a failure unless the test is marked ``cuda`` or skipped by ``lacks_hardware``."""
+    outcome = yield
+    report = outcome.get_result()
+    if not (strict() and report.skipped) or item.get_closest_marker("cuda") is not None:
+        return
+    if getattr(report, "wasxfail", None) is not None:
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if reason.removeprefix("Skipped: ").startswith(HARDWARE_SKIP):
+        return
+    report.outcome = "failed"
+    report.longrepr = f"CI=true: this test may not skip ({reason})"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line per skipped test and its reason, so a shrinking run is seen."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    terminalreporter.write_line(f"skips ({len(skipped)}):")
+    for report in skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        terminalreporter.write_line(f"SKIP {report.nodeid}: {reason.removeprefix('Skipped: ')}")
 
 
 # Under xdist each worker gets one thread: two workers on two cores, no oversubscription.

@@ -15,10 +15,22 @@ from imclass.knn import KNN, NearestNeighbor, _knn_int8, _knn_kernels, _select, 
 # one thread: on a busy 2-core machine two spinning OpenMP/numba threads cost far more than they gain
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BACKENDS = ["torch"] + (["numba"] if _knn_kernels.available() else [])
-L2_BACKENDS = BACKENDS + (["int8"] if _knn_int8.exact_here(3072) else [])
-# every exact kernel for each metric: L1 (torch, numba), L2 (torch, numba, int8)
+from conftest import require_kernel  # noqa: E402
+
+# every exact kernel for each metric, always generated: a kernel the CPU should run but cannot fails the case
+# (require_kernel); only a CPU without the instruction (AVX2, VNNI) skips it
+BACKENDS = ["torch", "numba"]
+L2_BACKENDS = BACKENDS + ["int8"]
 KERNELS = [("l1", b) for b in BACKENDS] + [("l2", b) for b in L2_BACKENDS]
+
+
+@pytest.fixture(autouse=True)
+def _kernel_expected(request):
+    """Every case naming a kernel (parameter ``backend``) first checks that it can run here."""
+    callspec = getattr(request.node, "callspec", None)
+    backend = callspec.params.get("backend") if callspec is not None else None
+    if backend in ("numba", "int8"):
+        require_kernel(backend)
 SK_METRIC = {"l1": "manhattan", "l2": "euclidean", "cosine": "cosine"}
 
 
@@ -204,8 +216,8 @@ def test_bad_data_raise_clear_errors(small):
         KNN().fit([[1, 2]], [0])
 
 
-@pytest.mark.skipif("numba" not in BACKENDS, reason="numba kernels not available here")
 def test_numba_backend_refuses_floats(small):
+    require_kernel("numba")
     x, y, xt, _, _, _ = small
     with pytest.raises(ValueError, match=r"backend='numba' computes exact integer distances"):
         KNN(backend="numba").fit(x.float(), y).predict(xt.float())
@@ -317,9 +329,9 @@ def test_cli_cv_and_errors(data_root, tmp_path):
         assert result.exit_code == 2 and message in result.output, (extra, result.output)
 
 
-@pytest.mark.skipif("numba" not in BACKENDS, reason="numba kernels not available here")
 @pytest.mark.parametrize("m, n, d", [(5, 7, 33), (4, 2, 32), (9, 3, 784), (1, 1, 1), (3, 5, 3072)])
 def test_integer_kernels_match_numpy_including_padding_and_extremes(m, n, d):
+    require_kernel("numba")
     rng = np.random.default_rng(d)
     q = rng.integers(0, 256, (m, d), dtype=np.uint8)
     t = rng.integers(0, 256, (n, d), dtype=np.uint8)
@@ -332,11 +344,11 @@ def test_integer_kernels_match_numpy_including_padding_and_extremes(m, n, d):
         _knn_kernels.l2_ranking(np.zeros((1, 40000), np.uint8), np.zeros((1, 40000), np.uint8))
 
 
-@pytest.mark.skipif("int8" not in L2_BACKENDS, reason="torch._int_mm is not exact (or absent) on this CPU")
 @pytest.mark.parametrize("m, n, d", [(5, 7, 33), (1, 1, 1), (3, 5, 3072),
                                      (2, 3, _knn_int8.INT32_RANKING_MAX_FEATURES + 1),  # int64 ranking
                                      (2, 3, _knn_int8.INT32_DOT_MAX_FEATURES + 7)])  # dot products in two pieces
 def test_int8_kernel_is_exact_at_the_extremes(m, n, d):
+    require_kernel("int8")
     rng = np.random.default_rng(d)
     q = rng.integers(0, 256, (m, d), dtype=np.uint8)
     t = rng.integers(0, 256, (n, d), dtype=np.uint8)
@@ -352,44 +364,54 @@ def test_int8_kernel_is_exact_at_the_extremes(m, n, d):
     np.testing.assert_array_equal(got.numpy(), (diff**2).sum(-1))
 
 
-def test_auto_takes_the_kernel_measured_fastest_and_remembers_it(small, tmp_path, monkeypatch):
+def test_auto_takes_the_kernel_measured_fastest_for_the_shape_and_remembers_it(small, tmp_path, monkeypatch):
+    from imclass.knn import estimator
+
     x, y, xt, _, _, _ = small
     monkeypatch.setenv("IMCLASS_CACHE", str(tmp_path))
-    _select.fastest_l2_kernel.cache_clear()
-    available = _select.available_l2_kernels(3072)
-    assert available[-1] == "torch" and set(available) <= set(L2_BACKENDS)
-    fake = {name: 1.0 + i for i, name in enumerate(reversed(available))}  # the last available one "wins"
-    monkeypatch.setattr(_select, "measure_l2_kernels", lambda d: dict(fake))
-    monkeypatch.setattr(_select, "vnni_here", lambda: False)  # no VNNI: the kernels are timed
+    _select.forget()
+    assert (_select.TRAIN_BLOCK, _select.MAX_BLOCK) == (4 * estimator._TRAIN_CHUNK, estimator._MAX_BLOCK)
+    candidates = _select._candidates(3072)
+    for name in candidates:
+        require_kernel(name) if name != "torch" else None
+    assert candidates == [k for k in ("int8", "numba") if k in _select.available_l2_kernels(3072)] or ["torch"]
+    measured = []
+
+    def fake(d, queries, train, kernels):  # the last candidate "wins" for small blocks, the first for big ones
+        measured.append((queries, train))
+        order = kernels if queries * train > 64 * 1024 else list(reversed(kernels))
+        return {name: 1.0 + i for i, name in enumerate(order)}
+
+    monkeypatch.setattr(_select, "measure_l2_kernels", fake)
     try:
-        model = KNN(3, metric="l2").fit(x, y)
+        model = KNN(3, metric="l2").fit(x, y)  # 500 training rows
         model.predict(xt[:5])
-        assert model.backend_ == available[-1] == "torch"
+        assert model.backend_ == candidates[-1] and measured == [(16, 1024)]
         record = json.loads((tmp_path / _select.RECORD_FILE).read_text())
-        assert record[_select.host_key(3072)] == {"kernel": "torch", "reason": "measured", "seconds": fake}
-        # later processes read the record instead of measuring again
-        _select.fastest_l2_kernel.cache_clear()
-        monkeypatch.setattr(_select, "measure_l2_kernels", lambda d: pytest.fail("measured twice"))
-        assert _select.fastest_l2_kernel(3072) == "torch"
+        key = _select.record_key(3072, (16, 1024))
+        assert key.endswith("|D 3072|block 16x1024") and record.get(key, {}).get("kernel") == candidates[-1], list(record)
+        # a second search of the same shape class measures nothing (in this process or a later one)
+        model.predict(xt[5:9])
+        _select.forget()
+        model.predict(xt[9:12])
+        assert measured == [(16, 1024)]
+        # another shape class is measured once, on a block of its own size
+        model.predict(xt[:80])
+        assert measured[-1] == (256, 1024) and model.backend_ == candidates[0]
+        assert _select.shape_class(10_000, 50_000) == (512, 16384) and _select.block_shape(10_000, 50_000) == (512, 16384)
+        assert _select.shape_class(100, 1_000) == (256, 1024)
         # a record naming a kernel that cannot run here is not trusted
-        record[_select.host_key(3072)] = {"kernel": "quantum"}
+        record = json.loads((tmp_path / _select.RECORD_FILE).read_text())
+        record[key] = {"kernel": "quantum"}
         (tmp_path / _select.RECORD_FILE).write_text(json.dumps(record))
-        _select.fastest_l2_kernel.cache_clear()
-        monkeypatch.setattr(_select, "measure_l2_kernels", lambda d: {"numba": 2.0, "torch": 3.0})
-        assert _select.fastest_l2_kernel(3072) == "numba"
-        # with VNNI the int8 kernel is taken without timing anything
-        if "int8" in available:
-            (tmp_path / _select.RECORD_FILE).unlink()
-            _select.fastest_l2_kernel.cache_clear()
-            monkeypatch.setattr(_select, "vnni_here", lambda: True)
-            monkeypatch.setattr(_select, "measure_l2_kernels", lambda d: pytest.fail("VNNI needs no timing"))
-            assert _select.l2_choice(3072) == {"kernel": "int8", "reason": "VNNI", "seconds": {}}
-        # the real micro-benchmark times every available exact kernel
+        _select.forget()
+        assert _select.fastest_l2_kernel(3072, 5, 500) == candidates[-1] and len(measured) == 3
+        # the real micro-benchmark times every candidate, nearest-neighbour selection included
         monkeypatch.undo()
         seconds = _select.measure_l2_kernels(3072, queries=8, train=64, rounds=1)
-        assert list(seconds) == available and all(0 < s < 10 for s in seconds.values())
+        assert list(seconds) == candidates and all(0 < s < 10 for s in seconds.values())
     finally:
-        _select.fastest_l2_kernel.cache_clear()
+        _select.forget()
 
 
 def test_int8_backend_refuses_what_it_cannot_compute_exactly(small):
@@ -402,7 +424,8 @@ def test_int8_backend_refuses_what_it_cannot_compute_exactly(small):
 
 
 def test_faiss_backend_agrees_on_real_images(small):
-    pytest.importorskip("faiss")
+    import faiss  # noqa: F401  (a dev dependency: CI fails at session start without it)
+
     x, y, xt, _, _, _ = small
     for metric in ("l1", "l2", "cosine"):
         ref = KNN(3, metric=metric).fit(x, y)
@@ -417,3 +440,14 @@ def test_verbose_shows_a_progress_bar_over_query_chunks(small, capsys):
     KNN(2, metric="l1", batch_size=20, verbose=True).fit(x, y).predict(xt)
     err = capsys.readouterr().err
     assert "2-NN l1" in err and "4/4" in err  # 80 queries in chunks of 20
+
+
+def test_searches_keep_the_callers_torch_thread_count(small):
+    """numba's OpenMP layer resets the process's thread count when it starts: the caller's setting survives."""
+    x, y, xt, _, _, _ = small
+    assert torch.get_num_threads() == 1  # this module's `one_thread`
+    for metric, backend in KERNELS:
+        if backend != "torch":
+            require_kernel(backend)
+        KNN(2, metric=metric, backend=backend).fit(x, y).predict(xt[:4])
+        assert torch.get_num_threads() == 1, (metric, backend)

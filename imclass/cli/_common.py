@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import math
+import numbers
 import sys
 import warnings
 from dataclasses import dataclass
@@ -20,6 +23,11 @@ from imclass.data.download import DownloadError
 # reported as one `error: ...` line; anything else is a bug and keeps its traceback
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError, DownloadError)
 
+DataMode = typer.Option(
+    None, "--data-mode", help="Where a folder's images live while the command runs: memory, cache (a memory-mapped "
+    "file of the resized images on disk, $IMCLASS_CACHE/images, reused by later runs) or stream (decoded batch by "
+    "batch). Default: chosen from the image count and size against the memory available, and said on stderr.")
+
 DataRoot = typer.Option(None, "--data", help="Data root folder (default: $IMCLASS_DATA, else ~/.cache/imclass).")
 
 LIMIT_HELP = ("A seeded, stratified sample of N images of each split (every class keeps its share; "
@@ -33,13 +41,32 @@ def limit_option(**kwargs: Any) -> Any:
 
 def print_json(obj: Any) -> None:
     """Print one JSON object on stdout (for --json)."""
-    sys.stdout.write(json.dumps(obj, default=float) + "\n")
+    sys.stdout.write(json.dumps(_finite(obj), default=float, allow_nan=False) + "\n")
+
+
+def _finite(obj: Any) -> Any:
+    """NaN and infinities as null: JSON has no such numbers (json.dumps would print invalid ``NaN``)."""
+    if isinstance(obj, numbers.Real) and not isinstance(obj, numbers.Integral):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def fail(message: str, code: int = 2) -> None:
     """Print a clear error for the user and exit (no traceback)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+def write_error(err: OSError) -> str:
+    """One line for a failed write (full disk, file size limit, permissions): what, where, why."""
+    where = f" {err.filename}" if err.filename else ""
+    why = err.strerror or str(err)
+    hint = " (disk full or a file size limit?)" if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ""
+    return f"cannot write{where}: {why}{hint}"
 
 
 @contextlib.contextmanager

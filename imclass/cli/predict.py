@@ -45,6 +45,7 @@ def predict(
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    import torch
     from tqdm.auto import tqdm
 
     from imclass.serve.predictor import ImageError, Predictor, find_images
@@ -101,7 +102,12 @@ def predict(
                     probs = predictor.predict_many([t for _, t in good], batch_size=batch_size)
                 except USER_ERRORS as err:
                     fail(f"{run}: cannot predict these images: {err}")
-                for (i, _), tops in zip(good, predictor.top_k(probs, top)):
+                finite = torch.isfinite(probs).all(dim=1).tolist()
+                for (i, _), tops, ok in zip(good, predictor.top_k(probs, top), finite):
+                    if not ok:  # NaN weights (a diverged run) give NaN probabilities: no label is better than any
+                        errors[i] = {"image": str(paths[i]), "error": f"{paths[i]}: the model gave NaN or infinite "
+                                     f"probabilities (its weights are not finite: {predictor.non_finite_weights:,})"}
+                        continue
                     results[i] = {"image": str(paths[i]), "top": [{"class": t["class"], "probability": t["probability"]}
                                                                   for t in tops]}
             bar.update(len(decoded))

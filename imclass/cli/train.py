@@ -7,7 +7,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, DataRoot, fail, limit_option, plain_warnings, print_json
+from imclass.cli._common import USER_ERRORS, DataMode, DataRoot, fail, limit_option, plain_warnings, print_json, write_error
 
 # Start-up time: each command imports its machinery (torch and up) inside its function, so that
 # `imclass --help` and every other command start in a fraction of a second.
@@ -82,6 +82,7 @@ def train(
     class_weight: Optional[str] = typer.Option(
         None, "--class-weight", help='Class imbalance: balanced, one weight per class (1,5,1) or JSON ({"cat": 3}).'),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="balanced: draw every class about equally often."),
+    data_mode: Optional[str] = DataMode,
 ) -> None:
     """Train a model and save it to a run folder (model.safetensors, config.json, history, curves).
 
@@ -107,14 +108,14 @@ def train(
                   seed=seed, out=out, resume=resume, device=device, recipe=None, target=None, as_json=as_json,
                   backbone=None, weights_dir=None, freeze_epochs=None, head=None, unfreeze=None, feature_cache=None,
                   class_weight=class_weight, sampler=sampler, pool_stages=None, feature_augment=None,
-                  batch_norm=None)
+                  batch_norm=None, data_mode=data_mode)
 
         return run_transfer(dataset=dataset, backbone=backbone, weights=weights, weights_dir=weights_dir, head=head,
                             image_size=image_size, freeze_epochs=freeze_epochs, epochs=epochs, unfreeze=unfreeze,
                             lr=lr, batch_size=batch_size, val_fraction=val_fraction, seed=seed, limit=limit, out=out,
                             cache_dir=feature_cache, as_json=as_json, fallback=from_scratch,
                             class_weight=class_weight, sampler=sampler, pool_stages=pool_stages,
-                            feature_augment=feature_augment, batch_norm=batch_norm)
+                            feature_augment=feature_augment, batch_norm=batch_norm, data_mode=data_mode)
     if resume and config is None and out is not None and (Path(out) / CONFIG_FILE).is_file():
         config = Path(out) / CONFIG_FILE  # continue the run with its own config
     try:
@@ -147,6 +148,7 @@ def train(
             target=target,
             class_weight=class_weight,
             sampler=sampler,
+            data_mode=data_mode,
             verbose=False if as_json else None,
         )
         if options:
@@ -159,6 +161,8 @@ def train(
         fail(f"{err} (try a smaller --lr)")
     except USER_ERRORS as err:
         fail(str(err))
+    except OSError as err:  # a full disk or a file size limit while writing the run folder
+        fail(write_error(err))
     from imclass.train.distributed import env_rank
 
     if env_rank() != 0:  # under torchrun rank 0 reports for all

@@ -65,7 +65,7 @@ def run_transfer(*, dataset: str | None, backbone: str | None, weights: str | No
                  seed: int | None, limit: int | None, out: str | None, cache_dir: str | None, as_json: bool,
                  fallback: Any = None, class_weight: Any = None, sampler: str | None = None,
                  pool_stages: int | None = None, feature_augment: str | None = None,
-                 batch_norm: str | None = None) -> None:
+                 batch_norm: str | None = None, data_mode: str | None = None) -> None:
     """``imclass train`` for transfer learning; ``fallback()`` trains a small network from scratch
     when no ``--backbone`` was asked for and no pretrained weights are found."""
     from imclass.transfer.workflow import TransferConfig, no_weights_advice, pick_backbone, train_transfer
@@ -83,7 +83,7 @@ def run_transfer(*, dataset: str | None, backbone: str | None, weights: str | No
               "batch_size": batch_size, "val_fraction": val_fraction, "seed": seed, "limit": limit, "out": out,
               "cache_dir": cache_dir, "class_weight": class_weight, "sampler": sampler, "pool_stages": pool_stages,
               "feature_augment": None if feature_augment in (None, "none") else feature_augment,
-              "batch_norm": batch_norm}
+              "batch_norm": batch_norm, "data_mode": data_mode}
     if weights is not None:
         values["weights"] = None if weights.lower() in ("none", "random") else weights
     if unfreeze is not None:

@@ -67,6 +67,9 @@ def load(
     strict: bool = False,
     limit: int | None = None,
     seed: int = 0,
+    mode: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    verbose: bool = True,
 ) -> ImageDataset:
     """Load one split of a data set as an ``ImageDataset`` (uint8 images (N, C, H, W), int64 labels).
 
@@ -77,6 +80,9 @@ def load(
     ``strict``: raise on unreadable image files instead of skipping them with a warning.
     ``limit``: keep a seeded (``seed``), stratified sample of that many images of the split (the rule of
     every ``--limit``, :func:`imclass.data.split.limit_indices`; a folder decodes only those files).
+    A folder is decoded in the tier ``mode`` (``"memory"``, ``"cache"``: a memory-mapped cache file
+    reused by later loads; None chooses from the headers and the memory available and says which on
+    stderr when ``verbose``; see ``imclass.data.source``). Named data sets are held in memory.
 
     >>> train = load("cifar10", split="train")            # doctest: +SKIP
     >>> train.images.shape, train.classes[:3]              # doctest: +SKIP
@@ -96,7 +102,10 @@ def load(
                 f"unknown data set {str(name_or_path)!r}: expected one of {', '.join(names())}, "
                 f"or a path to a folder of images with one sub-folder per class (no folder {path} exists)"
             )
-        return load_folder(path, split, size, strict=strict, limit=limit, limit_seed=seed)
+        return load_folder(path, split, size, strict=strict, limit=limit, limit_seed=seed, mode=mode,
+                           cache_dir=cache_dir, verbose=verbose)
+    if mode not in (None, "memory"):
+        raise ValueError(f"{name} is held in memory (a named data set); --data-mode {mode} applies to image folders")
     ds = limit_dataset(_load_known(name, split, root, download), limit, seed=seed)
     h, w = ds.images.shape[-2:]
     if size is not None and (h, w) != size:

@@ -1,7 +1,7 @@
 """Find problems in a folder of images before training on it; nothing is changed or deleted.
 
 ``check_folder(path)`` decodes every file once (JPEGs at a reduced scale via Pillow's draft mode),
-keeps a 32x32 grey thumbnail and the SHA-256 of the file's bytes, and reports:
+computes the perceptual hash of a 32x32 grey thumbnail (only the 64-bit hash and the SHA-256 of the file's bytes are kept), and reports:
 
 * unreadable files (not an image, truncated, empty);
 * exact duplicates (identical bytes) and near duplicates (perceptual hash within
@@ -34,10 +34,11 @@ import torch.nn.functional as F
 
 from imclass.data.decode import DEFAULT_MAX_PIXELS, ImageError, decode_array, probe_image
 from imclass.data.folder import _GREY_MODES, _map, _rel
+from imclass.data.hamming import near_pairs
 from imclass.data.inspect import FileRecord, folder_files
 
-__all__ = ["CheckOptions", "check_folder", "format_report", "hamming_pairs", "image_hashes", "perceptual_hash",
-           "quick_check"]
+__all__ = ["CheckOptions", "check_folder", "format_report", "hamming_pairs", "image_hashes", "pack_hashes",
+           "perceptual_hash", "quick_check"]
 
 THUMB = 32  # side of the grey thumbnail the hash is computed from
 _HASH_BITS = 8  # 8x8 DCT coefficients -> 64 bits
@@ -81,7 +82,10 @@ _DCT_LOW = torch.kron(_dct_matrix(THUMB)[:_HASH_BITS], _dct_matrix(THUMB)[:_HASH
 
 
 def perceptual_hash(grey: torch.Tensor) -> torch.Tensor:
-    """pHash of grey 32x32 thumbnails (N, 32, 32) (uint8 or float): (N, 64) bool bits."""
+    """pHash of grey 32x32 thumbnails (N, 32, 32) (uint8 or float): (N, 64) bool bits.
+
+    A row's hash does not depend on the other rows (checked on 5,000 CIFAR-10 images one by one and
+    all at once), except for flat images, whose coefficients are all rounding noise."""
     if grey.ndim != 3 or tuple(grey.shape[1:]) != (THUMB, THUMB):
         raise ValueError(f"expected grey thumbnails of shape (N, {THUMB}, {THUMB}), received {tuple(grey.shape)}")
     x = grey.to(torch.float32).reshape(len(grey), -1)  # (N, 32, 32) -> (N, 1024)
@@ -91,7 +95,8 @@ def perceptual_hash(grey: torch.Tensor) -> torch.Tensor:
 
 
 def image_hashes(images: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """pHash bits (N, 64) of uint8 images (N, C, H, W) already in memory (any size, grey or RGB)."""
+    """pHash bits (N, 64) of uint8 images (N, C, H, W) already in memory (any size, grey or RGB), a chunk at
+    a time (``images`` may be a memory-mapped tensor: only ``chunk`` images are in memory at once)."""
     out = []
     weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
     for start in range(0, len(images), chunk):
@@ -104,43 +109,40 @@ def image_hashes(images: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     return torch.cat(out) if out else torch.zeros((0, _HASH_BITS * _HASH_BITS), dtype=torch.bool)
 
 
-def _pack(bits: torch.Tensor) -> np.ndarray:
-    """(N, 64) bool -> (N,) uint64."""
+def pack_hashes(bits: torch.Tensor) -> np.ndarray:
+    """(N, 64) bool hash bits -> (N,) uint64, the first bit the most significant."""
     return np.packbits(bits.numpy().astype(np.uint8), axis=1).view(">u8").ravel().astype(np.uint64)
 
 
-def hamming_pairs(bits: torch.Tensor, max_distance: int, other: torch.Tensor | None = None,
-                  chunk: int = 4096) -> list[tuple[int, int, int]]:
-    """Pairs ``(i, j, distance)`` of hashes at most ``max_distance`` bits apart.
+def hamming_pairs(bits: torch.Tensor | np.ndarray, max_distance: int, other: torch.Tensor | np.ndarray | None = None,
+                  ) -> list[tuple[int, int, int]]:
+    """Pairs ``(i, j, distance)`` of hashes at most ``max_distance`` bits apart, sorted by ``i`` then ``j``.
 
-    Within ``bits`` (i < j), or between ``bits`` (i) and ``other`` (j) when given: the 64 bits of
-    each hash packed in one integer, a chunk of rows XOR-ed against all and the ones counted.
+    Within ``bits`` (i < j), or between ``bits`` (i) and ``other`` (j) when given. Hashes are (N, 64)
+    bool bits or (N,) packed uint64. Found by multi-index hashing (:func:`imclass.data.hamming.near_pairs`):
+    no step compares every pair, and memory stays O(N) plus the pairs found.
     """
-    a_all = _pack(bits)
-    b = _pack(other) if other is not None else a_all
-    pairs: list[tuple[int, int, int]] = []
-    for start in range(0, len(a_all), chunk):
-        d = np.bitwise_count(a_all[start : start + chunk, None] ^ b[None, :])  # (chunk, M) Hamming distances
-        hit = d <= max_distance
-        if other is None:
-            hit &= np.arange(len(b))[None, :] > np.arange(start, start + len(hit))[:, None]  # each pair once
-        for i, j in zip(*np.nonzero(hit)):
-            pairs.append((start + int(i), int(j), int(d[i, j])))
-    return pairs
+    def packed(h):
+        return pack_hashes(h) if isinstance(h, torch.Tensor) else np.asarray(h, dtype=np.uint64)
+
+    i, j, d = near_pairs(packed(bits), max_distance, None if other is None else packed(other))
+    return list(zip(i.tolist(), j.tolist(), d.tolist()))
 
 
 # ------------------------------------------------------------------------------ reading files
 
 def _read(record: FileRecord) -> FileRecord:
-    """Header facts, SHA-256 of the bytes and a grey thumbnail of one file (``error`` on failure), through
-    the decoding gate (``imclass.data.decode``: JPEGs drafted down to the thumbnail)."""
+    """Header facts, SHA-256 of the bytes and the perceptual hash of one file (``error`` on failure), through
+    the decoding gate (``imclass.data.decode``: JPEGs drafted down to the thumbnail). Only the 64-bit hash
+    is kept, not the thumbnail."""
     try:
         raw = Path(record["path"]).read_bytes()
         record["bytes"] = len(raw)
         record["sha256"] = hashlib.sha256(raw).hexdigest()
         info = probe_image(raw, name=str(record["path"]), max_pixels=DEFAULT_MAX_PIXELS)
         record.update(format=info.format, mode=info.mode, width=info.width, height=info.height)
-        record["thumb"] = decode_array(raw, mode="L", size=(THUMB, THUMB), name=str(record["path"]))
+        thumb = decode_array(raw, mode="L", size=(THUMB, THUMB), name=str(record["path"]))  # (32, 32)
+        record["phash"] = int(pack_hashes(perceptual_hash(torch.from_numpy(thumb).unsqueeze(0)))[0])
     except ImageError as err:  # every bad file is reported, none raises
         record["error"] = err.reason
     except OSError as err:
@@ -177,8 +179,8 @@ def _duplicates(ok: list[FileRecord], root: Path, classes: list[str], near: int)
     reps = [g[0] for g in by_hash.values()]
     nearby = []
     if len(reps) > 1:
-        bits = perceptual_hash(torch.from_numpy(np.stack([r["thumb"] for r in reps])))
-        for i, j, d in hamming_pairs(bits, near):
+        hashes = np.array([r["phash"] for r in reps], dtype=np.uint64)
+        for i, j, d in hamming_pairs(hashes, near):
             nearby.append(_group([reps[i], reps[j]], root, classes, distance=d))
     nearby.sort(key=lambda g: (g["distance"], g["files"]))
     return exact, nearby

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
+from imclass.data.loader import TensorLoader
 
 
 @dataclass
@@ -16,6 +17,10 @@ class ImageDataset:
     augmentation and k-NN work on batches with no per-sample Python code.
     ``notes`` holds facts a user must not miss (e.g. "test split has 1,000 of the official
     10,000 images"); ``source`` is where the data came from (a file or folder).
+    ``mode`` is the tier the images live in (``imclass.data.source``): ``"memory"`` (an ordinary
+    tensor) or ``"cache"`` (a tensor over a memory-mapped cache file: its pages belong to the page
+    cache, not to the process; read it with ``read``/``batches``/``loader``, which touch only the
+    rows asked for, and never copy it whole).
     """
 
     images: torch.Tensor
@@ -25,6 +30,7 @@ class ImageDataset:
     split: str = ""
     notes: list[str] = field(default_factory=list)
     source: str = ""
+    mode: str = "memory"
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4:
@@ -61,6 +67,13 @@ class ImageDataset:
         """
         if isinstance(indices, slice):
             images, labels = self.images[indices], self.labels[indices]
+        elif self.mode == "cache":  # a subset of a memory-mapped set is read into memory: say how much
+            idx = torch.as_tensor(indices)
+            idx = idx.nonzero().flatten() if idx.dtype == torch.bool else idx.long()
+            images, labels = self.read(idx), self.labels[idx]
+            return dataclasses.replace(self, images=images, labels=labels, classes=list(self.classes),
+                                       notes=list(self.notes), split=self.split if split is None else split,
+                                       mode="memory")
         elif isinstance(indices, torch.Tensor) and indices.dtype == torch.bool:
             images, labels = self.images[indices], self.labels[indices]
         else:
@@ -74,6 +87,35 @@ class ImageDataset:
             notes=list(self.notes),
             split=self.split if split is None else split,
         )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored images (N x C x H x W for uint8)."""
+        return self.images.numel() * self.images.element_size()
+
+    def read(self, indices: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """The images at ``indices`` as a new uint8 tensor (n, C, H, W) (``torch.index_select``: one gather,
+        and on a memory-mapped set only those rows are read)."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return torch.index_select(self.images, 0, idx)
+
+    def batches(self, batch_size: int, indices: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(images, labels)`` batches in order (of ``indices`` when given), for evaluation and features."""
+        if batch_size < 1:
+            raise ValueError(f"expected batch_size >= 1, received batch_size={batch_size}")
+        n = len(self) if indices is None else len(indices)
+        for start in range(0, n, batch_size):
+            if indices is None:
+                yield self.images[start : start + batch_size], self.labels[start : start + batch_size]
+            else:
+                idx = torch.as_tensor(indices[start : start + batch_size], dtype=torch.long)
+                yield self.read(idx), self.labels[idx]
+
+    def loader(self, batch_size: int, **options: Any) -> Any:
+        """A shuffling ``TensorLoader`` over these images (``options``: its keyword arguments); a
+        memory-mapped set stays on the host and only each batch moves to the device."""
+        options.setdefault("stage", self.mode != "cache")
+        return TensorLoader(self.images, self.labels, batch_size, **options)
 
     def class_counts(self) -> list[int]:
         """Number of images of each class, in the order of ``classes``."""

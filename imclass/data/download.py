@@ -166,8 +166,10 @@ def _fix_hint(dest: Path) -> str:
     )
 
 
-def download_file(url: str, dest: str | os.PathLike, md5: str | None = None, *, timeout: float = 60.0) -> Path:
-    """Download ``url`` to ``dest``, checking ``md5``; nothing appears at ``dest`` unless it all succeeds.
+def download_file(url: str, dest: str | os.PathLike, md5: str | None = None, *, sha256: str | None = None,
+                  timeout: float = 60.0) -> Path:
+    """Download ``url`` to ``dest``, checking ``md5`` and/or ``sha256`` while it streams; nothing appears at
+    ``dest`` unless it all succeeds.
 
     Raises DownloadError naming the file, the URL, what was expected and how to fix it.
     """
@@ -175,7 +177,7 @@ def download_file(url: str, dest: str | os.PathLike, md5: str | None = None, *, 
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
-    h = hashlib.md5()
+    h, h256 = hashlib.md5(), hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as out:
             try:
@@ -185,6 +187,7 @@ def download_file(url: str, dest: str | os.PathLike, md5: str | None = None, *, 
                         for chunk in iter(lambda: response.read(_CHUNK), b""):
                             out.write(chunk)
                             h.update(chunk)
+                            h256.update(chunk)
                             bar.update(len(chunk))
             except (urllib.error.URLError, OSError, ValueError) as err:
                 reason = getattr(err, "reason", err)
@@ -196,6 +199,12 @@ def download_file(url: str, dest: str | os.PathLike, md5: str | None = None, *, 
             raise DownloadError(
                 f"checksum mismatch for {dest.name} downloaded from {url}: expected MD5 {md5}, "
                 f"received {h.hexdigest()} (the partial or corrupt file was deleted). "
+                f"Try again later, or {_fix_hint(dest)}"
+            )
+        if sha256 is not None and h256.hexdigest() != sha256.lower():
+            raise DownloadError(
+                f"checksum mismatch for {dest.name} downloaded from {url}: expected SHA-256 {sha256.lower()}, "
+                f"received {h256.hexdigest()} (the partial or corrupt file was deleted). "
                 f"Try again later, or {_fix_hint(dest)}"
             )
         os.replace(tmp, dest)

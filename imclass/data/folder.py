@@ -27,8 +27,9 @@ import torch
 
 from imclass.data.dataset import ImageDataset
 from imclass.data.decode import (
-    DEFAULT_MAX_PIXELS, GREY_MODES, IMAGE_EXTENSIONS, ImageError, decode_array, decode_image, probe_image, stack_images,
+    DEFAULT_MAX_PIXELS, GREY_MODES, IMAGE_EXTENSIONS, ImageError, decode_array, decode_image, probe_image,
 )
+from imclass.data.source import Decoder, ImageList, UnreadableImageError, open_images
 from imclass.data.split import limit_indices, split_indices
 from imclass.data.walk import walk_classes
 
@@ -36,10 +37,6 @@ TEST_FRACTION = 0.2  # share of each class held out as "test" in a plain tree
 SPLIT_SEED = 0
 _GREY_MODES = GREY_MODES
 _SHOWN = 10  # unreadable files named in a message before "... and N more"
-
-
-class UnreadableImageError(ValueError):
-    """Image files that Pillow could not decode (raised with ``strict=True``)."""
 
 
 def parse_image_size(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
@@ -78,14 +75,6 @@ def list_images(folder: Path, classes: Sequence[str]) -> tuple[list[Path], list[
     if message:
         warnings.warn(message, stacklevel=2)
     return found.paths, found.labels
-
-
-def _decode(path: Path, size: tuple[int, int] | None) -> np.ndarray | str:
-    """One image as (H, W) grey or (H, W, 3) RGB uint8, resized to ``size``; on failure the reason."""
-    try:
-        return decode_array(path, size=size, max_pixels=DEFAULT_MAX_PIXELS)
-    except ImageError as err:  # a worker never raises: the caller reports every bad file at once
-        return err.reason
 
 
 def read_image(path: str | Path, size: tuple[int, int] | None = None, channels: int | None = None) -> torch.Tensor:
@@ -149,63 +138,11 @@ def _size_error(sizes: list[tuple[int, int]], paths: list[Path], root: Path) -> 
     )
 
 
-def read_images(
-    paths: Sequence[Path],
-    image_size: int | tuple[int, int] | None = None,
-    *,
-    strict: bool = False,
-    root: Path | None = None,
-    workers: int | None = None,
-) -> tuple[torch.Tensor, list[int]]:
-    """Decode image files into a uint8 (N, C, H, W) tensor; also return the indices that were read.
-
-    Without ``image_size`` all images must share one size (else a ValueError lists the sizes).
-    Unreadable files are left out with one warning (or an UnreadableImageError when ``strict``).
-    """
-    size = parse_image_size(image_size)
-    paths = list(paths)
-    if root is None:
-        root = Path(os.path.commonpath([str(p) for p in paths])) if paths else Path(".")
-    bad: list[tuple[Path, str]] = []
-    if size is None:  # check sizes from the headers before decoding everything
-        probed = _map(_probe_size, paths, workers, "sizes")
-        bad = [(p, r) for p, r in zip(paths, probed) if isinstance(r, str)]
-        ok = [(p, r) for p, r in zip(paths, probed) if not isinstance(r, str)]
-        if len({r for _, r in ok}) > 1:
-            _report_bad(bad, root, strict)
-            raise _size_error([r for _, r in ok], [p for p, _ in ok], root)
-    decoded = _map(lambda p: _decode(p, size), paths, workers, "images")
-    bad_paths = {p for p, _ in bad}
-    bad += [(p, r) for p, r in zip(paths, decoded) if isinstance(r, str) and p not in bad_paths]
-    bad.sort()
-    _report_bad(bad, root, strict)
-    kept = [i for i, r in enumerate(decoded) if not isinstance(r, str)]
-    if not kept:
-        raise ValueError(f"none of the {len(paths)} image files in {root} could be read")
-    arrays = [decoded[i] for i in kept]
-    shapes = {a.shape[:2] for a in arrays}
-    if len(shapes) > 1:  # a header that lied about the size; rare
-        raise _size_error([a.shape[:2] for a in arrays], [paths[i] for i in kept], root)
-    return stack_images(arrays), kept
-
-
-def load_folder(
-    path: str | os.PathLike,
-    split: str = "train",
-    image_size: int | tuple[int, int] | None = None,
-    *,
-    strict: bool = False,
-    test_fraction: float = TEST_FRACTION,
-    seed: int = SPLIT_SEED,
-    workers: int | None = None,
-    limit: int | None = None,
-    limit_seed: int = 0,
-) -> ImageDataset:
-    """Read one split of a class-per-folder image tree (see the module docstring for the layouts).
-
-    ``limit``: decode only a seeded (``limit_seed``), stratified sample of that many files of the split
-    (:func:`imclass.data.split.limit_indices`, the rule of every ``--limit``).
-    """
+def folder_images(path: str | os.PathLike, split: str = "train", *, test_fraction: float = TEST_FRACTION,
+                  seed: int = SPLIT_SEED, limit: int | None = None, limit_seed: int = 0) -> ImageList:
+    """The image files of one split of a class-per-folder tree (see the module docstring), not decoded;
+    ``limit``: a seeded (``limit_seed``), stratified sample of that many files of the split
+    (:func:`imclass.data.split.limit_indices`, the rule of every ``--limit``)."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder: {root}")
@@ -255,6 +192,83 @@ def load_folder(
         pick = limit_indices(torch.tensor(labels), limit, seed=limit_seed, classes=classes, where=f"{split} split").tolist()
         paths, labels = [paths[i] for i in pick], [labels[i] for i in pick]
         notes.append(f"--limit {limit}: a seeded (seed {limit_seed}), stratified sample of the split's files")
-    images, kept = read_images(paths, image_size, strict=strict, root=root, workers=workers)
-    label_t = torch.tensor([labels[i] for i in kept], dtype=torch.long)
-    return ImageDataset(images, label_t, classes, name=root.name, split=split, notes=notes, source=str(root))
+    return ImageList(paths, labels, classes, root, name=root.name, split=split, notes=notes)
+
+
+def _is_grey(path: Path) -> bool:
+    return probe_image(path, max_pixels=DEFAULT_MAX_PIXELS).mode in GREY_MODES
+
+
+def folder_decoder(size: tuple[int, int] | None) -> Decoder:
+    """How ``load`` decodes a folder's file at ``size`` (h, w) through the decoding gate
+    (``imclass.data.decode``): grey kept grey (one channel when every file is grey)."""
+    if size is None:
+        raise ValueError("expected an image size (h, w) for the decoder")
+    return Decoder(lambda p: decode_array(p, size=size, max_pixels=DEFAULT_MAX_PIXELS), size, "folder:decode-gate",
+                   None, _is_grey)
+
+
+def native_size(images: ImageList, *, strict: bool = False, workers: int | None = None) -> tuple[int, int]:
+    """The one size (h, w) every file has, from the headers; a ValueError lists the sizes when they differ."""
+    probed = _map(_probe_size, images.paths, workers, "sizes")
+    ok = [(p, r) for p, r in zip(images.paths, probed) if not isinstance(r, str)]
+    if len({r for _, r in ok}) > 1:
+        bad = [(p, r) for p, r in zip(images.paths, probed) if isinstance(r, str)]
+        _report_bad(bad, images.root, strict)
+        raise _size_error([r for _, r in ok], [p for p, _ in ok], images.root)
+    if not ok:
+        raise ValueError(f"none of the {len(images)} image files in {images.root} could be read")
+    return ok[0][1]
+
+
+DEFAULT_SIZE = 64  # a folder read without an image size: at most this many pixels a side
+
+
+def default_image_size(path: str | os.PathLike, sample: int = 64) -> tuple[int, int]:
+    """The size to read a folder at when none is given: its images' most common size (from the
+    headers of an even sample of ``sample`` files) when neither side exceeds ``DEFAULT_SIZE``, else
+    ``DEFAULT_SIZE`` x ``DEFAULT_SIZE`` (never the native size of large photos: 400x300 JPEGs
+    would take 360 KB each)."""
+    images = folder_images(path, "all" if not split_folders(Path(path).expanduser()) else "train")
+    step = max(1, len(images) // sample)
+    sizes = [s for s in (_probe_size(p) for p in images.paths[::step][:sample]) if not isinstance(s, str)]
+    if sizes:
+        (h, w), _ = Counter(sizes).most_common(1)[0]
+        if max(h, w) <= DEFAULT_SIZE:
+            return h, w
+    return DEFAULT_SIZE, DEFAULT_SIZE
+
+
+def load_folder(
+    path: str | os.PathLike,
+    split: str = "train",
+    image_size: int | tuple[int, int] | None = None,
+    *,
+    strict: bool = False,
+    test_fraction: float = TEST_FRACTION,
+    seed: int = SPLIT_SEED,
+    workers: int | None = None,
+    limit: int | None = None,
+    limit_seed: int = 0,
+    mode: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    verbose: bool = True,
+) -> ImageDataset:
+    """Read one split of a class-per-folder image tree (see the module docstring for the layouts).
+
+    ``limit``: decode only a seeded (``limit_seed``), stratified sample of that many files of the split
+    (:func:`imclass.data.split.limit_indices`, the rule of every ``--limit``).
+    ``mode`` is the tier (``imclass.data.source``: ``"memory"``, ``"cache"``, ``"stream"``; None
+    chooses from the headers and the memory available, and says so on stderr when ``verbose``).
+    Each file is decoded straight into its row of one preallocated uint8 tensor (or of the
+    memory-mapped cache file). Without ``image_size`` every image must have the same size.
+    """
+    images = folder_images(path, split, test_fraction=test_fraction, seed=seed, limit=limit, limit_seed=limit_seed)
+    size = parse_image_size(image_size)
+    if size is None:
+        native = native_size(images, strict=strict, workers=workers)
+        decoder = Decoder(lambda p: decode_array(p, max_pixels=DEFAULT_MAX_PIXELS), native, "folder:decode-gate:native",
+                          None, _is_grey)
+    else:
+        decoder = folder_decoder(size)
+    return open_images(images, decoder, mode, cache_dir=cache_dir, strict=strict, workers=workers, verbose=verbose)

@@ -23,6 +23,7 @@ installed, x86-64 CPU with AVX2).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -56,12 +57,21 @@ def _compiled():
     return _knn_numba.l1_driver, _knn_numba.l2_driver
 
 
-def _match_torch_threads() -> None:
-    """Use as many numba threads as torch does (``torch.set_num_threads`` governs both)."""
+@contextlib.contextmanager
+def _match_torch_threads():
+    """Use as many numba threads as torch does (``torch.set_num_threads`` governs both), and keep torch's
+    count: numba's OpenMP layer, started by the first parallel call, resets the process's OpenMP thread
+    count (a user's ``torch.set_num_threads(1)`` would silently become the core count)."""
     import numba
     import torch
 
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def _pad(x: np.ndarray, row_multiple: int) -> np.ndarray:
@@ -84,8 +94,8 @@ def l1_distances(queries: np.ndarray, train: np.ndarray, tile: int = 64) -> np.n
     nq, nt = len(queries), len(train)
     q, t = _pad(queries, QUERY_BLOCK), _pad(train, TRAIN_BLOCK)
     out = np.empty((len(q), len(t)), dtype=np.int64)
-    _match_torch_threads()
-    _compiled()[0](q, t, out, tile + tile % 2)
+    with _match_torch_threads():
+        _compiled()[0](q, t, out, tile + tile % 2)
     return out[:nq, :nt]
 
 
@@ -110,6 +120,6 @@ def l2_ranking(queries: np.ndarray, train: np.ndarray, train_sq: np.ndarray | No
     if len(sq) != len(t):
         sq = np.concatenate([sq, np.zeros(len(t) - len(sq), dtype=np.int64)])
     out = np.empty((len(q), len(t)), dtype=np.int64)
-    _match_torch_threads()
-    _compiled()[1](q, t, np.ascontiguousarray(sq, dtype=np.int64), out, tile + tile % 2)
+    with _match_torch_threads():
+        _compiled()[1](q, t, np.ascontiguousarray(sq, dtype=np.int64), out, tile + tile % 2)
     return out[:nq, :nt]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["TRAIN_CHUNK", "cosine_block", "l1_block", "l2_block", "norms"]
+__all__ = ["TRAIN_CHUNK", "cosine_block", "l1_block", "l2_block", "norms", "smallest_k"]
 
 TRAIN_CHUNK = 4096  # training rows compared with a query chunk at once
 
@@ -39,3 +39,30 @@ def norms(rows: torch.Tensor, metric: str) -> torch.Tensor | None:
         return sq
     n = sq.sqrt()
     return torch.where(n == 0, torch.ones_like(n), n)
+
+
+def smallest_k(d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest entries of each row of ``d`` (m, n), ordered by (value, column): a stable top-k.
+
+    ``torch.topk`` picks an arbitrary member of a tie. It is asked for k + 1 entries: where the (k+1)-th
+    smallest value equals the k-th, a tie straddles the cut and the row is redone with a stable sort, so
+    the lower column always wins (scikit-learn's rule).
+    """
+    if k == 1:  # torch.min returns the first (lowest-column) minimum of a row: documented
+        vals, idx = d.min(dim=1, keepdim=True)
+        return vals, idx
+    k = min(k, d.shape[1])
+    extra = int(k < d.shape[1])
+    vals, idx = torch.topk(d, k + extra, dim=1, largest=False, sorted=True)
+    tied = vals[:, k - 1] == vals[:, k] if extra else torch.zeros(len(d), dtype=torch.bool)
+    vals, idx = vals[:, :k], idx[:, :k]
+    # order the selected entries by (value, column): sort by column, then stable sort by value
+    idx, order = idx.sort(dim=1)
+    vals = vals.gather(1, order)
+    vals, order = vals.sort(dim=1, stable=True)
+    idx = idx.gather(1, order)
+    if tied.any():
+        rows = tied.nonzero().squeeze(1)
+        v, i = d[rows].sort(dim=1, stable=True)
+        vals[rows], idx[rows] = v[:, :k], i[:, :k]
+    return vals, idx

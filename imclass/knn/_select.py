@@ -1,17 +1,20 @@
-"""Which exact L2 kernel is fastest on this host: known from the CPU's features, else measured once.
+"""Which exact L2 kernel is fastest on this host for a problem's shape: measured once, then remembered.
 
 Three kernels compute exact squared-L2 rankings for uint8 pixels, and which one wins depends on the
-CPU: ``int8`` (oneDNN's int8 GEMM through ``torch._int_mm``), ``numba`` (``vpmaddwd`` on AVX2) and
-``torch`` (float64 GEMM, always there). ``fastest_l2_kernel`` decides:
+CPU *and* on the shape of the blocks the search computes: ``int8`` (oneDNN's int8 GEMM through
+``torch._int_mm``; VNNI's ``vpdpbusd`` does 4x the work of ``vpmaddwd`` but pays a per-call setup that
+small blocks do not amortise), ``numba`` (``vpmaddwd`` on AVX2) and ``torch`` (float64 GEMM, always
+there, the fallback). ``l2_choice(n_features, queries, train)`` decides:
 
-- a CPU with VNNI (``avx512_vnni``, ``avx_vnni`` or ``amx_int8``) multiplies and adds 4 byte pairs per
-  32-bit lane in one instruction (``vpdpbusd``), 4x the work of ``vpmaddwd``: ``int8`` wins there (when
-  ``_knn_int8.exact_here()``) and no timing is needed; timings on a shared, busy machine are noisy;
-- on other CPUs every available exact kernel is timed on a small problem of the real row length
-  (128 x 2048 rows, best of 5 rounds, kernels interleaved so that a busy machine slows them alike).
-
-The choice is remembered in ``$IMCLASS_CACHE/knn_kernels.json`` keyed by CPU model and flags, torch
-version, thread count and row length, so the check happens once per host.
+- the search computes blocks of at most ``block_shape(queries, train)`` (query rows x training rows);
+  blocks fall into a few shape classes (``shape_class``: queries <= 16, 64, 256 or more; training rows
+  <= 1,024, 4,096 or more);
+- every available exact integer kernel (int8, numba; torch only when neither runs) is timed on a block
+  of that class's size, selection of the nearest included, after one warm-up call, interleaved, best of
+  3 rounds, so a busy machine slows them alike;
+- the choice is remembered in ``$IMCLASS_CACHE/knn_kernels.json`` keyed by CPU model and flags, torch
+  version, thread count, row length and shape class, and in memory, so it is measured once per host and
+  shape class: a user's second search of the same class pays no measurement and no warm-up.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import torch
 
 from imclass.data.download import recall, remember
 from imclass.knn import _knn_int8, _knn_kernels
-from imclass.knn._knn_torch import l2_block, norms
+from imclass.knn._knn_torch import l2_block, norms, smallest_k
 
 L2_KERNELS = ("int8", "numba", "torch")
 RECORD_FILE = "knn_kernels.json"
@@ -78,45 +81,97 @@ def _runner(name: str, q: torch.Tensor, t: torch.Tensor):
     if name == "numba":
         qn, tn = q.numpy(), _knn_kernels.prepare(t.numpy())
         tsq = _knn_kernels.squared_norms(t.numpy())
-        return lambda: _knn_kernels.l2_ranking(qn, tn, tsq)
+        return lambda: torch.from_numpy(_knn_kernels.l2_ranking(qn, tn, tsq))
     tn = norms(t, "l2")
     return lambda: l2_block(q, t, norms(q, "l2"), tn)
 
 
-def measure_l2_kernels(n_features: int, queries: int = 128, train: int = 2048, rounds: int = 5) -> dict[str, float]:
-    """Seconds per block (``queries`` x ``train`` rows of ``n_features`` bytes) of each available exact kernel."""
+# query rows, training rows of one block of the exact integer kernels (see estimator._search)
+TRAIN_BLOCK = 4 * 4096
+MAX_BLOCK = 2**23
+QUERY_CLASSES = (16, 64, 256, 512)  # upper bounds; the last one is the size measured for every larger block
+TRAIN_CLASSES = (1024, 4096)  # upper bounds; larger blocks are measured at 4,096 rows (the per-row cost is flat)
+
+
+def block_shape(queries: int, train: int) -> tuple[int, int]:
+    """(query rows, training rows) of the largest block the search computes for this problem."""
+    t = min(train, TRAIN_BLOCK)
+    return min(queries, max(64, MAX_BLOCK // max(t, 1))), t
+
+
+def shape_class(queries: int, train: int) -> tuple[int, int]:
+    """The shape class of a problem: its block's query and training rows rounded up to a class bound."""
+    q, t = block_shape(queries, train)
+    qc = next((c for c in QUERY_CLASSES if q <= c), QUERY_CLASSES[-1])
+    tc = next((c for c in TRAIN_CLASSES if t <= c), 4 * TRAIN_CLASSES[-1])
+    return qc, tc
+
+
+def measure_l2_kernels(n_features: int, queries: int = 128, train: int = 2048, rounds: int = 3,
+                       kernels: list[str] | None = None) -> dict[str, float]:
+    """Seconds per block (``queries`` x ``train`` rows of ``n_features`` bytes, nearest selected) of each
+    kernel in ``kernels`` (default: every available exact integer kernel), interleaved, best of ``rounds``."""
     gen = np.random.default_rng(0)
     q = torch.from_numpy(gen.integers(0, 256, (queries, n_features), dtype=np.uint8))
     t = torch.from_numpy(gen.integers(0, 256, (train, n_features), dtype=np.uint8))
-    runners = {name: _runner(name, q, t) for name in available_l2_kernels(n_features)}
+    names = kernels if kernels is not None else _candidates(n_features)
+    runners = {name: _runner(name, q, t) for name in names}
     for run in runners.values():
-        run()  # warm up: numba loads its compiled code, oneDNN builds its kernel
+        smallest_k(run(), 1)  # warm up: numba loads its compiled code, oneDNN builds its kernel
     best = {name: float("inf") for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
+    for r in range(rounds):
+        for name, run in (runners.items() if r % 2 == 0 else reversed(runners.items())):
             start = time.perf_counter()
-            run()
+            smallest_k(run(), 1)
             best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
-@functools.lru_cache(maxsize=16)
-def fastest_l2_kernel(n_features: int) -> str:
-    """The fastest exact L2 kernel here for rows of ``n_features`` values: remembered, else decided once."""
-    return l2_choice(n_features)["kernel"]
+def _candidates(n_features: int) -> list[str]:
+    """The kernels worth timing: the exact integer ones, or torch alone when neither runs here."""
+    available = available_l2_kernels(n_features)
+    return [k for k in available if k != "torch"] or ["torch"]
 
 
-def l2_choice(n_features: int) -> dict:
-    """``{"kernel", "reason", "seconds"}``: the L2 kernel for this host and why (``"VNNI"`` or ``"measured"``)."""
-    key = host_key(n_features)
+@functools.lru_cache(maxsize=64)
+def _fastest(n_features: int, shape: tuple[int, int]) -> str:
+    return _choose(n_features, shape)["kernel"]
+
+
+def fastest_l2_kernel(n_features: int, queries: int = 512, train: int = TRAIN_BLOCK) -> str:
+    """The fastest exact L2 kernel here for ``queries`` x ``train`` rows of ``n_features`` values (remembered)."""
+    return _fastest(n_features, shape_class(queries, train))
+
+
+def forget() -> None:
+    """Drop the choices remembered in memory (the record file stays): the next search reads or measures."""
+    _fastest.cache_clear()
+
+
+def record_key(n_features: int, shape: tuple[int, int]) -> str:
+    """The key of a shape class's choice in the record file."""
+    return f"{host_key(n_features)}|block {shape[0]}x{shape[1]}"
+
+
+def l2_choice(n_features: int, queries: int = 512, train: int = TRAIN_BLOCK) -> dict:
+    """``{"kernel", "reason", "seconds", "shape"}``: the L2 kernel for this host and problem shape, and why
+    (``"only kernel"``, ``"measured"``, or the remembered record)."""
+    return _choose(n_features, shape_class(queries, train))
+
+
+def _choose(n_features: int, shape: tuple[int, int]) -> dict:
+    key = record_key(n_features, shape)
     entry = recall(RECORD_FILE, key)
     available = available_l2_kernels(n_features)
     if isinstance(entry, dict) and entry.get("kernel") in available:
         return entry
-    if "int8" in available and vnni_here():
-        choice = {"kernel": "int8", "reason": "VNNI", "seconds": {}}
+    names = _candidates(n_features)
+    if len(names) == 1:
+        choice = {"kernel": names[0], "reason": "only kernel", "seconds": {}, "shape": list(shape)}
     else:
-        seconds = measure_l2_kernels(n_features)
-        choice = {"kernel": min(seconds, key=seconds.get), "reason": "measured", "seconds": seconds}
+        seconds = measure_l2_kernels(n_features, queries=shape[0], train=min(shape[1], TRAIN_CLASSES[-1]),
+                                     kernels=names)
+        choice = {"kernel": min(seconds, key=seconds.get), "reason": "measured", "seconds": seconds,
+                  "shape": list(shape)}
     remember(RECORD_FILE, key, choice)
     return choice

@@ -46,8 +46,8 @@ from imclass.knn._knn_torch import cosine_block as _cosine_block
 from imclass.knn._knn_torch import l1_block as _l1_block_torch
 from imclass.knn._knn_torch import l2_block as _l2_block_torch
 from imclass.knn._knn_torch import norms as _norms
-from imclass.visualize import save_image_grid
-from imclass.visualize import save_line_plot
+from imclass.knn._knn_torch import smallest_k as _smallest_k
+from imclass.visualize import save_image_grid, save_line_plot
 
 __all__ = ["KNN", "NearestNeighbor", "KSelection", "choose_k", "neighbour_grid"]
 
@@ -85,33 +85,6 @@ def _rows(x: Any, name: str) -> tuple[torch.Tensor, tuple[int, ...]]:
 
 # (the torch block functions live in imclass.knn._knn_torch, shared with the kernel choice in _select)
 # ----------------------------------------------------------------------------- k smallest, ties by index
-
-
-def _smallest_k(d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k smallest entries of each row of ``d`` (m, n), ordered by (value, column): a stable top-k.
-
-    ``torch.topk`` picks an arbitrary member of a tie. It is asked for k + 1 entries: where the (k+1)-th
-    smallest value equals the k-th, a tie straddles the cut and the row is redone with a stable sort, so
-    the lower column always wins (scikit-learn's rule).
-    """
-    if k == 1:  # torch.min returns the first (lowest-column) minimum of a row: documented
-        vals, idx = d.min(dim=1, keepdim=True)
-        return vals, idx
-    k = min(k, d.shape[1])
-    extra = int(k < d.shape[1])
-    vals, idx = torch.topk(d, k + extra, dim=1, largest=False, sorted=True)
-    tied = vals[:, k - 1] == vals[:, k] if extra else torch.zeros(len(d), dtype=torch.bool)
-    vals, idx = vals[:, :k], idx[:, :k]
-    # order the selected entries by (value, column): sort by column, then stable sort by value
-    idx, order = idx.sort(dim=1)
-    vals = vals.gather(1, order)
-    vals, order = vals.sort(dim=1, stable=True)
-    idx = idx.gather(1, order)
-    if tied.any():
-        rows = tied.nonzero().squeeze(1)
-        v, i = d[rows].sort(dim=1, stable=True)
-        vals[rows], idx[rows] = v[:, :k], i[:, :k]
-    return vals, idx
 
 
 def _merge(best: tuple[torch.Tensor, torch.Tensor] | None, new: tuple[torch.Tensor, torch.Tensor], k: int):
@@ -235,7 +208,7 @@ class KNN:
         return rows
 
     # -- search ----------------------------------------------------------------------------------
-    def _resolve_backend(self, exact: bool) -> str:
+    def _resolve_backend(self, exact: bool, n_queries: int) -> str:
         backend = self.backend
         if backend == "int8":
             if not exact or self.metric_ != "l2":
@@ -259,8 +232,8 @@ class KNN:
             except ImportError as err:
                 raise RuntimeError("backend='faiss' needs faiss: pip install faiss-cpu") from err
         if backend == "auto":
-            if exact and self.metric_ == "l2":  # three exact kernels: the one measured fastest on this host
-                backend = _select.fastest_l2_kernel(self.n_features_in_)
+            if exact and self.metric_ == "l2":  # exact kernels: the one measured fastest here for this shape
+                backend = _select.fastest_l2_kernel(self.n_features_in_, n_queries, self.n_samples_fit_)
             else:
                 fast = exact and self.metric_ == "l1" and _knn_kernels.available()
                 backend = "numba" if fast else "torch"
@@ -299,7 +272,7 @@ class KNN:
     def _search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(ranking distances (m, k), training indices (m, k)) of the k nearest training rows of each query."""
         exact = queries.dtype == torch.uint8 and self._fit_X.dtype == torch.uint8
-        backend = self._resolve_backend(exact)
+        backend = self._resolve_backend(exact, len(queries))
         self.backend_ = backend
         if backend == "faiss":
             return self._search_faiss(queries, k)

@@ -21,7 +21,9 @@ not an imclass model, names an unknown architecture or holds weights of another 
 """
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import uuid
 from pathlib import Path
@@ -63,6 +65,8 @@ def read_metadata(path: str | os.PathLike) -> dict:
         header = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as err:
         raise ModelFileError(f"{path}: the {METADATA_KEY!r} metadata is not valid JSON: {err}") from None
+    except RecursionError:
+        raise ModelFileError(f"{path}: the {METADATA_KEY!r} metadata is nested too deeply to be a model description") from None
     if not isinstance(header, dict):
         raise ModelFileError(
             f"{path}: expected a JSON object in the {METADATA_KEY!r} metadata, received {header!r:.80}"
@@ -74,7 +78,54 @@ def read_metadata(path: str | os.PathLike) -> dict:
         raise ModelFileError(f"{path}: expected kind in {list(KINDS)}, received kind={header.get('kind')!r}")
     if header["kind"] != "knn" and not isinstance(header.get("architecture"), dict):
         raise ModelFileError(f"{path}: the model file does not say which architecture it holds (no 'architecture')")
+    _check_header_types(header, path)
     return header
+
+
+_HEADER_TYPES = {  # key -> (allowed types, what the message says)
+    "classes": ((list, type(None)), "a list of class names"),
+    "preprocessing": ((dict, type(None)), "a table (mean, std, input_size, ...)"),
+    "metrics": ((dict, type(None)), "a table of name -> number"),
+    "train_config": ((dict, type(None)), "a table"),
+    "knn": ((dict, type(None)), "a table"),
+}
+_PREPROCESSING_TYPES = {
+    "mean": "a list of numbers", "std": "a list of numbers", "input_size": "a list of 3 positive integers",
+    "resize": "a positive integer", "crop": "a positive integer", "interpolation": "a filter name",
+    "tta": "a test-time augmentation name",
+}
+
+
+def _check_header_types(header: dict, path: Path) -> None:
+    """Every field a loader reads has the type it expects: a hand-made file fails here, in one line."""
+    def bad(key: str, expected: str, value: Any) -> ModelFileError:
+        return ModelFileError(f"{path}: expected {key} as {expected} in the model file, received {short_json(value, 60)}")
+
+    for key, (types, expected) in _HEADER_TYPES.items():
+        if not isinstance(header.get(key), types):
+            raise bad(key, expected, header.get(key))
+    if header.get("classes") is not None and not all(isinstance(c, str) for c in header["classes"]):
+        raise bad("classes", "a list of class names", header["classes"])
+    pre = header.get("preprocessing") or {}
+
+    def numbers(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                                           for x in v)
+
+    def positive_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1_000_000
+
+    checks = {"mean": lambda v: v is None or numbers(v), "std": lambda v: v is None or numbers(v),
+              "input_size": lambda v: v is None or (isinstance(v, list) and len(v) == 3 and all(map(positive_int, v))),
+              "resize": lambda v: v is None or positive_int(v) or (isinstance(v, list) and all(map(positive_int, v))),
+              "crop": lambda v: v is None or positive_int(v) or (isinstance(v, list) and all(map(positive_int, v))),
+              "interpolation": lambda v: v is None or isinstance(v, str), "tta": lambda v: v is None or isinstance(v, str)}
+    for key, ok in checks.items():
+        if not ok(pre.get(key)):
+            raise bad(f"preprocessing.{key}", _PREPROCESSING_TYPES[key], pre.get(key))
+    arch = header.get("architecture")
+    if isinstance(arch, dict) and not isinstance(arch.get("options", {}), (dict, type(None))):
+        raise bad("architecture.options", "a table", arch.get("options"))
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
@@ -178,6 +229,15 @@ def write_atomic(path: Path, tensors: dict[str, torch.Tensor], header: dict) -> 
     try:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(header)})
         os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    except Exception as err:  # safetensors reports a failed write as its own error ("I/O error: ... (os error 28)")
+        tmp.unlink(missing_ok=True)
+        if "os error" not in str(err) and "I/O" not in str(err):
+            raise
+        raise OSError(errno.EIO, f"writing failed ({str(err)[:80]}): disk full or a file size limit? "
+                      "Nothing was replaced", str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

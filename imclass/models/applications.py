@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from imclass.models.functional import Model
-from imclass.models.weights import KNOWN_WEIGHTS, apply_weights
+from imclass.models.weights import apply_weights, weights_options
 from imclass.nn.conv import SpatialMean
 from imclass.nn.core import activation_config, activation_modules, parse_activation
 from imclass.nn.layer import Layer
@@ -194,9 +194,7 @@ def application(keras_name: str, *, include_top: bool = True, weights: str | os.
             raise ValueError(f"{keras_name} expects input_shape (H, W, C) with H and W >= {spec.min_size}, "
                              f"received input_shape={input_shape!r}")
         x = Input(shape=shape)
-    known = KNOWN_WEIGHTS.get(spec.arch)
-    if known is not None and weights is not None:
-        options = {**known.options, **options}  # e.g. the TF "same" padding the converted weights need
+    options = {**weights_options(spec.arch, weights, weights_dir), **options}  # e.g. the known file's TF padding
     layer = Application(spec.arch, include_top=include_top, pooling=pooling, classes=classes,
                         classifier_activation=classifier_activation, options=options, weights=weights,
                         weights_dir=weights_dir, name=spec.name)

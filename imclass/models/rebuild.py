@@ -15,6 +15,7 @@ from imclass.knn import KNN
 from imclass.model_file.format import (
     TORCH_SUFFIXES,
     ModelFileError,
+    few,
     load_state,
     read_metadata,
     read_tensors,
@@ -28,7 +29,7 @@ from imclass.models.sequential import Sequential
 from imclass.models.weights import Preprocessing
 from imclass.train.classifier import Classifier
 
-__all__ = ["WEIGHT_SOURCE_OPTIONS", "load", "load_model", "rebuild_model"]
+__all__ = ["WEIGHT_SOURCE_OPTIONS", "check_size_before_building", "load", "load_model", "rebuild_model"]
 
 WEIGHT_SOURCE_OPTIONS = {"pretrained", "pretrained_file", "checkpoint_path"}
 
@@ -53,6 +54,7 @@ def load(path: str | os.PathLike, *, device: str = "auto") -> Any:
         knn = rebuild_knn(path, header, tensors)
         knn.training_metrics = metrics
         return knn
+    check_size_before_building(path, header["architecture"], tensors)
     model = rebuild_model(path, header["architecture"])
     load_state(model, tensors, path)
     model.eval()
@@ -83,6 +85,28 @@ def rebuild_model(path: Path, arch: dict) -> nn.Module:
     except Exception as err:
         raise ModelFileError(f"{path}: cannot rebuild the architecture {short_json(arch)}: {err}") from None
     raise ModelFileError(f"{path}: unknown architecture description {short_json(arch)} (expected 'name' or 'sequential')")
+
+
+def check_size_before_building(path: Path, arch: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Build the architecture on the meta device (no memory) and compare it with the file's tensors, so that
+    a description asking for more than the file holds (``num_classes: 100000000``) fails before allocating."""
+    try:
+        with torch.device("meta"):
+            probe = rebuild_model(path, arch)
+    except ModelFileError:
+        raise
+    except Exception:  # an architecture that computes while it is built: the real build checks it
+        return
+    own = probe.state_dict()
+    wrong = [f"{k}: model {tuple(own[k].shape)} vs file {tuple(tensors[k].shape)}"
+             for k in own if k in tensors and own[k].shape != tensors[k].shape]
+    if wrong:
+        raise ModelFileError(f"{path}: the weights do not match the architecture (shape mismatch: {few(wrong)})")
+    needed = sum(t.numel() * t.element_size() for t in own.values())
+    held = sum(t.numel() * t.element_size() for t in tensors.values())
+    if needed > 2 * held + (64 << 20):
+        raise ModelFileError(f"{path}: the architecture described needs {needed / 1e9:.1f} GB of weights but the "
+                             f"file holds {held / 1e6:.1f} MB: refusing to build it")
 
 
 def rebuild_knn(path: Path, header: dict, tensors: dict[str, torch.Tensor]) -> Any:

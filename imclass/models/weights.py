@@ -8,8 +8,12 @@
 
 ``weights``: ``None`` keeps the model's initialisation; ``"imagenet"`` is the known file for ``arch``
 under the weights root (``weights_dir=`` / ``--weights-dir``, else ``$IMCLASS_WEIGHTS``, else
-``~/.cache/imclass/weights``), else timm's hub when the machine is online (cached by huggingface_hub);
-offline, a ``WeightsError`` in seconds says what to fetch and how to pass a file instead. A path is a
+``~/.cache/imclass/weights``), else timm's repository on the Hugging Face hub (``$HF_ENDPOINT``, default
+huggingface.co), downloaded once through ``imclass.data.download`` with the SHA-256 the hub announces
+checked, and cached under ``$IMCLASS_CACHE/hub``; offline and not cached, a ``WeightsError`` in seconds
+says what to fetch and how to pass a file instead. The model options a set of weights needs (the
+converted MobileNetV2 file's TF "same" padding) follow the weights actually loaded (``weights_options``):
+the hub's PyTorch-trained MobileNetV2 gets timm's ordinary padding. A path is a
 ``.safetensors`` file or a ``.pth``/``.pt``/``.bin`` state dict (read with ``weights_only=True``), possibly
 wrapped in a checkpoint's ``state_dict`` / ``model`` key, in any float dtype. The old classifier is
 dropped when its class count differs from the model's (the transfer-learning start); every other key
@@ -28,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from imclass.models._registry import create
+from imclass.data.download import DownloadError, cache_dir, cached_digest, download_file
 
 __all__ = [
     "ENV_VAR",
@@ -41,11 +46,13 @@ __all__ = [
     "apply_weights",
     "backbone_name",
     "create_backbone",
+    "hub_file",
     "find_known_weights",
     "imagenet_classes",
     "preprocessing_for",
     "read_state_dict",
     "resolve_weights_root",
+    "weights_options",
 ]
 
 ENV_VAR = "IMCLASS_WEIGHTS"
@@ -53,7 +60,8 @@ DEFAULT_ROOT = "~/.cache/imclass/weights"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
-HUB_HOST = ("huggingface.co", 443)
+HUB_ENDPOINT = "https://huggingface.co"  # $HF_ENDPOINT overrides it (a mirror, or a local server in tests)
+HUB_CACHE = "hub"  # under imclass.data.download.cache_dir()
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "state_dict_ema")
 
 
@@ -277,10 +285,8 @@ def preprocessing_for(arch: str, weights: str | os.PathLike | None = "imagenet",
         recorded = _recorded_preprocessing(path)
         if recorded is not None:
             return recorded
-        if known is not None and path.is_file():
-            local = find_known_weights(bare, weights_dir)
-            if local is not None and local.resolve() == path.resolve():
-                return known.preprocessing
+        if known is not None and _is_known_file(bare, path, weights_dir):
+            return known.preprocessing
     elif known is not None and (weights is None or find_known_weights(bare, weights_dir) is not None):
         return known.preprocessing
     return _timm_preprocessing(bare) or Preprocessing()
@@ -355,9 +361,77 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _hub_state(arch: str, weights_dir: str | os.PathLike | None) -> tuple[dict[str, torch.Tensor], str]:
-    """ImageNet weights for ``arch`` from timm's hub (cached by huggingface_hub), or a WeightsError in
-    seconds when the machine is offline."""
+def _is_known_file(arch: str, path: Path, weights_dir: str | os.PathLike | None) -> bool:
+    """True when ``path`` is the known file of ``arch`` under the weights root (or a byte-identical copy)."""
+    local = find_known_weights(arch, weights_dir)
+    if local is None or not path.is_file():
+        return False
+    if local.resolve() == path.resolve():
+        return True
+    return local.stat().st_size == path.stat().st_size and _sha256(local) == _sha256(path)
+
+
+def weights_options(arch: str, weights: str | os.PathLike | None,
+                    weights_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The model options the weights that will be loaded need: the known file's (e.g. ``pad_type="same"``
+    for the TF-converted MobileNetV2) when ``weights`` resolves to it, else none (the hub's timm weights
+    and other files were trained with timm's defaults; pass options explicitly for anything else)."""
+    bare = _bare(arch)
+    known = KNOWN_WEIGHTS.get(bare)
+    if known is None or weights is None:
+        return {}
+    if str(weights) == "imagenet":
+        return dict(known.options) if find_known_weights(bare, weights_dir) is not None else {}
+    return dict(known.options) if _is_known_file(bare, Path(weights).expanduser(), weights_dir) else {}
+
+
+def _hub_endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT).rstrip("/")
+
+
+def hub_file(arch: str) -> tuple[str, str, str]:
+    """``(repo_id, filename, url)`` of the ImageNet weights timm publishes for ``arch`` on the hub."""
+    import timm
+
+    bare = _bare(arch)
+    cfg = timm.get_pretrained_cfg(bare) if timm.is_model(bare) else None
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
+    repo = cfg.get("hf_hub_id")
+    if not repo:
+        raise WeightsError(f"timm publishes no hub weights for {bare!r}")
+    filename = cfg.get("hf_hub_filename") or "model.safetensors"
+    return repo, filename, f"{_hub_endpoint()}/{repo}/resolve/main/{filename}"
+
+
+def _announced_sha256(url: str, timeout: float) -> str | None:
+    """The SHA-256 the hub announces for an LFS file (``X-Linked-Etag``/``ETag`` of a HEAD request on the
+    resolve URL, read before following the redirect to the file store), or None."""
+    import re
+    import urllib.error
+    import urllib.request
+
+    class _NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):  # keep the hub's own headers
+            return None
+
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        response = opener.open(urllib.request.Request(url, method="HEAD"), timeout=timeout)
+        headers = response.headers
+    except urllib.error.HTTPError as err:
+        if err.code not in (301, 302, 303, 307, 308):
+            raise WeightsError(f"the hub answered {err.code} for {url}") from None
+        headers = err.headers
+    for name in ("X-Linked-Etag", "ETag"):
+        tag = (headers.get(name) or "").removeprefix("W/").strip('"').lower()
+        if re.fullmatch(r"[0-9a-f]{64}", tag):
+            return tag
+    return None
+
+
+def _hub_state(arch: str, weights_dir: str | os.PathLike | None) -> tuple[dict[str, torch.Tensor], str, str]:
+    """ImageNet weights for ``arch`` from timm's hub repository: the cached copy when there is one, else
+    downloaded (SHA-256 checked) into the cache; a WeightsError in seconds when offline and not cached."""
     import timm
 
     bare = _bare(arch)
@@ -370,18 +444,39 @@ def _hub_state(arch: str, weights_dir: str | os.PathLike | None) -> tuple[dict[s
     )
     if not timm.is_model(bare):
         raise WeightsError(f"no ImageNet weights for {bare!r} under {root} and timm's hub does not know it: {advice}")
-    if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") or not _online():
-        raise WeightsError(f"no ImageNet weights for {bare!r} under {root} and the hub cannot be reached (offline): {advice}")
     try:
-        model = timm.create_model(bare, pretrained=True)
-    except Exception as err:
-        raise WeightsError(f"could not fetch {bare!r} from timm's hub ({err}): {advice}") from None
-    return model.state_dict(), f"hub:{model.pretrained_cfg.get('hf_hub_id') or bare}"
+        repo, filename, url = hub_file(bare)
+    except WeightsError as err:
+        raise WeightsError(f"no ImageNet weights for {bare!r} under {root} and {err}: {advice}") from None
+    cached = cache_dir() / HUB_CACHE / repo / filename
+    expected_file = cached.with_name(cached.name + ".sha256")
+    if cached.is_file() and expected_file.is_file():
+        expected = expected_file.read_text().strip()
+        if cached_digest(cached, "sha256", lambda: _sha256(cached)) == expected:
+            return read_state_dict(cached), f"hub:{repo}", expected
+        cached.unlink(missing_ok=True)  # damaged since it was downloaded: fetch it again
+    if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") or not _online():
+        raise WeightsError(f"no ImageNet weights for {bare!r} under {root}, none cached under {cached.parent}, and "
+                           f"the hub ({_hub_endpoint()}) cannot be reached (offline): {advice}")
+    try:
+        expected = _announced_sha256(url, timeout=30.0)
+        if expected is None:
+            raise WeightsError(f"the hub gave no SHA-256 for {url}, so the download could not be checked")
+        download_file(url, cached, sha256=expected)
+    except (DownloadError, OSError) as err:
+        raise WeightsError(f"could not fetch {bare!r} from the hub ({err}): {advice}") from None
+    expected_file.write_text(expected + "\n")
+    return read_state_dict(cached), f"hub:{repo}", expected
 
 
 def _online(timeout: float = 3.0) -> bool:
+    """True when the hub endpoint accepts a TCP connection within ``timeout`` seconds."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(_hub_endpoint())
+    port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        with socket.create_connection(HUB_HOST, timeout=timeout):
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout):
             return True
     except OSError:
         return False
@@ -442,7 +537,7 @@ def apply_weights(
         if local is not None:
             state, source, sha = read_state_dict(local), str(local), _sha256(local)
         else:
-            state, source = _hub_state(arch, weights_dir)
+            state, source, sha = _hub_state(arch, weights_dir)
     else:
         path = Path(weights).expanduser()
         state, source, sha = read_state_dict(path), str(path), _sha256(path)
@@ -494,11 +589,9 @@ def create_backbone(
     **options: Any,
 ) -> tuple[nn.Module, LoadReport]:
     """Build backbone ``arch`` (timm or torchvision, by name) with ``num_classes`` outputs (0: pooled
-    features) and the options its known weights need (e.g. ``pad_type="same"``), then ``apply_weights``."""
+    features) and the options the weights to be loaded need (``weights_options``), then ``apply_weights``."""
     name = backbone_name(arch)
-    known = KNOWN_WEIGHTS.get(_bare(arch))
-    if known is not None and weights is not None:
-        options = {**known.options, **options}
+    options = {**weights_options(arch, weights, weights_dir), **options}
     model = create(name, num_classes=num_classes, **options)
     report = apply_weights(model, _bare(arch), weights, weights_dir=weights_dir, strict=strict)
     return model, report

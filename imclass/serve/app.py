@@ -213,6 +213,11 @@ def create_app(predictors: Sequence[Predictor], config: ServeConfig | None = Non
             raise ValueError(f"two models are named {p.name!r}: give each run its own folder name")
         by_name[p.name] = p
     default = predictors[0].name
+    broken = [p for p in predictors if p.non_finite_weights]
+    if broken:
+        raise ValueError("; ".join(f"model {p.name!r} has {p.non_finite_weights:,} NaN or infinite weights (a diverged "
+                                   "training run?): it would answer arbitrary labels, refusing to serve it"
+                                   for p in broken))
     api_key = config.api_key
     if api_key is None and API_KEY_ENV in os.environ:
         api_key = ServeConfig(api_key=os.environ[API_KEY_ENV]).api_key  # an empty one is refused the same way
@@ -285,7 +290,11 @@ def create_app(predictors: Sequence[Predictor], config: ServeConfig | None = Non
             raise HTTPException(503, str(err), headers={"Retry-After": str(err.retry_after)}) from None
         import torch
 
-        tops = predictor.top_k(torch.stack(rows), top_k)
+        probs = torch.stack(rows)
+        if not bool(torch.isfinite(probs).all()):
+            raise HTTPException(500, f"model {predictor.name!r} gave NaN or infinite probabilities for this input; "
+                                     "no label is given")
+        tops = predictor.top_k(probs, top_k)
         return {"model": predictor.name, "tta": predictor.tta,
                 "predictions": [{"file": n, "label": t[0]["class"], "top": t} for n, t in zip(names, tops)]}
 

@@ -80,6 +80,7 @@ class Predictor:
     source: str = ""
     backend: Any = None  # the Classifier / KNN, or the onnxruntime session
     architecture: Any = None
+    non_finite_weights: int = 0  # NaN or infinite values among the model's weights (a diverged run)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # ---------------------------------------------------------------- loading
@@ -112,7 +113,8 @@ class Predictor:
         size = pre.get("input_size")
         return cls(name=name, kind=kind, classes=classes, input_size=tuple(size) if size else None,
                    preprocessing=pre, tta=used, metrics=_training_metrics(path, header), source=str(path),
-                   backend=backend, architecture=header.get("architecture"))
+                   backend=backend, architecture=header.get("architecture"),
+                   non_finite_weights=_non_finite(getattr(backend, "model", None)))
 
     @classmethod
     def from_object(cls, obj: Any, *, name: str, classes: Sequence[str] | None = None,
@@ -218,6 +220,13 @@ class Predictor:
                 "input_size": list(self.input_size) if self.input_size else None,
                 "preprocessing": self.preprocessing, "tta": self.tta, "metrics": self.metrics,
                 "architecture": self.architecture, "source": Path(self.source).name}
+
+
+def _non_finite(model: Any) -> int:
+    """How many NaN or infinite values the module's parameters and buffers hold (0 for anything else)."""
+    if not isinstance(model, torch.nn.Module):
+        return 0
+    return sum(int((~torch.isfinite(t)).sum()) for t in [*model.parameters(), *model.buffers()] if t.is_floating_point())
 
 
 def _column_names(backend: Any, classes: list[str] | None) -> list[str]:

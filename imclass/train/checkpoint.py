@@ -8,6 +8,7 @@ or the new checkpoint, never a torn one.
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 import tempfile
@@ -32,6 +33,10 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except RuntimeError as err:  # torch's writer reports a full disk as "unexpected pos ..." / "failed writing"
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(errno.EIO, f"writing failed ({str(err).splitlines()[0][:80]}): disk full or a file size "
+                      "limit? The previous checkpoint is kept", str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -79,7 +79,7 @@ class _Run:
     user_callbacks: list
     ckpt_path: Path | None
     checkpoint_every: int | None
-    val: tuple[torch.Tensor, torch.Tensor] | None
+    val: tuple[Any, torch.Tensor, torch.Tensor | None] | None  # (images or source, labels, rows or None)
     val_batch_size: int
     meta: dict[str, Any]
     seconds: float = 0.0  # training time of the current epoch so far
@@ -96,16 +96,34 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``.
+
+    A ValueError names the problem: an unknown device name, or a CUDA / MPS device this machine lacks.
+    """
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        found = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"expected --device auto, cpu, cuda, cuda:N or mps, received {device!r}") from None
+    if found.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA GPU is available on this machine (use --device cpu or auto)")
+        if found.index is not None and found.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif found.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {device}: no Apple MPS device is available on this machine (use --device cpu)")
+    elif found.type not in ("cpu", "cuda", "mps", "meta"):
+        raise ValueError(f"expected --device auto, cpu, cuda, cuda:N or mps, received {device!r}")
+    return found
 
 
 def _as_data(data: Any, name: str = "data") -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
     """``ImageDataset`` or ``(images, labels)`` -> (images (N, C, H, W), labels (N,), classes or None)."""
     if isinstance(data, ImageDataset):
         return data.images, data.labels, list(data.classes)
+    if _is_source(data):  # the stream tier: no whole-set tensor; batches come from the source itself
+        return data, data.labels, list(data.classes)
     if isinstance(data, (tuple, list)) and len(data) == 2:
         images = as_images(data[0], name=f"{name} images")
         return images, _as_targets(data[1], len(images), name=f"{name} labels"), None
@@ -130,20 +148,58 @@ def _correct(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (pred == labels).sum()
 
 
-def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
+def channel_stats(images: Any, chunk: int | None = None, rows: torch.Tensor | None = None) -> tuple[list[float], list[float]]:
     """Per-channel mean and standard deviation of images on the [0, 1] scale (uint8 is divided
-    by 255), computed in float64 chunks so that 50,000 images need no float copy."""
-    scale = 255.0 if images.dtype == torch.uint8 else 1.0
-    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    by 255). uint8 pixels are summed exactly in int64 over chunks of about 4 MB (no float copy of
+    the set, the same figures in any order or tier); ``rows`` restricts them to those images.
+    ``images`` may also be a stream source (``read(indices)``): then a seeded sample of 4,096 is used."""
+    if not isinstance(images, torch.Tensor):  # a stream source: a sample
+        n = len(images) if rows is None else len(rows)
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:4096].sort().values
+        sample = images.read(pick if rows is None else torch.as_tensor(rows)[pick])
+        return channel_stats(sample)
+    c, h, w = images.shape[1:]
+    n = len(images) if rows is None else len(rows)
+    chunk = chunk or max(1, (4 << 20) // max(1, c * h * w * 4))
+    exact = images.dtype == torch.uint8
+    total = torch.zeros(c, dtype=torch.int64 if exact else torch.float64)
     total_sq = torch.zeros_like(total)
-    for start in range(0, len(images), chunk):
-        x = images[start : start + chunk].to(torch.float64).cpu() / scale
-        total += x.sum(dim=(0, 2, 3))
-        total_sq += x.square().sum(dim=(0, 2, 3))
-    count = images.shape[0] * images.shape[2] * images.shape[3]
-    mean = total / count
-    std = (total_sq / count - mean.square()).clamp_min(1e-12).sqrt()
+    for start in range(0, n, chunk):
+        x = images[start : start + chunk] if rows is None else torch.index_select(images, 0, rows[start : start + chunk])
+        x = x.cpu().to(torch.int32 if exact else torch.float64)
+        total += x.sum(dim=(0, 2, 3), dtype=total.dtype)
+        total_sq += x.mul_(x).sum(dim=(0, 2, 3), dtype=total.dtype)
+    scale = 255.0 if exact else 1.0
+    count = n * h * w
+    mean = total.double() / count / scale
+    std = (total_sq.double() / count / scale**2 - mean.square()).clamp_min(1e-12).sqrt()
     return mean.tolist(), std.tolist()
+
+
+def inference_batch_size(image_shape: Sequence[int]) -> int:
+    """Images per evaluation / prediction batch for inputs of ``image_shape`` (C, H, W): about 2 M
+    pixels per batch (512 at 32 px and 64 px, 128 at 128 px, 41 at 224 px), at least 8."""
+    h, w = int(image_shape[-2]), int(image_shape[-1])
+    return max(8, min(512, (1 << 21) // max(1, h * w)))
+
+
+def _is_source(data: Any) -> bool:
+    """An ``ImageDataset`` or another image source (the stream tier: ``read``, ``batches``, ``loader``)."""
+    return isinstance(data, ImageDataset) or all(hasattr(data, a) for a in ("read", "batches", "loader", "labels"))
+
+
+def _image_batches(images: Any, batch_size: int, rows: torch.Tensor | None = None):
+    """uint8 batches of a tensor (slices, or gathers of ``rows``) or of a source, in order."""
+    if isinstance(images, torch.Tensor):
+        n = len(images) if rows is None else len(rows)
+        for start in range(0, n, batch_size):
+            if rows is None:
+                yield images[start : start + batch_size]
+            else:
+                yield torch.index_select(images, 0, rows[start : start + batch_size].to(images.device))
+    else:
+        for x, _ in images.batches(batch_size, rows):
+            yield x
 
 
 class Classifier:
@@ -346,7 +402,7 @@ class Classifier:
         resume: bool = False,
         verbose: bool | int = True,
         checkpoint_every: int | None = None,
-        validation_batch_size: int = 512,
+        validation_batch_size: int | None = None,
         shuffle: bool = True,
         class_weight: Any = None,
         sampler: str | None = None,
@@ -386,18 +442,23 @@ class Classifier:
         elif seed is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
         seed = ddp.broadcast_object(seed)  # one seed for every rank: the same splits and batches
-        images, labels, val = self._split_validation(images, labels, validation, seed)
-        self._set_classes(classes, labels)
-        self._train_loss = self._weighted_loss(class_weights(class_weight, labels, self.classes))
+        rows, val = self._split_validation(images, labels, validation, seed)
+        train_labels = labels if rows is None else labels[rows]
+        self._set_classes(classes, train_labels)
+        self._train_loss = self._weighted_loss(class_weights(class_weight, train_labels, self.classes))
         if val is not None:
-            self._check_labels(val[1], "validation labels")
-            val = (val[0].to(self.device), val[1].to(self.device))
+            self._check_labels(val[1] if val[2] is None else val[1][val[2]], "validation labels")
         if self.mean is None:
-            self.mean, self.std = channel_stats(images)
-        self.input_size = tuple(images.shape[1:])
-        loader = TensorLoader(images, labels, batch_size, shuffle=shuffle, seed=seed, device=self.device,
-                              sample_weights=sample_weights(sampler, labels),
-                              rank=ddp.rank(), world_size=ddp.world_size())
+            self.mean, self.std = channel_stats(images, rows=rows)
+        self.input_size = tuple(images.image_shape if not isinstance(images, torch.Tensor) else images.shape[1:])
+        options = dict(shuffle=shuffle, seed=seed, device=self.device, sample_weights=sample_weights(sampler, train_labels),
+                       rank=ddp.rank(), world_size=ddp.world_size(), rows=rows)
+        if isinstance(data, ImageDataset) or not isinstance(images, torch.Tensor):
+            loader = data.loader(batch_size, **options)  # the source's own loader (memory-mapped: batches move)
+        else:
+            loader = TensorLoader(images, labels, batch_size, **options)
+        n_train = len(train_labels)
+        validation_batch_size = validation_batch_size or inference_batch_size(self.input_size)
         steps_per_epoch = len(loader)
         factor, torch_scheduler = self._make_schedule(epochs, steps_per_epoch)
         user_cbs = list(callbacks)  # their states are saved in this order (stable across verbose on/off)
@@ -407,7 +468,7 @@ class Classifier:
             callbacks=[cb for cb in sort_callbacks(user_cbs + progress_callbacks(verbose))
                        if ddp.is_main() or not getattr(cb, "main_process_only", False)],  # file writers: rank 0
             user_callbacks=user_cbs, ckpt_path=ckpt_path, checkpoint_every=checkpoint_every, val=val,
-            val_batch_size=validation_batch_size, meta={"seed": seed, "n_train": len(images), "batch_size": batch_size},
+            val_batch_size=validation_batch_size, meta={"seed": seed, "n_train": n_train, "batch_size": batch_size},
         )
         history = History()
         state = TrainState(self, self.model, self.optimizer, epochs, steps_per_epoch, history, batch_size=batch_size,
@@ -415,7 +476,7 @@ class Classifier:
         self.history = history
         start_batch = 0
         if saved is not None:
-            start_batch = self._restore(saved, state, run, len(images), batch_size)
+            start_batch = self._restore(saved, state, run, n_train, batch_size)
             if state.epoch >= epochs or saved.get("stopped"):
                 return history
             if ddp.rank():  # the checkpoint holds rank 0's random state: other ranks draw their own dropout
@@ -518,12 +579,15 @@ class Classifier:
             done = state.stop_training or epoch + 1 == state.epochs
             self._save(run, state, batch=0, epoch=epoch + 1, finished=done, stopped=state.stop_training)
 
-    def _validate(self, val: tuple[torch.Tensor, torch.Tensor], batch_size: int) -> dict[str, float]:
+    def _validate(self, val: tuple[Any, torch.Tensor, torch.Tensor | None], batch_size: int) -> dict[str, float]:
         """Validation metrics; under torchrun each rank evaluates its slice and the sums are added up."""
-        if not ddp.is_distributed() or len(val[1]) < ddp.world_size():
-            return self._evaluate_tensors(val[0], val[1], batch_size)
-        part = ddp.shard(len(val[1]))
-        v = self._evaluate_tensors(val[0][part], val[1][part], batch_size)
+        images, labels, rows = val
+        n = len(labels) if rows is None else len(rows)
+        if not ddp.is_distributed() or n < ddp.world_size():
+            return self._evaluate_tensors(images, labels, batch_size, rows=rows)
+        part = ddp.shard(n)
+        rows = torch.arange(n)[part] if rows is None else rows[part]
+        v = self._evaluate_tensors(images, labels, batch_size, rows=rows)
         n = torch.tensor(float(v["n"]), device=self.device)
         loss_sum, correct, total = ddp.sum_across(n * v["loss"], n * v["accuracy"], n)
         return {"loss": float(loss_sum / total), "accuracy": float(correct.round() / total), "n": int(total)}
@@ -574,19 +638,22 @@ class Classifier:
         return make_schedule(spec, total_steps=total, steps_per_epoch=steps_per_epoch, warmup_steps=warmup), None
 
     def _split_validation(self, images, labels, validation, seed):
+        """(training rows or None, validation (images, labels, rows or None) or None): a held-out
+        fraction is a set of row numbers, so no copy of either part is made."""
         if validation is None:
-            return images, labels, None
+            return None, None
         if isinstance(validation, float):
             if not 0.0 < validation < 1.0:
                 raise ValueError(f"expected a validation fraction in (0, 1), received {validation}")
-            n_val = max(1, round(len(images) * validation))
-            if n_val >= len(images):
-                raise ValueError(f"validation={validation} leaves no training images out of {len(images)}")
-            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(derive_seed(seed, 0, 2)))
+            n = len(labels)
+            n_val = max(1, round(n * validation))
+            if n_val >= n:
+                raise ValueError(f"validation={validation} leaves no training images out of {n}")
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, 0, 2)))
             val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
-            return images[train_idx], labels[train_idx], (images[val_idx], labels[val_idx])
+            return train_idx, (images, labels, val_idx)
         v_images, v_labels, _ = _as_data(validation, "validation")
-        return images, labels, (v_images, v_labels)
+        return None, (v_images, v_labels, None)
 
     def _set_classes(self, classes, labels) -> None:
         if self.classes is None:
@@ -694,16 +761,21 @@ class Classifier:
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def _logits(self, images: torch.Tensor, batch_size: int = 512, tta: Any = None) -> torch.Tensor:
+    def _logits(self, images: Any, batch_size: int | None = None, tta: Any = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of uint8 (or [0, 1] float) images: a tensor (``rows`` of it) or an image source,
+        a batch at a time (``batch_size`` None: sized by the input, ``inference_batch_size``)."""
         self._check_ready("predict or evaluate")
         if self.device.type == "cpu":
             retain_freed_memory()  # a CPU forward spends more than half its time in page faults otherwise
+        shape = images.shape[1:] if isinstance(images, torch.Tensor) else images.image_shape
+        batch_size = batch_size or inference_batch_size(shape)
         was_training = self.model.training
         self.model.eval()
         out = []
         try:
-            for start in range(0, len(images), batch_size):
-                x = self._normalise(images[start : start + batch_size])
+            for xb in _image_batches(images, batch_size, rows):
+                x = self._normalise(xb)
                 with self._autocast(inference=True):
                     out.append(self._tta(x, tta).float())
         finally:
@@ -725,17 +797,19 @@ class Classifier:
         channels_last = self.config is not None and self.config.channels_last and x.ndim == 4
         return self._forward(x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format))
 
-    def _evaluate_tensors(self, images, labels, batch_size: int, tta: Any = None) -> dict[str, float]:
-        logits = self._logits(images, batch_size, tta)
-        labels = labels.to(logits.device)
+    def _evaluate_tensors(self, images, labels, batch_size: int | None, tta: Any = None,
+                          rows: torch.Tensor | None = None) -> dict[str, float]:
+        logits = self._logits(images, batch_size, tta, rows)
+        labels = (labels if rows is None else labels[rows.to(labels.device)]).to(logits.device)
         loss_fn = self._loss_fn or F.cross_entropy
         loss = loss_fn(logits, labels)
         correct = _correct(logits, labels)
         values = torch.stack([loss.float(), correct.float()]).tolist()
         return {"accuracy": values[1] / len(labels), "loss": values[0], "n": len(labels)}
 
-    def evaluate(self, data: Any, batch_size: int = 512, tta: Any = None) -> dict[str, float]:
-        """Accuracy and mean loss on labelled data (``ImageDataset`` or ``(images, labels)``).
+    def evaluate(self, data: Any, batch_size: int | None = None, tta: Any = None) -> dict[str, float]:
+        """Accuracy and mean loss on labelled data (``ImageDataset``, another image source, or
+        ``(images, labels)``), a batch at a time (``batch_size`` None: sized by the input size).
 
         ``tta``: ``None``, a level or name of ``imclass.tta.tta_logits`` (``"flip"``, ``2`` /
         ``"flip_translate"``), or a callable ``(model, x) -> logits``.
@@ -746,11 +820,14 @@ class Classifier:
             self._check_labels(labels, "labels")
         return self._evaluate_tensors(images, labels, batch_size, tta)
 
-    def predict_logits(self, x: Any, batch_size: int = 512, tta: Any = None) -> torch.Tensor:
-        """Raw model outputs (N, num_classes) on the CPU for images (uint8, or float on [0, 1])."""
-        return self._logits(as_images(x), batch_size, tta).cpu()
+    def predict_logits(self, x: Any, batch_size: int | None = None, tta: Any = None) -> torch.Tensor:
+        """Raw model outputs (N, num_classes) on the CPU for images (uint8, or float on [0, 1]; an
+        ``ImageDataset`` or another image source is read a batch at a time)."""
+        if isinstance(x, ImageDataset):
+            x = x.images
+        return self._logits(x if _is_source(x) else as_images(x), batch_size, tta).cpu()
 
-    def predict_proba(self, x: Any, batch_size: int = 512, tta: Any = None) -> torch.Tensor:
+    def predict_proba(self, x: Any, batch_size: int | None = None, tta: Any = None) -> torch.Tensor:
         """Class probabilities (N, num_classes): the softmax of the logits; columns follow ``classes``."""
         logits = self.predict_logits(x, batch_size, tta)
         if logits.shape[1] == 1:  # one sigmoid output (binary_crossentropy): P(class 1)
@@ -758,7 +835,7 @@ class Classifier:
             return torch.cat([1 - p, p], 1)
         return logits.softmax(1)
 
-    def predict(self, x: Any, batch_size: int = 512, tta: Any = None) -> torch.Tensor:
+    def predict(self, x: Any, batch_size: int | None = None, tta: Any = None) -> torch.Tensor:
         """Predicted class indices as an int64 tensor (N,)."""
         logits = self.predict_logits(x, batch_size, tta)
         return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
@@ -775,7 +852,7 @@ class Classifier:
         opt_state = _clone(self.optimizer.state_dict())
         history, mean, std, classes = self.history, self.mean, self.std, self.classes
         finder = LRFinder(start_lr, end_lr, num_steps)
-        n = len(_as_data(data)[0])
+        n = len(_as_data(data)[1])
         epochs = math.ceil(num_steps / max(1, math.ceil(n / batch_size)))
         schedule, self._schedule_spec = self._schedule_spec, None
         try:

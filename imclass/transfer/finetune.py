@@ -22,15 +22,16 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from imclass.data.augment import CropFlip
+from imclass.data.dataset import ImageDataset
 from imclass.data.split import split_indices
 from imclass.models import create
 from imclass.models.transfer_net import TransferNet, head_config
 from imclass.models.transfer_net import num_features
-from imclass.models.weights import Preprocessing, apply_weights, backbone_name, KNOWN_WEIGHTS
+from imclass.models.weights import Preprocessing, apply_weights, backbone_name, weights_options
 from imclass.train import Classifier, cpu_has_native_bf16
 from imclass.train.classifier import _as_data
 from imclass.transfer.features import FeatureCache, extract_features
-from imclass.data.augment import CropFlip
 
 __all__ = ["BATCH_NORM_MODES", "FineTuneResult", "backbone_groups", "fine_tune", "fit_head", "freeze",
            "has_folded_batch_norm", "resize_for", "transfer", "unfreeze"]
@@ -63,9 +64,7 @@ def transfer(
         raise ValueError(f"expected num_classes >= 1, received num_classes={num_classes}")
     name = backbone_name(backbone)
     bare = name.split(":", 1)[1]
-    known = KNOWN_WEIGHTS.get(bare)
-    if known is not None and weights is not None:
-        backbone_options = {**known.options, **backbone_options}
+    backbone_options = {**weights_options(bare, weights, weights_dir), **backbone_options}
     if isinstance(head, str):  # "course" / "linear": the factory sizes it from the backbone
         config: str | dict = head
     else:  # a list of layers: sized on a probe of the backbone, stored as a Sequential config
@@ -337,7 +336,8 @@ def fine_tune(
         clf.compile(optimizer, schedule="cosine", amp="bf16" if native else None)
         if augment == "auto":
             augment = CropFlip(padding=max(1, pre.crop // 14))
-        result.fine_history = clf.fit((images, labels), epochs=epochs, batch_size=batch_size, validation=val,
+        same = isinstance(data, ImageDataset) and data.images is images  # a memory-mapped set stays mapped
+        result.fine_history = clf.fit(data if same else (images, labels), epochs=epochs, batch_size=batch_size, validation=val,
                                       augment=augment, seed=seed, callbacks=callbacks, verbose=verbose,
                                       class_weight=class_weight, sampler=sampler)
         seconds["fine_tune"] = time.perf_counter() - t0

@@ -14,7 +14,6 @@ import math
 import os
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,8 @@ import torch
 from imclass import data as imdata
 from imclass.data.check import quick_check
 from imclass.data.dataset import ImageDataset
-from imclass.data.decode import ImageError
 from imclass.data.folder import _subfolders, list_images, split_folders
+from imclass.data.source import Decoder, ImageList, open_images
 from imclass.data.split import limit_indices, split_indices
 from imclass.model_file.save import save
 from imclass.models.transfer_net import PoolStagesUnsupported
@@ -66,6 +65,7 @@ class TransferConfig:
     class_weight: str | list | dict | None = None  # class imbalance (Classifier.fit): 'balanced', a list or a dict
     sampler: str | None = None  # 'balanced': every class drawn about equally often
     verbose: bool = False
+    data_mode: str | None = None  # where the photos live: memory, cache or stream (None: chosen from the headers)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
@@ -95,24 +95,18 @@ def no_weights_advice(weights_dir: str | os.PathLike | None = None) -> str:
             "or pass --backbone NAME --weights PATH")
 
 
-def _decode(path: Path, pre: Preprocessing) -> torch.Tensor | str:
-    try:
-        return decode_one(path, pre)
-    except ImageError as err:
-        return err.reason
+def transfer_decoder(pre: Preprocessing) -> Decoder:
+    """How a photo becomes the backbone's input: shorter side to ``pre.resize`` (JPEG draft first),
+    centre crop to ``pre.crop``, RGB (the cache key names all of it)."""
+    def decode(path: Path) -> Any:
+        return decode_one(path, pre).permute(1, 2, 0).numpy()  # (C, H, W) -> (H, W, C)
+
+    key = f"transfer:resize={pre.resize}:crop={pre.crop}:{pre.interpolation}:pil-draft"
+    return Decoder(decode, (pre.crop, pre.crop), key, channels=3)
 
 
-def _read(paths: list[Path], labels: list[int], pre: Preprocessing, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        decoded = list(pool.map(lambda p: _decode(p, pre), paths))
-    bad = [(p, d) for p, d in zip(paths, decoded) if isinstance(d, str)]
-    if bad:
-        shown = "; ".join(f"{p.relative_to(root) if p.is_relative_to(root) else p} ({why})" for p, why in bad[:5])
-        warnings.warn(f"skipped {len(bad)} unreadable image file(s) in {root}: {shown}", stacklevel=3)
-    kept = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
-    if not kept:
-        raise ValueError(f"none of the {len(paths)} image files in {root} could be read")
-    return torch.stack([decoded[i] for i in kept]), torch.tensor([labels[i] for i in kept], dtype=torch.long)
+def _open(images: ImageList, pre: Preprocessing, mode: str | None, verbose: bool = True) -> Any:
+    return open_images(images, transfer_decoder(pre), mode, verbose=verbose)
 
 
 def _limited(paths: list[Path], labels: list[int], limit: int | None, seed: int, classes: list[str],
@@ -125,13 +119,16 @@ def _limited(paths: list[Path], labels: list[int], limit: int | None, seed: int,
 
 
 def read_folder_for(folder: str | os.PathLike, pre: Preprocessing, *, val_fraction: float = 0.2, seed: int = 0,
-                    limit: int | None = None) -> tuple[ImageDataset, ImageDataset, ImageDataset | None]:
+                    limit: int | None = None, mode: str | None = None,
+                    verbose: bool = True) -> tuple[ImageDataset, ImageDataset, ImageDataset | None]:
     """(train, val, test or None) of a class-per-folder tree, every photo prepared as ``pre`` says.
 
     ``val/`` is the validation split when the folder has one; otherwise ``val_fraction`` of each
-    class of the training images is held out (seeded, stratified). ``test/``, when present, is kept apart.
-    ``limit``: every split is a seeded, stratified sample (:func:`imclass.data.split.limit_indices`) of at
-    most that many images (the training part is sampled so that ``limit`` images remain after the hold-out).
+    class of the training images is held out (seeded, stratified) from the file list, before
+    anything is decoded. ``test/``, when present, is kept apart. ``limit``: every split is a seeded,
+    stratified sample (:func:`imclass.data.split.limit_indices`) of at most that many images (the
+    training part is sampled so that ``limit`` images remain after the hold-out). Each part is decoded
+    in the tier ``mode`` (``imclass.data.source``; None: chosen from the headers and said on stderr).
     """
     root = Path(folder).expanduser()
     if not root.is_dir():
@@ -148,31 +145,31 @@ def read_folder_for(folder: str | os.PathLike, pre: Preprocessing, *, val_fracti
     if limit is not None:  # files are listed class by class: a quick try reads a seeded sample of every class
         wanted = limit if "val" in splits else math.ceil(limit / (1 - val_fraction))
         paths, labels = _limited(paths, labels, wanted, seed, classes, "train")
-    images, y = _read(paths, labels, pre, root)
     name = root.name
     notes: list[str] = []
+    files = ImageList(paths, labels, classes, root, name=name, split="train")
     if "val" in splits:
         v_paths, v_labels = list_images(splits["val"], classes)
         v_paths, v_labels = _limited(v_paths, v_labels, limit, seed, classes, "val")
-        v_images, v_y = _read(v_paths, v_labels, pre, root)
-        notes.append(f"validation: the folder's val/ ({len(v_y)} images)")
+        v_files = ImageList(v_paths, v_labels, classes, root, name=name, split="val")
+        notes.append(f"validation: the folder's val/ ({len(v_paths)} images)")
     else:
-        keep, held = split_indices(y, val_fraction, seed=seed)
-        v_images, v_y = images[held], y[held]
-        images, y = images[keep], y[keep]
+        keep, held = split_indices(torch.tensor(labels), val_fraction, seed=seed)
+        v_files = files.subset(held.tolist())
+        files = files.subset(keep.tolist())
         notes.append(f"validation: {val_fraction:.0%} of each class held out (stratified, seed {seed})")
-    if limit is not None and len(y) > limit:
-        pick = limit_indices(y, limit, seed=seed)
-        images, y = images[pick], y[pick]
-    train = ImageDataset(images, y, classes, name=name, split="train", notes=list(notes), source=str(root))
-    val = ImageDataset(v_images, v_y, classes, name=name, split="val", notes=list(notes), source=str(root))
+    if limit is not None and len(files) > limit:
+        files = files.subset(limit_indices(torch.tensor(files.labels), limit, seed=seed).tolist())
+    files.notes, v_files.notes = list(notes), list(notes)
+    v_files.split = "val"
+    train = _open(files, pre, mode, verbose)
+    val = _open(v_files, pre, mode, verbose)
     test = None
     if "test" in splits:
         t_paths, t_labels = list_images(splits["test"], classes)
         t_paths, t_labels = _limited(t_paths, t_labels, limit, seed, classes, "test")
         if t_paths:
-            t_images, t_y = _read(t_paths, t_labels, pre, root)
-            test = ImageDataset(t_images, t_y, classes, name=name, split="test", source=str(root))
+            test = _open(ImageList(t_paths, t_labels, classes, root, name=name, split="test"), pre, mode, verbose)
     return train, val, test
 
 
@@ -191,7 +188,8 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
     if cfg.image_size:
         pre = pre.with_size(cfg.image_size)
     t0 = time.perf_counter()
-    train, val, test = read_folder_for(cfg.dataset, pre, val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit)
+    train, val, test = read_folder_for(cfg.dataset, pre, val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit,
+                                       mode=cfg.data_mode)
     seconds = {"read": time.perf_counter() - t0}
     _warn_about_data(train, val, Path(cfg.dataset).expanduser().name)
     model = _transfer_for(cfg, backbone, len(train.classes))
@@ -226,6 +224,7 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
         "input_size": list(pre.input_size),
         "pool_stages": model.pool_stages,
         "head_accuracy": head_accuracy,
+        "data_mode": getattr(train, "mode", "memory"),
         "seconds": time.perf_counter() - t_start,
         "seconds_per_stage": seconds,
         "model_file": str(model_file),
@@ -271,7 +270,8 @@ def _last(history: Any) -> float | None:
 
 
 def load_for(dataset: str, pre: Preprocessing, *, split: str = "test", root: str | os.PathLike | None = None,
-             val_fraction: float = 0.2, seed: int = 0, limit: int | None = None) -> ImageDataset:
+             val_fraction: float = 0.2, seed: int = 0, limit: int | None = None,
+             mode: str | None = None) -> ImageDataset:
     """One split of a data set prepared as ``pre`` says (shorter side resized, centre crop), for
     evaluating a transfer model. A plain folder's ``test`` split is the seeded stratified hold-out
     that ``train_transfer`` validated on (same fraction and seed); a split tree's ``test`` falls back
@@ -300,5 +300,4 @@ def load_for(dataset: str, pre: Preprocessing, *, split: str = "test", root: str
     if not paths:
         raise ValueError(f"no image files in the class folders of {folder} for split {split!r}")
     paths, labels = _limited(paths, labels, limit, seed, classes, split)
-    images, y = _read(paths, labels, pre, folder)
-    return ImageDataset(images, y, classes, name=folder.name, split=split, source=str(folder))
+    return _open(ImageList(paths, labels, classes, folder, name=folder.name, split=split), pre, mode)

@@ -22,17 +22,20 @@ from typing import Any
 
 from imclass import config_file
 from imclass import data as imdata, models
-from imclass.data.challenge_transforms import ChallengeAugment
+from imclass.data.challenge_transforms import ChallengeAugment, parse_challenges
 from imclass.data.check import quick_check
+from imclass.data.folder import default_image_size
 from imclass.model_file.save import save
 from imclass.models.rebuild import load
 from imclass.train import Classifier, distributed
 from imclass.train.callbacks import CSVLogger, TimeBudget, TrainingCurves
+from imclass.train.checkpoint import CHECKPOINT_NAME
+from imclass.train.classifier import resolve_device
 from imclass.train.distributed import is_main
 from imclass.workflows import recipes
-from imclass.data.challenge_transforms import parse_challenges
 
-__all__ = ["AUGMENTATIONS", "RunConfig", "TrainConfig", "config_from_dict", "load_config", "train_from_config"]
+__all__ = ["AUGMENTATIONS", "RunConfig", "TrainConfig", "config_from_dict", "load_config", "seed_everything",
+           "train_from_config"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = (None, "step", "exponential", "cosine", "onecycle", "linear")
@@ -76,6 +79,7 @@ class RunConfig:
     sampler: str | None = None  # 'balanced': every class drawn about equally often
     verbose: bool = True
     budget: float | None = None  # seconds of training; then stop after the current batch (TimeBudget)
+    data_mode: str | None = None  # where a folder's images live: memory, cache or stream (None: chosen, said aloud)
 
     def __post_init__(self) -> None:
         _check(self.epochs is None or self.epochs > 0, f"expected epochs >= 1, received epochs={self.epochs}")
@@ -110,6 +114,8 @@ class RunConfig:
         if self.sampler in ("none", ""):
             self.sampler = None
         _check(self.sampler in (None, "balanced"), f"expected sampler 'balanced' or none, received {self.sampler!r}")
+        _check(self.data_mode in (None, "memory", "cache", "stream"),
+               f"expected data_mode memory, cache or stream, received {self.data_mode!r}")
 
     @property
     def uses_fast_recipe(self) -> bool:
@@ -231,9 +237,17 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
             f"expected a model name (--model) to train on {cfg.dataset!r} (see `imclass models list`); "
             "only cifar10 has a default (the fast recipe)"
         )
+    out = Path(cfg.out or f"runs/{(cfg.model or 'fast').replace(':', '_')}-{Path(cfg.dataset).name}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file is in the way; expected a run folder (new or existing)")
+    if cfg.resume and not (out / CHECKPOINT_NAME).is_file():
+        raise ValueError(f"--resume: no checkpoint in {out} (expected {out / CHECKPOINT_NAME}; the run folder is "
+                         "missing or mistyped, or the run stopped before its first checkpoint): drop --resume to "
+                         "start a new run")
+    resolve_device(cfg.device)  # an unknown or absent device: one clear error before the data is read
+    seed_everything(cfg.seed)  # model initialisation included: two identical commands, identical model files
     train_set, test_set = _load_data(cfg)
     _warn_about_data(cfg, train_set, test_set)
-    out = Path(cfg.out or f"runs/{(cfg.model or 'fast').replace(':', '_')}-{Path(cfg.dataset).name}")
     out.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(cfg, out=str(out))
     start = time.perf_counter()
@@ -246,7 +260,8 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
     if distributed.is_main():  # under torchrun rank 0 writes the run folder
         recorded = {**{k: v for k, v in clf.history.last().items() if k != "seconds"},
                     "test_accuracy": float(metrics["accuracy"]), "test_loss": float(metrics["loss"]),
-                    "epochs": len(clf.history), "seconds": seconds}  # GET /models/{name} of `imclass serve`
+                    "epochs": len(clf.history)}  # GET /models/{name} of `imclass serve`; no wall time: two
+        # identical commands must write byte-identical model files (the time is in history.csv and the result)
         recorded = {k: v for k, v in recorded.items()  # a diverged (NaN) loss is left out, not refused
                     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         save(clf, model_file, train_config=train_config, input_size=list(train_set.image_shape), metrics=recorded)
@@ -260,10 +275,23 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
         "train_images": len(train_set),
         "test_images": len(test_set),
         "tta": clf.tta or "none",  # the test-time augmentation of `accuracy`, recorded in the model file
+        "data_mode": getattr(train_set, "mode", "memory"),
         **details,
         "out": str(out),
         "model_file": str(model_file),
     }
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global generator and torch (CPU and every GPU)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def _write_config(cfg: RunConfig, out: Path) -> None:
@@ -347,22 +375,33 @@ def _model_name(model) -> str | None:
 
 
 def _load_data(cfg: RunConfig):
+    """The training and test sets of ``cfg``: a folder through the tier chooser (``cfg.data_mode``),
+    ``--limit`` applied to its file list before decoding, at ``cfg.image_size`` or a default size."""
+    folder = Path(cfg.dataset).expanduser()
     size = cfg.image_size
-    # --limit: a seeded, stratified sample of each split (imclass.data.split.limit_indices)
-    train_set = imdata.load(cfg.dataset, split="train", root=cfg.data_root, image_size=size, limit=cfg.limit,
-                            seed=cfg.seed or 0)
-    test_set = imdata.load(cfg.dataset, split="test", root=cfg.data_root, image_size=size, limit=cfg.limit,
-                           seed=cfg.seed or 0)
-    return train_set, test_set
+    if folder.is_dir() and size is None:
+        size = default_image_size(folder)
+    # --limit: a seeded, stratified sample of each split (imclass.data.split.limit_indices), before decoding
+    sets = [imdata.load(cfg.dataset, split=split, root=cfg.data_root, image_size=size, limit=cfg.limit,
+                        seed=cfg.seed or 0, mode=cfg.data_mode) for split in ("train", "test")]
+    if folder.is_dir() and cfg.image_size is None:
+        for ds in sets:
+            ds.notes.append(f"images resized to {size[0]}x{size[1]} (the default without --image-size)")
+    return sets[0], sets[1]
 
 
 def _warn_about_data(cfg: RunConfig, train_set, test_set) -> None:
     """A cheap check of a folder's images at train start (``imclass.data.check.quick_check``: duplicates
     with two labels, train/test leakage, class imbalance), as warnings; ``imclass data check`` says more."""
-    if not Path(cfg.dataset).expanduser().is_dir():
-        return
     import warnings
 
+    counts = train_set.class_counts()
+    empty = [c for c, n in zip(train_set.classes, counts) if n == 0]
+    if empty:
+        warnings.warn(f"{len(empty)} class(es) of {cfg.dataset} have no training images ({', '.join(empty[:5])}"
+                      f"{', ...' if len(empty) > 5 else ''}): the model can never learn to predict them", stacklevel=3)
+    if not Path(cfg.dataset).expanduser().is_dir():
+        return
     for message in quick_check(train_set, test_set, name=Path(cfg.dataset).name):
         warnings.warn(message, stacklevel=3)
 

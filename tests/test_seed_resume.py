@@ -1,0 +1,57 @@
+"""`imclass train --seed` seeds everything (model initialisation included: identical commands give
+byte-identical model files) and `--resume` without a checkpoint is a one-line error."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from imclass.cli import app
+
+
+def train(*args):
+    return CliRunner().invoke(app, ["train", *map(str, args)])
+
+
+TINY = ["--model", "lenet5", "--dataset", "mnist", "--limit", "100", "--epochs", "1", "--device", "cpu", "--json"]
+
+
+def test_two_identical_commands_write_byte_identical_model_files(tmp_path, monkeypatch, data_root):
+    files = []
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        torch.manual_seed(1234 if name == "first" else 99)  # whatever ran before in this process must not matter
+        result = train(*TINY, "--data", data_root, "--seed", "0", "--out", "run")
+        assert result.exit_code == 0, result.output
+        files.append((tmp_path / name / "run" / "model.safetensors").read_bytes())
+    assert files[0] == files[1]
+    other = train(*TINY, "--data", data_root, "--seed", "1", "--out", "run-seed1")
+    assert other.exit_code == 0, other.output
+    assert (tmp_path / "second" / "run-seed1" / "model.safetensors").read_bytes() != files[0]
+
+
+@pytest.mark.parametrize("prepare", ["missing", "config only"])
+def test_resume_without_a_checkpoint_is_a_one_line_error(tmp_path, prepare):
+    out = tmp_path / "typo"
+    if prepare == "config only":  # a run killed before its first checkpoint
+        out.mkdir()
+        (out / "config.json").write_text(json.dumps({"model": "lenet5", "dataset": "mnist", "epochs": 1}))
+    before = sorted(p.name for p in out.iterdir()) if out.exists() else None
+    result = train("--out", out, "--resume")
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        f"error: --resume: no checkpoint in {out} (expected {out / 'checkpoint.pt'}; the run folder is missing or "
+        "mistyped, or the run stopped before its first checkpoint): drop --resume to start a new run")
+    assert (sorted(p.name for p in out.iterdir()) if out.exists() else None) == before  # nothing created
+
+
+def test_out_naming_an_existing_file_is_a_one_line_error(tmp_path):
+    blocker = tmp_path / "taken"
+    blocker.write_text("keep me")
+    result = train("--model", "lenet5", "--dataset", "mnist", "--out", blocker)
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: --out {blocker}: a file is in the way; expected a run folder (new or existing)"
+    assert blocker.read_text() == "keep me"
