@@ -30,7 +30,7 @@ from imclass.models.transfer_net import TransferNet, head_config
 from imclass.models.transfer_net import num_features
 from imclass.models.weights import Preprocessing, apply_weights, backbone_name, weights_options
 from imclass.train import Classifier, cpu_has_native_bf16
-from imclass.train.classifier import _as_data
+from imclass.train.inputs import as_data
 from imclass.transfer.features import FeatureCache, extract_features
 
 __all__ = ["BATCH_NORM_MODES", "FineTuneResult", "backbone_groups", "fine_tune", "fit_head", "freeze",
@@ -163,7 +163,7 @@ def resize_for(images: torch.Tensor, pre: Preprocessing, batch_size: int = 256) 
 
 
 def _pair(data: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
-    return _as_data(data, name)
+    return as_data(data, name)
 
 
 @dataclass

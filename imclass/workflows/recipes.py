@@ -39,8 +39,8 @@ from imclass.data.dataset import ImageDataset
 from imclass.data.loader import derive_seed
 from imclass.models import create
 from imclass.models.fastnet import init_whitening
-from imclass.train.classifier import cpu_has_native_bf16
 from imclass.train.classifier import Classifier
+from imclass.train.device import cpu_has_native_bf16
 from imclass.train.optim import MuonSGD
 from imclass.tta import tta_name
 from imclass.data.arrays import as_images, as_labels

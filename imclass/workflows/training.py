@@ -30,7 +30,7 @@ from imclass.models.rebuild import load
 from imclass.train import Classifier, distributed
 from imclass.train.callbacks import CSVLogger, TimeBudget, TrainingCurves
 from imclass.train.checkpoint import CHECKPOINT_NAME
-from imclass.train.classifier import resolve_device
+from imclass.train.device import resolve_device
 from imclass.train.distributed import is_main
 from imclass.workflows import recipes
 
