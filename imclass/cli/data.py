@@ -107,7 +107,8 @@ def info(
 
 def _folder_info(folder: Path, split: str | None, image_size, as_json: bool) -> None:
     """``data info`` of an image folder: :func:`imclass.data.inspect.inspect_folder` as a table or JSON."""
-    from imclass.data.folder import _GREY_MODES, parse_image_size
+    from imclass.data.decode import GREY_MODES
+    from imclass.data.folder import parse_image_size
     from imclass.data.inspect import inspect_folder
 
     try:
@@ -124,7 +125,7 @@ def _folder_info(folder: Path, split: str | None, image_size, as_json: bool) -> 
     for part in info["splits"].values():
         part["name"], part["source"] = info["name"], info["source"]
         if size is not None:  # what loading with --image-size gives
-            channels = 1 if info["modes"] and all(m in _GREY_MODES for m in info["modes"]) else 3
+            channels = 1 if info["modes"] and all(m in GREY_MODES for m in info["modes"]) else 3
             part["image_shape"] = [channels, *size]
     if as_json:
         print_json(info)

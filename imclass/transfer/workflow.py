@@ -23,7 +23,7 @@ import torch
 from imclass import data as imdata
 from imclass.data.check import quick_check
 from imclass.data.dataset import ImageDataset
-from imclass.data.folder import _subfolders, list_images, split_folders
+from imclass.data.folder import class_folders, list_images, split_folders
 from imclass.data.source import Decoder, ImageList, open_images
 from imclass.data.split import limit_indices, split_indices
 from imclass.model_file.save import save
@@ -135,7 +135,7 @@ def read_folder_for(folder: str | os.PathLike, pre: Preprocessing, *, val_fracti
         raise FileNotFoundError(f"no such folder: {root}")
     splits = split_folders(root)
     train_dir = splits.get("train", root)
-    class_dirs = {c.name for d in (splits.values() if splits else [root]) for c in _subfolders(d)}
+    class_dirs = {c.name for d in (splits.values() if splits else [root]) for c in class_folders(d)}
     classes = sorted(class_dirs)
     if len(classes) < 2:
         raise ValueError(f"expected at least 2 class folders in {train_dir}, found {classes or 'none'}")
@@ -283,13 +283,13 @@ def load_for(dataset: str, pre: Preprocessing, *, split: str = "test", root: str
         return ImageDataset(finetune.resize_for(ds.images, pre), ds.labels, ds.classes, name=ds.name, split=ds.split)
     splits = split_folders(folder)
     if splits:
-        classes = sorted({c.name for d in splits.values() for c in _subfolders(d)})
+        classes = sorted({c.name for d in splits.values() for c in class_folders(d)})
         name = split if split in splits else ("val" if split == "test" and "val" in splits else None)
         if name is None:
             raise ValueError(f"{folder} has split folders {', '.join(splits)}, received split={split!r}")
         paths, labels = list_images(splits[name], classes)
     else:
-        classes = [c.name for c in _subfolders(folder)]
+        classes = [c.name for c in class_folders(folder)]
         paths, labels = list_images(folder, classes)
         if split in ("train", "test", "val"):
             keep, held = split_indices(torch.tensor(labels), val_fraction, seed=seed)
