@@ -16,6 +16,12 @@ import sys
 import time
 from pathlib import Path
 
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from host import full_strength_blas  # noqa: E402
+
+full_strength_blas()  # before numpy/torch load: peers and imclass's own numpy work on the CPU's native BLAS kernel
+
 import numpy as np
 import torch
 

@@ -24,6 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from host import full_strength_blas  # noqa: E402
+
+full_strength_blas()  # before numpy/torch load: imclass's own numpy work on the CPU's native BLAS kernel
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -81,7 +84,9 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    from host import cpu_info, cpu_line
+    from host import LoadGuard, cpu_info, cpu_line, provenance
+
+    guard = LoadGuard(strict=False)  # load average before/after; a busy host marks the figures refused
 
     print(cpu_line())
     print(f"{args.model}, {args.images:,} images 3x32x32, global batch {args.batch_size}, {args.epochs} epochs "
@@ -100,7 +105,7 @@ def main() -> None:
     losses = {name: rs[0]["final_loss"] for name, rs in runs.items()}
     print(f"final training loss: 1 process {losses['1 process']:.5f}, 2 processes {losses['2 processes']:.5f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_info(), "args": vars(args), "runs": runs,
+        Path(args.json).write_text(json.dumps({"host": provenance(guard.before), "load": guard.check(), "cpu": cpu_info(), "args": vars(args), "runs": runs,
                                                "median_images_per_s": median, "ratio_2_over_1": ratio}, indent=2))
 
 

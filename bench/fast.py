@@ -26,12 +26,17 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from host import full_strength_blas  # noqa: E402
+
+full_strength_blas()  # before numpy/torch load: peers and imclass's own numpy work on the CPU's native BLAS kernel
+
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from host import cpu_info, cpu_line  # noqa: E402
+from host import LoadGuard, cpu_info, cpu_line, provenance  # noqa: E402
 from imclass.data.dataset import ImageDataset  # noqa: E402
 
 # published figure printed beside ours (Keller Jordan, airbench94: 94.01 % mean on the 10,000 test images)
@@ -235,6 +240,7 @@ def main(argv=None) -> dict:
     p.add_argument("--data", type=Path, default=None, help="data root (default $IMCLASS_DATA)")
     p.add_argument("--json", type=Path, default=None, help="also write the summary here")
     args = p.parse_args(argv)
+    guard = LoadGuard(strict=False)  # load average before/after; a busy host marks the figures refused
     if args.threads:
         torch.set_num_threads(args.threads)
     print(cpu_line(), flush=True)
@@ -278,6 +284,8 @@ def main(argv=None) -> dict:
         "target": args.target,
         "config": cfg,
         "threads": torch.get_num_threads(),
+        "host": provenance(guard.before),
+        "load": guard.check(),
         "cpu": cpu_info(),
         "test_images": len(test),
         "device": device,

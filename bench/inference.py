@@ -25,11 +25,17 @@ import time
 import warnings
 from pathlib import Path
 
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from host import full_strength_blas  # noqa: E402
+
+full_strength_blas()  # before numpy/torch load: peers and imclass's own numpy work on the CPU's native BLAS kernel
+
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from host import cpu_info, cpu_line  # noqa: E402
+from host import LoadGuard, cpu_info, cpu_line, provenance  # noqa: E402
 
 import imclass  # noqa: E402
 from imclass.serve.export import Deployable, export  # noqa: E402
@@ -85,6 +91,7 @@ def main() -> None:
     parser.add_argument("--no-retain", action="store_true", help="leave glibc's malloc as it is (freed memory returned)")
     parser.add_argument("--json", help="write the figures here (rewritten after every row)")
     args = parser.parse_args()
+    guard = LoadGuard(strict=False)  # load average before/after; a busy host marks the figures refused
     torch.set_num_threads(args.threads)
     if not args.no_retain:
         from imclass.train.memory import retain_freed_memory
@@ -162,7 +169,7 @@ def main() -> None:
                     + f"   | compile {compile_s:.0f} s | max|diff| compile {row['max_abs_diff']['compile']:.1e},"
                     f" ort {row['max_abs_diff']['onnxruntime']:.1e}", flush=True)
                 if args.json:
-                    Path(args.json).write_text(json.dumps({"cpu": cpu_info(), "threads": args.threads,
+                    Path(args.json).write_text(json.dumps({"host": provenance(guard.before), "load": guard.check(), "cpu": cpu_info(), "threads": args.threads,
                                                            "dynamic": args.dynamic, "rows": rows}, indent=2))
     print("\nmodel             batch     eager    compile            onnxruntime        bf16 autocast"
           "   (images/s; ratio to eager)")

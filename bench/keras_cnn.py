@@ -31,6 +31,13 @@ from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from host import full_strength_blas  # noqa: E402
+
+full_strength_blas()  # before numpy/torch load: peers and imclass's own numpy work on the CPU's native BLAS kernel
+
 import numpy as np
 import torch
 

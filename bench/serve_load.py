@@ -1,42 +1,59 @@
-"""Load test of `imclass serve` on 127.0.0.1: micro-batching against one-request-one-forward, side by side,
-and a fault run mixing corrupt, huge and truncated uploads into the load.
+"""Load test of `imclass serve` on 127.0.0.1, steady state: micro-batched vs one-at-a-time vs a plain
+FastAPI + uvicorn app doing the same forward pass, with keep-alive clients and with a new connection per
+request; then a fault run mixing corrupt, huge, truncated, bomb and PostScript uploads into the load.
 
-For each mode a real `imclass serve` process is started on a free 127.0.0.1 port; ``--clients`` concurrent
-clients (httpx async, each one request at a time) send real CIFAR-10 test images for ``--seconds`` seconds.
-Reported: requests/s, p50/p95/p99 latency, errors (any non-200 or transport error), and the server's own
-batch counters. Every answer is checked against the label the model gives in this process. Then the fault
-run (micro-batching on): one request in four is bad (corrupt bytes, an upload over the size limit, a
-truncated PNG, a 40,000 x 40,000 pixel bomb) and must get its 4xx; every good one must be answered correctly.
+Servers (each a real process on a free 127.0.0.1 port, ``--threads`` torch threads):
 
-    python bench/serve_load.py                      # fast recipe model, 64 clients, 15 s per mode (~1.5 min)
-    python bench/serve_load.py --clients 16 --seconds 5 --json /tmp/serve.json
+- ``imclass micro-batched``: ``imclass serve RUN --batching``;
+- ``imclass one-at-a-time``: ``imclass serve RUN --no-batching`` (one forward per request, same queue);
+- ``plain FastAPI``: ``bench/plain_app.py`` (sync endpoint, PIL decode, one forward per request, ``uvicorn.run``).
 
-Bounded: at most 256 clients and 60 s per mode; the server listens on 127.0.0.1 only.
+Clients: ``--clients`` threads, each sending one request at a time (real CIFAR-10 test images as PNG),
+either **keep-alive** (one ``httpx.Client`` per thread, its connection reused) or **new connection**
+(a fresh ``httpx.Client`` per request). Each configuration runs ``--warmup`` s unmeasured, then
+``--duration`` s measured (>= 60 s for the figures): requests started and finished inside the window
+count; reported: requests/s, p50/p99 latency, errors, wrong answers (each 200 checked against the label
+the model gives in this process). The servers are interleaved, ``--rounds`` rounds (order reversed every
+other round): median and range per configuration. The host's provenance (bench/host.py) and the load
+average before and after are written with the figures.
+
+    python bench/serve_load.py --json bench/serve_load.json         # figures: 3 rounds x 6 configs x (60 + 5) s
+    python bench/serve_load.py --duration 3 --warmup 1 --rounds 1 --fault-seconds 3 --trial   # debug (~1.5 min)
+
+Bounded: at most 256 clients and 600 s per configuration; servers listen on 127.0.0.1 only.
 """
 from __future__ import annotations
 
-import argparse
-import asyncio
-import io
-import json
-import os
-import socket
-import subprocess
 import sys
-import tempfile
-import time
-import zlib
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from host import cpu_info, cpu_line  # noqa: E402
+import host  # noqa: E402
+
+host.full_strength_blas()
+
+import argparse  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import zlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 import imclass  # noqa: E402
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+BENCH = Path(__file__).resolve().parent
+SERVERS = ("imclass micro-batched", "imclass one-at-a-time", "plain FastAPI")
+CLIENT_MODES = ("keep-alive", "new connection")
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nnewpath 0 0 moveto 16 16 lineto stroke\nshowpage\n"
 
 
 def make_run(folder: Path, run: str | None) -> Path:
@@ -78,92 +95,146 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(run: Path, batching: bool, max_upload_mb: float, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(kind: str, run: Path, threads: int, max_upload_mb: float = 1.0) -> tuple[subprocess.Popen, str]:
+    """Start one of ``SERVERS`` and wait until it answers ``/health``."""
     import httpx
 
     port = free_port()
-    cmd = [sys.executable, "-c", "from imclass.cli import main; main()", "serve", str(run), "--port", str(port),
-           "--batching" if batching else "--no-batching", "--max-upload-mb", str(max_upload_mb),
-           "--max-queue", "1024", "--threads", str(threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if kind == "plain FastAPI":
+        cmd = [sys.executable, str(BENCH / "plain_app.py"), str(run), str(port), str(threads)]
+    else:
+        cmd = [sys.executable, "-m", "imclass", "serve", str(run), "--port", str(port),
+               "--batching" if kind == "imclass micro-batched" else "--no-batching",
+               "--max-upload-mb", str(max_upload_mb), "--max-queue", "1024", "--threads", str(threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=host.clean_env())
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 120
     while True:
         try:
             httpx.get(url + "/health", timeout=2)
             return proc, url
         except httpx.TransportError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"imclass serve did not start: {proc.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"{kind} did not start: {proc.stderr.read().decode()[-2000:]}")
             time.sleep(0.3)
 
 
-async def load(url: str, clients: int, seconds: float, good: list[bytes], labels: list[str],
-               bad: list[tuple[str, bytes, int]] | None = None) -> dict:
-    """``clients`` concurrent request loops for ``seconds``; every fourth request is bad when ``bad`` is given."""
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run_load(url: str, clients: int, warmup: float, duration: float, good: list[bytes], labels: list[str],
+             keep_alive: bool, bad: list[tuple[str, bytes, int]] | None = None) -> dict:
+    """``clients`` threads sending one request at a time for ``warmup + duration`` s; the last ``duration`` s count.
+
+    With ``bad``, every fourth request of a thread is a bad upload that must get its status.
+    """
     import httpx
 
-    latencies, errors, wrong, bad_ok, bad_wrong = [], 0, 0, 0, []
-    stop = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
-        async def loop(worker: int):
-            nonlocal errors, wrong, bad_ok
-            n = 0
-            while time.monotonic() < stop:
-                n += 1
-                i = worker + n * clients
-                if bad and (n + worker) % 4 == 0:  # one request in four of every client is bad
-                    name, blob, status = bad[(n // 4 + worker) % len(bad)]
-                    try:
-                        r = await client.post("/predict", files=[("file", (name, blob, "image/png"))])
-                        if r.status_code == status:
-                            bad_ok += 1
-                        else:
-                            bad_wrong.append((name, r.status_code))
-                    except httpx.HTTPError as err:
-                        bad_wrong.append((name, type(err).__name__))
-                    continue
-                k = i % len(good)
-                start = time.perf_counter()
-                try:
-                    r = await client.post("/predict", files=[("file", ("img.png", good[k], "image/png"))],
-                                          data={"top_k": "1"})
-                except httpx.HTTPError:
-                    errors += 1
-                    continue
-                latencies.append(time.perf_counter() - start)
-                if r.status_code != 200:
-                    errors += 1
-                elif r.json()["predictions"][0]["label"] != labels[k]:
-                    wrong += 1
+    t0 = time.monotonic()
+    start_window, end_window = t0 + warmup, t0 + warmup + duration
+    lock = threading.Lock()
+    latencies: list[float] = []
+    counts = {"errors": 0, "wrong": 0, "bad_ok": 0}
+    bad_wrong: list = []
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(loop(w) for w in range(clients)))
-        elapsed = time.perf_counter() - t0
-        stats = (await client.get("/health")).json()["stats"]
+    def one(client, worker: int, n: int) -> None:
+        if bad and (n + worker) % 4 == 0:
+            name, blob, status = bad[(n // 4 + worker) % len(bad)]
+            try:
+                r = client.post(url + "/predict", files=[("file", (name, blob, "image/png"))])
+                ok, got = r.status_code == status, r.status_code
+            except httpx.HTTPError as err:
+                ok, got = False, type(err).__name__
+            with lock:
+                if ok:
+                    counts["bad_ok"] += 1
+                else:
+                    bad_wrong.append((name, got))
+            return
+        k = (worker + n * clients) % len(good)
+        started = time.monotonic()
+        try:
+            r = client.post(url + "/predict", files=[("file", ("img.png", good[k], "image/png"))], data={"top_k": "1"})
+            status = r.status_code
+            label = r.json()["predictions"][0]["label"] if status == 200 else None
+        except (httpx.HTTPError, ValueError, KeyError):
+            status, label = None, None
+        finished = time.monotonic()
+        if started < start_window or finished > end_window:
+            return  # warm-up, or cut by the end of the window
+        with lock:
+            if status != 200:
+                counts["errors"] += 1
+            else:
+                latencies.append(finished - started)
+                if label != labels[k]:
+                    counts["wrong"] += 1
+
+    def worker(w: int) -> None:
+        n = 0
+        if keep_alive:
+            with httpx.Client(timeout=60) as client:  # one connection per thread, reused
+                while time.monotonic() < end_window:
+                    n += 1
+                    one(client, w, n)
+        else:
+            while time.monotonic() < end_window:
+                n += 1
+                with httpx.Client(timeout=60) as client:  # a new TCP connection for every request
+                    one(client, w, n)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     lat = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
-    out = {"requests": len(latencies), "seconds": round(elapsed, 2), "rps": round(len(latencies) / elapsed, 1),
-           "p50_ms": round(float(np.percentile(lat, 50)), 1), "p95_ms": round(float(np.percentile(lat, 95)), 1),
-           "p99_ms": round(float(np.percentile(lat, 99)), 1), "errors": errors, "wrong_answers": wrong,
-           "server": next(iter(stats.values()))}
+    out = {"requests": len(latencies), "window_s": duration, "rps": round(len(latencies) / duration, 2),
+           "p50_ms": round(float(np.percentile(lat, 50)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2),
+           "errors": counts["errors"], "wrong_answers": counts["wrong"]}
     if bad is not None:
-        out.update(bad_refused_correctly=bad_ok, bad_mishandled=bad_wrong[:10], bad_mishandled_count=len(bad_wrong))
+        out.update(bad_refused_correctly=counts["bad_ok"], bad_mishandled=bad_wrong[:10],
+                   bad_mishandled_count=len(bad_wrong))
     return out
+
+
+def spread(values: list[float]) -> dict:
+    """Median and range of one figure over the rounds."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", help="a run folder / model file to serve (default: the fast recipe's FastNet)")
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--seconds", type=float, default=15.0)
-    parser.add_argument("--data", default=os.environ.get("IMCLASS_DATA", "../shared/data"))
-    parser.add_argument("--threads", type=int, default=1, help="the server's torch threads (both modes alike)")
-    parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--clients", type=int, default=16, help="client threads, one request at a time each")
+    parser.add_argument("--duration", type=float, default=60.0, help="measured seconds per configuration (>= 60)")
+    parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds before each window")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median and range)")
+    parser.add_argument("--fault-seconds", type=float, default=15.0, help="the fault run (0: skip it)")
+    parser.add_argument("--data", default=os.environ.get("IMCLASS_DATA", str(BENCH.parent.parent / "shared" / "data")))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every server")
+    parser.add_argument("--trial", action="store_true", help="a debugging run on a busy host: record the load, "
+                        "do not refuse the figures")
+    parser.add_argument("--json", help="write the figures and the host's provenance here")
     args = parser.parse_args()
     clients = max(1, min(args.clients, 256))
-    seconds = max(1.0, min(args.seconds, 60.0))
-    print(cpu_line())
+    duration = max(1.0, min(args.duration, 600.0))
+    rounds = max(1, args.rounds)
+    if not args.trial and (duration < 60 or rounds < 3):
+        parser.error("figures need --duration >= 60 and --rounds >= 3 (or --trial for a debugging run)")
+    print(host.cpu_line(), flush=True)
+    guard = host.LoadGuard(strict=False)  # the load test itself keeps every core busy: judged on the load before
+    quiet_before = guard.before[0] <= 1.0
+    if not quiet_before and not args.trial:
+        raise SystemExit(f"load average {guard.before[0]:.2f} before the run: the host is not quiet; re-run later "
+                         "(or pass --trial)")
+    per_round: dict[str, list[dict]] = {f"{s} / {c}": [] for s in SERVERS for c in CLIENT_MODES}
     with tempfile.TemporaryDirectory() as tmp:
         run = make_run(Path(tmp), args.run)
         from imclass.serve.predictor import Predictor
@@ -171,42 +242,58 @@ def main() -> None:
         good, tensor = pngs(Path(args.data), 256)
         predictor = Predictor.load(run)
         labels = [predictor.classes[i] for i in predictor.predict_many(list(tensor)).argmax(1).tolist()]
-        results = {}
-        for name, batching in (("micro-batching", True), ("one request, one forward", False)):
-            proc, url = start_server(run, batching, max_upload_mb=1.0, threads=args.threads)
+        for r in range(rounds):
+            order = SERVERS if r % 2 == 0 else tuple(reversed(SERVERS))
+            for kind in order:
+                proc, url = start_server(kind, run, args.threads)
+                try:
+                    for mode in CLIENT_MODES if r % 2 == 0 else tuple(reversed(CLIENT_MODES)):
+                        res = run_load(url, clients, args.warmup, duration, good, labels, keep_alive=mode == "keep-alive")
+                        per_round[f"{kind} / {mode}"].append(res)
+                        print(f"round {r + 1} {kind:>22} / {mode:<14} {json.dumps(res)}", flush=True)
+                finally:
+                    stop_server(proc)
+        fault = None
+        if args.fault_seconds > 0:
+            bad = [("corrupt.png", os.urandom(3000), 415), ("huge.png", b"\x89PNG" + os.urandom(1_100_000), 413),
+                   ("truncated.png", good[0][: len(good[0]) // 2], 422), ("bomb.png", bomb_png(), 413),
+                   ("eps.png", EPS, 415)]
+            proc, url = start_server("imclass micro-batched", run, args.threads)
             try:
-                asyncio.run(load(url, min(clients, 8), 2.0, good, labels))  # warm-up
-                results[name] = asyncio.run(load(url, clients, seconds, good, labels))
+                fault = run_load(url, clients, 1.0, args.fault_seconds, good, labels, True, bad)
+                fault["server_alive"] = proc.poll() is None
             finally:
-                proc.terminate()
-                proc.wait(timeout=30)
-            print(f"{name:>26}: {json.dumps(results[name])}", flush=True)
-        bad = [("corrupt.png", os.urandom(3000), 415), ("huge.png", b"\x89PNG" + os.urandom(1_100_000), 413),
-               ("truncated.png", good[0][: len(good[0]) // 2], 422), ("bomb.png", bomb_png(), 413)]
-        proc, url = start_server(run, True, max_upload_mb=1.0, threads=args.threads)
-        try:
-            results["fault run (micro-batching)"] = fault = asyncio.run(load(url, clients, seconds, good, labels, bad))
-            alive = proc.poll() is None
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-        print(f"{'fault run':>26}: {json.dumps(fault)}  server still up: {alive}")
-    a, b = results["micro-batching"], results["one request, one forward"]
-    ratio = a["rps"] / b["rps"] if b["rps"] else float("nan")
+                stop_server(proc)
+            print(f"fault run: {json.dumps(fault)}", flush=True)
+    load = guard.check()
+    summary = {}
+    for name, results in per_round.items():
+        summary[name] = {key: spread([res[key] for res in results]) for key in ("rps", "p50_ms", "p99_ms")}
+        summary[name]["errors"] = sum(res["errors"] for res in results)
+        summary[name]["wrong_answers"] = sum(res["wrong_answers"] for res in results)
     print()
-    print(f"{'':26} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7} {'mean batch':>10}")
-    for name, r in results.items():
-        print(f"{name:>26} {r['rps']:8.1f} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['p99_ms']:8.1f} "
-              f"{r['errors'] + r['wrong_answers']:7d} {r['server']['mean_batch']:10.1f}")
-    print(f"micro-batching / one-request-one-forward throughput: {ratio:.2f}x at {clients} clients "
-          f"(goal >= 2x; 0 errors)")
-    print(f"fault run: {fault['bad_refused_correctly']} bad uploads refused with the right 4xx, "
-          f"{fault['bad_mishandled_count']} mishandled; good requests: {fault['requests']} answered, "
-          f"{fault['errors']} errors, {fault['wrong_answers']} wrong; server still up: {alive}")
+    print(f"{clients} clients, {duration:g} s steady state per configuration, {rounds} round(s), median [min-max]")
+    print(f"{'server / clients':<40} {'req/s':>22} {'p50 ms':>22} {'p99 ms':>22} {'errors':>7}")
+
+    def cell(s: dict) -> str:
+        return f"{s['median']:.1f} [{s['min']:.1f}-{s['max']:.1f}]"
+
+    for name, s in summary.items():
+        print(f"{name:<40} {cell(s['rps']):>22} {cell(s['p50_ms']):>22} {cell(s['p99_ms']):>22} "
+              f"{s['errors'] + s['wrong_answers']:>7}")
+    for mode in CLIENT_MODES:
+        mb, one, plain = (summary[f"{s} / {mode}"]["rps"]["median"] for s in SERVERS)
+        print(f"{mode}: micro-batched / one-at-a-time {mb / one:.2f}x, micro-batched / plain FastAPI {mb / plain:.2f}x "
+              "(throughput)" if one and plain else f"{mode}: no throughput to compare")
+    if not quiet_before:
+        print(f"trial run: load average {guard.before[0]:.2f} before, {load['load_after'][0]:.2f} after: "
+              "not figures to publish")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_info(), "clients": clients, "seconds": seconds,
-                                               "server_threads": args.threads,
-                                               "results": results, "ratio": ratio, "server_alive": alive}, indent=2))
+        host.write_result(args.json, {
+            "clients": clients, "duration_s": duration, "warmup_s": args.warmup, "rounds": rounds,
+            "server_threads": args.threads, "trial": args.trial, "quiet_before": quiet_before,
+            "summary": summary, "rounds_detail": per_round, "fault_run": fault}, guard=guard)
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ Both use the same real ImageNet weights (timm ``mobilenetv2_100``, TF "same" pad
   backbone runs forward at every step), timed, and the per-epoch cost set beside the cached one.
 * **plain script** (the issue's reference): PIL decode + resize 256 + centre crop 224 per image, fp32
   NCHW, batch 64, ``timm.create_model``, then scikit-learn ``LogisticRegression`` on the pooled features,
-  in a fresh process of its own (imclass's process-wide malloc setting would otherwise speed it up 2.5x).
+  in a fresh process of its own, given the same allocator setting as imclass's process (its process-wide
+  malloc setting alone sped the plain script up 2.5x; ``--plain-default-malloc`` runs it without).
 * **course CNN from scratch** (``--scratch``): the course's Keras CNN (``keras_cnn``) on the same photos at
   64x64, Adam, crop + flip, given the same wall time as imclass end to end (``TimeBudget``), each seed.
 * ``--fine-tune-epochs N``: stage 2 after the head (the whole network or ``--unfreeze`` last stages,
@@ -32,11 +33,17 @@ import sys
 import time
 from pathlib import Path
 
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from host import full_strength_blas  # noqa: E402
+
+full_strength_blas()  # before numpy/torch load: peers and imclass's own numpy work on the CPU's native BLAS kernel
+
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from host import cpu_info, cpu_line  # noqa: E402
+from host import LoadGuard, cpu_info, cpu_line, provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -179,12 +186,27 @@ def imclass_run(paths, labels, classes, splits, args) -> dict:
     return out
 
 
-def plain_in_own_process(paths, labels, splits, weights_file: Path) -> dict:
-    """``plain_script`` in a fresh interpreter, as a user's script would run (nothing imclass set applies)."""
+def plain_in_own_process(paths, labels, splits, weights_file: Path, same_malloc: bool = True) -> dict:
+    """``plain_script`` in a fresh interpreter, as a user's script would run. ``same_malloc``: it gets the
+    allocator setting imclass's process uses (``imclass.train.memory.retain_freed_memory``: big blocks from
+    the heap, never trimmed), through glibc's own variables, so the ratio measures imclass, not malloc."""
     import multiprocessing
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(plain_script, (paths, labels, splits, weights_file))
+    from imclass.train.memory import retain_freed_memory
+
+    saved = {k: os.environ.get(k) for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")}
+    if same_malloc and retain_freed_memory():
+        os.environ.update({"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)})
+    try:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            out = pool.apply(plain_script, (paths, labels, splits, weights_file))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return out | {"same_malloc": bool(same_malloc and retain_freed_memory())}
 
 
 def course_cnn(paths, labels, classes, splits, seconds: float) -> dict:
@@ -235,9 +257,12 @@ def main() -> None:
     parser.add_argument("--pool-stages", type=int, default=2, help="0: the final features only (the course's GAP)")
     parser.add_argument("--feature-augment", default=None, choices=[None, "flip"])
     parser.add_argument("--skip-plain", action="store_true")
+    parser.add_argument("--plain-default-malloc", action="store_true",
+                        help="run the plain script with glibc's default allocator settings (imclass keeps its own)")
     parser.add_argument("--scratch", action="store_true", help="also the course CNN from scratch, same wall time")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    guard = LoadGuard(strict=False)  # load average before/after; a busy host marks the figures refused
     from imclass.data.split import split_indices
     from imclass.models.weights import find_known_weights
     from imclass.train import cpu_has_native_bf16
@@ -252,7 +277,8 @@ def main() -> None:
     splits = [split_indices(labels, 0.2, seed=s) for s in args.seeds]
     print(f"{len(paths)} photos, {len(classes)} classes, seeds {args.seeds} (80/20 stratified)", flush=True)
     ours = imclass_run(paths, labels, classes, splits, args)
-    plain = None if args.skip_plain else plain_in_own_process(paths, labels, splits, weights_file)
+    plain = None if args.skip_plain else plain_in_own_process(paths, labels, splits, weights_file,
+                                                                   same_malloc=not args.plain_default_malloc)
     scratch = course_cnn(paths, labels, classes, splits, ours["end_to_end_s"]) if args.scratch else None
     print()
     print(f"{'':32}{'imclass':>22}{'plain script':>22}{'ratio':>10}")
@@ -278,7 +304,7 @@ def main() -> None:
         print(f"course CNN from scratch, {scratch['seconds']:.0f} s each: {_mean_sd(scratch['accuracy'])} "
               f"(imclass transfer {_mean_sd(ours['accuracy'])} in the same time)")
     if args.json:
-        args.json.write_text(json.dumps({"cpu": cpu_info(), "args": {k: str(v) for k, v in vars(args).items()},
+        args.json.write_text(json.dumps({"host": provenance(guard.before), "load": guard.check(), "cpu": cpu_info(), "args": {k: str(v) for k, v in vars(args).items()},
                                          "photos": len(paths), "imclass": ours, "plain": plain,
                                          "course_cnn": scratch}, indent=1) + "\n")
 

@@ -17,11 +17,17 @@ import sys
 import time
 from pathlib import Path
 
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from host import full_strength_blas  # noqa: E402
+
+full_strength_blas()  # before numpy/torch load: peers and imclass's own numpy work on the CPU's native BLAS kernel
+
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from host import cpu_info, cpu_line  # noqa: E402
+from host import cpu_info, cpu_line, provenance  # noqa: E402
 
 from imclass import models  # noqa: E402
 from imclass.data import load  # noqa: E402
@@ -103,7 +109,7 @@ def main() -> None:
         cost = f", {r['cpu_s_mean'] / base['cpu_s_mean']:.1f}x CPU" if ratio else ""
         print(f"  {name:<44}{r['accuracy_mean']:>11.1%} ± {r['accuracy_std']:.1%}{r['cpu_s_mean']:>8.1f}  {ratio}{cost}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_info(), "arch": ARCH, "args": vars(args),
+        Path(args.json).write_text(json.dumps({"host": provenance(), "cpu": cpu_info(), "arch": ARCH, "args": vars(args),
                                                "pretrain": pretrain, "results": results}, indent=2) + "\n")
         print(f"wrote {args.json}")
 

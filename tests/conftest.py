@@ -58,6 +58,21 @@ def require_kernel(backend: str) -> None:
         pytest.fail(f"the int8 k-NN kernel (torch._int_mm) is not exact on this VNNI CPU (torch {torch.__version__})")
 
 
+def evaluated_accuracy(run: Path, dataset: Path | str, split: str = "test") -> float:
+    """The accuracy `imclass evaluate RUN DATASET --split SPLIT --json` reports for a saved run: an independent
+    recomputation a training report's accuracy must equal (the same model, images and test-time augmentation)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from imclass.cli import app
+
+    result = CliRunner().invoke(app, ["evaluate", str(run), str(dataset), "--split", split, "--json"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)["accuracy"]
+
+
 def missing_inputs() -> list[str]:
     """What a CI machine must have and this one lacks, each with what to install or where to put it."""
     from imclass.models.weights import KNOWN_WEIGHTS

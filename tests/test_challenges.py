@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from conftest import evaluated_accuracy
 import torch
 
 from imclass.data import challenge_transforms as ch
@@ -146,7 +148,9 @@ def test_run_config_takes_challenge_augmentations(tmp_path, folder, one_thread):
     result = train_from_config(RunConfig(model="mlp", model_options={"hidden": [16]}, dataset=str(folder), epochs=1,
                                          augment="crop_flip,challenge", out=str(tmp_path / "run"), verbose=False))
     assert json.loads((tmp_path / "run" / "config.json").read_text())["augment"] == "crop_flip,challenge"
-    assert 0 <= result["accuracy"] <= 1
+    # the reported figure is the saved model's on the folder's 40 test images, recomputed independently
+    assert result["accuracy"] == pytest.approx(evaluated_accuracy(tmp_path / "run", folder))
+    assert result["accuracy"] * 40 == pytest.approx(round(result["accuracy"] * 40))
 
 
 # ------------------------------------------------------------------------------ the report
@@ -223,7 +227,7 @@ def test_report_json_has_one_entry_per_challenge_with_severities_and_accuracies(
         assert len(entry["parameters"]) == len(sev)
         for model in ("knn", "cnn"):
             acc = entry["accuracy"][model]
-            assert len(acc) == len(sev) and all(0 <= a <= 1 for a in acc)
+            assert len(acc) == len(sev) and all(a * 32 == pytest.approx(round(a * 32)) for a in acc)  # k of 32 images
             assert acc[0] == report["clean_accuracy"][model]
         assert (out / entry["curve"]).stat().st_size > 0 and (out / entry["examples"]).stat().st_size > 0
     assert json.loads((out / "challenges.json").read_text()) == report

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import evaluated_accuracy
 import torch
 import typer
 from PIL import Image
@@ -184,7 +186,8 @@ def test_quick_check_warns_at_train_start(messy, tmp_path, app):
                for m in messages), messages
     assert any("1 of the 5 test images of clean_copy are (near) identical to training images: leakage" in m
                for m in messages), messages
-    assert 0.0 <= result["accuracy"] <= 1.0 and result["test_images"] == 5
+    assert result["test_images"] == 5
+    assert result["accuracy"] == pytest.approx(evaluated_accuracy(tmp_path / "run", folder))  # the same 5 test images
 
 
 def test_info_describes_mixed_sizes_and_formats(messy, app):

@@ -19,18 +19,19 @@ TINY = ["--model", "lenet5", "--dataset", "mnist", "--limit", "100", "--epochs",
 
 
 def test_two_identical_commands_write_byte_identical_model_files(tmp_path, monkeypatch, data_root):
+    monkeypatch.chdir(tmp_path)
     files = []
-    for name in ("first", "second"):
-        (tmp_path / name).mkdir()
-        monkeypatch.chdir(tmp_path / name)
-        torch.manual_seed(1234 if name == "first" else 99)  # whatever ran before in this process must not matter
+    for noise in (1234, 99):
+        torch.manual_seed(noise)  # whatever ran before in this process must not matter
         result = train(*TINY, "--data", data_root, "--seed", "0", "--out", "run")
         assert result.exit_code == 0, result.output
-        files.append((tmp_path / name / "run" / "model.safetensors").read_bytes())
-    assert files[0] == files[1]
+        files.append(json.loads(result.stdout)["model_file"])
+    assert files == ["run/model.safetensors", "run-2/model.safetensors"]  # the second run did not overwrite the first
+    first, second = (open(f, "rb").read() for f in files)
+    assert first == second
     other = train(*TINY, "--data", data_root, "--seed", "1", "--out", "run-seed1")
     assert other.exit_code == 0, other.output
-    assert (tmp_path / "second" / "run-seed1" / "model.safetensors").read_bytes() != files[0]
+    assert (tmp_path / "run-seed1" / "model.safetensors").read_bytes() != first
 
 
 @pytest.mark.parametrize("prepare", ["missing", "config only"])

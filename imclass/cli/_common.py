@@ -72,9 +72,14 @@ def write_error(err: OSError) -> str:
 @contextlib.contextmanager
 def plain_warnings():
     """Show Python warnings (e.g. "cifar10 test split has 1,000 of the official 10,000 images") as one
-    `warning: ...` line on stderr, without the file and source line."""
+    `warning: ...` line on stderr, without the file and source line; the same message only once."""
+
+    shown: set[str] = set()
 
     def show(message, category, filename, lineno, file=None, line=None):
+        if str(message) in shown:  # e.g. the folder walk's report, once per split read
+            return
+        shown.add(str(message))
         typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
 
     with warnings.catch_warnings():

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from imclass.cli._common import DataRoot, fail, print_json
+from imclass.cli._common import DataRoot, fail, plain_warnings, print_json
 
 # Start-up time: each command imports its machinery (torch and up) inside its function, so that
 # `imclass --help` and every other command start in a fraction of a second.
@@ -17,6 +17,7 @@ data_app = typer.Typer(help="Inspect, show and download data sets (cifar10, mnis
 
 _NAME = typer.Argument(..., help="cifar10, mnist, fashion-mnist, or a folder of images (one sub-folder per class).")
 _IMAGE_SIZE = typer.Option(None, "--image-size", help="Resize every image: 32 or 32x48 (height x width).")
+SHOW_FOLDER_SIZE = 64  # `data show` of a folder of photos (mixed sizes): each image resized to 64 x 64
 _USER_ERRORS = (ValueError, TypeError, FileNotFoundError, RuntimeError, OSError)
 
 
@@ -52,14 +53,14 @@ def _splits_of(name: str, split: str | None) -> list[str]:
     return ["train", "test"]
 
 
-def _load(name: str, split: str, root: str | None, image_size: str | None):
+def _load(name: str, split: str, root: str | None, image_size: str | None, limit: int | None = None, seed: int = 0):
     """Load with warnings turned into ``warning:`` lines on stderr (the notes say the rest)."""
     from imclass.data import load
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            ds = load(name, split=split, root=root, image_size=parse_size(image_size))
+            ds = load(name, split=split, root=root, image_size=parse_size(image_size), limit=limit, seed=seed)
         except _USER_ERRORS as err:
             fail(str(err))
     for w in caught:
@@ -177,6 +178,35 @@ def check(
         typer.echo(format_report(report, shown=shown))
 
 
+@data_app.command("shard")
+def shard(
+    folder: Path = typer.Argument(..., help="A folder of images: one sub-folder per class, or train/ + val/ (test/)."),
+    out: Path = typer.Option(..., "--out", help="New folder for the shards (must not exist; written atomically)."),
+    image_size: Optional[str] = typer.Option(None, "--image-size",
+                                             help="Re-encode every image at this size (32 or 32x48); default: the files' own bytes."),
+    shard_size: str = typer.Option("256MB", "--shard-size", help="Per shard: images (1000) or bytes (256MB, 1GB)."),
+    quality: int = typer.Option(90, "--quality", help="JPEG quality when re-encoding (--image-size)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the shuffled sample order."),
+    as_json: bool = typer.Option(False, "--json", help="Print the index as one JSON object."),
+) -> None:
+    """Write WebDataset-format tar shards (key.jpg + key.cls, an index.json), one set per split, for the
+    stream tier and for many machines (docs/data.md)."""
+    from imclass.data.shards import write_shards
+
+    with plain_warnings():
+        try:
+            index = write_shards(folder, out, image_size=parse_size(image_size), shard_size=shard_size,
+                                 quality=quality, seed=seed, verbose=not as_json)
+        except (*_USER_ERRORS, FileExistsError) as err:
+            fail(str(err))
+    if as_json:
+        print_json(index)
+    else:
+        total = sum(s["count"] for s in index["splits"].values())
+        typer.echo(f"{out}: {total:,} images of {len(index['classes'])} classes in "
+                   + ", ".join(f"{len(s['shards'])} {name} shard(s)" for name, s in index["splits"].items())
+                   + f" ({index['seconds']:.1f} s)")
+
 @data_app.command("cache")
 def cache(
     folder: Optional[Path] = typer.Argument(None, help="A folder of images (one sub-folder per class, or train/ + test/)."),
@@ -235,16 +265,30 @@ def show(
     split: str = typer.Option("train", "--split", help="Split to draw from."),
     per_class: int = typer.Option(10, "--per-class", help="Images per class (one row per class)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random choice of images."),
-    image_size: Optional[str] = _IMAGE_SIZE,
+    image_size: Optional[str] = typer.Option(
+        None, "--image-size", help=f"Resize every image: 32 or 32x48 (height x width); default for a folder: "
+        f"{SHOW_FOLDER_SIZE}, a named data set keeps its size."),
 ) -> None:
-    """Write a PNG grid of example images: one row per class, labelled with the class name."""
+    """Write a PNG grid of example images: one row per class, labelled with the class name.
+
+    A folder is read in part: a seeded, stratified sample of a few times the images shown."""
     import torch
 
+    from imclass.data.catalog import canonical_name
     from imclass.visualize import save_image_grid
 
     if per_class < 1:
         fail(f"expected --per-class >= 1, received {per_class}")
-    ds = _load(name, split, data, image_size)
+    limit = None
+    if canonical_name(name) is None and Path(name).expanduser().is_dir():
+        from imclass.data.inspect import inspect_folder
+
+        image_size = image_size or str(SHOW_FOLDER_SIZE)
+        try:
+            limit = 3 * per_class * len(inspect_folder(Path(name).expanduser())["classes"])
+        except _USER_ERRORS as err:
+            fail(str(err))
+    ds = _load(name, split, data, image_size, limit=limit, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     rows, labels = [], []
     for c, cls in enumerate(ds.classes):

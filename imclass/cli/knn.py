@@ -47,13 +47,20 @@ def _limit(ds, n: Optional[int], flag: str, seed: int):
     return out
 
 
-def _load(name: str, split: str, root: Optional[str]):
-    from imclass.data import load
+FOLDER_IMAGE_SIZE = 32  # raw-pixel k-NN on a folder of photos: CIFAR-10's size unless --image-size says otherwise
 
+
+def _load(name: str, split: str, root: Optional[str], image_size: Optional[int] = None):
+    from pathlib import Path
+
+    from imclass.data import canonical_name, load
+
+    if image_size is None and canonical_name(name) is None and Path(name).expanduser().is_dir():
+        image_size = FOLDER_IMAGE_SIZE
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            ds = load(name, split=split, root=root)
+            ds = load(name, split=split, root=root, image_size=image_size)
         except _USER_ERRORS as err:
             fail(str(err))
     for w in caught:
@@ -64,10 +71,17 @@ def _load(name: str, split: str, root: Optional[str]):
 def knn(
     dataset: str = typer.Option("cifar10", "--dataset", "-d",
                                 help="cifar10, mnist, fashion-mnist or a folder of images."),
-    metric: str = typer.Option("l2", "--metric", "-m", help="l1, l2 or cosine."),
+    metric: str = typer.Option("l2", "--metric", help="l1, l2 or cosine."),
+    metric_short: Optional[str] = typer.Option(None, "-m", hidden=True, help="Old short form of --metric."),
     k: int = typer.Option(1, "--k", "-k", help="Neighbours that vote (ignored with --cv, which chooses k)."),
-    weights: str = typer.Option("uniform", "--weights", help="uniform or distance (votes weighted by 1/distance)."),
+    vote: str = typer.Option("uniform", "--vote", help="How the k neighbours vote: uniform or distance (weighted by "
+                             "1/distance)."),
+    weights: Optional[str] = typer.Option(None, "--weights", hidden=True, help="Deprecated spelling of --vote "
+                                          "(--weights means backbone weights elsewhere)."),
     data: Optional[str] = DataRoot,
+    image_size: Optional[int] = typer.Option(
+        None, "--image-size", help=f"Resize every image to N x N (default for a folder: {FOLDER_IMAGE_SIZE}; "
+        "a named data set keeps its size)."),
     limit: Optional[int] = limit_option(),
     train_limit: Optional[int] = typer.Option(None, "--train-limit", hidden=True,
                                               help="--limit for the training split only."),
@@ -87,6 +101,8 @@ def knn(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
 ) -> None:
     """Classify test images by their nearest training images (raw pixels): accuracy and time."""
+    metric = metric_short or metric
+    weights = vote if weights is None else weights  # the old spelling still works
     from imclass.knn import KNN, choose_k, neighbour_grid
 
     if plot and not cv:
@@ -97,8 +113,10 @@ def knn(
         fail(str(err))
     k_values = parse_ks(ks) if cv else None
     t_load = time.perf_counter()
-    train = _limit(_load(dataset, "train", data), limit if train_limit is None else train_limit, "--limit", seed)
-    test = _limit(_load(dataset, "test", data), limit if test_limit is None else test_limit, "--limit", seed)
+    if image_size is not None and image_size < 1:
+        fail(f"expected --image-size >= 1, received {image_size}")
+    train = _limit(_load(dataset, "train", data, image_size), limit if train_limit is None else train_limit, "--limit", seed)
+    test = _limit(_load(dataset, "test", data, image_size), limit if test_limit is None else test_limit, "--limit", seed)
     t_load = time.perf_counter() - t_load
 
     result: dict = {"dataset": dataset, "metric": model.metric_, "weights": weights,

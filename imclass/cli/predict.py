@@ -26,7 +26,8 @@ FORMATS = ("table", "json", "csv")
 def predict(
     run: Path = typer.Argument(..., help="Run folder, .safetensors model file or exported .onnx file."),
     images: Optional[List[Path]] = typer.Argument(None, help="Image files (PNG, JPEG, ...) and folders (searched recursively)."),
-    top: int = typer.Option(3, "--top", "-k", help="How many classes to show per image."),
+    top: int = typer.Option(3, "--top", "-t", help="How many classes to show per image."),
+    top_k: Optional[int] = typer.Option(None, "-k", hidden=True, help="Old short form of --top (-k is k-NN's k)."),
     tta: Optional[bool] = TTAOption,
     fmt: Optional[str] = typer.Option(None, "--format", "-f", help="Output: table (default), json or csv (one row per file)."),
     as_json: bool = typer.Option(False, "--json", help="Same as --format json: one JSON object."),
@@ -50,6 +51,7 @@ def predict(
 
     from imclass.serve.predictor import ImageError, Predictor, find_images
 
+    top = top if top_k is None else top_k  # the old short form -k still works
     if backbone is not None:  # `imclass predict --backbone NAME photo.jpg ...`: RUN is the first image
         from imclass.cli.transfer import predict_backbone
 

@@ -65,7 +65,7 @@ def run_transfer(*, dataset: str | None, backbone: str | None, weights: str | No
                  seed: int | None, limit: int | None, out: str | None, cache_dir: str | None, as_json: bool,
                  fallback: Any = None, class_weight: Any = None, sampler: str | None = None,
                  pool_stages: int | None = None, feature_augment: str | None = None,
-                 batch_norm: str | None = None, data_mode: str | None = None) -> None:
+                 batch_norm: str | None = None, exist_ok: bool = False, data_mode: str | None = None) -> None:
     """``imclass train`` for transfer learning; ``fallback()`` trains a small network from scratch
     when no ``--backbone`` was asked for and no pretrained weights are found."""
     from imclass.transfer.workflow import TransferConfig, no_weights_advice, pick_backbone, train_transfer
@@ -83,7 +83,7 @@ def run_transfer(*, dataset: str | None, backbone: str | None, weights: str | No
               "batch_size": batch_size, "val_fraction": val_fraction, "seed": seed, "limit": limit, "out": out,
               "cache_dir": cache_dir, "class_weight": class_weight, "sampler": sampler, "pool_stages": pool_stages,
               "feature_augment": None if feature_augment in (None, "none") else feature_augment,
-              "batch_norm": batch_norm, "data_mode": data_mode}
+              "batch_norm": batch_norm, "exist_ok": exist_ok, "data_mode": data_mode}
     if weights is not None:
         values["weights"] = None if weights.lower() in ("none", "random") else weights
     if unfreeze is not None:
@@ -101,9 +101,16 @@ def run_transfer(*, dataset: str | None, backbone: str | None, weights: str | No
         print_json(result)
         return
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in result["seconds_per_stage"].items())
-    typer.echo(f"validation accuracy {result['accuracy']:.2%} on {result['val_images']:,} images "
-               f"({result['backbone']}, {result['train_images']:,} training images), {result['seconds']:.1f} s "
-               f"({stages}); saved {result['model_file']}")
+    kept = {"frozen head": " (the frozen head: fine-tuning ended below it)", "fine-tuned": " (fine-tuned)"}
+    typer.echo(f"validation accuracy {result['accuracy']:.2%} of the saved model{kept.get(result['model_selected'], '')} "
+               f"on {result['val_images']:,} images ({result['backbone']}, {result['train_images']:,} training images)")
+    typer.echo(f"time {result['seconds']:.1f} s = {stages}")
+    typer.echo(f"saved {result['model_file']} (best), {Path(result['out']) / 'last.safetensors'} (last), history.csv, "
+               f"curves.png, confusion_matrix.png")
+    if result.get("suspected_label_errors"):
+        typer.echo(f"{result['suspected_label_errors']} of the {result['val_images']:,} validation images look "
+                   f"mislabelled (confident learning on the held-out predictions); see them: "
+                   f"imclass review {dataset} --out review/")
 
 
 def _int(text: str, flag: str) -> int:

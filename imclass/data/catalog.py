@@ -6,6 +6,7 @@ Known data sets are read from ``<root>/<name>/`` (root: ``root=``, else ``$IMCLA
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,6 +18,7 @@ from imclass.data.arrays import as_images, as_labels
 from imclass.data.dataset import ImageDataset
 from imclass.data.folder import load_folder, parse_image_size
 from imclass.data.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx
+from imclass.data.shards import ShardSet, ShardSource
 from imclass.data.split import limit_dataset
 
 CLASSES: dict[str, list[str]] = {
@@ -102,6 +104,8 @@ def load(
                 f"unknown data set {str(name_or_path)!r}: expected one of {', '.join(names())}, "
                 f"or a path to a folder of images with one sub-folder per class (no folder {path} exists)"
             )
+        if (path / "index.json").is_file():  # written by `imclass data shard`
+            return _load_shards(path, split, size, mode=mode, limit=limit, verbose=verbose)
         return load_folder(path, split, size, strict=strict, limit=limit, limit_seed=seed, mode=mode,
                            cache_dir=cache_dir, verbose=verbose)
     if mode not in (None, "memory"):
@@ -112,6 +116,24 @@ def load(
         ds.images = resize_images(ds.images, size)
         ds.notes.append(f"resized from {h}x{w} to {size[0]}x{size[1]}")
     return ds
+
+
+def _load_shards(path: Path, split: str, size: tuple[int, int] | None, *, mode: str | None, limit: int | None,
+                 verbose: bool) -> Any:
+    """One split of a shard folder written by ``imclass data shard``: always the stream tier."""
+    if mode not in (None, "stream"):
+        raise ValueError(f"{path} holds WebDataset shards: they are read in the stream tier (--data-mode stream), "
+                         f"received --data-mode {mode}")
+    if limit is not None:
+        raise ValueError(f"{path} holds WebDataset shards: --limit needs the image folder (shards are read whole)")
+    splits = ShardSet(path).splits
+    source = ShardSource(path, "val" if split == "test" and "test" not in splits and "val" in splits else split,
+                         image_size=size)
+    if verbose:
+        print(f"data: {len(source):,} images of {'x'.join(map(str, source.image_shape))} in {len(source.shard_paths)} "
+              f"{source.split} shard(s) of {path} -> stream tier: read shard by shard, nothing held", file=sys.stderr,
+              flush=True)
+    return source
 
 
 def _load_known(name: str, split: str, root: Any, download: bool) -> ImageDataset:

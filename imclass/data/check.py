@@ -34,9 +34,11 @@ import torch.nn.functional as F
 
 from imclass.data.decode import DEFAULT_MAX_PIXELS, GREY_MODES, ImageError, decode_array, probe_image
 from imclass.data.folder import map_files
-from imclass.data.walk import relative_name
+from imclass.data.folder import SPLIT_SEED, TEST_FRACTION
 from imclass.data.hamming import near_pairs
 from imclass.data.inspect import FileRecord, folder_files
+from imclass.data.split import split_indices
+from imclass.data.walk import relative_name
 
 __all__ = ["CheckOptions", "check_folder", "format_report", "hamming_pairs", "image_hashes", "pack_hashes",
            "perceptual_hash", "quick_check"]
@@ -153,8 +155,13 @@ def _read(record: FileRecord) -> FileRecord:
 
 # ------------------------------------------------------------------------------ findings
 
+def _part(m: FileRecord) -> str:
+    """The split a file ends in when imclass reads the folder (a plain tree's part is the seeded hold-out)."""
+    return m.get("part", m["split"])
+
+
 def _kind(members: Sequence[FileRecord]) -> str:
-    if len({m["split"] for m in members}) > 1:
+    if len({_part(m) for m in members}) > 1:
         return "across splits"
     if len({m["label"] for m in members}) > 1:
         return "across classes"
@@ -166,7 +173,8 @@ def _group(members: Sequence[FileRecord], root: Path, classes: list[str], **extr
         "kind": _kind(members),
         "files": [relative_name(m["path"], root) for m in members],
         "classes": [classes[m["label"]] for m in members],
-        "splits": [m["split"] for m in members],
+        "splits": [_part(m) for m in members],
+        "labels_differ": len({m["label"] for m in members}) > 1,
         **extra,
     }
 
@@ -256,6 +264,11 @@ def check_folder(path: str | os.PathLike, options: CheckOptions | None = None, *
     root = Path(path).expanduser()
     skipped: list[str] = []
     layout, splits, classes, records = folder_files(root, report=skipped.append)
+    if layout == "plain":  # the parts `imclass train` / `imclass.data.load` make of a plain tree: same rule, same seed
+        _, held = split_indices(torch.tensor([r["label"] for r in records]), TEST_FRACTION, seed=SPLIT_SEED)
+        held_set = set(held.tolist())
+        for i, r in enumerate(records):
+            r["part"] = "test" if i in held_set else "train"
     records = map_files(_read, records, workers, "checking")
     ok = [r for r in records if "error" not in r]
     exact, near = _duplicates(ok, root, classes, opt.near_distance)
@@ -263,8 +276,9 @@ def check_folder(path: str | os.PathLike, options: CheckOptions | None = None, *
     counted_split = "train" if layout == "split" else "all"
     counts = np.bincount(np.array([r["label"] for r in records if r["split"] == counted_split], dtype=np.int64),
                          minlength=len(classes)).tolist()
+    present = {(r["split"], r["label"]) for r in records}  # one pass: classes x files would grow as N^2 with ImageNet
     empty = [f"{s}/{c}" if layout == "split" else c for s in splits for i, c in enumerate(classes)
-             if not any(r["split"] == s and r["label"] == i for r in records)]
+             if (s, i) not in present]
     report = {
         "source": str(root),
         "layout": layout,
@@ -300,7 +314,13 @@ def _summary(report: dict[str, Any]) -> dict[str, int]:
         kinds = Counter(g["kind"] for g in report[key])
         for kind in ("within class", "across classes", "across splits"):
             out[f"{key}.{kind.replace(' ', '_')}"] = kinds.get(kind, 0)
+        out[f"{key}.labels_differ"] = sum(1 for g in report[key] if g.get("labels_differ"))
     return out
+
+
+def _files(group: dict[str, Any]) -> str:
+    """A group's files, each with its split unless its path already starts with it (a split tree)."""
+    return "  ".join(f if f.startswith(f"{sp}/") else f"{f} ({sp})" for f, sp in zip(group["files"], group["splits"]))
 
 
 def format_report(report: dict[str, Any], shown: int = 5) -> str:
@@ -312,6 +332,8 @@ def format_report(report: dict[str, Any], shown: int = 5) -> str:
     def kinds(key: str) -> str:
         parts = [f"{s[f'{key}.{k}']} {k.replace('_', ' ')}" for k in ("within_class", "across_classes", "across_splits")
                  if s[f"{key}.{k}"]]
+        if s.get(f"{key}.labels_differ"):
+            parts.append(f"{s[f'{key}.labels_differ']} with different labels")
         return ", ".join(parts)
 
     imb = report["imbalance"]
@@ -337,9 +359,8 @@ def format_report(report: dict[str, Any], shown: int = 5) -> str:
 
     sections = [
         ("unreadable", lambda r: f"{r['path']}: {r['error']}"),
-        ("exact_duplicates", lambda g: f"[{g['kind']}] " + "  ".join(f"{f} ({c}/{sp})" if sp != "all" else f"{f}"
-                                                                       for f, c, sp in zip(g["files"], g["classes"], g["splits"]))),
-        ("near_duplicates", lambda g: f"[{g['kind']}, {g['distance']} bits] " + "  ".join(g["files"])),
+        ("exact_duplicates", lambda g: f"[{g['kind']}] " + _files(g)),
+        ("near_duplicates", lambda g: f"[{g['kind']}, {g['distance']} bits] " + _files(g)),
         ("rare_formats", lambda r: f"{r['path']}: {r['why']}"),
         ("size_outliers", lambda r: f"{r['path']} {r['height']}x{r['width']}: {r['why']}"),
         ("tiny", lambda r: f"{r['path']} {r['height']}x{r['width']}"),
@@ -363,8 +384,13 @@ def quick_check(train: Any, test: Any = None, *, near_distance: int = 2, imbalan
                 name: str = "the data") -> list[str]:
     """Warnings about data already loaded as ``ImageDataset`` s, from their pixels alone (no files read):
     near-identical images with different labels in ``train``, images of ``test`` that are in
-    ``train`` (leakage) and class imbalance in ``train``. Cheap: a 64-bit hash per image."""
+    ``train`` (leakage) and class imbalance in ``train``. Cheap: a 64-bit hash per image, pairs found by an
+    index (no step compares every pair); a memory-mapped set is hashed a chunk at a time. A stream-tier
+    source (no ``images``) is not read twice: one message says the check was skipped."""
     messages = []
+    if not hasattr(train, "images") or (test is not None and len(test) and not hasattr(test, "images")):
+        return [f"the stream tier reads {name} batch by batch: the train-time duplicate and leakage check is "
+                "skipped (imclass data check FOLDER runs it without holding the images)"]
     bits = image_hashes(train.images)
     pairs = hamming_pairs(bits, near_distance)
     conflicts = [(i, j) for i, j, _ in pairs if int(train.labels[i]) != int(train.labels[j])]
@@ -385,6 +411,7 @@ def quick_check(train: Any, test: Any = None, *, near_distance: int = 2, imbalan
         messages.append(f"class imbalance in {name}: {imb['largest']} has {imb['ratio']:.1f}x the images of "
                         f"{imb['smallest']}; consider --class-weight balanced or --sampler balanced")
     source = str(getattr(train, "source", "") or "")
-    if messages and source and Path(source).is_dir():
-        messages[-1] += f" (imclass data check {train.source} lists the files)"
+    if source and Path(source).is_dir():  # every finding about files: data check names them
+        messages = [m if m.startswith("class imbalance") else f"{m} (imclass data check {train.source} lists the files)"
+                    for m in messages]
     return messages

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from imclass.train.state import TrainState
-from imclass.visualize import save_line_plot
 from imclass.model_file.save import save
+from imclass.train.state import TrainState
+from imclass.visualize.training import save_curves
 
 EVENTS = ("on_train_begin", "on_epoch_begin", "on_batch_begin", "on_batch_end", "on_epoch_end", "on_train_end")
 
@@ -285,7 +285,8 @@ class TensorBoard(Callback):
 
 
 class TrainingCurves(Callback):
-    """Write the loss and accuracy curves as a PNG at every epoch end."""
+    """Write the training curves as a PNG at every epoch end: two panels, loss | accuracy (training and
+    validation), over whole epochs (``imclass.visualize.save_curves``)."""
 
     order = 80
     main_process_only = True  # writes files or prints: rank 0 only under torchrun
@@ -296,8 +297,8 @@ class TrainingCurves(Callback):
 
     def on_epoch_end(self, state: TrainState) -> None:
         history = state.history.to_dict()
-        series = {k: history[k] for k in self.keys if k in history}
-        save_line_plot(history["epoch"], series, self.path, xlabel="epoch", title="training curves")
+        series = {k: history[k] for k in ("epoch", *self.keys) if k in history}
+        save_curves(series, self.path, title=f"training curves ({self.path.parent.name})")
 
 
 class ProgressBar(Callback):

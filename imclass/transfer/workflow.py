@@ -30,6 +30,7 @@ from imclass.model_file.save import save
 from imclass.models.transfer_net import PoolStagesUnsupported
 from imclass.models.weights import KNOWN_WEIGHTS, Preprocessing, find_known_weights, resolve_weights_root
 from imclass.models.weights import backbone_name, preprocessing_for
+from imclass.train.run_folder import BEST_FILE, CONFUSION_FILE, CURVES_FILE, HISTORY_FILE, LAST_FILE, MODEL_FILE, fresh_run_dir, held_out_figures, link_or_copy, save_confusion_matrix, save_curves, write_history
 from imclass.transfer import finetune  # called as finetune.X: tests replace finetune.fine_tune
 from imclass.transfer.features import FeatureCache, decode_one
 
@@ -62,6 +63,7 @@ class TransferConfig:
     limit: int | None = None  # at most this many training images (quick tries)
     cache_dir: str | None = None  # features cached on disk here (memory only when None)
     out: str | None = None
+    exist_ok: bool = False  # write into an existing `out`; else a new run goes to out-2, out-3, ...
     class_weight: str | list | dict | None = None  # class imbalance (Classifier.fit): 'balanced', a list or a dict
     sampler: str | None = None  # 'balanced': every class drawn about equally often
     verbose: bool = False
@@ -191,31 +193,79 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
     train, val, test = read_folder_for(cfg.dataset, pre, val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit,
                                        mode=cfg.data_mode)
     seconds = {"read": time.perf_counter() - t0}
+    t0 = time.perf_counter()
     _warn_about_data(train, val, Path(cfg.dataset).expanduser().name)
+    seconds["check"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     model = _transfer_for(cfg, backbone, len(train.classes))
-    out = Path(cfg.out or f"runs/transfer-{backbone.replace(':', '_')}-{Path(cfg.dataset).expanduser().name}")
+    seconds["backbone"] = time.perf_counter() - t0
+    wanted = Path(cfg.out or f"runs/transfer-{backbone.replace(':', '_')}-{Path(cfg.dataset).expanduser().name}")
+    out = fresh_run_dir(wanted, exist_ok=cfg.exist_ok)
+    if out != wanted:
+        warnings.warn(f"{wanted} holds an earlier run: this run goes to {out} (--exist-ok writes into {wanted})",
+                      stacklevel=2)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     cache = FeatureCache(cfg.cache_dir) if cfg.cache_dir else None
-    result = finetune.fine_tune(model, train, epochs=cfg.epochs, freeze_epochs=cfg.freeze_epochs, validation=val,
-                       unfreeze_stages=cfg.unfreeze, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                       cache=cache, verbose=cfg.verbose, feature_augment=cfg.feature_augment,
-                       class_weight=cfg.class_weight, sampler=cfg.sampler, batch_norm=cfg.batch_norm)
-    seconds.update(result.seconds)
-    clf = result.classifier
-    metrics = clf.evaluate(val)
-    head_accuracy = _last(result.head_history)
-    if cfg.epochs and head_accuracy is not None and metrics["accuracy"] < head_accuracy:
-        warnings.warn(f"fine-tuning ended below the frozen head ({metrics['accuracy']:.1%} < {head_accuracy:.1%} "
-                      f"validation accuracy): its first epochs unsettle the head; give it more --epochs (3 took the "
-                      f"flowers photos from 91.1 % to 92.1 %) or a lower --lr, or keep --epochs 0", stacklevel=2)
-    model_file = save(clf, out, train_config={"transfer": dataclasses.asdict(cfg), **clf.training_config()})
-    histories = {"head": result.head_history.to_dict() if result.head_history else None,
-                 "fine_tune": result.fine_history.to_dict() if result.fine_history else None}
+    common = dict(validation=val, unfreeze_stages=cfg.unfreeze, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+                  cache=cache, verbose=cfg.verbose, feature_augment=cfg.feature_augment,
+                  class_weight=cfg.class_weight, sampler=cfg.sampler, batch_norm=cfg.batch_norm)
+    head = finetune.fine_tune(model, train, epochs=0, freeze_epochs=cfg.freeze_epochs, **common) if cfg.freeze_epochs else None
+    fine = None
+    if cfg.epochs:  # the frozen head's weights are kept: fine-tuning must beat it to become the default model
+        head_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        fine = finetune.fine_tune(model, train, epochs=cfg.epochs, freeze_epochs=0, **common)
+    for stage in (head, fine):
+        seconds.update(stage.seconds if stage is not None else {})
+    clf = (fine or head).classifier
+    t_end = time.perf_counter()
+    history = _joined_history(head, fine)
+    last = held_out_figures(clf, val)
+    head_accuracy = _last(head.head_history) if head is not None else None
+    chosen, selected = last, "last"
+    if fine is not None and head is not None:
+        save(clf, out / LAST_FILE, train_config=_train_config(cfg, clf),
+             metrics=_metrics(last, history, len(history["epoch"]), test_figures(clf, test)))
+        last_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(head_state)
+        head_figures = held_out_figures(clf, val)
+        if head_figures["accuracy"] > last["accuracy"]:
+            chosen, selected = head_figures, "best"
+            warnings.warn(f"fine-tuning ended below the frozen head ({last['accuracy']:.1%} < "
+                          f"{head_figures['accuracy']:.1%} validation accuracy): the frozen head is the saved model "
+                          f"({MODEL_FILE}, {BEST_FILE}), the fine-tuned one is {LAST_FILE}; give fine-tuning more "
+                          f"--epochs (3 took the flowers photos from 91.1 % to 92.1 %) or a lower --lr", stacklevel=2)
+            save(clf, out / BEST_FILE, train_config=_train_config(cfg, clf),
+                 metrics=_metrics(head_figures, history, cfg.freeze_epochs, test_figures(clf, test)))
+        else:
+            model.load_state_dict(last_state)
+            link_or_copy(out / LAST_FILE, out / BEST_FILE)
+            selected = "best"  # the fine-tuned model beats the head: last and best are the same file
+    else:
+        save(clf, out / LAST_FILE, train_config=_train_config(cfg, clf),
+             metrics=_metrics(last, history, len(history["epoch"]), test_figures(clf, test)))
+        link_or_copy(out / LAST_FILE, out / BEST_FILE)
+    link_or_copy(out / BEST_FILE, out / MODEL_FILE)
+    model_file = out / MODEL_FILE
+    write_history(history, out / HISTORY_FILE)
+    marks = {"fine-tuning starts": cfg.freeze_epochs + 0.5} if head is not None and fine is not None else None
+    save_curves(history, out / CURVES_FILE, title=f"training curves ({out.name})", marks=marks)
+    save_confusion_matrix(chosen["confusion_matrix"], list(val.classes), out / CONFUSION_FILE,
+                          title=f"{out.name}: {'the frozen head' if chosen is not last else 'the saved model'} "
+                                f"on the validation split")
+    histories = {"head": head.head_history.to_dict() if head is not None and head.head_history else None,
+                 "fine_tune": fine.fine_history.to_dict() if fine is not None and fine.fine_history else None}
     (out / "history.json").write_text(json.dumps(histories, indent=1) + "\n")
+    if test is not None:
+        test_accuracy = test_figures(clf, test)["accuracy"]
+    seconds["evaluate, save"] = time.perf_counter() - t_end
+    total = time.perf_counter() - t_start
+    seconds["other"] = max(0.0, total - sum(seconds.values()))  # the breakdown adds up to the total
     report = {
-        "accuracy": metrics["accuracy"],
-        "loss": metrics["loss"],
+        "accuracy": chosen["accuracy"],  # the saved model's (model.safetensors) validation accuracy
+        "loss": chosen["loss"],
+        "model_selected": "frozen head" if chosen is not last else ("fine-tuned" if fine is not None else "head"),
+        "last_accuracy": last["accuracy"],
         "val_images": len(val),
         "train_images": len(train),
         "classes": list(train.classes),
@@ -224,17 +274,61 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
         "input_size": list(pre.input_size),
         "pool_stages": model.pool_stages,
         "head_accuracy": head_accuracy,
+        "suspected_label_errors": chosen["suspected_label_errors"],  # confident learning on the held-out predictions
         "data_mode": getattr(train, "mode", "memory"),
-        "seconds": time.perf_counter() - t_start,
+        "seconds": total,
         "seconds_per_stage": seconds,
         "model_file": str(model_file),
         "out": str(out),
         "notes": list(train.notes),
     }
     if test is not None:
-        report["test_accuracy"] = clf.evaluate(test)["accuracy"]
+        report["test_accuracy"] = test_accuracy
         report["test_images"] = len(test)
     return report
+
+
+def _joined_history(head: Any, fine: Any) -> dict[str, list]:
+    """One per-epoch history of both stages (head epochs 1..F, then fine-tuning F+1..F+E), with a
+    ``stage`` column: what history.csv and curves.png show."""
+    out: dict[str, list] = {"epoch": [], "stage": []}
+    stages = [(head.head_history if head is not None else None, "head"),
+              (fine.fine_history if fine is not None else None, "fine-tune")]
+    keys = ["loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
+    for k in keys:
+        out[k] = []
+    for history, name in stages:
+        if history is None:
+            continue
+        h = history.to_dict()
+        n = len(h.get("epoch", []))
+        for i in range(n):
+            out["epoch"].append(len(out["epoch"]) + 1)
+            out["stage"].append(name)
+            for k in keys:
+                out[k].append(h[k][i] if k in h and i < len(h[k]) else "")
+    return {k: v for k, v in out.items() if k in ("epoch", "stage") or any(x != "" for x in v)}
+
+
+def _train_config(cfg: TransferConfig, clf: Any) -> dict[str, Any]:
+    return {"transfer": dataclasses.asdict(cfg), **clf.training_config()}
+
+
+def test_figures(clf: Any, test: Any) -> dict[str, Any] | None:
+    """The figures on the folder's own test/ split (None without one)."""
+    return None if test is None else held_out_figures(clf, test)
+
+
+def _metrics(val: dict, history: dict, epoch: int, test: dict | None) -> dict[str, float]:
+    """What the model file records (``GET /models/{name}`` of ``imclass serve`` answers it): the validation
+    figures of the saved weights, the test figures when the folder has a test/ split, the epoch."""
+    values = {"val_accuracy": float(val["accuracy"]), "val_loss": float(val["loss"]), "epoch": epoch,
+              "epochs": len(history.get("epoch", []))}
+    if epoch and epoch <= len(history.get("accuracy", [])) and history["accuracy"][epoch - 1] != "":
+        values["accuracy"] = float(history["accuracy"][epoch - 1])  # the training accuracy of that epoch
+    if test is not None:
+        values.update(test_accuracy=float(test["accuracy"]), test_loss=float(test["loss"]))
+    return {k: v for k, v in values.items() if math.isfinite(v)}
 
 
 DEFAULT_POOL_STAGES = 2  # flowers, frozen MobileNetV2: +1.5 points over the final features alone (bench/RESULTS.md)

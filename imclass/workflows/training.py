@@ -5,9 +5,11 @@
 
 The same config comes from a JSON or TOML file (``load_config(path, **overrides)``), flat keys
 named like the fields below, with ``[model_options]`` as a table. Unknown keys are an error, so
-a typo never silently trains something else. The run folder ``out`` ends up holding
-``model.safetensors`` (``imclass.load(out)``), ``config.json`` (the resolved config) and what the
-training engine writes there (history, checkpoint, training-curve PNG).
+a typo never silently trains something else. The run folder ``out`` (a new ``out-2``, ``out-3``, ...
+when ``out`` holds an earlier run, unless ``exist_ok`` or ``resume``) ends up holding
+``model.safetensors`` (``imclass.load(out)``: the best model by validation accuracy, the same file as
+``best.safetensors``), ``last.safetensors`` (the last epoch's), ``config.json`` (the resolved config),
+``history.csv``, ``curves.png``, ``confusion_matrix.png`` (on the test split) and ``checkpoint.pt``.
 """
 from __future__ import annotations
 
@@ -25,13 +27,17 @@ from imclass import data as imdata, models
 from imclass.data.challenge_transforms import ChallengeAugment, parse_challenges
 from imclass.data.check import quick_check
 from imclass.data.folder import default_image_size
+from imclass.model_file.format import load_weights
 from imclass.model_file.save import save
 from imclass.models.rebuild import load
 from imclass.train import Classifier, distributed
-from imclass.train.callbacks import CSVLogger, TimeBudget, TrainingCurves
+from imclass.train.callbacks import CSVLogger, ModelCheckpoint, TimeBudget, TrainingCurves
 from imclass.train.checkpoint import CHECKPOINT_NAME
 from imclass.train.device import resolve_device
 from imclass.train.distributed import is_main
+from imclass.train.lr_range import LRFindResult, clean_curve
+from imclass.train.run_folder import BEST_FILE, CONFUSION_FILE, LAST_FILE, fresh_run_dir, held_out_figures, link_or_copy
+from imclass.visualize.training import save_confusion_matrix
 from imclass.workflows import recipes
 
 __all__ = ["AUGMENTATIONS", "RunConfig", "TrainConfig", "config_from_dict", "load_config", "seed_everything",
@@ -72,6 +78,7 @@ class RunConfig:
     seed: int = 0
     out: str | None = None  # run folder; default runs/<model>-<dataset>
     resume: bool = False  # continue from out/checkpoint.pt
+    exist_ok: bool = False  # write into an existing `out`; else a new run goes to out-2, out-3, ...
     device: str = "auto"
     recipe: str | None = None  # "fast": the fast CIFAR-10 recipe
     target: int | None = None  # accuracy target of the fast recipe: 90, 94 or 95
@@ -129,7 +136,7 @@ class RunConfig:
     def run_dict(self) -> dict:
         """What ``config.json`` holds: the config less how this command was run (``resume``, ``verbose``),
         so that ``imclass train --out DIR --resume`` can read it back."""
-        return {k: v for k, v in self.to_dict().items() if k not in ("resume", "verbose")}
+        return {k: v for k, v in self.to_dict().items() if k not in ("resume", "verbose", "exist_ok")}
 
 
 TrainConfig = RunConfig  # the name used in the design notes
@@ -237,37 +244,36 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
             f"expected a model name (--model) to train on {cfg.dataset!r} (see `imclass models list`); "
             "only cifar10 has a default (the fast recipe)"
         )
-    out = Path(cfg.out or f"runs/{(cfg.model or 'fast').replace(':', '_')}-{Path(cfg.dataset).name}")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: a file is in the way; expected a run folder (new or existing)")
-    if cfg.resume and not (out / CHECKPOINT_NAME).is_file():
-        raise ValueError(f"--resume: no checkpoint in {out} (expected {out / CHECKPOINT_NAME}; the run folder is "
+    wanted = Path(cfg.out or f"runs/{(cfg.model or 'fast').replace(':', '_')}-{Path(cfg.dataset).name}")
+    if wanted.exists() and not wanted.is_dir():
+        raise ValueError(f"--out {wanted}: a file is in the way; expected a run folder (new or existing)")
+    if cfg.resume and not (wanted / CHECKPOINT_NAME).is_file():
+        raise ValueError(f"--resume: no checkpoint in {wanted} (expected {wanted / CHECKPOINT_NAME}; the run folder is "
                          "missing or mistyped, or the run stopped before its first checkpoint): drop --resume to "
                          "start a new run")
     resolve_device(cfg.device)  # an unknown or absent device: one clear error before the data is read
     seed_everything(cfg.seed)  # model initialisation included: two identical commands, identical model files
+    out = _run_dir(cfg)  # runs/x holds an earlier run: runs/x-2 (never a silent overwrite)
     train_set, test_set = _load_data(cfg)
     _warn_about_data(cfg, train_set, test_set)
     out.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(cfg, out=str(out))
     start = time.perf_counter()
     fit = _fit_fast_recipe if cfg.uses_fast_recipe else _fit_model
-    clf, metrics, cfg, details = fit(cfg, train_set, test_set, out)
+    clf, cfg, details = fit(cfg, train_set, test_set, out)
     seconds = time.perf_counter() - start
     _write_config(cfg, out)
-    train_config = {**cfg.run_dict(), **details}
+    # the model file records how it was trained, not where: the same command twice (in runs/x, then runs/x-2)
+    # writes byte-identical model files; config.json keeps the folder
+    train_config = {k: v for k, v in {**cfg.run_dict(), **details}.items() if k != "out"}
+    figures = _final_models(clf, test_set, out, train_config, seconds, list(train_set.image_shape))
+    metrics = figures["metrics"]
     model_file = out / MODEL_FILE
-    if distributed.is_main():  # under torchrun rank 0 writes the run folder
-        recorded = {**{k: v for k, v in clf.history.last().items() if k != "seconds"},
-                    "test_accuracy": float(metrics["accuracy"]), "test_loss": float(metrics["loss"]),
-                    "epochs": len(clf.history)}  # GET /models/{name} of `imclass serve`; no wall time: two
-        # identical commands must write byte-identical model files (the time is in history.csv and the result)
-        recorded = {k: v for k, v in recorded.items()  # a diverged (NaN) loss is left out, not refused
-                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-        save(clf, model_file, train_config=train_config, input_size=list(train_set.image_shape), metrics=recorded)
     return {
         "accuracy": float(metrics["accuracy"]),
         "loss": float(metrics["loss"]),
+        "model_selected": figures["selected"],  # the saved default model: "best" (by val_accuracy) or "last"
+        "last_accuracy": figures["last_accuracy"],
         "seconds": seconds,
         "model": cfg.model,
         "dataset": cfg.dataset,
@@ -280,6 +286,66 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
         "out": str(out),
         "model_file": str(model_file),
     }
+
+
+def _run_dir(cfg: RunConfig) -> Path:
+    """``cfg.out`` (default runs/<model>-<dataset>), or the next free ``-2``, ``-3``, ... when it holds an
+    earlier run and neither ``exist_ok`` nor ``resume`` is set; every rank of a torchrun run agrees."""
+    wanted = Path(cfg.out or f"runs/{(cfg.model or 'fast').replace(':', '_')}-{Path(cfg.dataset).name}")
+    out = fresh_run_dir(wanted, exist_ok=cfg.exist_ok, resume=cfg.resume)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # rank 0 decides, before anyone creates a folder
+        chosen = [str(out)]
+        dist.broadcast_object_list(chosen, src=0)
+        out = Path(chosen[0])
+    if out != wanted:
+        import warnings
+
+        warnings.warn(f"{wanted} holds an earlier run: this run goes to {out} (--exist-ok writes into {wanted})",
+                      stacklevel=3)
+    return out
+
+
+def _final_models(clf, test_set, out: Path, train_config: dict, seconds: float, input_size: list) -> dict[str, Any]:
+    """Write last.safetensors, best.safetensors (best by val_accuracy; the last one without validation),
+    model.safetensors (the same file as best: what ``imclass.load(out)`` reads) with the test figures in
+    each file, and confusion_matrix.png of the default model on the test split."""
+    last = held_out_figures(clf, test_set, clf.tta)
+    history = clf.history.to_dict()
+    vals = [v for v in history.get("val_accuracy", []) if v is not None and math.isfinite(v)]
+    best_epoch = None
+    if vals and (out / BEST_FILE).is_file():
+        best_epoch = history["val_accuracy"].index(max(vals)) + 1
+    main = distributed.is_main()  # under torchrun rank 0 writes the run folder
+
+    def recorded(fig: dict, epoch: int | None) -> dict:
+        logs = {k: v[epoch - 1] for k, v in history.items() if epoch is not None and len(v) >= epoch}
+        values = {**{k: v for k, v in (logs or clf.history.last()).items() if k != "seconds"},
+                  "test_accuracy": float(fig["accuracy"]), "test_loss": float(fig["loss"]),
+                  "epochs": len(clf.history)}  # GET /models/{name} of `imclass serve`; no wall time: two
+        # identical commands must write byte-identical model files (the time is in history.csv and the result)
+        return {k: v for k, v in values.items()  # a diverged (NaN) loss is left out, not refused
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+    if main:
+        save(clf, out / LAST_FILE, train_config=train_config, input_size=input_size, metrics=recorded(last, None))
+    chosen, selected = last, "last"
+    if best_epoch is not None and best_epoch != len(clf.history):
+        load_weights(clf.model, out / BEST_FILE)  # the best epoch's weights, written by ModelCheckpoint
+        chosen, selected = held_out_figures(clf, test_set, clf.tta), "best"
+    elif best_epoch is not None:
+        selected = "best"  # the last epoch is the best one
+    if main:
+        if selected == "best" and chosen is not last:
+            save(clf, out / BEST_FILE, train_config={**train_config, "selected": f"best (epoch {best_epoch})"},
+                 input_size=input_size, metrics=recorded(chosen, best_epoch))
+        else:
+            link_or_copy(out / LAST_FILE, out / BEST_FILE)
+        link_or_copy(out / BEST_FILE, out / MODEL_FILE)
+        save_confusion_matrix(chosen["confusion_matrix"], list(test_set.classes), out / CONFUSION_FILE,
+                              title=f"{out.name}: {selected} model on the {test_set.split or 'test'} split")
+    return {"metrics": chosen, "selected": selected, "last_accuracy": float(last["accuracy"])}
 
 
 def seed_everything(seed: int) -> None:
@@ -304,9 +370,42 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
-def _run_callbacks(out: Path, budget: float | None = None) -> list:
+def _run_callbacks(out: Path, budget: float | None = None, validation: bool = False) -> list:
     callbacks = [CSVLogger(out / "history.csv"), TrainingCurves(out / "curves.png")]
+    if validation:  # best.safetensors: the best epoch by validation accuracy so far
+        callbacks.append(ModelCheckpoint(out / BEST_FILE, monitor="val_accuracy", mode="max"))
     return callbacks + [TimeBudget(budget)] if budget else callbacks
+
+
+LR_FIND_START, LR_FIND_END, LR_FIND_STEPS = 1e-7, 10.0, 100
+
+
+def lr_find_from_config(cfg: RunConfig, *, start_lr: float = LR_FIND_START, end_lr: float = LR_FIND_END,
+                        num_steps: int = LR_FIND_STEPS, plot: str | Path | None = None) -> dict[str, Any]:
+    """``imclass train --lr-find``: the learning-rate range test of the model ``cfg`` describes, compiled as
+    ``cfg`` says (optimizer, momentum, weight decay, label smoothing), on its training images; nothing is
+    trained for good and no run folder is written. Returns ``suggestion`` (steepest descent of the smoothed
+    loss, strictly between ``start_lr`` and ``end_lr``), ``minimum`` (lowest-loss lr / 10), the range, the
+    points kept and where the plot went."""
+    if cfg.uses_fast_recipe or (cfg.model is None and cfg.weights is None):
+        raise ValueError("--lr-find needs a model to test (--model NAME, or --weights FILE to fine-tune); "
+                         "the fast recipe has its own tuned learning rates")
+    train_set, _ = _load_data(cfg)
+    cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size or DEFAULT_BATCH_SIZE)
+    seed_everything(cfg.seed)
+    clf = _build_classifier(cfg, train_set)
+    clf.compile(cfg.optimizer, lr=cfg.lr, label_smoothing=cfg.label_smoothing, weight_decay=cfg.weight_decay,
+                momentum=cfg.momentum, nesterov=cfg.nesterov)
+    raw = clf.lr_find(train_set, start_lr=start_lr, end_lr=end_lr, num_steps=num_steps, batch_size=cfg.batch_size,
+                      seed=cfg.seed)
+    result = LRFindResult(list(raw.lrs), list(raw.losses), start_lr=start_lr, end_lr=end_lr)
+    if plot is not None:
+        result.plot(plot)
+    kept, _ = clean_curve(result.lrs, result.losses)
+    return {"suggestion": result.suggestion, "minimum": result.minimum, "start_lr": start_lr, "end_lr": end_lr,
+            "steps": len(result.lrs), "steps_before_divergence": len(kept), "plot": str(plot) if plot else None,
+            "model": cfg.model or _model_name(clf.model), "dataset": cfg.dataset, "batch_size": cfg.batch_size,
+            "optimizer": cfg.optimizer}
 
 
 def _fit_model(cfg: RunConfig, train_set, test_set, out: Path):
@@ -333,7 +432,7 @@ def _fit_model(cfg: RunConfig, train_set, test_set, out: Path):
         batch_size=cfg.batch_size,
         validation=cfg.val_fraction or None,
         augment=augment,
-        callbacks=_run_callbacks(out, cfg.budget) + augment_callbacks,
+        callbacks=_run_callbacks(out, cfg.budget, validation=bool(cfg.val_fraction)) + augment_callbacks,
         seed=cfg.seed,
         checkpoint_dir=out,
         resume=cfg.resume,
@@ -341,7 +440,7 @@ def _fit_model(cfg: RunConfig, train_set, test_set, out: Path):
         class_weight=cfg.class_weight,
         sampler=cfg.sampler,
     )
-    return clf, clf.evaluate(test_set), cfg, {}
+    return clf, cfg, {}
 
 
 def _fit_fast_recipe(cfg: RunConfig, train_set, test_set, out: Path):
@@ -364,9 +463,8 @@ def _fit_fast_recipe(cfg: RunConfig, train_set, test_set, out: Path):
         callbacks=tuple(_run_callbacks(out, cfg.budget)),
         verbose=cfg.verbose,
     )
-    metrics = clf.evaluate(test_set, tta=clf.tta)
     details = {"model": "fastnet", "target": cfg.target, "epochs": fast.epochs, "fast_recipe": dataclasses.asdict(fast)}
-    return clf, metrics, cfg, details
+    return clf, cfg, details
 
 
 def _model_name(model) -> str | None:
@@ -379,12 +477,13 @@ def _load_data(cfg: RunConfig):
     ``--limit`` applied to its file list before decoding, at ``cfg.image_size`` or a default size."""
     folder = Path(cfg.dataset).expanduser()
     size = cfg.image_size
-    if folder.is_dir() and size is None:
+    shards = (folder / "index.json").is_file()  # `imclass data shard` output: images at the size they were written
+    if folder.is_dir() and size is None and not shards:
         size = default_image_size(folder)
     # --limit: a seeded, stratified sample of each split (imclass.data.split.limit_indices), before decoding
     sets = [imdata.load(cfg.dataset, split=split, root=cfg.data_root, image_size=size, limit=cfg.limit,
                         seed=cfg.seed or 0, mode=cfg.data_mode) for split in ("train", "test")]
-    if folder.is_dir() and cfg.image_size is None:
+    if folder.is_dir() and cfg.image_size is None and not shards:
         for ds in sets:
             ds.notes.append(f"images resized to {size[0]}x{size[1]} (the default without --image-size)")
     return sets[0], sets[1]

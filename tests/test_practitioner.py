@@ -1,0 +1,171 @@
+"""The practitioner's path (issue 23): k-NN and `data show` on photo folders, data check naming what
+train warns about, evaluate --mistakes, one spelling per flag."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from imclass.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A plain tree of 3 classes x 20 'photos' of mixed sizes and formats (as a phone folder is)."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(1)
+    for c, name in enumerate(["cat", "dog", "owl"]):
+        (root / name).mkdir()
+        for i in range(20):
+            h, w = 40 + 7 * (i % 5), 50 + 11 * (i % 3)
+            pixels = rng.integers(0, 90, (h, w, 3), dtype=np.uint8)
+            pixels[..., c] += 150  # each class its colour
+            Image.fromarray(pixels).save(root / name / f"{i:02d}.{'jpg' if i % 2 else 'png'}")
+    return root
+
+
+def test_knn_on_a_folder_of_mixed_size_photos(photos):
+    res = runner.invoke(app, ["knn", "--dataset", str(photos), "--image-size", "16", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["n_train"] + out["n_test"] == 60 and out["accuracy"] == 1.0  # colour alone separates the classes
+    default = runner.invoke(app, ["knn", "--dataset", str(photos), "--json"])  # the folder default: 32 x 32
+    assert default.exit_code == 0, default.output
+
+
+def test_data_show_on_a_folder_of_mixed_size_photos(photos, tmp_path):
+    out = tmp_path / "grid.png"
+    res = runner.invoke(app, ["data", "show", str(photos), "--out", str(out), "--per-class", "4"])
+    assert res.exit_code == 0, res.output
+    assert "3 classes x up to 4 images" in res.stdout
+    with Image.open(out) as im:
+        assert im.height >= 3 * 64  # three rows of 64-pixel images
+
+
+def test_data_check_names_every_pair_that_train_warns_about(tmp_path):
+    """A plain tree: train warns about a leaked test image and a picture with two labels; data check
+    must name both pairs (it used to mark every pair `splits: all`)."""
+    import shutil
+    import warnings
+
+    import imclass
+    from imclass.data.check import check_folder, format_report, quick_check
+
+    rng = np.random.default_rng(2)
+    root = tmp_path / "plain"
+    for name in ("ant", "bee", "cat"):
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    shutil.copy(root / "ant" / "0.png", root / "bee" / "99.png")  # one picture, two labels
+    train, test = imclass.data.load(root, "train"), imclass.data.load(root, "test")
+    held = sorted(set(imclass.data.load(root, "all").images.flatten(1).sum(1).tolist())
+                  - set(train.images.flatten(1).sum(1).tolist()))
+    assert len(test) == 6 and held  # 20 % of each class held out
+    # leak: overwrite one held-out cat file with a training cat file (counts and split unchanged)
+    cat_files = sorted((root / "cat").glob("*.png"))
+    sums = {f: int(np.asarray(Image.open(f)).astype(np.int64).sum()) for f in cat_files}
+    test_sums = set(test.images.flatten(1).sum(1).tolist())
+    leaked_file = next(f for f in cat_files if sums[f] in test_sums)
+    source_file = next(f for f in cat_files if sums[f] not in test_sums)
+    shutil.copy(source_file, leaked_file)
+    train, test = imclass.data.load(root, "train"), imclass.data.load(root, "test")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        messages = quick_check(train, test, name="plain")
+    assert any("1 pair(s) of (near) identical training images of plain carry different labels" in m and
+               "imclass data check" in m for m in messages)
+    assert any("1 of the 6 test images of plain are (near) identical to training images" in m for m in messages)
+
+    report = check_folder(root)
+    exact = {tuple(g["files"]): g for g in report["exact_duplicates"]}
+    conflict = exact[("ant/0.png", "bee/99.png")]
+    assert conflict["labels_differ"] and conflict["kind"] == "across classes"
+    leak = next(g for g in report["exact_duplicates"] if set(g["files"]) == {f"cat/{source_file.name}", f"cat/{leaked_file.name}"})
+    assert leak["kind"] == "across splits" and sorted(leak["splits"]) == ["test", "train"]
+    text = format_report(report)
+    assert "1 across splits" in text and f"cat/{leaked_file.name} (test)" in text and "ant/0.png (train)" in text
+
+
+def test_a_run_folder_holds_best_and_last_curves_and_confusion_and_is_never_overwritten(photos, tmp_path, one_thread):
+    import csv
+
+    import imclass
+    from imclass.io import read_metadata
+
+    out = tmp_path / "run"
+    args = ["train", "--model", "mlp", "--dataset", str(photos), "--image-size", "16", "--epochs", "4",
+            "--val-fraction", "0.25", "--lr", "0.01", "--out", str(out), "--json"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    result = json.loads(first.stdout.strip().splitlines()[-1])
+    for name in ("history.csv", "curves.png", "confusion_matrix.png", "best.safetensors", "last.safetensors",
+                 "model.safetensors", "config.json"):
+        assert (out / name).is_file(), name
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    val = [float(r["val_accuracy"]) for r in rows]
+    best = read_metadata(out / "best.safetensors")["metrics"]
+    assert best["val_accuracy"] == max(val) and best["epoch"] == val.index(max(val)) + 1  # best by validation
+    assert read_metadata(out / "last.safetensors")["metrics"]["epoch"] == 4
+    assert (out / "model.safetensors").read_bytes() == (out / "best.safetensors").read_bytes()
+    test = imclass.data.load(photos, "test", image_size=16)
+    assert imclass.load(out).evaluate(test)["accuracy"] == pytest.approx(result["accuracy"])
+    assert best["test_accuracy"] == pytest.approx(result["accuracy"])  # what /models and the page show
+    # the same --out again: a new folder, the first run untouched
+    before = (out / "model.safetensors").read_bytes()
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0, second.output
+    assert json.loads(second.stdout.strip().splitlines()[-1])["out"] == str(tmp_path / "run-2")
+    assert "holds an earlier run" in second.stderr and (out / "model.safetensors").read_bytes() == before
+    # --exist-ok writes into it; --resume continues it in place
+    third = runner.invoke(app, args[:-1] + ["--exist-ok", "--epochs", "1", "--json"])
+    assert json.loads(third.stdout.strip().splitlines()[-1])["out"] == str(out)
+    resumed = runner.invoke(app, ["train", "--out", str(out), "--resume", "--epochs", "2", "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["out"] == str(out)
+
+
+def test_train_help_is_grouped_in_panels_with_the_real_defaults():
+    from imclass.transfer.workflow import TransferConfig
+    from imclass.workflows.training import DEFAULT_EPOCHS, RunConfig
+
+    res = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0
+    text = res.stdout
+    for panel in ("Data", "Model", "Recipe", "Transfer (a folder of photos)", "Output"):
+        assert f"─ {panel} ─" in text, panel
+    assert f"default {DEFAULT_EPOCHS}; transfer: fine-tuning epochs after --freeze-epochs, default " \
+           f"{TransferConfig(dataset='.').epochs}" in text
+    assert f"(default {RunConfig().augment}; a folder without pretrained weights: crop_flip)" in text
+    assert "--from-model" in text and "The backbone's weights" in text
+
+
+def test_one_meaning_per_flag_old_spellings_still_work(photos, tmp_path, one_thread):
+    """--weights is backbone weights only: a model file is --from-model (old spelling kept, with a note);
+    knn's vote weighting is --vote (--weights kept hidden); -m is --model, -k is k-NN's k."""
+    run = tmp_path / "base"
+    base = ["--dataset", str(photos), "--image-size", "16", "--epochs", "1", "--json"]
+    assert runner.invoke(app, ["train", "-m", "mlp", *base, "--out", str(run)]).exit_code == 0
+    new = runner.invoke(app, ["train", "--from-model", str(run), *base, "--out", str(tmp_path / "ft")])
+    assert new.exit_code == 0, new.output
+    old = runner.invoke(app, ["train", "--weights", str(run), *base, "--out", str(tmp_path / "ft-old")])
+    assert old.exit_code == 0, old.output
+    assert "names a model file: that is --from-model now" in old.stderr
+    assert json.loads(old.stdout.strip().splitlines()[-1])["model"] == "mlp"
+
+    voted = runner.invoke(app, ["knn", "--dataset", str(photos), "--image-size", "16", "--vote", "distance", "-k", "3",
+                                "--json"])
+    legacy = runner.invoke(app, ["knn", "--dataset", str(photos), "--image-size", "16", "--weights", "distance",
+                                 "-k", "3", "--json"])
+    assert voted.exit_code == legacy.exit_code == 0, voted.output + legacy.output
+    a, b = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (voted, legacy))
+    assert a["weights"] == b["weights"] == "distance" and a["k"] == 3 and a["accuracy"] == b["accuracy"]
+    helps = {cmd: runner.invoke(app, [cmd, "--help"], env={"COLUMNS": "200"}).stdout for cmd in ("knn", "tune", "predict")}
+    assert "--vote" in helps["knn"] and "--weights" not in helps["knn"] and " -m " not in helps["knn"]
+    assert "--search" in helps["tune"] and "--sampler " not in helps["tune"]  # named only in the note
+    assert "-k" not in helps["predict"].split("--top")[1].split("\n")[0]  # --top is -t
