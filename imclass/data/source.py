@@ -524,7 +524,14 @@ def _decode_memory(images: ImageList, decoder: Decoder, *, strict: bool, workers
     out = out[: len(kept)]  # a view: no copy
     labels = torch.tensor([images.labels[i] for i in kept], dtype=torch.long)
     return ImageDataset(out, labels, list(images.classes), name=images.name, split=images.split,
-                        notes=list(images.notes), source=str(images.root), mode="memory")
+                        notes=list(images.notes), source=str(images.root), mode="memory",
+                        paths=[_relative(images.paths[i], images.root) for i in kept])
+
+
+def _relative(path: Any, root: Any) -> str:
+    """``path`` relative to ``root`` when it lies below it (what reports and CSV files show), else as given."""
+    p, r = Path(path), Path(root)
+    return str(p.relative_to(r)) if p.is_relative_to(r) else str(p)
 
 
 def _dist() -> tuple[int, int]:
