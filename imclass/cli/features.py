@@ -70,13 +70,14 @@ def features(
     """Export the embeddings of a data set or folder: features (N, D) float32, labels, classes, paths, splits."""
     import numpy as np
 
-    from imclass.transfer.features import extract_features
+    from imclass.train import distributed
+    from imclass.transfer.features import extract_features_shared
 
     suffix = out.suffix.lower()
     if suffix not in (".npz", ".parquet"):
         fail(f"expected --out ending in .npz or .parquet, received {out.name!r}")
     try:
-        with plain_warnings():
+        with plain_warnings(), distributed.session("cpu"):  # under torchrun each rank extracts its share
             emb = _embedder(model, weights, weights_dir, image_size)
             if Path(data).expanduser().is_dir():
                 from imclass.transfer.retrieval import image_set
@@ -91,10 +92,13 @@ def features(
                 ds = load(data, split=split, root=data_root, limit=limit)
                 source, labels, classes = ds.images, ds.labels, list(ds.classes)
                 splits, paths = [split] * len(ds), [f"{ds.name}/{split}/{i}" for i in range(len(ds))]
-            feats = extract_features(emb.model, source, emb.preprocessing, batch_size, cache=_cache(cache),
-                                     amp=_amp(amp))
+            feats = extract_features_shared(emb.model, source, emb.preprocessing, batch_size, cache=_cache(cache),
+                                            amp=_amp(amp))
+            main = distributed.is_main()
     except USER_ERRORS as err:
         fail(str(err))
+    if not main:  # rank 0 writes the file
+        return
     meta = _meta(emb, data=str(data), classes=classes)
     out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npz":

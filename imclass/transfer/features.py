@@ -30,7 +30,8 @@ from imclass.data.decode import ImageError, decode_image
 from imclass.models.transfer_net import TransferNet, pooled_features
 from imclass.models.weights import Preprocessing
 
-__all__ = ["FeatureCache", "embed", "extract_features", "feature_key", "prepare_batch", "read_for"]
+__all__ = ["FeatureCache", "embed", "extract_features", "extract_features_shared", "feature_key", "prepare_batch",
+           "read_for"]
 
 ImagesOrPaths = torch.Tensor | Sequence[str | os.PathLike]
 
@@ -268,3 +269,29 @@ def extract_features(
     if cache is not None:
         cache.put(key, feats, {"n": len(feats), "preprocessing": preprocessing.to_dict(), "amp": amp})
     return feats
+
+
+def extract_features_shared(model: nn.Module, images: Any, preprocessing: Preprocessing, batch_size: int = 32,
+                            **options: Any) -> torch.Tensor:
+    """:func:`extract_features` with the work shared by the ranks of a torchrun job: rank r extracts only its
+    contiguous share ``imclass.train.distributed.shard(N)`` of ``images`` (a uint8 tensor, a list of paths or an
+    ``ImageDataset``), then the shares are gathered so every rank returns all N features, in order. In one
+    process it is :func:`extract_features`. ``options`` go to :func:`extract_features` (a ``cache`` holds each
+    rank's share under its own key)."""
+    from imclass.train import distributed
+
+    if distributed.world_size() == 1:
+        return extract_features(model, images, preprocessing, batch_size, **options)
+    if hasattr(images, "subset") and hasattr(images, "images"):  # an ImageDataset
+        n = len(images)
+        part = distributed.shard(n)
+        mine: Any = images.subset(torch.arange(n)[part])
+    elif isinstance(images, torch.Tensor) or isinstance(images, (list, tuple)):
+        mine = images[distributed.shard(len(images))]
+    else:
+        raise TypeError(f"expected a uint8 tensor, a list of paths or an ImageDataset to share among ranks, "
+                        f"received {type(images).__name__}")
+    feats = extract_features(model, mine, preprocessing, batch_size, **options)
+    parts = distributed.all_gather_objects(feats)
+    width = max(p.shape[1] for p in parts if p.ndim == 2 and len(p)) if any(len(p) for p in parts) else 0
+    return torch.cat([p if len(p) else torch.empty((0, width)) for p in parts])

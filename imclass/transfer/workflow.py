@@ -23,6 +23,7 @@ import torch
 from imclass.data.dataset import ImageDataset
 from imclass.data.source import Decoder, ImageList, open_images
 from imclass.models.weights import KNOWN_WEIGHTS, Preprocessing, find_known_weights, resolve_weights_root
+from imclass.train.seed import seed_everything
 
 __all__ = ["PREFERRED_BACKBONES", "TransferConfig", "pick_backbone", "read_folder_for", "train_transfer"]
 
@@ -215,6 +216,7 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
     _warn_about_data(train, val, Path(cfg.dataset).expanduser().name)
     seconds["check"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    seed_everything(cfg.seed)  # the new head's initial weights too: identical commands, identical model files
     model = _transfer_for(cfg, backbone, len(train.classes))
     seconds["backbone"] = time.perf_counter() - t0
     wanted = Path(cfg.out or f"runs/transfer-{backbone.replace(':', '_')}-{Path(cfg.dataset).expanduser().name}")

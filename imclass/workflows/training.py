@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AUGMENTATIONS", "RunConfig", "TrainConfig", "config_from_dict", "load_config", "seed_everything",
-           "train_from_config"]
+from imclass.train.seed import seed_everything
+
+__all__ = ["AUGMENTATIONS", "RunConfig", "TrainConfig", "check_resumable", "config_from_dict", "load_config",
+           "seed_everything", "train_from_config"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = (None, "step", "exponential", "cosine", "onecycle", "linear")
@@ -254,10 +256,8 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
     wanted = Path(cfg.out or f"runs/{(cfg.model or 'fast').replace(':', '_')}-{Path(cfg.dataset).name}")
     if wanted.exists() and not wanted.is_dir():
         raise ValueError(f"--out {wanted}: a file is in the way; expected a run folder (new or existing)")
-    if cfg.resume and not (wanted / CHECKPOINT_NAME).is_file():
-        raise ValueError(f"--resume: no checkpoint in {wanted} (expected {wanted / CHECKPOINT_NAME}; the run folder is "
-                         "missing or mistyped, or the run stopped before its first checkpoint): drop --resume to "
-                         "start a new run")
+    if cfg.resume:
+        check_resumable(wanted)
     resolve_device(cfg.device)  # an unknown or absent device: one clear error before the data is read
     seed_everything(cfg.seed)  # model initialisation included: two identical commands, identical model files
     out = _run_dir(cfg)  # runs/x holds an earlier run: runs/x-2 (never a silent overwrite)
@@ -363,16 +363,15 @@ def _final_models(clf, test_set, out: Path, train_config: dict, seconds: float, 
     return {"metrics": chosen, "selected": selected, "last_accuracy": float(last["accuracy"])}
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, NumPy's global generator and torch (CPU and every GPU)."""
-    import random
+def check_resumable(out: str | Path) -> None:
+    """A ValueError saying so when ``out`` holds no training checkpoint to resume (``--resume``)."""
+    from imclass.train.checkpoint import CHECKPOINT_NAME
 
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    out = Path(out)
+    if not (out / CHECKPOINT_NAME).is_file():
+        raise ValueError(f"--resume: no checkpoint in {out} (expected {out / CHECKPOINT_NAME}; the run folder is "
+                         "missing or mistyped, or the run stopped before its first checkpoint): drop --resume to "
+                         "start a new run")
 
 
 def _write_config(cfg: RunConfig, out: Path) -> None:
