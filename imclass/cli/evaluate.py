@@ -8,6 +8,7 @@ import typer
 
 from imclass.cli._common import (
     USER_ERRORS,
+    DataMode,
     DataRoot,
     TTAOption,
     fail,
@@ -29,6 +30,7 @@ def evaluate(
     split: str = typer.Option("test", "--split", help="Which split to evaluate on."),
     data_root: Optional[str] = DataRoot,
     limit: Optional[int] = limit_option(),
+    data_mode: Optional[str] = DataMode,
     confusion: bool = typer.Option(False, "--confusion", help="Also print the confusion matrix."),
     tta: Optional[bool] = TTAOption,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -60,10 +62,10 @@ def evaluate(
             if pre is not None:
                 from imclass.transfer.workflow import load_for
 
-                data = load_for(dataset, pre, split=split, root=data_root, limit=limit)
+                data = load_for(dataset, pre, split=split, root=data_root, limit=limit, mode=data_mode)
             else:
                 data = imdata.load(dataset, split=split, root=data_root, image_size=tuple(size[1:]) if size else None,
-                                   limit=limit)
+                                   limit=limit, mode=data_mode)
         if saved.classes is not None and len(saved.classes) != data.num_classes:
             raise ValueError(
                 f"{run}: the model knows {len(saved.classes)} classes but {dataset} has {data.num_classes}"
@@ -78,7 +80,8 @@ def evaluate(
             report["mistakes"] = write_mistakes(saved, data, tta_used, mistakes)
     except USER_ERRORS as err:
         fail(str(err))
-    report.update({"dataset": dataset, "split": split, "images": len(data), "tta": tta_used})
+    report.update({"dataset": dataset, "split": split, "images": len(data), "tta": tta_used,
+                   "data_mode": getattr(data, "mode", "memory")})
     if not confusion:
         report.pop("confusion_matrix")
     if as_json:
@@ -160,7 +163,7 @@ def _evaluate(predictor: Any, data, tta: str = "none") -> dict[str, Any]:
 
     loss = None
     if hasattr(predictor, "predict_logits"):  # a Classifier: one pass gives the loss and the predictions
-        logits = predictor.predict_logits(data.images, tta=None if tta == "none" else tta).float().cpu()
+        logits = predictor.predict_logits(data, tta=None if tta == "none" else tta).float().cpu()  # a batch at a time
         loss = torch.nn.functional.cross_entropy(logits, data.labels).item()
         predicted = logits.argmax(1)
     else:  # a KNN
