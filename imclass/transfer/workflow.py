@@ -30,9 +30,12 @@ from imclass.model_file.save import save
 from imclass.models.transfer_net import PoolStagesUnsupported
 from imclass.models.weights import KNOWN_WEIGHTS, Preprocessing, find_known_weights, resolve_weights_root
 from imclass.models.weights import backbone_name, preprocessing_for
-from imclass.train.run_folder import BEST_FILE, CONFUSION_FILE, CURVES_FILE, HISTORY_FILE, LAST_FILE, MODEL_FILE, fresh_run_dir, held_out_figures, link_or_copy, save_confusion_matrix, save_curves, write_history
+from imclass.train.run_folder import (BEST_FILE, CONFUSION_FILE, CURVES_FILE, HISTORY_FILE, LAST_FILE, MODEL_FILE,
+                                      fresh_run_dir, held_out_figures, link_or_copy, save_confusion_matrix,
+                                      save_curves, write_history)
+from imclass.train.seed import seed_everything
 from imclass.transfer import finetune  # called as finetune.X: tests replace finetune.fine_tune
-from imclass.transfer.features import FeatureCache, decode_one
+from imclass.transfer.features import FeatureCache, preprocessing_decoder
 
 __all__ = ["PREFERRED_BACKBONES", "TransferConfig", "pick_backbone", "read_folder_for", "train_transfer"]
 
@@ -98,13 +101,8 @@ def no_weights_advice(weights_dir: str | os.PathLike | None = None) -> str:
 
 
 def transfer_decoder(pre: Preprocessing) -> Decoder:
-    """How a photo becomes the backbone's input: shorter side to ``pre.resize`` (JPEG draft first),
-    centre crop to ``pre.crop``, RGB (the cache key names all of it)."""
-    def decode(path: Path) -> Any:
-        return decode_one(path, pre).permute(1, 2, 0).numpy()  # (C, H, W) -> (H, W, C)
-
-    key = f"transfer:resize={pre.resize}:crop={pre.crop}:{pre.interpolation}:pil-draft"
-    return Decoder(decode, (pre.crop, pre.crop), key, channels=3)
+    """How a photo becomes the backbone's input (``imclass.transfer.features.preprocessing_decoder``)."""
+    return preprocessing_decoder(pre)
 
 
 def _open(images: ImageList, pre: Preprocessing, mode: str | None, verbose: bool = True) -> Any:
@@ -197,6 +195,7 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
     _warn_about_data(train, val, Path(cfg.dataset).expanduser().name)
     seconds["check"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    seed_everything(cfg.seed)  # the new head's initial weights too: identical commands, identical model files
     model = _transfer_for(cfg, backbone, len(train.classes))
     seconds["backbone"] = time.perf_counter() - t0
     wanted = Path(cfg.out or f"runs/transfer-{backbone.replace(':', '_')}-{Path(cfg.dataset).expanduser().name}")
