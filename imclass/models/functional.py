@@ -28,7 +28,7 @@ from imclass.models.keras_training import KerasMethods, KerasState
 from imclass.nn.core import Dense
 from imclass.nn.layer import Layer, LayerNames, final_activation_of, layer_from_config
 from imclass.nn.model_layer import ModelLayer
-from imclass.nn.shapes import Shape, adapt_flat_input, check_input_shape, format_shape
+from imclass.nn.shapes import Shape, adapt_flat_input, check_input_shape
 from imclass.nn.symbolic import Input, KerasTensor, Node, as_tensor_list, call_layer, graph_nodes
 
 __all__ = ["Input", "KerasTensor", "Model", "Node"]

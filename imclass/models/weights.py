@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from imclass.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from imclass.models._registry import create
-from imclass.models.weight_files import (
+from imclass.models.weight_files import (  # several re-exported: imclass.models.weights was their home
     DEFAULT_ROOT,
     ENV_VAR,
     HUB_CACHE,

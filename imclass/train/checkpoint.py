@@ -14,7 +14,7 @@ import random
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 
 import numpy as np
@@ -22,6 +22,9 @@ import torch
 
 from imclass.train import distributed as ddp
 from imclass.train.state import History, TrainingDiverged, TrainState
+
+if TYPE_CHECKING:
+    from imclass.train.loop import FitRun
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1

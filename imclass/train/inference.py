@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from imclass.data.arrays import as_images
 from imclass.data.dataset import ImageDataset
-from imclass.train.inputs import as_data, count_correct, image_batches, inference_batch_size, is_source
+from imclass.data.source import inference_batch_size
+from imclass.train.inputs import as_data, count_correct, image_batches, is_source
 from imclass.train.memory import retain_freed_memory
 from imclass.tta import tta_logits
 

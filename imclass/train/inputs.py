@@ -2,14 +2,13 @@
 or one-hot labels; the per-channel statistics of a set of images; correct predictions in a batch."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from imclass.data.arrays import as_images, as_labels
 from imclass.data.dataset import ImageDataset
-from imclass.data.source import inference_batch_size
 
 
 def as_data(data: Any, name: str = "data") -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:

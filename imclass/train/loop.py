@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from imclass.data.augment import make_augment
 from imclass.data.dataset import ImageDataset
 from imclass.data.loader import TensorLoader, derive_seed
+from imclass.data.source import inference_batch_size
 from imclass.train import checkpoint as ckpt
 from imclass.train import distributed as ddp
 from imclass.train.callbacks import progress_callbacks, run_event, sort_callbacks
 from imclass.train.imbalance import class_weights, sample_weights
-from imclass.train.inputs import as_data, channel_stats, inference_batch_size
+from imclass.train.inputs import as_data, channel_stats
 from imclass.train.memory import retain_freed_memory
 from imclass.train.optim import make_schedule
 from imclass.train.state import History, TrainState

@@ -136,7 +136,7 @@ def preprocessing_decoder(pre: Preprocessing) -> Any:
     from imclass.data.source import Decoder
 
     def decode(path: Path) -> Any:
-        return _decode_one(path, pre).permute(1, 2, 0).numpy()  # (C, H, W) -> (H, W, C)
+        return decode_one(path, pre).permute(1, 2, 0).numpy()  # (C, H, W) -> (H, W, C)
 
     key = f"transfer:resize={pre.resize}:crop={pre.crop}:{pre.interpolation}:pil-draft"
     return Decoder(decode, (pre.crop, pre.crop), key, channels=3)
