@@ -23,7 +23,7 @@ load average before and after, date):
     python bench/label_review.py noise --data flowers --json bench/label_review_flowers.json
     nice python bench/label_review.py noise --data cifar10 --limit 10000 --folds 4 --retrain --seeds 0 1 \
         --json bench/label_review_cifar10.json
-    python bench/label_review.py real --grid bench/label_review_flowers_top30.png --json bench/label_review_real.json
+    python bench/label_review.py real --grid bench/label_review_flowers_top30.jpg --json bench/label_review_real.json
     python bench/label_review.py time --rounds 3 --json bench/label_review_time.json
 """
 from __future__ import annotations
