@@ -14,7 +14,7 @@ app = typer.Typer(
 )
 
 # Each module defines `register(app)` adding its commands or sub-groups.
-_COMMAND_MODULES = ["data", "knn", "models", "train", "evaluate", "predict", "serve", "export", "tune", "challenge", "compare", "transfer", "features", "explain"]
+_COMMAND_MODULES = ["data", "knn", "models", "train", "evaluate", "predict", "serve", "export", "tune", "challenge", "compare", "transfer", "features", "explain", "review"]
 
 for _name in _COMMAND_MODULES:
     importlib.import_module(f"imclass.cli.{_name}").register(app)

@@ -104,6 +104,10 @@ def run_transfer(*, dataset: str | None, backbone: str | None, weights: str | No
     typer.echo(f"time {result['seconds']:.1f} s = {stages}")
     typer.echo(f"saved {result['model_file']} (best), {Path(result['out']) / 'last.safetensors'} (last), history.csv, "
                f"curves.png, confusion_matrix.png")
+    if result.get("suspected_label_errors"):
+        typer.echo(f"{result['suspected_label_errors']} of the {result['val_images']:,} validation images look "
+                   f"mislabelled (confident learning on the held-out predictions); see them: "
+                   f"imclass review {dataset} --out review/")
 
 
 def _int(text: str, flag: str) -> int:

@@ -88,4 +88,14 @@ def held_out_figures(clf, data, tta: Any = None) -> dict[str, Any]:
     n = max(len(data.classes), int(labels.max()) + 1 if len(labels) else 0)
     cm = torch.bincount(labels * n + predicted, minlength=n * n).reshape(n, n)
     return {"accuracy": (predicted == labels).double().mean().item(), "loss": loss, "confusion_matrix": cm,
-            "n": len(labels)}
+            "n": len(labels), "suspected_label_errors": _suspected(logits, labels, n)}
+
+
+def _suspected(logits, labels, n: int) -> int | None:
+    """How many of these held-out images confident learning (``imclass.confident``) finds mislabelled: the
+    model never trained on them, so its probabilities are out of sample (``imclass review`` lists them)."""
+    from imclass.confident import find_label_issues
+
+    if logits.shape[1] < 2 or logits.shape[1] != n or not len(labels):
+        return None
+    return len(find_label_issues(logits.softmax(1).double().numpy(), labels.numpy()).indices)
