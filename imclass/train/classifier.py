@@ -27,6 +27,7 @@ from imclass.data.arrays import as_images, as_labels
 from imclass.data.augment import make_augment
 from imclass.data.dataset import ImageDataset
 from imclass.data.loader import TensorLoader, derive_seed
+from imclass.data.source import inference_batch_size
 from imclass.train import checkpoint as ckpt
 from imclass.train import distributed as ddp
 from imclass.train.imbalance import class_weights, sample_weights
@@ -170,13 +171,6 @@ def channel_stats(images: Any, chunk: int | None = None, rows: torch.Tensor | No
     mean = total.double() / count / scale
     std = (total_sq.double() / count / scale**2 - mean.square()).clamp_min(1e-12).sqrt()
     return mean.tolist(), std.tolist()
-
-
-def inference_batch_size(image_shape: Sequence[int]) -> int:
-    """Images per evaluation / prediction batch for inputs of ``image_shape`` (C, H, W): about 2 M
-    pixels per batch (512 at 32 px and 64 px, 128 at 128 px, 41 at 224 px), at least 8."""
-    h, w = int(image_shape[-2]), int(image_shape[-1])
-    return max(8, min(512, (1 << 21) // max(1, h * w)))
 
 
 def _is_source(data: Any) -> bool:

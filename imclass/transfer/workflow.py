@@ -91,15 +91,10 @@ def no_weights_advice(weights_dir: str | os.PathLike | None = None) -> str:
 
 
 def transfer_decoder(pre: Preprocessing) -> Decoder:
-    """How a photo becomes the backbone's input: shorter side to ``pre.resize`` (JPEG draft first),
-    centre crop to ``pre.crop``, RGB (the cache key names all of it)."""
-    from imclass.transfer.features import _decode_one
+    """How a photo becomes the backbone's input (``imclass.transfer.features.preprocessing_decoder``)."""
+    from imclass.transfer.features import preprocessing_decoder
 
-    def decode(path: Path) -> Any:
-        return _decode_one(path, pre).permute(1, 2, 0).numpy()  # (C, H, W) -> (H, W, C)
-
-    key = f"transfer:resize={pre.resize}:crop={pre.crop}:{pre.interpolation}:pil-draft"
-    return Decoder(decode, (pre.crop, pre.crop), key, channels=3)
+    return preprocessing_decoder(pre)
 
 
 def _open(images: ImageList, pre: Preprocessing, mode: str | None, verbose: bool = True) -> Any:

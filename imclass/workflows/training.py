@@ -549,13 +549,13 @@ def _build_classifier(cfg: RunConfig, train_set):
         raise ValueError(f"{cfg.weights}: expected a classifier model file to fine-tune, not a {type(start).__name__}")
     model = start.model
     if start.classes is not None and list(start.classes) != list(train_set.classes):
-        if len(start.classes) == train_set.num_classes:
+        if len(start.classes) == len(train_set.classes):
             pass  # same number of classes under other names (e.g. digits "0".."9"): keep the head
         elif hasattr(model, "reset_classifier"):
-            model.reset_classifier(train_set.num_classes)  # a new head for the new classes (imclass.save records it)
+            model.reset_classifier(len(train_set.classes))  # a new head for the new classes (imclass.save records it)
         else:
             raise ValueError(
-                f"{cfg.weights}: the model has {len(start.classes)} classes, the data set {train_set.num_classes}, "
+                f"{cfg.weights}: the model has {len(start.classes)} classes, the data set {len(train_set.classes)}, "
                 "and the model has no reset_classifier() to replace its head"
             )
     model.train()
@@ -567,7 +567,7 @@ def _create_model(name: str, train_set, options: dict):
     from imclass import models
 
     c, h, w = train_set.image_shape
-    base = {"num_classes": train_set.num_classes, "in_chans": c}
+    base = {"num_classes": len(train_set.classes), "in_chans": c}
     if h == w and "img_size" not in options:
         try:
             return models.create(name, **base, img_size=h, **options)
