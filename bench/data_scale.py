@@ -55,7 +55,7 @@ def _photo(args: tuple[str, int]) -> None:
     tint = np.array([(label * 37) % 255, (label * 91) % 255, (label * 151) % 255], dtype=np.float32)
     coarse = rng.normal(128, 60, (9, 12, 3)).astype(np.float32) * 0.6 + tint * 0.4
     small = Image.fromarray(np.clip(coarse, 0, 255).astype(np.uint8)).resize(PHOTO, Image.BICUBIC)
-    pixels = np.asarray(small, dtype=np.float32) + rng.normal(0, 12, (PHOTO[1], PHOTO[0], 3))
+    pixels = np.asarray(small, dtype=np.float32) + 12 * rng.standard_normal((PHOTO[1], PHOTO[0], 3), dtype=np.float32)
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=88)
 
 

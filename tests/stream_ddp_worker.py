@@ -11,7 +11,7 @@ from pathlib import Path
 
 from imclass.data.folder import folder_decoder, folder_images
 from imclass.data.source import open_images
-from imclass.data.stream import ShardSource
+from imclass.data.shards import ShardSource
 from imclass.train import distributed
 
 

@@ -128,3 +128,75 @@ def test_a_run_folder_holds_best_and_last_curves_and_confusion_and_is_never_over
     resumed = runner.invoke(app, ["train", "--out", str(out), "--resume", "--epochs", "2", "--json"])
     assert resumed.exit_code == 0, resumed.output
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["out"] == str(out)
+
+
+def test_train_help_is_grouped_in_panels_with_the_real_defaults():
+    from imclass.transfer.workflow import TransferConfig
+    from imclass.workflows.training import DEFAULT_EPOCHS, RunConfig
+
+    res = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0
+    text = res.stdout
+    for panel in ("Data", "Model", "Recipe", "Transfer (a folder of photos)", "Output"):
+        assert f"─ {panel} ─" in text, panel
+    assert f"default {DEFAULT_EPOCHS}; transfer: fine-tuning epochs after --freeze-epochs, default " \
+           f"{TransferConfig(dataset='.').epochs}" in text
+    assert f"(default {RunConfig().augment}; a folder without pretrained weights: crop_flip)" in text
+    assert "--from-model" in text and "The backbone's weights" in text
+
+
+def test_one_meaning_per_flag_old_spellings_still_work(photos, tmp_path, one_thread):
+    """--weights is backbone weights only: a model file is --from-model (old spelling kept, with a note);
+    knn's vote weighting is --vote (--weights kept hidden); -m is --model, -k is k-NN's k."""
+    run = tmp_path / "base"
+    base = ["--dataset", str(photos), "--image-size", "16", "--epochs", "1", "--json"]
+    assert runner.invoke(app, ["train", "-m", "mlp", *base, "--out", str(run)]).exit_code == 0
+    new = runner.invoke(app, ["train", "--from-model", str(run), *base, "--out", str(tmp_path / "ft")])
+    assert new.exit_code == 0, new.output
+    old = runner.invoke(app, ["train", "--weights", str(run), *base, "--out", str(tmp_path / "ft-old")])
+    assert old.exit_code == 0, old.output
+    assert "names a model file: that is --from-model now" in old.stderr
+    assert json.loads(old.stdout.strip().splitlines()[-1])["model"] == "mlp"
+
+    voted = runner.invoke(app, ["knn", "--dataset", str(photos), "--image-size", "16", "--vote", "distance", "-k", "3",
+                                "--json"])
+    legacy = runner.invoke(app, ["knn", "--dataset", str(photos), "--image-size", "16", "--weights", "distance",
+                                 "-k", "3", "--json"])
+    assert voted.exit_code == legacy.exit_code == 0, voted.output + legacy.output
+    a, b = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (voted, legacy))
+    assert a["weights"] == b["weights"] == "distance" and a["k"] == 3 and a["accuracy"] == b["accuracy"]
+    helps = {cmd: runner.invoke(app, [cmd, "--help"], env={"COLUMNS": "200"}).stdout for cmd in ("knn", "tune", "predict")}
+    assert "--vote" in helps["knn"] and "--weights" not in helps["knn"] and " -m " not in helps["knn"]
+    assert "--search" in helps["tune"] and "--sampler " not in helps["tune"]  # named only in the note
+    assert "-k" not in helps["predict"].split("--top")[1].split("\n")[0]  # --top is -t
+
+
+def test_evaluate_mistakes_csv_names_every_misclassified_file(photos, tmp_path, one_thread):
+    import csv
+    import math
+
+    import torch
+
+    import imclass
+
+    run = tmp_path / "weak"
+    res = runner.invoke(app, ["train", "-m", "mlp", "--dataset", str(photos), "--image-size", "16", "--epochs", "1",
+                              "--lr", "1e-5", "--out", str(run), "--json"])  # barely trained: mistakes to list
+    assert res.exit_code == 0, res.output
+    table = tmp_path / "mistakes.csv"
+    out = runner.invoke(app, ["evaluate", str(run), str(photos), "--mistakes", str(table), "--json"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    rows = list(csv.DictReader(table.open()))
+    assert list(rows[0]) == ["path", "given", "predicted", "probability", "loss"] if rows else True
+    assert len(rows) == report["mistakes"] == round((1 - report["accuracy"]) * report["images"])
+    clf = imclass.load(run)
+    test = imclass.data.load(photos, "test", image_size=16)
+    probs = clf.predict_proba(test.images)
+    by_path = {p: i for i, p in enumerate(test.paths)}
+    for r in rows:
+        i = by_path[r["path"]]  # a real file of the folder, relative to it
+        assert (photos / r["path"]).is_file() and r["given"] == test.classes[int(test.labels[i])] != r["predicted"]
+        assert float(r["loss"]) == pytest.approx(-math.log(float(probs[i, test.labels[i]])), abs=1e-4)
+        assert float(r["probability"]) == pytest.approx(float(probs[i].max()), abs=1e-5)
+    assert [float(r["loss"]) for r in rows] == sorted((float(r["loss"]) for r in rows), reverse=True)

@@ -25,7 +25,8 @@ from imclass.data.decode import decode_array
 from imclass.data.folder import folder_decoder, folder_images
 from imclass.data.loader import TensorLoader
 from imclass.data.source import open_images
-from imclass.data.stream import ShardSource, StreamSource
+from imclass.data.shards import ShardSource
+from imclass.data.stream import StreamSource
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ("airplane", "cat", "ship")
@@ -293,3 +294,40 @@ def test_shard_source_reads_any_sample_and_trains(shard_dir, tmp_path):
     result = train_from_config(RunConfig(model="mlp", model_options={"hidden": [16]}, dataset=str(shard_dir), epochs=1,
                                          batch_size=16, out=str(tmp_path / "run"), verbose=False))
     assert result["data_mode"] == "stream" and result["train_images"] == 96 and result["test_images"] == 24
+
+
+def test_features_under_torchrun_each_rank_extracts_its_share(photos, tmp_path):
+    """`imclass features` under torchrun (2 gloo processes): each rank extracts half of the 120 photos (its cache
+    entry holds 60 rows), rank 0 writes the file, and the file equals one process's."""
+    from typer.testing import CliRunner as Runner
+
+    from imclass import models
+    from imclass.cli import app
+    from imclass.data import load
+    from imclass.io import save
+    from imclass.train import Classifier
+
+    ds = load(photos, split="all", image_size=32, verbose=False)
+    clf = Classifier(models.create("mlp", num_classes=3, hidden=[16]), classes=ds.classes, device="cpu")
+    clf.compile("adam", lr=1e-2).fit(ds, epochs=1, batch_size=16, seed=0, verbose=False)
+    save(clf, tmp_path / "mlp")
+    one = Runner().invoke(app, ["features", str(tmp_path / "mlp"), str(photos), "--out", str(tmp_path / "one.npz"),
+                                "--cache", "none", "--amp", "none"])
+    assert one.exit_code == 0, one.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "IMCLASS_DIST_TIMEOUT": "60",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "imclass",
+           "features", str(tmp_path / "mlp"), str(photos), "--out", str(tmp_path / "two.npz"), "--cache",
+           str(tmp_path / "cache"), "--amp", "none"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote") == 1  # rank 0 only
+    from safetensors.torch import load_file
+
+    shares = sorted(len(load_file(str(p))["features"]) for p in (tmp_path / "cache").rglob("*.safetensors"))
+    assert shares == [60, 60]
+    with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
+        assert a["features"].shape == (120, 16)
+        np.testing.assert_allclose(a["features"], b["features"], atol=1e-5)
+        for key in ("labels", "paths", "splits", "classes"):
+            assert (a[key] == b[key]).all()

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, DataRoot, fail, limit_option, plain_warnings, print_json
+from imclass.cli._common import USER_ERRORS, DataMode, DataRoot, fail, limit_option, plain_warnings, print_json
 
 _MODEL = typer.Argument(..., help="A run folder or model file (imclass train --out), or a backbone name "
                                   "(mobilenetv2_100, timm:resnet18, torchvision:squeezenet1_1).")
@@ -66,17 +66,19 @@ def features(
     data_root: Optional[str] = DataRoot,
     cache: Optional[str] = _CACHE,
     amp: str = _AMP,
+    data_mode: Optional[str] = DataMode,
 ) -> None:
     """Export the embeddings of a data set or folder: features (N, D) float32, labels, classes, paths, splits."""
     import numpy as np
 
-    from imclass.transfer.features import extract_features
+    from imclass.train import distributed
+    from imclass.transfer.features import extract_features_shared
 
     suffix = out.suffix.lower()
     if suffix not in (".npz", ".parquet"):
         fail(f"expected --out ending in .npz or .parquet, received {out.name!r}")
     try:
-        with plain_warnings():
+        with plain_warnings(), distributed.session("cpu"):  # under torchrun each rank extracts its share
             emb = _embedder(model, weights, weights_dir, image_size)
             if Path(data).expanduser().is_dir():
                 from imclass.transfer.retrieval import image_set
@@ -88,13 +90,16 @@ def features(
             else:
                 from imclass.data import load
 
-                ds = load(data, split=split, root=data_root, limit=limit)
+                ds = load(data, split=split, root=data_root, limit=limit, mode=data_mode)
                 source, labels, classes = ds.images, ds.labels, list(ds.classes)
                 splits, paths = [split] * len(ds), [f"{ds.name}/{split}/{i}" for i in range(len(ds))]
-            feats = extract_features(emb.model, source, emb.preprocessing, batch_size, cache=_cache(cache),
-                                     amp=_amp(amp))
+            feats = extract_features_shared(emb.model, source, emb.preprocessing, batch_size, cache=_cache(cache),
+                                            amp=_amp(amp), mode=data_mode)
+            main = distributed.is_main()
     except USER_ERRORS as err:
         fail(str(err))
+    if not main:  # rank 0 writes the file
+        return
     meta = _meta(emb, data=str(data), classes=classes)
     out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npz":

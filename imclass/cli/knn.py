@@ -68,9 +68,13 @@ def _load(name: str, split: str, root: Optional[str], image_size: Optional[int] 
 def knn(
     dataset: str = typer.Option("cifar10", "--dataset", "-d",
                                 help="cifar10, mnist, fashion-mnist or a folder of images."),
-    metric: str = typer.Option("l2", "--metric", "-m", help="l1, l2 or cosine."),
+    metric: str = typer.Option("l2", "--metric", help="l1, l2 or cosine."),
+    metric_short: Optional[str] = typer.Option(None, "-m", hidden=True, help="Old short form of --metric."),
     k: int = typer.Option(1, "--k", "-k", help="Neighbours that vote (ignored with --cv, which chooses k)."),
-    weights: str = typer.Option("uniform", "--weights", help="uniform or distance (votes weighted by 1/distance)."),
+    vote: str = typer.Option("uniform", "--vote", help="How the k neighbours vote: uniform or distance (weighted by "
+                             "1/distance)."),
+    weights: Optional[str] = typer.Option(None, "--weights", hidden=True, help="Deprecated spelling of --vote "
+                                          "(--weights means backbone weights elsewhere)."),
     data: Optional[str] = DataRoot,
     image_size: Optional[int] = typer.Option(
         None, "--image-size", help=f"Resize every image to N x N (default for a folder: {FOLDER_IMAGE_SIZE}; "
@@ -94,6 +98,8 @@ def knn(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
 ) -> None:
     """Classify test images by their nearest training images (raw pixels): accuracy and time."""
+    metric = metric_short or metric
+    weights = vote if weights is None else weights  # the old spelling still works
     from imclass.knn import KNN, choose_k, neighbour_grid
 
     if plot and not cv:

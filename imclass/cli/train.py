@@ -7,7 +7,25 @@ from typing import Any, List, Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, DataMode, DataRoot, fail, limit_option, plain_warnings, print_json, write_error
+from imclass.cli._common import (
+    USER_ERRORS,
+    DataMode,
+    fail,
+    limit_option,
+    plain_warnings,
+    print_json,
+    write_error,
+)
+from imclass.transfer.workflow import DEFAULT_POOL_STAGES, PREFERRED_BACKBONES, TransferConfig
+from imclass.workflows.training import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_TARGET, RunConfig
+
+
+# `imclass train --help` panels
+DATA, MODEL, RECIPE, TRANSFER_PANEL, OUTPUT = "Data", "Model", "Recipe", "Transfer (a folder of photos)", "Output"
+RUN = RunConfig()  # the help texts show the real defaults
+TRANSFER = TransferConfig(dataset=".")
+FALLBACK_AUGMENT = "crop_flip"  # a folder without pretrained weights: the course CNN, augmented
+FALLBACK_IMAGE_SIZE = 32
 
 
 def register(app: typer.Typer) -> None:
@@ -20,70 +38,114 @@ def register(app: typer.Typer) -> None:
 
 
 def train(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML or JSON file of options (flags win)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Architecture name (`imclass models list`)."),
-    model_option: Optional[List[str]] = typer.Option(
-        None, "--model-option", "-o", help="Extra model option KEY=VALUE (JSON value), repeatable."
-    ),
-    weights: Optional[str] = typer.Option(None, "--weights", help="Fine-tune the model of this file or run folder."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="cifar10, mnist, fashion-mnist or a folder."),
-    data_root: Optional[str] = DataRoot,
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to SIZE x SIZE."),
-    limit: Optional[int] = limit_option(),
-    epochs: Optional[int] = typer.Option(None, "--epochs", "-e", help="Passes over the training set (default 10)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per step (default 32)."),
-    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam, adamw, sgd or rmsprop (default adam)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default 1e-3)."),
-    momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD momentum (default 0.9)."),
-    nesterov: Optional[bool] = typer.Option(None, "--nesterov/--no-nesterov", help="Nesterov momentum (SGD)."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="L2 weight decay (default 0)."),
-    schedule: Optional[str] = typer.Option(
-        None, "--schedule", help="Learning-rate schedule: step, exponential, cosine, onecycle, linear (default none)."
-    ),
-    warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help="Linear warm-up epochs (default 0)."),
-    label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", help="Label smoothing (default 0)."),
-    augment: Optional[str] = typer.Option(
-        None, "--augment", help="none, flip, crop, crop_flip, crop_flip_cutout (default none), and/or challenge names "
-        "for robustness training: challenge (all), illumination, viewpoint, deformation, occlusion, clutter "
-        "(e.g. crop_flip,challenge)."
-    ),
-    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Hold out this fraction for validation."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
-    out: Optional[str] = typer.Option(None, "--out", help="Run folder (default runs/<model>-<dataset>); when it "
-                                      "holds an earlier run, a new OUT-2, OUT-3, ... (see --exist-ok)."),
-    exist_ok: bool = typer.Option(False, "--exist-ok", help="Write into OUT even when it holds an earlier run."),
-    lr_find: bool = typer.Option(False, "--lr-find", help="Run the learning-rate range test instead of training: "
-                                 "print the suggested --lr and write OUT-lr_find.png."),
-    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from OUT/checkpoint.pt."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, mps (default auto)."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="'fast': the fast CIFAR-10 recipe."),
-    target: Optional[int] = typer.Option(None, "--target", help="Fast recipe accuracy target: 90, 94 or 95."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (accuracy, loss, seconds, ...)."),
-    backbone: Optional[str] = typer.Option(
-        None, "--backbone", help="Transfer from this pretrained backbone (timm/torchvision name); --weights then "
-        "means its weights: imagenet (default), a file, or none."),
-    weights_dir: Optional[str] = typer.Option(
-        None, "--weights-dir", help="Weights root (default: $IMCLASS_WEIGHTS, else ~/.cache/imclass/weights)."),
-    freeze_epochs: Optional[int] = typer.Option(
-        None, "--freeze-epochs", help="Transfer: head epochs on the frozen backbone's cached features (default 15)."),
-    head: Optional[str] = typer.Option(None, "--head", help="Transfer: course (default) or linear."),
-    unfreeze: Optional[str] = typer.Option(
-        None, "--unfreeze", help="Transfer: what --epochs fine-tunes: all (default) or the last N stages."),
-    pool_stages: Optional[int] = typer.Option(
-        None, "--pool-stages", help="Transfer: also pool the backbone's last N feature stages for the head "
-        "(default 2 on timm backbones, else 0; 0 = the course's global average pooling only)."),
-    feature_augment: Optional[str] = typer.Option(
-        None, "--feature-augment", help="Transfer: flip = the head also trains on mirrored photos' features "
-        "(twice the feature time), none (default)."),
-    batch_norm: Optional[str] = typer.Option(
-        None, "--batch-norm", help="Transfer: what fine-tuning does with the backbone's batch norm: eval (default: "
-        "keep its pretrained running statistics, train scale and shift) or train (batch statistics)."),
-    feature_cache: Optional[str] = typer.Option(
-        None, "--feature-cache", help="Transfer: cache the frozen features in this folder (reused while nothing changes)."),
+    # data
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="cifar10, mnist, fashion-mnist or a folder "
+                                          "of images, one sub-folder per class.", rich_help_panel=DATA),
+    data_root: Optional[str] = typer.Option(None, "--data", help="Data root folder (default: $IMCLASS_DATA, else "
+                                            "~/.cache/imclass).", rich_help_panel=DATA),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to SIZE x SIZE (a folder "
+                                             f"without pretrained weights: {FALLBACK_IMAGE_SIZE}).",
+                                             rich_help_panel=DATA),
+    limit: Optional[int] = limit_option(rich_help_panel=DATA),
+    val_fraction: Optional[float] = typer.Option(
+        None, "--val-fraction", help=f"Hold out this fraction of each class for validation (default {RUN.val_fraction:g}; "
+        f"a folder: {TRANSFER.val_fraction:g}). The best epoch by validation accuracy becomes the saved model.",
+        rich_help_panel=DATA),
     class_weight: Optional[str] = typer.Option(
-        None, "--class-weight", help='Class imbalance: balanced, one weight per class (1,5,1) or JSON ({"cat": 3}).'),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="balanced: draw every class about equally often."),
-    data_mode: Optional[str] = DataMode,
+        None, "--class-weight", help='Class imbalance: balanced, one weight per class (1,5,1) or JSON ({"cat": 3}).',
+        rich_help_panel=DATA),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Class balancing: balanced draws every class "
+                                          "about equally often.", rich_help_panel=DATA),
+    data_mode: Optional[str] = typer.Option(None, "--data-mode", help=DataMode.help, rich_help_panel=DATA),
+    # model
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Architecture name (`imclass models list`); "
+                                        "none with cifar10: the fast recipe; none with a folder: transfer.",
+                                        rich_help_panel=MODEL),
+    model_option: Optional[List[str]] = typer.Option(
+        None, "--model-option", "-o", help="Extra model option KEY=VALUE (JSON value), repeatable.",
+        rich_help_panel=MODEL),
+    from_model: Optional[str] = typer.Option(None, "--from-model", help="Fine-tune the model of this model file or "
+                                             "run folder (a new head when the classes differ).", rich_help_panel=MODEL),
+    # recipe
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML or JSON file of options (flags win).",
+                                          rich_help_panel=RECIPE),
+    epochs: Optional[int] = typer.Option(
+        None, "--epochs", "-e", help=f"Passes over the training set (default {DEFAULT_EPOCHS}; transfer: "
+        f"fine-tuning epochs after --freeze-epochs, default {TRANSFER.epochs}).", rich_help_panel=RECIPE),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help=f"Images per step (default "
+                                             f"{DEFAULT_BATCH_SIZE}).", rich_help_panel=RECIPE),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help=f"adam, adamw, sgd or rmsprop (default "
+                                            f"{RUN.optimizer}).", rich_help_panel=RECIPE),
+    lr: Optional[float] = typer.Option(None, "--lr", help=f"Learning rate (default {RUN.lr:g}; --lr-find suggests "
+                                       "one).", rich_help_panel=RECIPE),
+    lr_find: bool = typer.Option(False, "--lr-find", help="Run the learning-rate range test instead of training: "
+                                 "print the suggested --lr and write OUT-lr_find.png.", rich_help_panel=RECIPE),
+    momentum: Optional[float] = typer.Option(None, "--momentum", help=f"SGD momentum (default {RUN.momentum:g}).",
+                                             rich_help_panel=RECIPE),
+    nesterov: Optional[bool] = typer.Option(None, "--nesterov/--no-nesterov", help="Nesterov momentum (SGD).",
+                                            rich_help_panel=RECIPE),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help=f"L2 weight decay (default "
+                                                 f"{RUN.weight_decay:g}).", rich_help_panel=RECIPE),
+    schedule: Optional[str] = typer.Option(
+        None, "--schedule", help="Learning-rate schedule: step, exponential, cosine, onecycle, linear (default none).",
+        rich_help_panel=RECIPE),
+    warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help=f"Linear warm-up epochs (default "
+                                                  f"{RUN.warmup_epochs:g}).", rich_help_panel=RECIPE),
+    label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", help=f"Label smoothing (default "
+                                                    f"{RUN.label_smoothing:g}).", rich_help_panel=RECIPE),
+    augment: Optional[str] = typer.Option(
+        None, "--augment", help=f"none, flip, crop, crop_flip, crop_flip_cutout (default {RUN.augment}; a folder "
+        f"without pretrained weights: {FALLBACK_AUGMENT}), and/or challenge names for robustness training: challenge "
+        "(all), illumination, viewpoint, deformation, occlusion, clutter (e.g. crop_flip,challenge).",
+        rich_help_panel=RECIPE),
+    seed: Optional[int] = typer.Option(None, "--seed", help=f"Random seed (default {RUN.seed}).", rich_help_panel=RECIPE),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="'fast': the fast CIFAR-10 recipe.",
+                                         rich_help_panel=RECIPE),
+    target: Optional[int] = typer.Option(None, "--target", help=f"Fast recipe accuracy target: 90, 94 or 95 (default "
+                                         f"{DEFAULT_TARGET}).", rich_help_panel=RECIPE),
+    device: Optional[str] = typer.Option(None, "--device", help=f"auto, cpu, cuda, mps (default {RUN.device}).",
+                                         rich_help_panel=RECIPE),
+    # transfer
+    backbone: Optional[str] = typer.Option(
+        None, "--backbone", help="Transfer from this pretrained backbone (timm/torchvision name; default with a "
+        "folder: the first found of " + ", ".join(PREFERRED_BACKBONES) + ").", rich_help_panel=TRANSFER_PANEL),
+    weights: Optional[str] = typer.Option(None, "--weights", help="The backbone's weights: imagenet (default), a file, "
+                                          "or none (random).", rich_help_panel=TRANSFER_PANEL),
+    weights_dir: Optional[str] = typer.Option(
+        None, "--weights-dir", help="Weights root (default: $IMCLASS_WEIGHTS, else ~/.cache/imclass/weights).",
+        rich_help_panel=TRANSFER_PANEL),
+    freeze_epochs: Optional[int] = typer.Option(
+        None, "--freeze-epochs", help=f"Head epochs on the frozen backbone's cached features (default "
+        f"{TRANSFER.freeze_epochs}).", rich_help_panel=TRANSFER_PANEL),
+    head: Optional[str] = typer.Option(None, "--head", help=f"course or linear (default {TRANSFER.head}).",
+                                       rich_help_panel=TRANSFER_PANEL),
+    unfreeze: Optional[str] = typer.Option(
+        None, "--unfreeze", help=f"What --epochs fine-tunes: all or the last N stages (default {TRANSFER.unfreeze}).",
+        rich_help_panel=TRANSFER_PANEL),
+    pool_stages: Optional[int] = typer.Option(
+        None, "--pool-stages", help="Also pool the backbone's last N feature stages for the head "
+        f"(default {DEFAULT_POOL_STAGES} on timm backbones, else 0; 0 = global average pooling only).",
+        rich_help_panel=TRANSFER_PANEL),
+    feature_augment: Optional[str] = typer.Option(
+        None, "--feature-augment", help="flip = the head also trains on mirrored photos' features "
+        "(twice the feature time), none (default).", rich_help_panel=TRANSFER_PANEL),
+    batch_norm: Optional[str] = typer.Option(
+        None, "--batch-norm", help=f"What fine-tuning does with the backbone's batch norm (default "
+        f"{TRANSFER.batch_norm}): eval keeps its pretrained running statistics, train uses batch statistics.",
+        rich_help_panel=TRANSFER_PANEL),
+    feature_cache: Optional[str] = typer.Option(
+        None, "--feature-cache", help="Cache the frozen features in this folder (reused while nothing changes).",
+        rich_help_panel=TRANSFER_PANEL),
+    # output
+    out: Optional[str] = typer.Option(None, "--out", help="Run folder (default runs/<model>-<dataset>); when it "
+                                      "holds an earlier run, a new OUT-2, OUT-3, ... (see --exist-ok).",
+                                      rich_help_panel=OUTPUT),
+    exist_ok: bool = typer.Option(False, "--exist-ok", help="Write into OUT even when it holds an earlier run.",
+                                  rich_help_panel=OUTPUT),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue the run in OUT from its "
+                                          "checkpoint.pt.", rich_help_panel=OUTPUT),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (accuracy, loss, seconds, ...).",
+                                 rich_help_panel=OUTPUT),
 ) -> None:
     """Train a model and save it to a run folder (model.safetensors, config.json, history, curves).
 
@@ -98,14 +160,33 @@ def train(
         class_weight = parse_class_weight(class_weight) if isinstance(class_weight, str) else class_weight
     except ValueError as err:
         fail(str(err))
+    if from_model is None and weights is not None and backbone is None and _is_model_file(weights):
+        typer.secho(f"warning: --weights {weights} names a model file: that is --from-model now (--weights means a "
+                    "backbone's weights)", fg=typer.colors.YELLOW, err=True)
+        from_model, weights = weights, None
+    if from_model is not None and weights is not None:
+        fail("--from-model fine-tunes a saved model; --weights sets a backbone's weights (with --backbone): "
+             "give one of them")
 
-    if wants_transfer(dataset=dataset, model=model, weights=weights, recipe=recipe, backbone=backbone, config=config):
+    transfer = wants_transfer(dataset=dataset, model=model, weights=from_model, recipe=recipe, backbone=backbone,
+                              config=config)
+    if transfer and resume:  # a transfer run keeps no checkpoint: only a from-scratch fallback's can be resumed
+        from imclass.workflows.training import check_resumable
+
+        if out is None:
+            fail("--resume needs --out DIR (the run folder holding checkpoint.pt)")
+        try:
+            check_resumable(out)
+        except ValueError as err:
+            fail(str(err))
+    if transfer:
         def from_scratch() -> None:  # no pretrained weights: the course CNN, augmented
-            train(config=None, model="keras_cnn", model_option=model_option, weights=None, dataset=dataset,
-                  data_root=data_root, image_size=image_size or 32, limit=limit, epochs=epochs,
+            train(config=None, model="keras_cnn", model_option=model_option, weights=None, from_model=None,
+                  dataset=dataset, data_root=data_root, image_size=image_size or FALLBACK_IMAGE_SIZE, limit=limit,
+                  epochs=epochs, lr_find=False,
                   batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum, nesterov=nesterov,
                   weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
-                  label_smoothing=label_smoothing, augment=augment or "crop_flip", val_fraction=val_fraction,
+                  label_smoothing=label_smoothing, augment=augment or FALLBACK_AUGMENT, val_fraction=val_fraction,
                   seed=seed, out=out, resume=resume, device=device, recipe=None, target=None, as_json=as_json,
                   backbone=None, weights_dir=None, freeze_epochs=None, head=None, unfreeze=None, feature_cache=None,
                   class_weight=class_weight, sampler=sampler, pool_stages=None, feature_augment=None,
@@ -118,7 +199,7 @@ def train(
                             class_weight=class_weight, sampler=sampler, pool_stages=pool_stages,
                             feature_augment=feature_augment, batch_norm=batch_norm, exist_ok=exist_ok,
                             data_mode=data_mode)
-    if lr_find and wants_transfer(dataset=dataset, model=model, weights=weights, recipe=recipe, backbone=backbone,
+    if lr_find and wants_transfer(dataset=dataset, model=model, weights=from_model, recipe=recipe, backbone=backbone,
                                   config=config):
         fail("--lr-find tests a model: add --model NAME (e.g. --model keras_cnn --image-size 64)")
     if resume and config is None and out is not None and (Path(out) / CONFIG_FILE).is_file():
@@ -128,7 +209,7 @@ def train(
         cfg = load_config(
             config,
             model=model,
-            weights=weights,
+            weights=from_model,  # RunConfig.weights: the model file to fine-tune
             dataset=dataset,
             data_root=data_root,
             image_size=image_size,
@@ -183,6 +264,19 @@ def train(
             f"loss {result['loss']:.4f}, {result['seconds']:.1f} s (training + evaluation); "
             f"saved {result['model_file']}"
         )
+
+
+def _is_model_file(path: str) -> bool:
+    """Whether ``path`` is an imclass model file or run folder (what --from-model takes), not backbone weights."""
+    from imclass.model_file.format import read_metadata
+
+    if not Path(path).expanduser().exists():
+        return False
+    try:
+        read_metadata(path)
+    except Exception:  # not an imclass model file: backbone weights (timm/torchvision) or garbage
+        return False
+    return True
 
 
 def _lr_find(cfg: Any, as_json: bool) -> None:

@@ -26,7 +26,9 @@ def tune(
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default sqlite:///OUT/study.db)."),
     study_name: str = typer.Option("imclass-tune", "--study", help="Study name inside the storage."),
     workers: int = typer.Option(1, "--workers", help="Worker processes on this machine sharing the study."),
-    sampler: str = typer.Option("tpe", "--sampler", help="tpe (default) or random."),
+    search: str = typer.Option("tpe", "--search", help="How Optuna picks the next trial: tpe (default) or random. "
+                               "(Class balancing is `imclass train --sampler`.)"),
+    sampler: Optional[str] = typer.Option(None, "--sampler", hidden=True, help="Deprecated spelling of --search."),
     pruner: str = typer.Option("median", "--pruner", help="median (default), hyperband or none."),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="Validation part of the training split."),
     cv: int = typer.Option(0, "--cv", help="k-fold cross-validation with this many folds instead of one split."),
@@ -57,7 +59,7 @@ def tune(
         cfg = TuneConfig(
             model=model, dataset=dataset, data_root=data_root, limit=limit, epochs=epochs, trials=trials,
             space=str(space) if space is not None else None, storage=storage, study_name=study_name,
-            out=str(out), workers=workers, sampler=sampler, pruner=pruner, val_fraction=val_fraction, cv=cv,
+            out=str(out), workers=workers, sampler=_search(search, sampler), pruner=pruner, val_fraction=val_fraction, cv=cv,
             seed=seed, device=device, heartbeat=heartbeat, final=final,
             report=str(report_dir) if report_dir is not None else None,
             model_options=_parse_model_options(model_option or []),
@@ -82,3 +84,12 @@ def tune(
     typer.echo(f"study, trials.csv and plots in {out}")
     if "report" in result["files"]:
         typer.echo(f"report: {result['files']['report']}")
+
+
+def _search(search: str, sampler: Optional[str]) -> str:
+    """``--search`` (the Optuna sampler); the old spelling ``--sampler`` still works, with a note."""
+    if sampler is None:
+        return search
+    typer.secho("warning: `imclass tune --sampler` is now --search (--sampler means class balancing in train)",
+                fg=typer.colors.YELLOW, err=True)
+    return sampler

@@ -120,15 +120,13 @@ def load(
 def _load_shards(path: Path, split: str, size: tuple[int, int] | None, *, mode: str | None, limit: int | None,
                  verbose: bool) -> Any:
     """One split of a shard folder written by ``imclass data shard``: always the stream tier."""
-    from imclass.data.stream import ShardSource
+    from imclass.data.shards import ShardSet, ShardSource
 
     if mode not in (None, "stream"):
         raise ValueError(f"{path} holds WebDataset shards: they are read in the stream tier (--data-mode stream), "
                          f"received --data-mode {mode}")
     if limit is not None:
         raise ValueError(f"{path} holds WebDataset shards: --limit needs the image folder (shards are read whole)")
-    from imclass.data.shards import ShardSet
-
     splits = ShardSet(path).splits
     source = ShardSource(path, "val" if split == "test" and "test" not in splits and "val" in splits else split,
                          image_size=size)

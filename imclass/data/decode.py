@@ -9,7 +9,7 @@ What it guarantees, the same way on every path:
 
 * **formats**: only ``ALLOWED_FORMATS`` (JPEG, PNG, BMP, GIF, WebP, TIFF) are ever opened; Pillow's other
   ~40 readers (PostScript/EPS runs Ghostscript, PSD, ICO, ...) are never tried, whatever the file's name:
-  such a file is "not an image in an accepted format" (``ImageError`` status 415);
+  such a file is "not a readable image in an accepted format" (``ImageError`` status 415);
 * **size**: the pixel count comes from the header and is checked against ``max_pixels`` before any
   pixel is decoded (413); decodes running at the same time share one memory budget (``PixelBudget``,
   ``SHARED_BUDGET``): a decode waits until the raster it needs fits, so concurrent uploads of huge
@@ -31,7 +31,6 @@ import io
 import os
 import stat
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -172,7 +171,7 @@ def _open(data: bytes, label: str) -> Any:
         return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
         raise _error(label, f"not a readable image in an accepted format (expected {FORMAT_NAMES} data)", 415) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:  # Pillow's own limit (2 x MAX_IMAGE_PIXELS), above ours
         raise _error(label, "refused, the image header claims too many pixels", 413) from None
     except Exception as err:  # the decoder's message is not echoed: it may name temporary files
         raise _error(label, f"not a readable image: corrupt header ({type(err).__name__})", 422) from None
@@ -207,21 +206,13 @@ def probe_image(source: bytes | str | os.PathLike, *, name: str | None = None,
     ``max_pixels`` when given, 422 corrupt header, missing file or not a regular file).
     """
     label = _label(source, name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", _bomb_warning())
-        with _open(_read_source(source, label), label) as im:
-            if max_pixels is not None:
-                _check_pixels(im, label, max_pixels)
-            width, height = im.size
-            if _orientation(im) >= 5:  # 5..8 turn the image by 90 degrees
-                width, height = height, width
-            return ImageInfo(format=im.format or "?", mode=im.mode, height=height, width=width)
-
-
-def _bomb_warning() -> type:
-    from PIL import Image
-
-    return Image.DecompressionBombWarning
+    with _open(_read_source(source, label), label) as im:
+        if max_pixels is not None:
+            _check_pixels(im, label, max_pixels)
+        width, height = im.size
+        if _orientation(im) >= 5:  # 5..8 turn the image by 90 degrees
+            width, height = height, width
+        return ImageInfo(format=im.format or "?", mode=im.mode, height=height, width=width)
 
 
 # ------------------------------------------------------------------------------------------ pixels
@@ -298,7 +289,8 @@ def decode_array(
     ``size`` (h, w) resizes to exactly that. With ``resize`` and/or ``crop`` (a pretrained backbone's
     evaluation), ``resize`` scales the shorter side to that many pixels (each side kept >= the crop;
     an (h, w) pair resizes exactly) and ``crop`` (default: ``size``) cuts the centre (h, w) out.
-    ``interpolation`` names the filter (bilinear, bicubic, nearest, lanczos, box, hamming). ``budget`` defaults to ``SHARED_BUDGET``. Raises ``ImageError`` (415 / 413 / 422).
+    ``interpolation`` names the filter (bilinear, bicubic, nearest, lanczos, box, hamming). ``budget``
+    defaults to ``SHARED_BUDGET``. Raises ``ImageError`` (415 / 413 / 422).
     """
     from PIL import Image
 
@@ -317,32 +309,30 @@ def decode_array(
     label = _label(source, name)
     budget = budget or SHARED_BUDGET
     data = _read_source(source, label)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with _open(data, label) as im:
-            _check_pixels(im, label, max_pixels)
-            turn = _orientation(im)
-            w, h = im.size if turn < 5 else im.size[::-1]  # as the image stands after orientation
-            target = _target_wh(size, resize, w, h)  # None: full size (a crop alone cuts from the original)
-            if target is not None and im.format == "JPEG" and im.mode in ("RGB", "L"):
-                tw, th = target
-                if crop_hw is not None:
-                    tw, th = max(tw, crop_hw[1]), max(th, crop_hw[0])
-                im.draft(im.mode, (tw, th) if turn < 5 else (th, tw))  # DCT-domain downscale, to >= the target
-            cost = im.size[0] * im.size[1] * _BYTES_PER_PIXEL
-            try:
-                with budget.hold(cost):
-                    out = _pixels(im, turn, mode, size, resize, crop_hw, _INTERPOLATION[interpolation])
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-                raise _error(label, "refused, the image has too many pixels", 413) from None
-            except MemoryError:
-                raise _error(label, "not enough memory to decode this image", 413) from None
-            except Exception as err:  # truncated data, bad chunks: the decoder's own message is not echoed
-                raise _error(label, f"not a readable image: corrupt or truncated data ({type(err).__name__})",
-                                 422) from None
-            finally:
-                if cost > _TRIM_ABOVE:
-                    _trim()
+    with _open(data, label) as im:
+        _check_pixels(im, label, max_pixels)
+        turn = _orientation(im)
+        w, h = im.size if turn < 5 else im.size[::-1]  # as the image stands after orientation
+        target = _target_wh(size, resize, w, h)  # None: full size (a crop alone cuts from the original)
+        if target is not None and im.format == "JPEG" and im.mode in ("RGB", "L"):
+            tw, th = target
+            if crop_hw is not None:
+                tw, th = max(tw, crop_hw[1]), max(th, crop_hw[0])
+            im.draft(im.mode, (tw, th) if turn < 5 else (th, tw))  # DCT-domain downscale, to >= the target
+        cost = im.size[0] * im.size[1] * _BYTES_PER_PIXEL
+        try:
+            with budget.hold(cost):
+                out = _pixels(im, turn, mode, size, resize, crop_hw, _INTERPOLATION[interpolation])
+        except Image.DecompressionBombError:
+            raise _error(label, "refused, the image has too many pixels", 413) from None
+        except MemoryError:
+            raise _error(label, "not enough memory to decode this image", 413) from None
+        except Exception as err:  # truncated data, bad chunks: the decoder's own message is not echoed
+            raise _error(label, f"not a readable image: corrupt or truncated data ({type(err).__name__})",
+                         422) from None
+        finally:
+            if cost > _TRIM_ABOVE:
+                _trim()
     return out
 
 

@@ -8,8 +8,8 @@ Two sources, one contract (``imclass.data.source.ImageSource``: ``mode``, ``labe
   seeded permutation of ``(seed, epoch)``, each rank's contiguous slice of every global batch),
   and worker processes decode them: the same batches as the memory and cache tiers, so training
   on a folder gives the same figures in every tier, and under DDP the ranks read disjoint files.
-* :class:`ShardSource` over WebDataset tar shards written by ``imclass data shard``
-  (``imclass.data.shards``). timm's ``ReaderWds`` pattern: each epoch draws a seeded order of
+* ``imclass.data.shards.ShardSource`` over WebDataset tar shards written by ``imclass data shard``
+  (a subclass of :class:`StreamSource`, in ``imclass.data.shards``). timm's ``ReaderWds`` pattern: each epoch draws a seeded order of
   the shards; global worker ``rank * workers + worker`` takes every ``(world * workers)``-th
   shard of it, shuffles samples in a buffer, and decodes. Every rank runs the same number of
   steps (``samples // world // local batch``; a worker whose shards run out starts them again).
@@ -29,24 +29,25 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from imclass.data.loader import TensorLoader, derive_seed
+from imclass.data.loader import TensorLoader
 
-__all__ = ["ShardSource", "StreamLoader", "StreamSource", "default_workers"]
+__all__ = ["StreamLoader", "StreamSource", "default_workers", "to_chw", "worker_loader"]
 
 _PREFETCH = 2  # batches each worker decodes ahead
-_SHUFFLE_BUFFER = 1000  # samples (encoded bytes) a shard reader shuffles among
 
 
 def default_workers() -> int:
-    """DataLoader worker processes when none are asked for: the CPU cores this process may use, at most 8."""
+    """DataLoader worker processes when none are asked for: the CPU cores this process may use, shared among
+    the ranks torchrun started on this machine (``LOCAL_WORLD_SIZE``), at least 1 and at most 8."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(8, cores // ranks_here))
 
 
-def _to_chw(a: np.ndarray, channels: int) -> torch.Tensor:
+def to_chw(a: np.ndarray, channels: int) -> torch.Tensor:
     """(H, W) or (H, W, C) uint8 -> (channels, H, W), a grey image repeated for a colour set."""
     t = torch.from_numpy(np.ascontiguousarray(a))
     t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
@@ -77,13 +78,17 @@ class _Batches(torch.utils.data.Dataset):
                 a = self.fetch(i)
                 if a.shape[:2] != tuple(self.size):
                     raise ValueError(f"decoded to {a.shape[0]}x{a.shape[1]}, expected {self.size[0]}x{self.size[1]}")
-                out[k] = _to_chw(a, self.channels)
+                out[k] = to_chw(a, self.channels)
             except Exception as err:  # reported by the main process, which knows the file names
                 bad.append((k, f"{type(err).__name__}: {err}"))
         return out, bad
 
 
-def _loader(dataset: Any, workers: int, **kw: Any) -> torch.utils.data.DataLoader:
+def worker_loader(dataset: Any, workers: int, **kw: Any) -> torch.utils.data.DataLoader:
+    """A DataLoader yielding ``dataset``'s items as they are (each item is a whole batch), ``workers`` processes."""
+    # a generator of its own: iterating a DataLoader draws its workers' base seed from the generator it is
+    # given, else from torch's global one, which would shift the training's dropout draws (tiers must agree)
+    kw.setdefault("generator", torch.Generator().manual_seed(0))
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
                                        prefetch_factor=_PREFETCH if workers else None,
                                        persistent_workers=False, **kw)
@@ -219,7 +224,7 @@ class StreamSource:
             return
         dataset = _Batches(self._fetch, self._size(), self.image_shape[0], files)
         pin = device.type == "cuda"
-        for (idx, labels), fidx, (images, bad) in zip(steps, files, _loader(dataset, self.workers, pin_memory=pin)):
+        for (idx, labels), fidx, (images, bad) in zip(steps, files, worker_loader(dataset, self.workers, pin_memory=pin)):
             if bad:
                 for k, why in bad:
                     self._bad(int(fidx[k]), why)
@@ -249,204 +254,3 @@ class StreamSource:
         """A ``TensorLoader``-like loader (``shuffle``, ``seed``, ``device``, ``sample_weights``, ``rank``,
         ``world_size``, ``rows``, ``drop_last``, ``workers``) whose batches worker processes decode."""
         return StreamLoader(self, batch_size, **options)
-
-
-# ------------------------------------------------------------------------------ WebDataset shards
-
-def _shard_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
-    """The order the ``n`` shards are dealt out in ``epoch``: seeded by ``(seed, epoch)``, the same on every rank."""
-    if not shuffle:
-        return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, epoch, 1)))
-
-
-class _ShardStream(torch.utils.data.IterableDataset):
-    """One rank's share of an epoch: worker ``w`` of ``workers`` reads every ``(world*workers)``-th shard of
-    the epoch's seeded order from ``rank * workers + w`` on, and yields ``steps_w`` batches of ``batch``."""
-
-    def __init__(self, shards: Sequence[Path], steps: int, batch: int, seed: int, epoch: int, rank: int, world: int,
-                 workers: int, decode: Callable[[bytes, str], np.ndarray], channels: int, size: tuple[int, int],
-                 shuffle: bool) -> None:
-        self.shards, self.steps, self.batch, self.seed, self.epoch = list(shards), steps, batch, seed, epoch
-        self.rank, self.world, self.workers = rank, world, max(1, workers)
-        self.decode, self.channels, self.size, self.shuffle = decode, channels, size, shuffle
-
-    def assigned(self, worker: int) -> list[int]:
-        """Shard numbers worker ``worker`` of this rank reads this epoch (disjoint over ranks x workers)."""
-        order = _shard_order(len(self.shards), self.seed, self.epoch, self.shuffle)
-        g, total = self.rank * self.workers + worker, self.world * self.workers
-        return order[g::total].tolist()
-
-    def _samples(self, worker: int) -> Iterator[Any]:
-        from imclass.data.shards import read_shard
-
-        mine = self.assigned(worker)
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        buffer: list[Any] = []
-        cycle = 0
-        while True:  # a worker whose shards run out before its steps are done reads them again
-            for s in (rng.permutation(mine).tolist() if self.shuffle and cycle else mine):
-                for sample in read_shard(self.shards[s]):
-                    if not self.shuffle:
-                        yield sample
-                        continue
-                    buffer.append(sample)
-                    if len(buffer) >= _SHUFFLE_BUFFER:
-                        k = int(rng.integers(len(buffer)))
-                        buffer[k], buffer[-1] = buffer[-1], buffer[k]
-                        yield buffer.pop()
-            while buffer:
-                k = int(rng.integers(len(buffer)))
-                buffer[k], buffer[-1] = buffer[-1], buffer[k]
-                yield buffer.pop()
-            cycle += 1
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        info = torch.utils.data.get_worker_info()
-        worker = 0 if info is None else info.id
-        count = len(range(worker, self.steps, self.workers))  # this worker's batches: w, w + workers, ...
-        if count == 0:
-            return
-        samples = self._samples(worker)
-        for _ in range(count):
-            images = torch.empty((self.batch, self.channels, *self.size), dtype=torch.uint8)
-            labels = torch.empty(self.batch, dtype=torch.long)
-            keys = torch.empty(self.batch, dtype=torch.long)
-            for k in range(self.batch):
-                sample = next(samples)
-                images[k] = _to_chw(self.decode(sample.data, sample.key), self.channels)
-                labels[k] = sample.label
-                keys[k] = int(sample.key.rsplit("_", 1)[-1])
-            yield keys, images, labels
-
-
-class ShardLoader:
-    """The loader of :class:`ShardSource`: ``len(self)`` steps per epoch on every rank, each rank's local batch
-    ``batch_size // world_size`` (``indexed_batches`` yields sample positions, images, labels)."""
-
-    def __init__(self, source: "ShardSource", batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1, drop_last: bool = True,
-                 workers: int | None = None, sample_weights: torch.Tensor | None = None,
-                 rows: torch.Tensor | None = None) -> None:
-        if sample_weights is not None or rows is not None:
-            raise ValueError("a shard reader reads whole shards: for rows or sample_weights use ShardSource.loader, "
-                             "which reads those images by offset")
-        if batch_size < world_size:
-            raise ValueError(f"expected a global batch of at least one image per rank, received batch_size="
-                             f"{batch_size} for {world_size} ranks")
-        self.source, self.batch_size, self.shuffle, self.seed = source, int(batch_size), shuffle, int(seed)
-        self.device = torch.device(device)
-        self.rank, self.world_size = int(rank), int(world_size)
-        self.local = self.batch_size // self.world_size
-        self.workers = source.workers if workers is None else int(workers)
-        per_rank = len(source) // self.world_size
-        self.steps = per_rank // self.local if drop_last or per_rank % self.local == 0 else -(-per_rank // self.local)
-        shards = len(source.shard_paths)
-        if shards < self.world_size * max(1, self.workers):
-            raise ValueError(f"{source.folder} has {shards} {source.split} shard(s) for {self.world_size} rank(s) x "
-                             f"{max(1, self.workers)} worker(s): write smaller shards (imclass data shard --shard-size) "
-                             "or use fewer workers")
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def global_batch_len(self, b: int) -> int:
-        """Images in global batch ``b`` over all ranks (every rank's local batch is full)."""
-        return self.local * self.world_size
-
-    def stream(self, epoch: int) -> _ShardStream:
-        """This rank's share of ``epoch`` (``assigned(worker)`` says which shards each worker reads)."""
-        return _ShardStream(self.source.shard_paths, self.steps, self.local, self.seed, epoch, self.rank,
-                            self.world_size, self.workers, self.source._decode, self.source.image_shape[0],
-                            self.source.size, self.shuffle)
-
-    def order(self, epoch: int) -> torch.Tensor:
-        """The shard order of ``epoch`` (shard numbers; samples follow their shards)."""
-        return _shard_order(len(self.source.shard_paths), self.seed, epoch, self.shuffle)
-
-    def indexed_batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """``(sample positions, uint8 images, labels)`` of each step of ``epoch`` from ``start`` on (a resumed
-        epoch reads the epoch's stream again and skips the first ``start`` steps)."""
-        pin = self.device.type == "cuda"
-        for b, (keys, images, labels) in enumerate(_loader(self.stream(epoch), self.workers, pin_memory=pin)):
-            if b >= start:
-                yield keys.to(self.device), images.to(self.device, non_blocking=pin), labels.to(self.device)
-
-    def batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(images, labels)`` of each step of ``epoch``."""
-        for _, images, labels in self.indexed_batches(epoch, start):
-            yield images, labels
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self.batches(0)
-
-
-class ShardSource(StreamSource):
-    """One split of a shard folder written by ``imclass data shard`` (the ``"stream"`` tier over shards).
-
-    ``image_size`` (h, w) is the size images are decoded to (default: the size the shards were written
-    at). Labels, class counts and each sample's place in its tar come from the index, so ``read``
-    (a seek per image), ``batches`` and the exact ``TensorLoader`` plan work as over files; ``loader``
-    gives the rank x worker shard reader (:class:`ShardLoader`) unless ``rows`` or ``sample_weights``
-    ask for particular images (then the exact plan, reading by offset).
-    """
-
-    def __init__(self, folder: str | os.PathLike, split: str = "train", *, image_size: int | tuple[int, int] | None = None,
-                 channels: int = 3, workers: int | None = None, strict: bool = False) -> None:
-        from imclass.data.folder import parse_image_size
-        from imclass.data.shards import ShardSet
-
-        self.set = ShardSet(folder)
-        self.folder, self.split = self.set.folder, split
-        self.shard_paths = self.set.shards(split)
-        self._table = self.set.table(split)
-        if len(self._table) == 0:
-            raise ValueError(f"{self.folder} holds no {split} images")
-        self.labels = torch.from_numpy(np.ascontiguousarray(self._table[:, 0]))
-        self.classes = self.set.classes
-        size = parse_image_size(image_size) or (tuple(self.set.index["image_size"]) if self.set.index["image_size"] else None)
-        if size is None:
-            raise ValueError(f"{self.folder} was written without --image-size: give image_size to decode its images")
-        if channels not in (1, 3):
-            raise ValueError(f"expected channels 1 or 3, received channels={channels!r}")
-        self.size, self._channels = tuple(size), channels
-        self.workers = default_workers() if workers is None else int(workers)
-        self.strict, self.verbose = strict, False
-        self.name, self.source, self.notes, self.root = self.folder.name, str(self.folder), [], self.folder
-        self._warned: set[int] = set()
-
-    def _decode(self, data: bytes, key: str) -> np.ndarray:
-        from imclass.data.decode import decode_array
-
-        return decode_array(data, mode="L" if self._channels == 1 else "RGB", size=self.size, name=key)
-
-    def _fetch(self, i: int) -> np.ndarray:
-        return self._decode(self.set.read_bytes(self.split, [i], self._table)[0], self._name(i))
-
-    def _name(self, i: int) -> str:
-        return f"{self.folder}/{self.split}_{i:09d}"
-
-    def _size(self) -> tuple[int, int]:
-        return self.size
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of every image."""
-        return (self._channels, *self.size)
-
-    def class_counts(self) -> list[int]:
-        """Images per class (from the index)."""
-        return list(self.set.index["splits"][self.split]["class_counts"])
-
-    def loader(self, batch_size: int, **options: Any) -> ShardLoader | StreamLoader:
-        """The rank x worker shard reader (``shuffle``, ``seed``, ``device``, ``rank``, ``world_size``,
-        ``drop_last``, ``workers``; see :class:`ShardLoader`), or with ``rows`` / ``sample_weights`` the exact
-        ``TensorLoader`` plan read by offset (:class:`StreamLoader`)."""
-        if options.get("rows") is not None or options.get("sample_weights") is not None:
-            return StreamLoader(self, batch_size, **options)
-        options.pop("rows", None)
-        options.pop("sample_weights", None)
-        return ShardLoader(self, batch_size, **options)
