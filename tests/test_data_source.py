@@ -162,7 +162,7 @@ def test_the_chooser_reads_a_real_cgroup_memory_limit():
 # the cache
 
 
-def test_cache_tier_holds_the_memory_tiers_pixels_and_trains_to_the_same_predictions(tmp_path, cache_env, one_thread):
+def test_the_three_tiers_hold_the_same_pixels_and_train_to_the_same_predictions(tmp_path, cache_env, one_thread):
     folder = _photos(tmp_path / "photos", 8)
     memory = imdata.load(folder, split="train", image_size=16, mode="memory")
     cached = imdata.load(folder, split="train", image_size=16, mode="cache")
@@ -175,13 +175,16 @@ def test_cache_tier_holds_the_memory_tiers_pixels_and_trains_to_the_same_predict
     from imclass import models
     from imclass.train import Classifier
 
+    stream = imdata.load(folder, split="train", image_size=16, mode="stream")
+    assert stream.mode == "stream" and torch.equal(stream.read(torch.arange(len(stream))), memory.images)
     preds = []
-    for ds in (memory, cached):
+    for ds in (memory, cached, stream):
         torch.manual_seed(0)
         clf = Classifier(models.create("mlp", num_classes=3, in_chans=3, img_size=16), device="cpu").compile("adam")
         clf.fit(ds, epochs=2, batch_size=4, seed=0, verbose=False, validation=0.25)
         preds.append((clf.predict_logits(ds), clf.history.history["val_accuracy"]))
-    assert torch.equal(preds[0][0], preds[1][0]) and preds[0][1] == preds[1][1]
+    for other in preds[1:]:  # bit for bit: the same batches, statistics, dropout draws and validation rows
+        assert torch.equal(preds[0][0], other[0]) and preds[0][1] == other[1]
 
 
 def test_cache_is_invalidated_by_any_change(tmp_path, cache_env):
@@ -326,3 +329,36 @@ def test_cli_data_cache_then_train_reads_it_and_reports_the_mode(tmp_path, cache
     assert "-> cache tier (an existing cache)" in done.stderr
     cleared = runner.invoke(app, ["data", "cache", "--clear"])
     assert cleared.exit_code == 0 and not list(cache_env.glob("*.npy"))
+
+
+def test_evaluate_predict_and_features_read_every_tier_alike(tmp_path, cache_env, one_thread):
+    from typer.testing import CliRunner
+
+    from imclass.cli import app
+
+    folder = _photos(tmp_path / "photos", 10)
+    runner = CliRunner()
+    run = tmp_path / "run"
+    done = runner.invoke(app, ["train", "--model", "keras_cnn", "--dataset", str(folder), "--image-size", "16",
+                               "--epochs", "1", "--out", str(run), "--json", "--data-mode", "memory"])
+    assert done.exit_code == 0, done.output
+
+    def last_json(args):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    ev = {m: last_json(["evaluate", str(run), str(folder), "--json", "--data-mode", m]) for m in ("memory", "cache")}
+    assert ev["cache"]["data_mode"] == "cache" and ev["memory"]["data_mode"] == "memory"
+    assert ev["cache"]["accuracy"] == ev["memory"]["accuracy"] and ev["cache"]["loss"] == ev["memory"]["loss"]
+    pred = {m: last_json(["predict", str(run), str(folder), "--json", "--top", "2", "--data-mode", m])
+            for m in ("stream", "cache")}
+    assert pred["cache"]["predictions"] == pred["stream"]["predictions"] and len(pred["cache"]["predictions"]) == 30
+    feats = {}
+    for m in ("memory", "cache"):
+        out = tmp_path / f"{m}.npz"
+        result = runner.invoke(app, ["features", str(run), str(folder), "--out", str(out), "--cache", "none",
+                                     "--data-mode", m])
+        assert result.exit_code == 0, result.output
+        feats[m] = np.load(out)["features"]
+    assert feats["memory"].shape[0] == 30 and np.array_equal(feats["memory"], feats["cache"])

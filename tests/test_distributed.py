@@ -56,7 +56,7 @@ def jobs(tmp_path_factory, cifar_small):
     from PIL import Image
 
     base = tmp_path_factory.mktemp("ddp")
-    dirs = {name: base / name for name in ("ddp", "bf16", "killed", "run")}
+    dirs = {name: base / name for name in ("ddp", "bf16", "killed", "run", "cache")}
     for d in dirs.values():
         d.mkdir()
     x, y, _, _ = cifar_small
@@ -71,6 +71,10 @@ def jobs(tmp_path_factory, cifar_small):
         "run": _start(["-m", "imclass", "train", "--model", "mlp", "--dataset", str(dirs["run"] / "photos"),
                        "--epochs", "1", "--batch-size", "16", "--val-fraction", "0.25", "--device", "cpu",
                        "--out", str(dirs["run"] / "out"), "--json"]),
+        "cache": _start(["-m", "imclass", "train", "--model", "mlp", "--dataset", str(dirs["run"] / "photos"),
+                         "--epochs", "1", "--batch-size", "16", "--val-fraction", "0.25", "--device", "cpu",
+                         "--out", str(dirs["cache"] / "out"), "--json", "--data-mode", "cache"],
+                        IMCLASS_CACHE=str(dirs["cache"] / "state")),
     }
     yield {name: (job, dirs[name]) for name, job in started.items()}
     for job in started.values():
@@ -187,3 +191,22 @@ def test_torchrun_cli_train_writes_one_run_folder_and_predict_shards(tmp_path, j
         top = row["top"][0]
         assert top["class"] == clf.classes[int(probs.argmax())]
         assert top["probability"] == pytest.approx(float(probs.max()), abs=1e-4)
+
+
+def test_torchrun_cache_tier_builds_one_shared_cache_and_trains_exactly_like_the_memory_tier(jobs):
+    """2 ranks build the cache together (rank r decodes files r, r + 2, ...), map the one file, each
+    reading its part of every global batch: the same weights, bit for bit, as 2 ranks in memory."""
+    from safetensors.torch import load_file
+
+    job, folder = jobs["cache"]
+    done = _wait(job)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][0])
+    assert result["data_mode"] == "cache" and result["train_images"] == 96
+    manifests = sorted((folder / "state" / "images").glob("*.json"))
+    assert len(manifests) == 2 and sorted(json.loads(m.read_text())["n"] for m in manifests) == [24, 96]
+    assert done.stderr.count("-> cache tier") == 2  # said once per split, by rank 0
+    memory_job, memory_folder = jobs["run"]
+    assert _wait(memory_job).returncode == 0
+    cached, in_memory = load_file(folder / "out" / "model.safetensors"), load_file(memory_folder / "out" / "model.safetensors")
+    assert cached.keys() == in_memory.keys() and all(torch.equal(cached[k], in_memory[k]) for k in cached)

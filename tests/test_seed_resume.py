@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from imclass.cli import app
@@ -34,14 +36,20 @@ def test_two_identical_commands_write_byte_identical_model_files(tmp_path, monke
     assert (tmp_path / "run-seed1" / "model.safetensors").read_bytes() != first
 
 
-@pytest.mark.parametrize("prepare", ["missing", "config only"])
+@pytest.mark.parametrize("prepare", ["missing", "config only", "a folder to transfer from"])
 def test_resume_without_a_checkpoint_is_a_one_line_error(tmp_path, prepare):
     out = tmp_path / "typo"
+    extra = []
     if prepare == "config only":  # a run killed before its first checkpoint
         out.mkdir()
         (out / "config.json").write_text(json.dumps({"model": "lenet5", "dataset": "mnist", "epochs": 1}))
+    elif prepare == "a folder to transfer from":  # `train --dataset FOLDER` transfers: no checkpoint either
+        for cls in ("a", "b"):
+            (tmp_path / "photos" / cls).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "photos" / cls / "0.png")
+        extra = ["--dataset", tmp_path / "photos"]
     before = sorted(p.name for p in out.iterdir()) if out.exists() else None
-    result = train("--out", out, "--resume")
+    result = train(*extra, "--out", out, "--resume")
     assert result.exit_code == 2
     assert result.output.strip() == (
         f"error: --resume: no checkpoint in {out} (expected {out / 'checkpoint.pt'}; the run folder is missing or "

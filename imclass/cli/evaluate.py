@@ -8,6 +8,7 @@ import typer
 
 from imclass.cli._common import (
     USER_ERRORS,
+    DataMode,
     DataRoot,
     TTAOption,
     fail,
@@ -29,9 +30,13 @@ def evaluate(
     split: str = typer.Option("test", "--split", help="Which split to evaluate on."),
     data_root: Optional[str] = DataRoot,
     limit: Optional[int] = limit_option(),
+    data_mode: Optional[str] = DataMode,
     confusion: bool = typer.Option(False, "--confusion", help="Also print the confusion matrix."),
     tta: Optional[bool] = TTAOption,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    mistakes: Optional[Path] = typer.Option(
+        None, "--mistakes", help="Write every misclassified image to this CSV file: path, given, predicted, "
+        "probability (of the predicted class), loss (-log of the given class's probability); worst first."),
     report_dir: Optional[Path] = typer.Option(
         None, "--report", help="Also write the evaluation report into DIR (report.html, report.json, PNGs); "
         "for a model of `imclass tune` (RUN holds best.json) it has a tuning section: best params, top trials, plots."),
@@ -57,10 +62,10 @@ def evaluate(
             if pre is not None:
                 from imclass.transfer.workflow import load_for
 
-                data = load_for(dataset, pre, split=split, root=data_root, limit=limit)
+                data = load_for(dataset, pre, split=split, root=data_root, limit=limit, mode=data_mode)
             else:
                 data = imdata.load(dataset, split=split, root=data_root, image_size=tuple(size[1:]) if size else None,
-                                   limit=limit)
+                                   limit=limit, mode=data_mode)
         if saved.classes is not None and len(saved.classes) != data.num_classes:
             raise ValueError(
                 f"{run}: the model knows {len(saved.classes)} classes but {dataset} has {data.num_classes}"
@@ -70,9 +75,13 @@ def evaluate(
             report = _from_report(saved, data, tta_used, run, report_dir)
         else:
             report = _evaluate(saved.predictor, data, tta_used)
+        if mistakes is not None:
+            report["mistakes_file"] = str(mistakes)
+            report["mistakes"] = write_mistakes(saved, data, tta_used, mistakes)
     except USER_ERRORS as err:
         fail(str(err))
-    report.update({"dataset": dataset, "split": split, "images": len(data), "tta": tta_used})
+    report.update({"dataset": dataset, "split": split, "images": len(data), "tta": tta_used,
+                   "data_mode": getattr(data, "mode", "memory")})
     if not confusion:
         report.pop("confusion_matrix")
     if as_json:
@@ -85,8 +94,48 @@ def evaluate(
         typer.echo(f"  {name:<{width}}  {acc:.4f}" if acc is not None else f"  {name:<{width}}  (no images)")
     if confusion:
         typer.echo("confusion matrix (rows: true class, columns: predicted class):")
+        cell = max(5, *(len(c) for c in data.classes))  # full class names as column headers, never cut
+        typer.echo(f"  {'':<{width}}  " + " ".join(f"{c:>{cell}}" for c in data.classes))
         for name, row in zip(data.classes, report["confusion_matrix"]):
-            typer.echo(f"  {name:<{width}}  " + " ".join(f"{v:5d}" for v in row))
+            typer.echo(f"  {name:<{width}}  " + " ".join(f"{v:>{cell}d}" for v in row))
+    if mistakes is not None:
+        typer.echo(f"wrote {report['mistakes']} misclassified images to {mistakes}")
+
+
+def write_mistakes(saved: Any, data, tta: str, path: Path) -> int:
+    """Every misclassified image of ``data`` as a CSV row (path, given, predicted, probability, loss), highest
+    loss first; returns how many. ``path`` is the image file (relative to the folder) when the data came from
+    files, else ``<data set>/<split>/<index>``."""
+    import csv
+
+    import torch
+
+    predictor = saved.predictor
+    if hasattr(predictor, "predict_logits"):
+        probs = predictor.predict_logits(data.images, tta=None if tta == "none" else tta).float().softmax(1)
+        names = list(saved.classes or data.classes)
+    else:  # a KNN: its probability columns follow its sorted training labels
+        probs = torch.as_tensor(predictor.predict_proba(data.images)).float()
+        names = saved.class_names(probs.shape[1])
+        columns = [int(v) for v in predictor.classes_]
+        full = torch.zeros(len(probs), data.num_classes)
+        full[:, columns] = probs
+        probs, names = full, list(saved.classes or data.classes)
+    predicted = probs.argmax(1)
+    given_p = probs[torch.arange(len(probs)), data.labels].clamp_min(1e-12)
+    loss = -given_p.log()
+    wrong = torch.nonzero(predicted != data.labels).flatten()
+    order = wrong[torch.argsort(loss[wrong], descending=True)]
+    paths = data.paths if getattr(data, "paths", None) is not None else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["path", "given", "predicted", "probability", "loss"])
+        for i in order.tolist():
+            where = paths[i] if paths is not None else f"{data.name or 'data'}/{data.split or 'test'}/{i}"
+            out.writerow([where, names[int(data.labels[i])], names[int(predicted[i])],
+                          f"{float(probs[i, predicted[i]]):.6f}", f"{float(loss[i]):.6f}"])
+    return len(order)
 
 
 def _from_report(saved: Any, data, tta: str, run: Path, out: Path) -> dict[str, Any]:
@@ -114,7 +163,7 @@ def _evaluate(predictor: Any, data, tta: str = "none") -> dict[str, Any]:
 
     loss = None
     if hasattr(predictor, "predict_logits"):  # a Classifier: one pass gives the loss and the predictions
-        logits = predictor.predict_logits(data.images, tta=None if tta == "none" else tta).float().cpu()
+        logits = predictor.predict_logits(data, tta=None if tta == "none" else tta).float().cpu()  # a batch at a time
         loss = torch.nn.functional.cross_entropy(logits, data.labels).item()
         predicted = logits.argmax(1)
     else:  # a KNN

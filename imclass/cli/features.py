@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, DataRoot, fail, limit_option, plain_warnings, print_json
+from imclass.cli._common import USER_ERRORS, DataMode, DataRoot, fail, limit_option, plain_warnings, print_json
 
 _MODEL = typer.Argument(..., help="A run folder or model file (imclass train --out), or a backbone name "
                                   "(mobilenetv2_100, timm:resnet18, torchvision:squeezenet1_1).")
@@ -66,6 +66,7 @@ def features(
     data_root: Optional[str] = DataRoot,
     cache: Optional[str] = _CACHE,
     amp: str = _AMP,
+    data_mode: Optional[str] = DataMode,
 ) -> None:
     """Export the embeddings of a data set or folder: features (N, D) float32, labels, classes, paths, splits."""
     import numpy as np
@@ -89,11 +90,11 @@ def features(
             else:
                 from imclass.data import load
 
-                ds = load(data, split=split, root=data_root, limit=limit)
+                ds = load(data, split=split, root=data_root, limit=limit, mode=data_mode)
                 source, labels, classes = ds.images, ds.labels, list(ds.classes)
                 splits, paths = [split] * len(ds), [f"{ds.name}/{split}/{i}" for i in range(len(ds))]
             feats = extract_features_shared(emb.model, source, emb.preprocessing, batch_size, cache=_cache(cache),
-                                            amp=_amp(amp))
+                                            amp=_amp(amp), mode=data_mode)
             main = distributed.is_main()
     except USER_ERRORS as err:
         fail(str(err))

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, TTAOption, fail, plain_warnings, print_json
+from imclass.cli._common import USER_ERRORS, DataMode, TTAOption, fail, plain_warnings, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -29,6 +29,9 @@ def predict(
     fmt: Optional[str] = typer.Option(None, "--format", "-f", help="Output: table (default), json or csv (one row per file)."),
     as_json: bool = typer.Option(False, "--json", help="Same as --format json: one JSON object."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
+    data_mode: Optional[str] = typer.Option(
+        None, "--data-mode", help="stream (default: each batch decoded, predicted and dropped), memory (all decoded "
+        "first) or cache (decoded once into a memory-mapped file of the model's input size, reused next time)."),
     backbone: Optional[str] = typer.Option(
         None, "--backbone", help="Zero-shot: ImageNet top-k by this pretrained backbone (then every argument is an image)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="With --backbone: imagenet (default) or a weights file."),
@@ -87,11 +90,21 @@ def predict(
         except ImageError as err:
             return i, err
 
+    if data_mode not in (None, "memory", "cache", "stream"):
+        fail(f"expected --data-mode memory, cache or stream, received {data_mode!r}")
+    if data_mode in ("memory", "cache"):
+        try:
+            with plain_warnings():
+                batches = _decoded_batches(predictor, paths, mine, data_mode, batch_size)
+        except USER_ERRORS as err:
+            fail(str(err))
+    else:
+        batches = None
     bar = tqdm(total=len(mine), desc="predict", unit="img", disable=None if len(mine) > batch_size else True,
                leave=False, file=sys.stderr)
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         for start in range(0, len(mine), batch_size):
-            decoded = list(pool.map(decode, mine[start : start + batch_size]))
+            decoded = next(batches) if batches is not None else list(pool.map(decode, mine[start : start + batch_size]))
             good = [(i, t) for i, t in decoded if not isinstance(t, Exception)]
             for i, err in decoded:
                 if isinstance(err, Exception):
@@ -134,6 +147,40 @@ def predict(
         if fmt != "json":
             typer.secho(f"{len(errs)} of {len(paths)} image(s) could not be read", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
+
+
+def _decoded_batches(predictor, paths: list[Path], mine: list[int], mode: str, batch_size: int):
+    """``imclass predict --data-mode memory|cache``: the files decoded through the tier interface
+    (``imclass.data.source.open_images``: the cache is keyed by the files and the model's input
+    preprocessing), yielded as the lists ``[(i, image or error)]`` of each batch of ``batch_size`` files."""
+    import json
+
+    from imclass.data.decode import ImageError
+    from imclass.data.source import Decoder, ImageList, open_images
+
+    if not predictor.input_size:
+        raise ValueError(f"--data-mode {mode} needs a model with a fixed input size; use --data-mode stream")
+    size = tuple(predictor.input_size[1:])
+    key = "predict:" + json.dumps({"pre": predictor.preprocessing, "size": size, "channels": predictor.channels},
+                                  sort_keys=True, default=str)
+    files = ImageList([paths[i] for i in mine], list(mine), ["file"], Path(os.path.commonpath([str(p) for p in paths]
+                                                                                             or ["."])))
+    decoder = Decoder(lambda p: predictor.decode(p, name=str(p)).permute(1, 2, 0).numpy(), size, key,
+                      predictor.channels or 3)
+    ds = open_images(files, decoder, mode)
+    kept = dict(zip(ds.labels.tolist(), range(len(ds))))  # a file's index -> its row (unreadable files have none)
+    for start in range(0, len(mine), batch_size):
+        part = mine[start : start + batch_size]
+        rows = [kept[i] for i in part if i in kept]
+        images = ds.read(rows) if rows else None
+        out, j = [], 0
+        for i in part:
+            if i in kept:
+                out.append((i, images[j]))
+                j += 1
+            else:
+                out.append((i, ImageError(f"{paths[i]}: not a readable image")))
+        yield out
 
 
 def _write_table(rows: list[dict], top: int) -> None:

@@ -168,7 +168,18 @@ def train(
         fail("--from-model fine-tunes a saved model; --weights sets a backbone's weights (with --backbone): "
              "give one of them")
 
-    if wants_transfer(dataset=dataset, model=model, weights=from_model, recipe=recipe, backbone=backbone, config=config):
+    transfer = wants_transfer(dataset=dataset, model=model, weights=from_model, recipe=recipe, backbone=backbone,
+                              config=config)
+    if transfer and resume:  # a transfer run keeps no checkpoint: only a from-scratch fallback's can be resumed
+        from imclass.workflows.training import check_resumable
+
+        if out is None:
+            fail("--resume needs --out DIR (the run folder holding checkpoint.pt)")
+        try:
+            check_resumable(out)
+        except ValueError as err:
+            fail(str(err))
+    if transfer:
         def from_scratch() -> None:  # no pretrained weights: the course CNN, augmented
             train(config=None, model="keras_cnn", model_option=model_option, weights=None, from_model=None,
                   dataset=dataset, data_root=data_root, image_size=image_size or FALLBACK_IMAGE_SIZE, limit=limit,

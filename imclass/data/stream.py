@@ -86,6 +86,9 @@ class _Batches(torch.utils.data.Dataset):
 
 def worker_loader(dataset: Any, workers: int, **kw: Any) -> torch.utils.data.DataLoader:
     """A DataLoader yielding ``dataset``'s items as they are (each item is a whole batch), ``workers`` processes."""
+    # a generator of its own: iterating a DataLoader draws its workers' base seed from the generator it is
+    # given, else from torch's global one, which would shift the training's dropout draws (tiers must agree)
+    kw.setdefault("generator", torch.Generator().manual_seed(0))
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
                                        prefetch_factor=_PREFETCH if workers else None,
                                        persistent_workers=False, **kw)

@@ -81,6 +81,10 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)  # atomic: a killed run never leaves half an entry
 
 
+FOLDER_IMAGE_SIZE = 32  # a folder of photos without --image-size: k-NN and scratch networks see 32 x 32 pixels
+# (transfer entries read the same files at their backbone's own size and crop)
+
+
 def _load_split(data: str, root: Any, image_size: int | None, limit: int | None, seed: int = 0):
     """The train and test splits every approach uses (as ``train_from_config`` loads them)."""
     from imclass import data as imdata
@@ -137,13 +141,19 @@ def _run_engine(name: str, data: str, folder: Path, budget: float, *, root: Any,
 
 
 def _run_transfer(name: str, train, test, folder: Path, budget: float, *, seed: int, max_epochs: int,
-                  verbose: bool) -> dict[str, Any]:
+                  verbose: bool, data: str = "", root: Any = None, limit: int | None = None) -> dict[str, Any]:
     from imclass.model_file.save import save
     from imclass.train import TimeBudget
     from imclass.transfer import fine_tune, transfer
 
     backbone = name[len("transfer:"):]
     model = transfer(backbone, num_classes=train.num_classes, weights="imagenet")
+    if data and Path(data).expanduser().is_dir():  # photos: the same files, read as the backbone wants them
+        from imclass.transfer.workflow import load_for
+
+        pre = model.preprocessing
+        train = load_for(data, pre, split="train", root=root, seed=seed, limit=limit)
+        test = load_for(data, pre, split="test", root=root, seed=seed, limit=limit)
     timer = TimeBudget(budget)
     start = time.perf_counter()
     result = fine_tune(model, train, epochs=max(1, max_epochs // 4), freeze_epochs=max_epochs, classes=train.classes,
@@ -215,6 +225,8 @@ def compare(
         raise ValueError(f"expected limit >= 1, received limit={limit}")
     out = Path(out)
     (out / "entries").mkdir(parents=True, exist_ok=True)
+    if image_size is None and Path(data).expanduser().is_dir():  # photos of mixed sizes: pixels at 32 x 32
+        image_size = FOLDER_IMAGE_SIZE
     setup = {"data": str(data), "limit": limit, "image_size": image_size, "budget_seconds": seconds, "seed": seed}
     say = log or (lambda _msg: None)
     train, test = _load_split(data, root, image_size, limit, seed)
@@ -234,7 +246,8 @@ def compare(
         if name.startswith("knn-"):
             figures = _run_knn(name, train, test, folder)
         elif name.startswith("transfer:"):
-            figures = _run_transfer(name, train, test, folder, seconds, seed=seed, max_epochs=max_epochs, verbose=verbose)
+            figures = _run_transfer(name, train, test, folder, seconds, seed=seed, max_epochs=max_epochs, verbose=verbose,
+                                    data=data, root=root, limit=limit)
         else:
             figures = _run_engine(name, data, folder, seconds, root=root, image_size=image_size, limit=limit, seed=seed,
                                   max_epochs=max_epochs, verbose=verbose, device=device)

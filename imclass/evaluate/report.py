@@ -44,12 +44,16 @@ TUNE_PLOTS = {"history": "optimisation history", "importances": "parameter impor
 TOP_TRIALS = 10
 
 
-def score(model: Any, images: torch.Tensor, *, batch_size: int = 512, tta: str | None = None,
+def score(model: Any, images: torch.Tensor, *, batch_size: int | None = None, tta: str | None = None,
           progress: bool = True, desc: str = "evaluate") -> tuple[torch.Tensor | None, torch.Tensor]:
     """Logits (``None`` for a k-NN) and class probabilities (N, C), float32 on the CPU, of uint8 images,
     ``batch_size`` at a time with a tqdm bar. ``tta``: a name of ``imclass.tta`` or ``None``/"none"."""
     from tqdm.auto import tqdm
 
+    if batch_size is None:
+        from imclass.data.source import inference_batch_size
+
+        batch_size = inference_batch_size(images.shape[1:])
     if batch_size < 1:
         raise ValueError(f"expected batch_size >= 1, received {batch_size}")
     tta = None if tta in (None, "none") else tta
@@ -103,7 +107,7 @@ def report(
     classes: Sequence[str] | None = None,
     tta: str | None = None,
     history: str | os.PathLike | None = None,
-    batch_size: int = 512,
+    batch_size: int | None = None,
     n_bins: int = 15,
     n_examples: int = 24,
     title: str | None = None,

@@ -30,8 +30,8 @@ from imclass.data.decode import ImageError, decode_image
 from imclass.models.transfer_net import TransferNet, pooled_features
 from imclass.models.weights import Preprocessing
 
-__all__ = ["FeatureCache", "embed", "extract_features", "extract_features_shared", "feature_key", "prepare_batch",
-           "read_for"]
+__all__ = ["FeatureCache", "embed", "extract_features", "extract_features_shared", "feature_key", "open_for",
+           "preprocessing_decoder", "prepare_batch", "read_for"]
 
 ImagesOrPaths = torch.Tensor | Sequence[str | os.PathLike]
 
@@ -128,6 +128,34 @@ def _decode_one(path: Path, pre: Preprocessing) -> torch.Tensor:
                         name=str(path))
 
 
+def preprocessing_decoder(pre: Preprocessing) -> Any:
+    """The ``imclass.data.source.Decoder`` of ``pre``: shorter side to ``pre.resize`` (JPEG draft first),
+    centre crop to ``pre.crop``, RGB; its key (part of an image cache's key) names all of it."""
+    from imclass.data.source import Decoder
+
+    def decode(path: Path) -> Any:
+        return _decode_one(path, pre).permute(1, 2, 0).numpy()  # (C, H, W) -> (H, W, C)
+
+    key = f"transfer:resize={pre.resize}:crop={pre.crop}:{pre.interpolation}:pil-draft"
+    return Decoder(decode, (pre.crop, pre.crop), key, channels=3)
+
+
+def open_for(paths: Sequence[str | os.PathLike], pre: Preprocessing, mode: str | None = None, *,
+             workers: int | None = None, verbose: bool = True) -> Any:
+    """Image files prepared as ``pre`` says, in the tier ``mode`` (``imclass.data.source``: memory,
+    cache or stream; None: chosen from their count and size, said on stderr). Unreadable files are an
+    error naming them."""
+    from imclass.data.source import ImageList, open_images
+
+    paths = [Path(p) for p in paths]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise ValueError(f"no such image file: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    root = Path(os.path.commonpath([str(p) for p in paths])) if paths else Path(".")
+    files = ImageList(paths, list(range(len(paths))), ["image"], root)
+    return open_images(files, preprocessing_decoder(pre), mode, strict=True, workers=workers, verbose=verbose)
+
+
 def read_for(paths: Sequence[str | os.PathLike], pre: Preprocessing, *, workers: int | None = None) -> torch.Tensor:
     """Image files -> uint8 (N, 3, crop, crop) as ``pre`` prepares them (threads; errors name the file)."""
     paths = [Path(p) for p in paths]
@@ -220,8 +248,11 @@ def extract_features(
     amp: str | None = "auto",
     channels_last: bool = True,
     device: str | torch.device = "cpu",
+    mode: str | None = None,
 ) -> torch.Tensor:
-    """Pooled features (N, D) float32 of ``images`` (uint8 (N, C, H, W) or file paths) by ``model``.
+    """Pooled features (N, D) float32 of ``images`` (uint8 (N, C, H, W), an image source such as an
+    ``ImageDataset``, or file paths) by ``model``, a batch at a time. File paths are read through the
+    tier ``mode`` (``imclass.data.source``: memory, cache, stream; None: chosen and said on stderr).
 
     ``cache``: a :class:`FeatureCache` or a folder for one; a hit returns the stored features at once.
     ``amp="auto"`` uses bf16 autocast on CUDA and on CPUs with native bf16, float32 elsewhere.
@@ -233,7 +264,12 @@ def extract_features(
         raise ValueError(f"expected batch_size >= 1, received batch_size={batch_size}")
     if hasattr(images, "images") and isinstance(getattr(images, "images"), torch.Tensor):
         images = images.images  # an ImageDataset
-    if isinstance(images, torch.Tensor):
+    source = None
+    if not isinstance(images, torch.Tensor) and all(hasattr(images, a) for a in ("batches", "read", "labels")):
+        source, images = images, None  # the stream tier: batches only
+    if source is not None:
+        pass
+    elif isinstance(images, torch.Tensor):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"expected uint8 images (N, C, H, W), received {images.dtype} of shape {tuple(images.shape)}")
     elif isinstance(images, (str, os.PathLike)):
@@ -244,12 +280,19 @@ def extract_features(
     amp = _resolve_amp(amp, device)
     if isinstance(cache, (str, os.PathLike)):
         cache = FeatureCache(cache)
-    key = feature_key(model, images, preprocessing, amp) if cache is not None else None
-    if cache is not None:
+    key = feature_key(model, images, preprocessing, amp) if cache is not None and source is None else None
+    if key is not None:
         hit = cache.get(key)
         if hit is not None:
             return hit
-    pixels = images if isinstance(images, torch.Tensor) else read_for(images, preprocessing)
+    if source is None:
+        source = images if isinstance(images, torch.Tensor) else open_for(images, preprocessing, mode)
+    if isinstance(source, torch.Tensor):
+        batches = (source[s : s + batch_size] for s in range(0, len(source), batch_size))
+    elif isinstance(getattr(source, "images", None), torch.Tensor):  # memory or cache tier
+        batches = (source.images[s : s + batch_size] for s in range(0, len(source), batch_size))
+    else:
+        batches = (x for x, _ in source.batches(batch_size))
     if device.type == "cpu":
         from imclass.train.memory import retain_freed_memory
 
@@ -259,14 +302,14 @@ def extract_features(
         model = model.to(memory_format=torch.channels_last)
     out = []
     with torch.no_grad():
-        for start in range(0, len(pixels), batch_size):
-            x = prepare_batch(pixels[start : start + batch_size].to(device), preprocessing)
+        for xb in batches:
+            x = prepare_batch(xb.to(device), preprocessing)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
                 out.append(embed(model, x).float().cpu())
     feats = torch.cat(out) if out else torch.empty((0, 0))
-    if cache is not None:
+    if key is not None:
         cache.put(key, feats, {"n": len(feats), "preprocessing": preprocessing.to_dict(), "amp": amp})
     return feats
 
@@ -283,9 +326,7 @@ def extract_features_shared(model: nn.Module, images: Any, preprocessing: Prepro
     if distributed.world_size() == 1:
         return extract_features(model, images, preprocessing, batch_size, **options)
     if hasattr(images, "subset") and hasattr(images, "images"):  # an ImageDataset
-        n = len(images)
-        part = distributed.shard(n)
-        mine: Any = images.subset(torch.arange(n)[part])
+        mine: Any = images.subset(distributed.shard(len(images)))  # a slice: a view, also of a memory-mapped set
     elif isinstance(images, torch.Tensor) or isinstance(images, (list, tuple)):
         mine = images[distributed.shard(len(images))]
     else:

@@ -23,6 +23,7 @@ import torch
 from imclass.data.dataset import ImageDataset
 from imclass.data.source import Decoder, ImageList, open_images
 from imclass.models.weights import KNOWN_WEIGHTS, Preprocessing, find_known_weights, resolve_weights_root
+from imclass.train.seed import seed_everything
 
 __all__ = ["PREFERRED_BACKBONES", "TransferConfig", "pick_backbone", "read_folder_for", "train_transfer"]
 
@@ -90,15 +91,10 @@ def no_weights_advice(weights_dir: str | os.PathLike | None = None) -> str:
 
 
 def transfer_decoder(pre: Preprocessing) -> Decoder:
-    """How a photo becomes the backbone's input: shorter side to ``pre.resize`` (JPEG draft first),
-    centre crop to ``pre.crop``, RGB (the cache key names all of it)."""
-    from imclass.transfer.features import _decode_one
+    """How a photo becomes the backbone's input (``imclass.transfer.features.preprocessing_decoder``)."""
+    from imclass.transfer.features import preprocessing_decoder
 
-    def decode(path: Path) -> Any:
-        return _decode_one(path, pre).permute(1, 2, 0).numpy()  # (C, H, W) -> (H, W, C)
-
-    key = f"transfer:resize={pre.resize}:crop={pre.crop}:{pre.interpolation}:pil-draft"
-    return Decoder(decode, (pre.crop, pre.crop), key, channels=3)
+    return preprocessing_decoder(pre)
 
 
 def _open(images: ImageList, pre: Preprocessing, mode: str | None, verbose: bool = True) -> Any:
@@ -215,6 +211,7 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
     _warn_about_data(train, val, Path(cfg.dataset).expanduser().name)
     seconds["check"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    seed_everything(cfg.seed)  # the new head's initial weights too: identical commands, identical model files
     model = _transfer_for(cfg, backbone, len(train.classes))
     seconds["backbone"] = time.perf_counter() - t0
     wanted = Path(cfg.out or f"runs/transfer-{backbone.replace(':', '_')}-{Path(cfg.dataset).expanduser().name}")

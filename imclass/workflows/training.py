@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AUGMENTATIONS", "RunConfig", "TrainConfig", "config_from_dict", "load_config", "seed_everything",
-           "train_from_config"]
+from imclass.train.seed import seed_everything
+
+__all__ = ["AUGMENTATIONS", "RunConfig", "TrainConfig", "check_resumable", "config_from_dict", "load_config",
+           "seed_everything", "train_from_config"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = (None, "step", "exponential", "cosine", "onecycle", "linear")
@@ -254,10 +256,8 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
     wanted = Path(cfg.out or f"runs/{(cfg.model or 'fast').replace(':', '_')}-{Path(cfg.dataset).name}")
     if wanted.exists() and not wanted.is_dir():
         raise ValueError(f"--out {wanted}: a file is in the way; expected a run folder (new or existing)")
-    if cfg.resume and not (wanted / CHECKPOINT_NAME).is_file():
-        raise ValueError(f"--resume: no checkpoint in {wanted} (expected {wanted / CHECKPOINT_NAME}; the run folder is "
-                         "missing or mistyped, or the run stopped before its first checkpoint): drop --resume to "
-                         "start a new run")
+    if cfg.resume:
+        check_resumable(wanted)
     resolve_device(cfg.device)  # an unknown or absent device: one clear error before the data is read
     seed_everything(cfg.seed)  # model initialisation included: two identical commands, identical model files
     out = _run_dir(cfg)  # runs/x holds an earlier run: runs/x-2 (never a silent overwrite)
@@ -363,16 +363,15 @@ def _final_models(clf, test_set, out: Path, train_config: dict, seconds: float, 
     return {"metrics": chosen, "selected": selected, "last_accuracy": float(last["accuracy"])}
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, NumPy's global generator and torch (CPU and every GPU)."""
-    import random
+def check_resumable(out: str | Path) -> None:
+    """A ValueError saying so when ``out`` holds no training checkpoint to resume (``--resume``)."""
+    from imclass.train.checkpoint import CHECKPOINT_NAME
 
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    out = Path(out)
+    if not (out / CHECKPOINT_NAME).is_file():
+        raise ValueError(f"--resume: no checkpoint in {out} (expected {out / CHECKPOINT_NAME}; the run folder is "
+                         "missing or mistyped, or the run stopped before its first checkpoint): drop --resume to "
+                         "start a new run")
 
 
 def _write_config(cfg: RunConfig, out: Path) -> None:
@@ -550,13 +549,13 @@ def _build_classifier(cfg: RunConfig, train_set):
         raise ValueError(f"{cfg.weights}: expected a classifier model file to fine-tune, not a {type(start).__name__}")
     model = start.model
     if start.classes is not None and list(start.classes) != list(train_set.classes):
-        if len(start.classes) == train_set.num_classes:
+        if len(start.classes) == len(train_set.classes):
             pass  # same number of classes under other names (e.g. digits "0".."9"): keep the head
         elif hasattr(model, "reset_classifier"):
-            model.reset_classifier(train_set.num_classes)  # a new head for the new classes (imclass.save records it)
+            model.reset_classifier(len(train_set.classes))  # a new head for the new classes (imclass.save records it)
         else:
             raise ValueError(
-                f"{cfg.weights}: the model has {len(start.classes)} classes, the data set {train_set.num_classes}, "
+                f"{cfg.weights}: the model has {len(start.classes)} classes, the data set {len(train_set.classes)}, "
                 "and the model has no reset_classifier() to replace its head"
             )
     model.train()
@@ -568,7 +567,7 @@ def _create_model(name: str, train_set, options: dict):
     from imclass import models
 
     c, h, w = train_set.image_shape
-    base = {"num_classes": train_set.num_classes, "in_chans": c}
+    base = {"num_classes": len(train_set.classes), "in_chans": c}
     if h == w and "img_size" not in options:
         try:
             return models.create(name, **base, img_size=h, **options)
