@@ -3,16 +3,15 @@ exponentially, the smoothed loss against it, and a suggestion."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from imclass.train.callbacks import LRFinder
 from imclass.train.inputs import as_data
+from imclass.train.lr_range import LRFindResult
 from imclass.train.state import TrainingDiverged
-from imclass.visualize import save_line_plot
 
 
 def _clone(obj):
@@ -25,38 +24,6 @@ def _clone(obj):
     return obj
 
 
-@dataclass
-class LRFindResult:
-    """Learning rates tried, the smoothed loss at each, and the suggested learning rate."""
-
-    lrs: list[float]
-    losses: list[float]
-    suggestion: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.suggestion = suggest_lr(self.lrs, self.losses)
-
-    def plot(self, path: str | Path) -> Path:
-        """Write loss against learning rate (log scale) as a PNG, the suggestion marked."""
-        marks = {f"suggestion {self.suggestion:.2g}": self.suggestion} if math.isfinite(self.suggestion) else None
-        return save_line_plot(self.lrs, {"loss": self.losses}, path, xlabel="learning rate",
-                              ylabel="loss (smoothed)", logx=True, marks=marks)
-
-
-def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> float:
-    """The learning rate where the loss falls fastest (per log-lr), before the loss minimum."""
-    finite = [(lr, loss) for lr, loss in zip(lrs, losses) if math.isfinite(loss)]
-    if len(finite) < 3:
-        return float("nan")
-    lr_t = torch.tensor([f[0] for f in finite], dtype=torch.float64)
-    loss_t = torch.tensor([f[1] for f in finite], dtype=torch.float64)
-    end = int(loss_t.argmin()) + 1
-    if end < 3:
-        return float(lr_t[0])
-    slope = (loss_t[1:end] - loss_t[: end - 1]) / (lr_t[1:end].log() - lr_t[: end - 1].log())
-    return float(lr_t[int(slope.argmin())])
-
-
 class LRFinding:
     """The learning-rate finder of ``Classifier`` (Smith's range test). A base of ``Classifier``, whose ``__init__``
     declares the state these methods use."""
@@ -66,7 +33,8 @@ class LRFinding:
                 batch_size: int = 32, seed: int = 0, plot: str | Path | None = None) -> "LRFindResult":
         """Learning-rate range test: train briefly with an exponentially growing learning rate,
         then put the model and optimizer back as they were. Returns the curve and a suggestion
-        (the steepest descent of the smoothed loss); ``plot`` writes it as a PNG."""
+        (``imclass.train.lr_range``: the steepest descent of the smoothed loss before its minimum, after
+        cutting the diverged tail, strictly inside the range; ``minimum`` / 10 beside it); ``plot`` writes it."""
         if self.compile_config is None:
             raise RuntimeError("call compile() before lr_find()")
         model_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -88,7 +56,7 @@ class LRFinding:
             if mean is not None:
                 self.mean, self.std = mean, std
             self.classes = classes if classes is not None else self.classes
-        result = LRFindResult(finder.lrs, finder.losses)
+        result = LRFindResult(finder.lrs, finder.losses, start_lr=start_lr, end_lr=end_lr)
         if plot is not None:
             result.plot(plot)
         return result
