@@ -32,6 +32,7 @@ from imclass.train import checkpoint as ckpt
 from imclass.train import distributed as ddp
 from imclass.train.imbalance import class_weights, sample_weights
 from imclass.train.callbacks import LRFinder, progress_callbacks, run_event, sort_callbacks
+from imclass.train.lr_range import LRFindResult, suggest_lr  # noqa: F401 (suggest_lr: kept importable here)
 from imclass.train.memory import retain_freed_memory
 from imclass.train.optim import make_optimizer, make_schedule
 from imclass.train.state import History, TrainingDiverged, TrainState
@@ -841,7 +842,8 @@ class Classifier:
                 batch_size: int = 32, seed: int = 0, plot: str | Path | None = None) -> "LRFindResult":
         """Learning-rate range test: train briefly with an exponentially growing learning rate,
         then put the model and optimizer back as they were. Returns the curve and a suggestion
-        (the steepest descent of the smoothed loss); ``plot`` writes it as a PNG."""
+        (``imclass.train.lr_range``: the steepest descent of the smoothed loss before its minimum, after
+        cutting the diverged tail, strictly inside the range; ``minimum`` / 10 beside it); ``plot`` writes it."""
         if self.config is None:
             raise RuntimeError("call compile() before lr_find()")
         model_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -863,7 +865,7 @@ class Classifier:
             if mean is not None:
                 self.mean, self.std = mean, std
             self.classes = classes if classes is not None else self.classes
-        result = LRFindResult(finder.lrs, finder.losses)
+        result = LRFindResult(finder.lrs, finder.losses, start_lr=start_lr, end_lr=end_lr)
         if plot is not None:
             result.plot(plot)
         return result
@@ -877,37 +879,3 @@ def _clone(obj):
     if isinstance(obj, list):
         return [_clone(v) for v in obj]
     return obj
-
-
-@dataclass
-class LRFindResult:
-    """Learning rates tried, the smoothed loss at each, and the suggested learning rate."""
-
-    lrs: list[float]
-    losses: list[float]
-    suggestion: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.suggestion = suggest_lr(self.lrs, self.losses)
-
-    def plot(self, path: str | Path) -> Path:
-        """Write loss against learning rate (log scale) as a PNG, the suggestion marked."""
-        from imclass.visualize import save_line_plot
-
-        marks = {f"suggestion {self.suggestion:.2g}": self.suggestion} if math.isfinite(self.suggestion) else None
-        return save_line_plot(self.lrs, {"loss": self.losses}, path, xlabel="learning rate",
-                              ylabel="loss (smoothed)", logx=True, marks=marks)
-
-
-def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> float:
-    """The learning rate where the loss falls fastest (per log-lr), before the loss minimum."""
-    finite = [(lr, loss) for lr, loss in zip(lrs, losses) if math.isfinite(loss)]
-    if len(finite) < 3:
-        return float("nan")
-    lr_t = torch.tensor([f[0] for f in finite], dtype=torch.float64)
-    loss_t = torch.tensor([f[1] for f in finite], dtype=torch.float64)
-    end = int(loss_t.argmin()) + 1
-    if end < 3:
-        return float(lr_t[0])
-    slope = (loss_t[1:end] - loss_t[: end - 1]) / (lr_t[1:end].log() - lr_t[: end - 1].log())
-    return float(lr_t[int(slope.argmin())])
