@@ -200,3 +200,11 @@ def test_evaluate_mistakes_csv_names_every_misclassified_file(photos, tmp_path, 
         assert float(r["loss"]) == pytest.approx(-math.log(float(probs[i, test.labels[i]])), abs=1e-4)
         assert float(r["probability"]) == pytest.approx(float(probs[i].max()), abs=1e-5)
     assert [float(r["loss"]) for r in rows] == sorted((float(r["loss"]) for r in rows), reverse=True)
+
+
+def test_models_list_shows_plain_text_and_whole_first_paragraphs():
+    res = runner.invoke(app, ["models"])
+    assert res.exit_code == 0
+    assert "``" not in res.stdout and ":func:" not in res.stdout
+    line = next(l for l in res.stdout.splitlines() if l.startswith("transfer_net"))
+    assert "without its classifier, then" in line and not line.rstrip().endswith("then")  # not cut mid-sentence

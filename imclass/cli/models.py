@@ -42,9 +42,14 @@ def count_params(name: str, **options: Any) -> int:
 
 
 def _describe(name: str) -> str:
-    from imclass.models._registry import describe
+    import re
 
-    return describe(name)
+    from imclass.models._registry import model_doc
+
+    doc = model_doc(name)
+    first = " ".join(line.strip() for line in doc.split("\n\n")[0].splitlines())  # the whole first paragraph
+    first = re.sub(r":\w+:`([^`]*)`", r"\1", first)  # RST roles (:func:`x`) -> x
+    return first.replace("``", "")  # RST literals -> plain text
 
 
 def list_models(pattern: str = "*") -> list[dict[str, Any]]:

@@ -87,6 +87,7 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)  # atomic: a killed run never leaves half an entry
 
 
+VAL_FRACTION = 0.1  # a transfer entry picks head or fine-tuned weights on this held-out part of its training images
 FOLDER_IMAGE_SIZE = 32  # a folder of photos without --image-size: k-NN and scratch networks see 32 x 32 pixels
 # (transfer entries read the same files at their backbone's own size and crop)
 
@@ -146,13 +147,25 @@ def _run_transfer(name: str, train, test, folder: Path, budget: float, *, seed: 
         pre = model.preprocessing
         train = load_for(data, pre, split="train", root=root, seed=seed, limit=limit)
         test = load_for(data, pre, split="test", root=root, seed=seed, limit=limit)
-    timer = TimeBudget(budget)
+    # the budget covers everything: features and head first; fine-tuning gets what is left (none: the head
+    # stands), and it replaces the head only when it does better on a held-out tenth of the training images
     start = time.perf_counter()
-    result = fine_tune(model, train, epochs=max(1, max_epochs // 4), freeze_epochs=max_epochs, classes=train.classes,
-                       seed=seed, callbacks=[timer], verbose=verbose)
+    smallest = min(c for c in torch.bincount(train.labels, minlength=len(train.classes)).tolist() if c)
+    held = VAL_FRACTION if round(VAL_FRACTION * smallest) >= 1 else None  # every class must hold one image out
+    common = dict(classes=train.classes, seed=seed, verbose=verbose, validation=held)
+    head = fine_tune(model, train, epochs=0, freeze_epochs=max_epochs, **common)
+    clf, timer_stopped = head.classifier, True
+    left = budget - (time.perf_counter() - start)
+    if left > 0:
+        head_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        timer = TimeBudget(left)
+        fine = fine_tune(model, train, epochs=max(1, max_epochs // 4), freeze_epochs=0, callbacks=[timer], **common)
+        timer_stopped = timer.stopped
+        if held is None or (fine.val_accuracy or 0.0) >= (head.val_accuracy or 0.0):
+            clf = fine.classifier
+        else:
+            model.load_state_dict(head_state)  # fine-tuning cut short by the budget did worse: keep the head
     seconds = time.perf_counter() - start
-    clf = result.classifier
-    timer_stopped = timer.stopped
     accuracy = clf.evaluate(test)["accuracy"]
     model_file = save(clf, folder)
     return {"kind": "transfer", "accuracy": accuracy, "train_seconds": seconds,

@@ -59,9 +59,8 @@ def create(name: str, **options: Any) -> nn.Module:
     return model
 
 
-def describe(name: str) -> str:
-    """The first line of the factory's docstring of registered architecture ``name`` ("" without one)."""
+def model_doc(name: str) -> str:
+    """The docstring of the factory registered as ``name``, stripped ("" without one)."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {sorted(_MODELS)}")
-    doc = (_MODELS[name].__doc__ or "").strip()
-    return doc.splitlines()[0] if doc else ""
+    return (_MODELS[name].__doc__ or "").strip()

@@ -124,6 +124,8 @@ def export(source: str | os.PathLike | Predictor, out: str | os.PathLike, *, for
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit's deprecation notes
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # shape-dependent Python branches:
+            # the model is traced at its one input size (the CLI then reports max_abs_diff against eager)
             if format == "torchscript":
                 traced = torch.jit.trace(module, example, check_trace=False)
                 torch.jit.save(traced, str(tmp), _extra_files={"imclass.json": json.dumps(meta)})
