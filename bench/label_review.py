@@ -23,7 +23,7 @@ load average before and after, date):
     python bench/label_review.py noise --data flowers --json bench/label_review_flowers.json
     nice python bench/label_review.py noise --data cifar10 --limit 10000 --folds 4 --retrain --seeds 0 1 \
         --json bench/label_review_cifar10.json
-    python bench/label_review.py real --grid bench/label_review_flowers_top30.png --json bench/label_review_real.json
+    python bench/label_review.py real --grid bench/label_review_flowers_top30.jpg --json bench/label_review_real.json
     python bench/label_review.py time --rounds 3 --json bench/label_review_time.json
 """
 from __future__ import annotations
@@ -38,11 +38,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import host  # noqa: E402
+
+if __name__ == "__main__":
+    host.full_strength_blas()  # before numpy: the peer (and scikit-learn in imclass) at full strength
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("IMCLASS_DATA", ROOT.parent / "shared" / "data"))
@@ -251,30 +254,27 @@ def real(args) -> dict:
 
 
 def timing(args) -> dict:
+    """A whole ``imclass review`` of the flowers folder (a fresh process, features cached) interleaved with
+    cleanlab's ``find_label_issues`` on the same folder's out-of-sample probabilities; refused on a busy host."""
     from cleanlab.filter import find_label_issues as cl_find
 
-    from imclass.review.find import ReviewConfig, folder_items
     from imclass.review.oof import cross_val_features
 
     feats, labels, classes, _ = flowers_features()  # warms the cache the timed runs read
     probs = cross_val_features(feats, torch.from_numpy(labels), len(classes))
     out = ROOT / "runs" / "bench-review"
-    rounds = []
-    before = provenance()
-    for r in range(args.rounds):
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "imclass", "review", str(FLOWERS), "--out", str(out), "--json"],
-                       check=True, capture_output=True)
-        a = time.perf_counter() - t
-        t = time.perf_counter()
-        cl_find(labels, probs, filter_by="prune_by_noise_rate", return_indices_ranked_by="self_confidence")
-        b = time.perf_counter() - t
-        rounds.append({"imclass_review_seconds": a, "cleanlab_find_label_issues_seconds": b})
-        print(f"round {r + 1}: imclass review (whole, features cached) {a:.1f} s; cleanlab find_label_issues {b:.2f} s",
-              flush=True)
-    med = float(np.median([x["imclass_review_seconds"] for x in rounds]))
-    return {"host_before": before, "host_after": provenance(), "rounds": rounds, "imclass_review_median_seconds": med,
-            "images": len(labels)}
+    command = [sys.executable, "-m", "imclass", "review", str(FLOWERS), "--out", str(out), "--json"]
+    guard = host.LoadGuard(cores=args.cores, strict=not args.allow_busy)
+    figures = host.interleave({
+        "imclass review (whole: read, features from cache, 5-fold CV, confident learning, outliers, duplicates, page)":
+            lambda: subprocess.run(command, check=True, capture_output=True, env=host.clean_env(), cwd=ROOT),
+        "cleanlab find_label_issues (same probabilities)":
+            lambda: len(cl_find(labels, probs, filter_by="prune_by_noise_rate", return_indices_ranked_by="self_confidence")),
+    }, rounds=args.rounds, on_round=lambda r, t: print(f"round {r + 1}: " + "; ".join(f"{k[:40]} {v:.2f} s" for k, v in t.items()), flush=True))
+    for v in figures.values():
+        v.pop("result", None)
+    status = guard.check()
+    return {"load": status, "images": len(labels), "command": " ".join(command[1:]), "times": figures}
 
 
 def _write(path: str | None, obj: dict) -> None:
@@ -294,6 +294,8 @@ def main() -> None:
     p.add_argument("--clean-reference", action="store_true", help="also train on the true labels")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--cores", type=int, default=2, help="time: cores in use (the load guard's limit)")
+    p.add_argument("--allow-busy", action="store_true", help="time: record figures on a busy host (marked refused)")
     p.add_argument("--epochs", type=float, default=None, help="fast-recipe epochs (quick checks; default the recipe's)")
     p.add_argument("--widths", default=None, help="fast-recipe widths, e.g. 8,16,16 (quick checks)")
     p.add_argument("--grid", default=None)

@@ -10,7 +10,7 @@ Servers (each a real process on a free 127.0.0.1 port, ``--threads`` torch threa
 
 Clients: ``--clients`` threads, each sending one request at a time (real CIFAR-10 test images as PNG),
 either **keep-alive** (one ``httpx.Client`` per thread, its connection reused) or **new connection**
-(a fresh ``httpx.Client`` per request). Each configuration runs ``--warmup`` s unmeasured, then
+(one ``httpx.Client`` per thread keeping no idle connection: every request opens a new TCP connection). Each configuration runs ``--warmup`` s unmeasured, then
 ``--duration`` s measured (>= 60 s for the figures): requests started and finished inside the window
 count; reported: requests/s, p50/p99 latency, errors, wrong answers (each 200 checked against the label
 the model gives in this process). The servers are interleaved, ``--rounds`` rounds (order reversed every
@@ -178,16 +178,13 @@ def run_load(url: str, clients: int, warmup: float, duration: float, good: list[
 
     def worker(w: int) -> None:
         n = 0
-        if keep_alive:
-            with httpx.Client(timeout=60) as client:  # one connection per thread, reused
-                while time.monotonic() < end_window:
-                    n += 1
-                    one(client, w, n)
-        else:
+        # one client per thread: its connection reused (keep-alive), or closed after every answer so that
+        # each request opens a new TCP connection (without the cost of building a client per request)
+        limits = httpx.Limits(max_keepalive_connections=None if keep_alive else 0)
+        with httpx.Client(timeout=60, limits=limits) as client:
             while time.monotonic() < end_window:
                 n += 1
-                with httpx.Client(timeout=60) as client:  # a new TCP connection for every request
-                    one(client, w, n)
+                one(client, w, n)
 
     threads = [threading.Thread(target=worker, args=(w,)) for w in range(clients)]
     for t in threads:

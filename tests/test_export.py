@@ -79,6 +79,7 @@ def test_torchscript_matches_pytorch(exported, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["format"] == "torchscript" and report["max_abs_diff"] <= 1e-4
+    assert "TracerWarning" not in result.output  # traced at one size on purpose: no warning for the user
     import warnings
 
     with warnings.catch_warnings():

@@ -299,13 +299,18 @@ def test_lookahead_pulls_weights_toward_ema():
 
 
 # ---------------------------------------------------------------------- end to end
+TINY_FAST_BAND = (0.221, 0.379)  # the tiny target-90 run below: mean -/+ 3 sd over 5 seeds
+TINY_MUON_BAND = (0.353, 0.574)  # the tiny target-94 (Muon) run below: mean -/+ 3 sd over 5 seeds
+
 def test_tiny_fast_recipe_learns_and_saves(cifar_small, tmp_path):
     x, y, xt, yt = cifar_small
     train = ImageDataset(x, y, CLASSES)
     test = ImageDataset(xt, yt, CLASSES)
     clf, result = run_fast_recipe(train, test, target=90, seed=0, device="cpu", verbose=False,
                                   widths=(16, 32, 32), epochs=4, batch_size=250, whiten_images=500)
-    assert result["accuracy"] > 0.25  # chance is 0.10 (500 test images: +/- 0.013)
+    # measured on 2026-12-04 over seeds 0-4: 25.8, 29.0, 31.6, 31.4, 32.2 % (mean 30.0, sd 2.6 points); the
+    # band is the mean +/- 3 sd, so a change that breaks the recipe or lifts it far beyond this size shows
+    assert TINY_FAST_BAND[0] <= result["accuracy"] <= TINY_FAST_BAND[1], result["accuracy"]  # chance: 0.10
     assert result["seconds"] >= result["train_seconds"] > 0
     assert result["epochs"] == 4 and result["target"] == 90
     assert not clf.model.whiten.bias.requires_grad  # frozen after whiten_bias_epochs=3
@@ -322,7 +327,8 @@ def test_tiny_muon_recipe_learns(cifar_small):
     clf, result = run_fast_recipe(ImageDataset(x, y, CLASSES), ImageDataset(xt, yt, CLASSES), target=94, seed=0,
                                   device="cpu", verbose=False, widths=(16, 32, 32), epochs=4, batch_size=250,
                                   whiten_images=500)
-    assert result["accuracy"] > 0.25  # chance is 0.10 (500 test images: +/- 0.013)
+    # measured on 2026-12-04 over seeds 0-4: 45.6, 50.0, 48.2, 47.6, 40.4 % (mean 46.4, sd 3.7 points)
+    assert TINY_MUON_BAND[0] <= result["accuracy"] <= TINY_MUON_BAND[1], result["accuracy"]  # chance: 0.10
     assert result["config"]["optimizer"] == "muon" and isinstance(clf.optimizer, MuonSGD)
     assert not clf.model.whiten.bias.requires_grad
     kernels = [p for p in clf.model.parameters() if p.ndim == 4 and p.requires_grad]

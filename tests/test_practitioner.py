@@ -169,3 +169,42 @@ def test_one_meaning_per_flag_old_spellings_still_work(photos, tmp_path, one_thr
     assert "--vote" in helps["knn"] and "--weights" not in helps["knn"] and " -m " not in helps["knn"]
     assert "--search" in helps["tune"] and "--sampler " not in helps["tune"]  # named only in the note
     assert "-k" not in helps["predict"].split("--top")[1].split("\n")[0]  # --top is -t
+
+
+def test_evaluate_mistakes_csv_names_every_misclassified_file(photos, tmp_path, one_thread):
+    import csv
+    import math
+
+    import torch
+
+    import imclass
+
+    run = tmp_path / "weak"
+    res = runner.invoke(app, ["train", "-m", "mlp", "--dataset", str(photos), "--image-size", "16", "--epochs", "1",
+                              "--lr", "1e-5", "--out", str(run), "--json"])  # barely trained: mistakes to list
+    assert res.exit_code == 0, res.output
+    table = tmp_path / "mistakes.csv"
+    out = runner.invoke(app, ["evaluate", str(run), str(photos), "--mistakes", str(table), "--json"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    rows = list(csv.DictReader(table.open()))
+    assert list(rows[0]) == ["path", "given", "predicted", "probability", "loss"] if rows else True
+    assert len(rows) == report["mistakes"] == round((1 - report["accuracy"]) * report["images"])
+    clf = imclass.load(run)
+    test = imclass.data.load(photos, "test", image_size=16)
+    probs = clf.predict_proba(test.images)
+    by_path = {p: i for i, p in enumerate(test.paths)}
+    for r in rows:
+        i = by_path[r["path"]]  # a real file of the folder, relative to it
+        assert (photos / r["path"]).is_file() and r["given"] == test.classes[int(test.labels[i])] != r["predicted"]
+        assert float(r["loss"]) == pytest.approx(-math.log(float(probs[i, test.labels[i]])), abs=1e-4)
+        assert float(r["probability"]) == pytest.approx(float(probs[i].max()), abs=1e-5)
+    assert [float(r["loss"]) for r in rows] == sorted((float(r["loss"]) for r in rows), reverse=True)
+
+
+def test_models_list_shows_plain_text_and_whole_first_paragraphs():
+    res = runner.invoke(app, ["models"])
+    assert res.exit_code == 0
+    assert "``" not in res.stdout and ":func:" not in res.stdout
+    line = next(l for l in res.stdout.splitlines() if l.startswith("transfer_net"))
+    assert "without its classifier, then" in line and not line.rstrip().endswith("then")  # not cut mid-sentence

@@ -496,3 +496,23 @@ def _evaluated(run: Path, folder: Path, report: dict) -> float:
     result = _cli("evaluate", str(run), str(folder), "--json")
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)["accuracy"]
+
+
+def test_compare_on_a_photo_folder_trains_every_entry_on_every_class(real, tmp_path, monkeypatch):
+    """`imclass compare FOLDER --models knn-l1,transfer:mobilenetv2_100 --limit N`: no --image-size needed, every
+    entry sees every class (the folder is listed class by class), and a transfer entry whose budget is spent by
+    the head keeps the head."""
+    import imclass
+    from imclass.evaluate.compare import compare
+
+    weights, flowers = real
+    folder = _photo_folder(flowers, tmp_path / "photos", classes=3, per_class=10)
+    monkeypatch.setenv("IMCLASS_WEIGHTS", str(weights))
+    board = compare(str(folder), "knn-l1,transfer:mobilenetv2_100", "1s", tmp_path / "cmp", limit=15,
+                    max_epochs=2, log=None)
+    assert board["classes"] == ["daisy", "dandelion", "roses"] and board["image_size"] == 32
+    by_name = {e["name"]: e for e in board["entries"]}
+    knn = imclass.load(by_name["knn-l1"]["model_file"])
+    assert knn.classes_.tolist() == [0, 1, 2]  # every class among its training images
+    head = imclass.load(by_name["transfer:mobilenetv2_100"]["model_file"])
+    assert head.classes == ["daisy", "dandelion", "roses"] and by_name["transfer:mobilenetv2_100"]["stopped_by_budget"]

@@ -18,6 +18,9 @@ from imclass.cli._common import (
     print_json,
 )
 
+# Start-up time: each command imports its machinery (torch and up) inside its function, so that
+# `imclass --help` and every other command start in a fraction of a second.
+
 
 def register(app: typer.Typer) -> None:
     """Add the top-level command ``evaluate`` to ``app``."""
@@ -34,6 +37,9 @@ def evaluate(
     confusion: bool = typer.Option(False, "--confusion", help="Also print the confusion matrix."),
     tta: Optional[bool] = TTAOption,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    mistakes: Optional[Path] = typer.Option(
+        None, "--mistakes", help="Write every misclassified image to this CSV file: path, given, predicted, "
+        "probability (of the predicted class), loss (-log of the given class's probability); worst first."),
     report_dir: Optional[Path] = typer.Option(
         None, "--report", help="Also write the evaluation report into DIR (report.html, report.json, PNGs); "
         "for a model of `imclass tune` (RUN holds best.json) it has a tuning section: best params, top trials, plots."),
@@ -72,6 +78,9 @@ def evaluate(
             report = _from_report(saved, data, tta_used, run, report_dir)
         else:
             report = _evaluate(saved.predictor, data, tta_used)
+        if mistakes is not None:
+            report["mistakes_file"] = str(mistakes)
+            report["mistakes"] = write_mistakes(saved, data, tta_used, mistakes)
     except USER_ERRORS as err:
         fail(str(err))
     report.update({"dataset": dataset, "split": split, "images": len(data), "tta": tta_used,
@@ -88,8 +97,48 @@ def evaluate(
         typer.echo(f"  {name:<{width}}  {acc:.4f}" if acc is not None else f"  {name:<{width}}  (no images)")
     if confusion:
         typer.echo("confusion matrix (rows: true class, columns: predicted class):")
+        cell = max(5, *(len(c) for c in data.classes))  # full class names as column headers, never cut
+        typer.echo(f"  {'':<{width}}  " + " ".join(f"{c:>{cell}}" for c in data.classes))
         for name, row in zip(data.classes, report["confusion_matrix"]):
-            typer.echo(f"  {name:<{width}}  " + " ".join(f"{v:5d}" for v in row))
+            typer.echo(f"  {name:<{width}}  " + " ".join(f"{v:>{cell}d}" for v in row))
+    if mistakes is not None:
+        typer.echo(f"wrote {report['mistakes']} misclassified images to {mistakes}")
+
+
+def write_mistakes(saved: Any, data, tta: str, path: Path) -> int:
+    """Every misclassified image of ``data`` as a CSV row (path, given, predicted, probability, loss), highest
+    loss first; returns how many. ``path`` is the image file (relative to the folder) when the data came from
+    files, else ``<data set>/<split>/<index>``."""
+    import csv
+
+    import torch
+
+    predictor = saved.predictor
+    if hasattr(predictor, "predict_logits"):
+        probs = predictor.predict_logits(data.images, tta=None if tta == "none" else tta).float().softmax(1)
+        names = list(saved.classes or data.classes)
+    else:  # a KNN: its probability columns follow its sorted training labels
+        probs = torch.as_tensor(predictor.predict_proba(data.images)).float()
+        names = saved.class_names(probs.shape[1])
+        columns = [int(v) for v in predictor.classes_]
+        full = torch.zeros(len(probs), data.num_classes)
+        full[:, columns] = probs
+        probs, names = full, list(saved.classes or data.classes)
+    predicted = probs.argmax(1)
+    given_p = probs[torch.arange(len(probs)), data.labels].clamp_min(1e-12)
+    loss = -given_p.log()
+    wrong = torch.nonzero(predicted != data.labels).flatten()
+    order = wrong[torch.argsort(loss[wrong], descending=True)]
+    paths = data.paths if getattr(data, "paths", None) is not None else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["path", "given", "predicted", "probability", "loss"])
+        for i in order.tolist():
+            where = paths[i] if paths is not None else f"{data.name or 'data'}/{data.split or 'test'}/{i}"
+            out.writerow([where, names[int(data.labels[i])], names[int(predicted[i])],
+                          f"{float(probs[i, predicted[i]]):.6f}", f"{float(loss[i]):.6f}"])
+    return len(order)
 
 
 def _from_report(saved: Any, data, tta: str, run: Path, out: Path) -> dict[str, Any]:

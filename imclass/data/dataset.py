@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
+from imclass.data.loader import TensorLoader
 
 
 @dataclass
@@ -30,6 +31,7 @@ class ImageDataset:
     notes: list[str] = field(default_factory=list)
     source: str = ""
     mode: str = "memory"
+    paths: list[str] | None = None  # the file of each image (a folder's), relative to ``source``; None: not from files
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4:
@@ -64,6 +66,7 @@ class ImageDataset:
 
         A slice shares storage with this data set; indices and masks copy.
         """
+        paths = self._subset_paths(indices)
         if isinstance(indices, slice):
             images, labels = self.images[indices], self.labels[indices]
         elif self.mode == "cache":  # a subset of a memory-mapped set is read into memory: say how much
@@ -72,7 +75,7 @@ class ImageDataset:
             images, labels = self.read(idx), self.labels[idx]
             return dataclasses.replace(self, images=images, labels=labels, classes=list(self.classes),
                                        notes=list(self.notes), split=self.split if split is None else split,
-                                       mode="memory")
+                                       mode="memory", paths=paths)
         elif isinstance(indices, torch.Tensor) and indices.dtype == torch.bool:
             images, labels = self.images[indices], self.labels[indices]
         else:
@@ -85,7 +88,19 @@ class ImageDataset:
             classes=list(self.classes),
             notes=list(self.notes),
             split=self.split if split is None else split,
+            paths=paths,
         )
+
+    def _subset_paths(self, indices: Any) -> list[str] | None:
+        """The ``paths`` of the images at ``indices`` (None when the set has none)."""
+        if self.paths is None:
+            return None
+        if isinstance(indices, slice):
+            return self.paths[indices]
+        idx = torch.as_tensor(indices)
+        if idx.dtype == torch.bool:
+            idx = idx.nonzero().flatten()
+        return [self.paths[int(i)] for i in idx.reshape(-1).tolist()]
 
     @property
     def nbytes(self) -> int:
@@ -113,8 +128,6 @@ class ImageDataset:
     def loader(self, batch_size: int, **options: Any) -> Any:
         """A shuffling ``TensorLoader`` over these images (``options``: its keyword arguments); a
         memory-mapped set stays on the host and only each batch moves to the device."""
-        from imclass.data.loader import TensorLoader
-
         options.setdefault("stage", self.mode != "cache")
         return TensorLoader(self.images, self.labels, batch_size, **options)
 

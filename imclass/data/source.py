@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from imclass.data.dataset import ImageDataset
+from imclass.data.download import cache_dir as state_dir
 
 __all__ = [
     "CACHE_SUBDIR",
@@ -323,8 +324,6 @@ def cache_folder(cache_dir: str | os.PathLike | None = None) -> Path:
     """Where image caches live: ``cache_dir``, else ``$IMCLASS_CACHE/images`` (default ``~/.cache/imclass/images``)."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
-    from imclass.data.download import cache_dir as state_dir
-
     return state_dir() / CACHE_SUBDIR
 
 
@@ -536,7 +535,14 @@ def _decode_memory(images: ImageList, decoder: Decoder, *, strict: bool, workers
     out = out[: len(kept)]  # a view: no copy
     labels = torch.tensor([images.labels[i] for i in kept], dtype=torch.long)
     return ImageDataset(out, labels, list(images.classes), name=images.name, split=images.split,
-                        notes=list(images.notes), source=str(images.root), mode="memory")
+                        notes=list(images.notes), source=str(images.root), mode="memory",
+                        paths=[_relative(images.paths[i], images.root) for i in kept])
+
+
+def _relative(path: Any, root: Any) -> str:
+    """``path`` relative to ``root`` when it lies below it (what reports and CSV files show), else as given."""
+    p, r = Path(path), Path(root)
+    return str(p.relative_to(r)) if p.is_relative_to(r) else str(p)
 
 
 def _dist() -> tuple[int, int]:

@@ -22,7 +22,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from imclass import data as imdata, models
+from imclass.knn import KNN
+from imclass.model_file.save import save
+from imclass.models.rebuild import load
+from imclass.train import TimeBudget
+from imclass.transfer import fine_tune, transfer
+from imclass.transfer.workflow import load_for
 from imclass.visualize.plots import save_figure
+from imclass.workflows.training import RunConfig, train_from_config
 
 __all__ = ["KNN_METRICS", "compare", "parse_budget", "parse_models"]
 
@@ -50,8 +58,6 @@ def parse_budget(text: str | float | int) -> float:
 def parse_models(spec: str | Sequence[str]) -> list[str]:
     """``"knn-l1,mlp,transfer:mobilenetv2_100"`` -> checked names (``knn-<metric>``, a registry
     model, ``fastnet`` = the fast recipe, ``transfer:<backbone>``)."""
-    from imclass import models
-
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     if not names:
         raise ValueError("expected at least one approach in --models, e.g. knn-l1,mlp,keras_cnn")
@@ -81,10 +87,13 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)  # atomic: a killed run never leaves half an entry
 
 
+VAL_FRACTION = 0.1  # a transfer entry picks head or fine-tuned weights on this held-out part of its training images
+FOLDER_IMAGE_SIZE = 32  # a folder of photos without --image-size: k-NN and scratch networks see 32 x 32 pixels
+# (transfer entries read the same files at their backbone's own size and crop)
+
+
 def _load_split(data: str, root: Any, image_size: int | None, limit: int | None, seed: int = 0):
     """The train and test splits every approach uses (as ``train_from_config`` loads them)."""
-    from imclass import data as imdata
-
     # --limit: a seeded, stratified sample of each split, as every command takes it (seed 0, as train's default)
     train = imdata.load(data, split="train", root=root, image_size=image_size, limit=limit, seed=seed)
     test = imdata.load(data, split="test", root=root, image_size=image_size, limit=limit, seed=seed)
@@ -100,9 +109,6 @@ def _speed(predict: Callable[[torch.Tensor], Any], images: torch.Tensor) -> floa
 
 
 def _run_knn(name: str, train, test, folder: Path) -> dict[str, Any]:
-    from imclass.model_file.save import save
-    from imclass.knn import KNN
-
     start = time.perf_counter()
     knn = KNN(k=1, metric=name[4:]).fit(train.images, train.labels)
     seconds = time.perf_counter() - start
@@ -115,9 +121,6 @@ def _run_knn(name: str, train, test, folder: Path) -> dict[str, Any]:
 
 def _run_engine(name: str, data: str, folder: Path, budget: float, *, root: Any, image_size: int | None,
                 limit: int | None, seed: int, max_epochs: int, verbose: bool, device: str) -> dict[str, Any]:
-    from imclass.models.rebuild import load
-    from imclass.workflows.training import RunConfig, train_from_config
-
     fast = name == "fastnet"
     cfg = RunConfig(model=None if fast else name, recipe="fast" if fast else None, dataset=data, data_root=root,
                     image_size=image_size, limit=limit, epochs=None if fast else max_epochs,
@@ -137,20 +140,32 @@ def _run_engine(name: str, data: str, folder: Path, budget: float, *, root: Any,
 
 
 def _run_transfer(name: str, train, test, folder: Path, budget: float, *, seed: int, max_epochs: int,
-                  verbose: bool) -> dict[str, Any]:
-    from imclass.model_file.save import save
-    from imclass.train import TimeBudget
-    from imclass.transfer import fine_tune, transfer
-
+                  verbose: bool, data: str = "", root: Any = None, limit: int | None = None) -> dict[str, Any]:
     backbone = name[len("transfer:"):]
     model = transfer(backbone, num_classes=train.num_classes, weights="imagenet")
-    timer = TimeBudget(budget)
+    if data and Path(data).expanduser().is_dir():  # photos: the same files, read as the backbone wants them
+        pre = model.preprocessing
+        train = load_for(data, pre, split="train", root=root, seed=seed, limit=limit)
+        test = load_for(data, pre, split="test", root=root, seed=seed, limit=limit)
+    # the budget covers everything: features and head first; fine-tuning gets what is left (none: the head
+    # stands), and it replaces the head only when it does better on a held-out tenth of the training images
     start = time.perf_counter()
-    result = fine_tune(model, train, epochs=max(1, max_epochs // 4), freeze_epochs=max_epochs, classes=train.classes,
-                       seed=seed, callbacks=[timer], verbose=verbose)
+    smallest = min(c for c in torch.bincount(train.labels, minlength=len(train.classes)).tolist() if c)
+    held = VAL_FRACTION if round(VAL_FRACTION * smallest) >= 1 else None  # every class must hold one image out
+    common = dict(classes=train.classes, seed=seed, verbose=verbose, validation=held)
+    head = fine_tune(model, train, epochs=0, freeze_epochs=max_epochs, **common)
+    clf, timer_stopped = head.classifier, True
+    left = budget - (time.perf_counter() - start)
+    if left > 0:
+        head_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        timer = TimeBudget(left)
+        fine = fine_tune(model, train, epochs=max(1, max_epochs // 4), freeze_epochs=0, callbacks=[timer], **common)
+        timer_stopped = timer.stopped
+        if held is None or (fine.val_accuracy or 0.0) >= (head.val_accuracy or 0.0):
+            clf = fine.classifier
+        else:
+            model.load_state_dict(head_state)  # fine-tuning cut short by the budget did worse: keep the head
     seconds = time.perf_counter() - start
-    clf = result.classifier
-    timer_stopped = timer.stopped
     accuracy = clf.evaluate(test)["accuracy"]
     model_file = save(clf, folder)
     return {"kind": "transfer", "accuracy": accuracy, "train_seconds": seconds,
@@ -215,6 +230,8 @@ def compare(
         raise ValueError(f"expected limit >= 1, received limit={limit}")
     out = Path(out)
     (out / "entries").mkdir(parents=True, exist_ok=True)
+    if image_size is None and Path(data).expanduser().is_dir():  # photos of mixed sizes: pixels at 32 x 32
+        image_size = FOLDER_IMAGE_SIZE
     setup = {"data": str(data), "limit": limit, "image_size": image_size, "budget_seconds": seconds, "seed": seed}
     say = log or (lambda _msg: None)
     train, test = _load_split(data, root, image_size, limit, seed)
@@ -234,7 +251,8 @@ def compare(
         if name.startswith("knn-"):
             figures = _run_knn(name, train, test, folder)
         elif name.startswith("transfer:"):
-            figures = _run_transfer(name, train, test, folder, seconds, seed=seed, max_epochs=max_epochs, verbose=verbose)
+            figures = _run_transfer(name, train, test, folder, seconds, seed=seed, max_epochs=max_epochs, verbose=verbose,
+                                    data=data, root=root, limit=limit)
         else:
             figures = _run_engine(name, data, folder, seconds, root=root, image_size=image_size, limit=limit, seed=seed,
                                   max_epochs=max_epochs, verbose=verbose, device=device)

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from imclass.serve.predictor import ONNX_METADATA_KEY, Predictor
+from imclass.tta import tta_views
 
 __all__ = ["EXPORT_FORMATS", "Deployable", "KNNGraph", "export", "deployable"]
 
@@ -44,8 +45,6 @@ class Deployable(nn.Module):
         x = torch.addcmul(self.shift, images.float(), self.scale)  # x / (255 std) - mean / std
         if self.tta == "none":
             return self.model(x)
-        from imclass.tta import tta_views
-
         out = None
         for weight, view in tta_views(x, self.tta):
             y = self.model(view.contiguous()) * weight
@@ -125,6 +124,8 @@ def export(source: str | os.PathLike | Predictor, out: str | os.PathLike, *, for
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit's deprecation notes
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # shape-dependent Python branches:
+            # the model is traced at its one input size (the CLI then reports max_abs_diff against eager)
             if format == "torchscript":
                 traced = torch.jit.trace(module, example, check_trace=False)
                 torch.jit.save(traced, str(tmp), _extra_files={"imclass.json": json.dumps(meta)})
