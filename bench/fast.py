@@ -254,7 +254,7 @@ def main(argv=None) -> dict:
         rows = throughput(variants)
         return {"throughput": rows, "threads": torch.get_num_threads()}
 
-    from imclass.train.classifier import resolve_device
+    from imclass.train.device import resolve_device
     from imclass.workflows.recipes import run_fast_recipe
 
     root = args.data or Path(os.environ.get("IMCLASS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))

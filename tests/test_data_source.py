@@ -245,7 +245,7 @@ def test_a_killed_build_leaves_no_readable_cache(tmp_path, cache_env):
 _PEAK = """
     import json, sys
     import imclass.data as imdata
-    from imclass.train.classifier import channel_stats
+    from imclass.train.inputs import channel_stats
 
     def anon():
         for line in open("/proc/self/status"):

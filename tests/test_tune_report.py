@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from imclass.cli import app
-from imclass.evaluate.report import _top_trials, report, tuning_folder
+from imclass.evaluate.report import report
+from imclass.evaluate.tune_folder import top_trials as _top_trials, tuning_folder
 from imclass.tuning.search import TuneConfig, tune
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

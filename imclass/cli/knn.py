@@ -9,6 +9,9 @@ import typer
 
 from imclass.cli._common import DataRoot, fail, limit_option, print_json
 
+# Start-up time: each command imports its machinery (torch and up) inside its function, so that
+# `imclass --help` and every other command start in a fraction of a second.
+
 _USER_ERRORS = (ValueError, TypeError, FileNotFoundError, RuntimeError, OSError)
 
 

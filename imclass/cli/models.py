@@ -8,6 +8,9 @@ import typer
 
 from imclass.cli._common import fail, print_json
 
+# Start-up time: each command imports its machinery (torch and up) inside its function, so that
+# `imclass --help` and every other command start in a fraction of a second.
+
 models_app = typer.Typer(
     help="List the architectures (`imclass models`, `--pattern 'res*'`, `--pattern 'timm:*vit*'`) "
     "or print one's layers (`imclass models summary resnet20`).",
@@ -39,11 +42,11 @@ def count_params(name: str, **options: Any) -> int:
 
 
 def _describe(name: str) -> str:
-    from imclass.models._registry import _MODELS
-
     import re
 
-    doc = (_MODELS[name].__doc__ or "").strip()
+    from imclass.models._registry import model_doc
+
+    doc = model_doc(name)
     first = " ".join(line.strip() for line in doc.split("\n\n")[0].splitlines())  # the whole first paragraph
     first = re.sub(r":\w+:`([^`]*)`", r"\1", first)  # RST roles (:func:`x`) -> x
     return first.replace("``", "")  # RST literals -> plain text

@@ -205,7 +205,7 @@ def train(
     if resume and config is None and out is not None and (Path(out) / CONFIG_FILE).is_file():
         config = Path(out) / CONFIG_FILE  # continue the run with its own config
     try:
-        options = _parse_model_options(model_option or [])
+        options = parse_model_options(model_option or [])
         cfg = load_config(
             config,
             model=model,
@@ -296,7 +296,8 @@ def _lr_find(cfg: Any, as_json: bool) -> None:
     typer.echo(f"train with: --lr {result['suggestion']:.2g}")
 
 
-def _parse_model_options(items: list[str]) -> dict[str, Any]:
+def parse_model_options(items: list[str]) -> dict[str, Any]:
+    """``["depth=3", "drop_rate=0.2"]`` (``--model-option``, repeatable) -> ``{"depth": 3, "drop_rate": 0.2}``."""
     options = {}
     for item in items:
         key, sep, value = item.partition("=")

@@ -8,6 +8,14 @@ import torch
 
 _CHANNEL_SIZES = (1, 3, 4)
 
+__all__ = ["as_images", "as_labels", "is_channels_last"]
+
+
+def is_channels_last(shape: Any) -> bool:
+    """The one channel-order rule: an image shape ``(H, W, C)`` or ``(C, H, W)`` (no batch) is channels-last
+    when its last entry is 1, 3 or 4 and its first is not (Keras and numpy write ``(32, 32, 3)``)."""
+    return len(shape) == 3 and shape[-1] in _CHANNEL_SIZES and shape[0] not in _CHANNEL_SIZES
+
 
 def as_images(x: Any, *, name: str = "images") -> torch.Tensor:
     """Return ``x`` as a 4-D tensor (N, C, H, W), keeping its dtype (uint8 stays uint8).
@@ -26,7 +34,7 @@ def as_images(x: Any, *, name: str = "images") -> torch.Tensor:
         t = t.unsqueeze(1)
     if t.ndim != 4:
         raise ValueError(f"expected {name} of shape (N, C, H, W) or (N, H, W, C), received shape {tuple(t.shape)}")
-    if t.shape[-1] in _CHANNEL_SIZES and t.shape[1] not in _CHANNEL_SIZES:
+    if is_channels_last(tuple(t.shape[1:])):
         t = t.permute(0, 3, 1, 2).contiguous()
     return t
 

@@ -18,6 +18,7 @@ from imclass.data.arrays import as_images, as_labels
 from imclass.data.dataset import ImageDataset
 from imclass.data.folder import load_folder, parse_image_size
 from imclass.data.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx
+from imclass.data.shards import ShardSet, ShardSource
 from imclass.data.split import limit_dataset
 
 CLASSES: dict[str, list[str]] = {
@@ -120,8 +121,6 @@ def load(
 def _load_shards(path: Path, split: str, size: tuple[int, int] | None, *, mode: str | None, limit: int | None,
                  verbose: bool) -> Any:
     """One split of a shard folder written by ``imclass data shard``: always the stream tier."""
-    from imclass.data.shards import ShardSet, ShardSource
-
     if mode not in (None, "stream"):
         raise ValueError(f"{path} holds WebDataset shards: they are read in the stream tier (--data-mode stream), "
                          f"received --data-mode {mode}")

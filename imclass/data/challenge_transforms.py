@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from imclass.data.augment import make_augment
 from imclass.data.loader import derive_seed
 
 __all__ = [
@@ -360,8 +361,6 @@ class ChallengeAugment:
             raise ValueError(f"expected 0 <= p <= 1, received p={self.p}")
         if self.groups < 1:
             raise ValueError(f"expected groups >= 1, received groups={self.groups}")
-        from imclass.data.augment import make_augment
-
         self._base = make_augment(self.base)
 
     def on_train_begin(self, state) -> None:

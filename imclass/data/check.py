@@ -32,10 +32,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imclass.data.decode import DEFAULT_MAX_PIXELS, ImageError, decode_array, probe_image
-from imclass.data.folder import _GREY_MODES, _map, _rel
+from imclass.data.decode import DEFAULT_MAX_PIXELS, GREY_MODES, ImageError, decode_array, probe_image
+from imclass.data.folder import map_files
+from imclass.data.folder import SPLIT_SEED, TEST_FRACTION
 from imclass.data.hamming import near_pairs
 from imclass.data.inspect import FileRecord, folder_files
+from imclass.data.split import split_indices
+from imclass.data.walk import relative_name
 
 __all__ = ["CheckOptions", "check_folder", "format_report", "hamming_pairs", "image_hashes", "pack_hashes",
            "perceptual_hash", "quick_check"]
@@ -168,7 +171,7 @@ def _kind(members: Sequence[FileRecord]) -> str:
 def _group(members: Sequence[FileRecord], root: Path, classes: list[str], **extra: Any) -> dict[str, Any]:
     return {
         "kind": _kind(members),
-        "files": [_rel(m["path"], root) for m in members],
+        "files": [relative_name(m["path"], root) for m in members],
         "classes": [classes[m["label"]] for m in members],
         "splits": [_part(m) for m in members],
         "labels_differ": len({m["label"] for m in members}) > 1,
@@ -196,7 +199,7 @@ def _rare(ok: list[FileRecord], root: Path, share: float) -> list[dict[str, Any]
     """Files whose format, or colour kind (grey / colour), only a few files of the folder have."""
     found = []
     for key, describe in (("format", lambda r: r["format"]),
-                          ("colour", lambda r: "grey" if r["mode"] in _GREY_MODES else "colour")):
+                          ("colour", lambda r: "grey" if r["mode"] in GREY_MODES else "colour")):
         counts = Counter(describe(r) for r in ok)
         if len(counts) < 2:
             continue
@@ -205,14 +208,14 @@ def _rare(ok: list[FileRecord], root: Path, share: float) -> list[dict[str, Any]
             if n < share * len(ok):
                 for r in ok:
                     if describe(r) == value:
-                        found.append({"path": _rel(r["path"], root), key: value, "mode": r["mode"],
+                        found.append({"path": relative_name(r["path"], root), key: value, "mode": r["mode"],
                                       "why": f"{key} {value}: {n} of {len(ok)} files (most are {common})"})
     return sorted(found, key=lambda f: f["path"])
 
 
 def _sizes(ok: list[FileRecord], root: Path, opt: CheckOptions):
     """(tiny images, images whose area or aspect ratio is far from the median)."""
-    tiny = [{"path": _rel(r["path"], root), "height": r["height"], "width": r["width"]}
+    tiny = [{"path": relative_name(r["path"], root), "height": r["height"], "width": r["width"]}
             for r in ok if min(r["height"], r["width"]) < opt.tiny]
     rest = [r for r in ok if min(r["height"], r["width"]) >= opt.tiny]
     far = []
@@ -227,7 +230,7 @@ def _sizes(ok: list[FileRecord], root: Path, opt: CheckOptions):
             if s > opt.aspect_factor or s < 1 / opt.aspect_factor:
                 why.append(f"aspect ratio {r['width'] / r['height']:.2f} (median {aspect:.2f})")
             if why:
-                far.append({"path": _rel(r["path"], root), "height": r["height"], "width": r["width"],
+                far.append({"path": relative_name(r["path"], root), "height": r["height"], "width": r["width"],
                             "why": ", ".join(why)})
     return sorted(tiny, key=lambda f: f["path"]), sorted(far, key=lambda f: f["path"])
 
@@ -262,14 +265,11 @@ def check_folder(path: str | os.PathLike, options: CheckOptions | None = None, *
     skipped: list[str] = []
     layout, splits, classes, records = folder_files(root, report=skipped.append)
     if layout == "plain":  # the parts `imclass train` / `imclass.data.load` make of a plain tree: same rule, same seed
-        from imclass.data.folder import SPLIT_SEED, TEST_FRACTION
-        from imclass.data.split import split_indices
-
         _, held = split_indices(torch.tensor([r["label"] for r in records]), TEST_FRACTION, seed=SPLIT_SEED)
         held_set = set(held.tolist())
         for i, r in enumerate(records):
             r["part"] = "test" if i in held_set else "train"
-    records = _map(_read, records, workers, "checking")
+    records = map_files(_read, records, workers, "checking")
     ok = [r for r in records if "error" not in r]
     exact, near = _duplicates(ok, root, classes, opt.near_distance)
     tiny, far = _sizes(ok, root, opt)
@@ -285,7 +285,7 @@ def check_folder(path: str | os.PathLike, options: CheckOptions | None = None, *
         "images": len(records),
         "classes": list(classes),
         "class_counts": counts,
-        "unreadable": [{"path": _rel(r["path"], root), "error": r["error"]} for r in records if "error" in r],
+        "unreadable": [{"path": relative_name(r["path"], root), "error": r["error"]} for r in records if "error" in r],
         "exact_duplicates": exact,
         "near_duplicates": near,
         "rare_formats": _rare(ok, root, opt.rare_share),

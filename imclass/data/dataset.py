@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
+from imclass.data.loader import TensorLoader
 
 
 @dataclass
@@ -127,8 +128,6 @@ class ImageDataset:
     def loader(self, batch_size: int, **options: Any) -> Any:
         """A shuffling ``TensorLoader`` over these images (``options``: its keyword arguments); a
         memory-mapped set stays on the host and only each batch moves to the device."""
-        from imclass.data.loader import TensorLoader
-
         options.setdefault("stage", self.mode != "cache")
         return TensorLoader(self.images, self.labels, batch_size, **options)
 

@@ -31,11 +31,10 @@ from imclass.data.decode import (
 )
 from imclass.data.source import Decoder, ImageList, UnreadableImageError, open_images
 from imclass.data.split import limit_indices, split_indices
-from imclass.data.walk import walk_classes
+from imclass.data.walk import relative_name, walk_classes
 
 TEST_FRACTION = 0.2  # share of each class held out as "test" in a plain tree
 SPLIT_SEED = 0
-_GREY_MODES = GREY_MODES
 _SHOWN = 10  # unreadable files named in a message before "... and N more"
 
 
@@ -54,7 +53,8 @@ def parse_image_size(image_size: int | Sequence[int] | None) -> tuple[int, int] 
     return size
 
 
-def _subfolders(path: Path) -> list[Path]:
+def class_folders(path: Path) -> list[Path]:
+    """The class sub-folders of ``path``, sorted (hidden ones and ``__pycache__``-like names left out)."""
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
 
 
@@ -95,7 +95,8 @@ def _probe_size(path: Path) -> tuple[int, int] | str:
     return info.height, info.width
 
 
-def _map(fn, items: list, workers: int | None, desc: str) -> list:
+def map_files(fn, items: list, workers: int | None, desc: str) -> list:
+    """``fn`` over ``items`` on ``workers`` threads, in order, with a progress bar labelled ``desc``."""
     from tqdm.auto import tqdm
 
     workers = workers or min(8, os.cpu_count() or 1)
@@ -106,19 +107,12 @@ def _map(fn, items: list, workers: int | None, desc: str) -> list:
 def _report_bad(bad: list[tuple[Path, str]], root: Path, strict: bool) -> None:
     if not bad:
         return
-    shown = "; ".join(f"{_rel(p, root)} ({why})" for p, why in bad[:_SHOWN])
+    shown = "; ".join(f"{relative_name(p, root)} ({why})" for p, why in bad[:_SHOWN])
     more = f"; and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
     message = f"{len(bad)} unreadable image file(s) in {root}: {shown}{more}"
     if strict:
         raise UnreadableImageError(message)
     warnings.warn(f"skipped {message} (pass strict=True to make this an error)", stacklevel=3)
-
-
-def _rel(path: Path, root: Path) -> str:
-    try:
-        return str(path.relative_to(root))
-    except ValueError:
-        return str(path)
 
 
 def _size_error(sizes: list[tuple[int, int]], paths: list[Path], root: Path) -> ValueError:
@@ -127,7 +121,7 @@ def _size_error(sizes: list[tuple[int, int]], paths: list[Path], root: Path) -> 
     for s, p in zip(sizes, paths):
         example.setdefault(s, p)
     listed = ", ".join(
-        f"{h}x{w} ({n} file{'s' if n > 1 else ''}, e.g. {_rel(example[(h, w)], root)})"
+        f"{h}x{w} ({n} file{'s' if n > 1 else ''}, e.g. {relative_name(example[(h, w)], root)})"
         for (h, w), n in counts.most_common(5)
     )
     more = f" and {len(counts) - 5} other sizes" if len(counts) > 5 else ""
@@ -149,7 +143,7 @@ def folder_images(path: str | os.PathLike, split: str = "train", *, test_fractio
     splits = split_folders(root)
     notes: list[str] = []
     if splits:
-        classes = sorted({c.name for folder in splits.values() for c in _subfolders(folder)})
+        classes = sorted({c.name for folder in splits.values() for c in class_folders(folder)})
         if split == "test" and "test" not in splits:
             notes.append(f"{root} has no test/ folder: val/ is used as the test split")
             split_dir = splits["val"]
@@ -162,7 +156,7 @@ def folder_images(path: str | os.PathLike, split: str = "train", *, test_fractio
             )
         paths, labels = list_images(split_dir, classes)
     else:
-        classes = [c.name for c in _subfolders(root)]
+        classes = [c.name for c in class_folders(root)]
         paths, labels = list_images(root, classes)
         if split in ("train", "test"):
             train_idx, test_idx = split_indices(torch.tensor(labels), test_fraction, seed=seed)
@@ -210,7 +204,7 @@ def folder_decoder(size: tuple[int, int] | None) -> Decoder:
 
 def native_size(images: ImageList, *, strict: bool = False, workers: int | None = None) -> tuple[int, int]:
     """The one size (h, w) every file has, from the headers; a ValueError lists the sizes when they differ."""
-    probed = _map(_probe_size, images.paths, workers, "sizes")
+    probed = map_files(_probe_size, images.paths, workers, "sizes")
     ok = [(p, r) for p, r in zip(images.paths, probed) if not isinstance(r, str)]
     if len({r for _, r in ok}) > 1:
         bad = [(p, r) for p, r in zip(images.paths, probed) if isinstance(r, str)]

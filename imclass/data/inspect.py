@@ -19,11 +19,10 @@ import numpy as np
 import torch
 
 from imclass.data.decode import DEFAULT_MAX_PIXELS, GREY_MODES, IMAGE_EXTENSIONS, ImageError, probe_image
-from imclass.data.folder import SPLIT_SEED, TEST_FRACTION, _map, _rel, _subfolders, split_folders
+from imclass.data.folder import SPLIT_SEED, TEST_FRACTION, class_folders, map_files, split_folders
 from imclass.data.split import split_indices
-from imclass.data.walk import skip_message, walk_classes
+from imclass.data.walk import relative_name, skip_message, walk_classes
 
-_GREY_MODES = GREY_MODES
 
 __all__ = ["FileRecord", "folder_files", "inspect_folder", "probe"]
 
@@ -48,10 +47,10 @@ def folder_files(path: str | os.PathLike, *, report: Callable[[str], None] | Non
     splits = split_folders(root)
     if splits:
         layout = "split"
-        classes = sorted({c.name for folder in splits.values() for c in _subfolders(folder)})
+        classes = sorted({c.name for folder in splits.values() for c in class_folders(folder)})
     else:
         layout, splits = "plain", {"all": root}
-        classes = [c.name for c in _subfolders(root)]
+        classes = [c.name for c in class_folders(root)]
     if not classes:
         raise ValueError(
             f"no class folders in {root}: expected one sub-folder per class holding "
@@ -116,7 +115,7 @@ def _split_summary(records: list[FileRecord], classes: list[str]) -> dict[str, A
     counts = np.bincount(np.array(labels, dtype=np.int64), minlength=len(classes)).tolist() if labels else [0] * len(classes)
     ok = [r for r in records if "error" not in r]
     sizes = {(r["height"], r["width"]) for r in ok}
-    grey = bool(ok) and all(r["mode"] in _GREY_MODES for r in ok)
+    grey = bool(ok) and all(r["mode"] in GREY_MODES for r in ok)
     shape = [1 if grey else 3, *next(iter(sizes))] if len(sizes) == 1 else None
     return {"size": len(records), "classes": list(classes), "class_counts": counts, "image_shape": shape,
             "sizes": _size_summary(records)}
@@ -136,7 +135,7 @@ def inspect_folder(path: str | os.PathLike, *, workers: int | None = None, test_
     root = Path(path).expanduser()
     notes: list[str] = []
     layout, _, classes, records = folder_files(root, report=notes.append)
-    records = _map(probe, records, workers, "headers")
+    records = map_files(probe, records, workers, "headers")
     if layout == "plain":
         labels = torch.tensor([r["label"] for r in records])
         train_idx, test_idx = split_indices(labels, test_fraction, seed=seed)
@@ -164,7 +163,7 @@ def inspect_folder(path: str | os.PathLike, *, workers: int | None = None, test_
         "modes": dict(Counter(r["mode"] for r in ok).most_common()),
         "bytes": int(sum(r.get("bytes", 0) for r in records)),
         "sizes": summary,
-        "unreadable": [{"path": _rel(r["path"], root), "error": r["error"]} for r in records if "error" in r],
+        "unreadable": [{"path": relative_name(r["path"], root), "error": r["error"]} for r in records if "error" in r],
         "splits": {s: _split_summary(rs, classes) for s, rs in by_split.items()},
         "notes": notes,
     }

@@ -121,7 +121,7 @@ class TensorLoader:
         for b in range(start, len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             if self.world_size > 1:
-                idx = idx[_shard(len(idx), self.rank, self.world_size)]
+                idx = idx[shard_slice(len(idx), self.rank, self.world_size)]
             yield idx, *self.gather(idx)
 
     def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +142,7 @@ class TensorLoader:
         return self.batches(0)
 
 
-def _shard(n: int, rank: int, world: int) -> slice:
+def shard_slice(n: int, rank: int, world: int) -> slice:
     """Rank ``rank``'s contiguous slice of ``n`` items split over ``world`` ranks (sizes differ by at most 1)."""
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)

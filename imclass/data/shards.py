@@ -39,11 +39,12 @@ import numpy as np
 import torch
 
 from imclass.data.decode import ImageError, decode_array, probe_image
-from imclass.data.folder import SPLIT_SEED, TEST_FRACTION, _rel, parse_image_size
+from imclass.data.folder import SPLIT_SEED, TEST_FRACTION, parse_image_size
 from imclass.data.inspect import folder_files
 from imclass.data.loader import derive_seed
 from imclass.data.split import split_indices
 from imclass.data.stream import StreamLoader, StreamSource, default_workers, to_chw, worker_loader
+from imclass.data.walk import relative_name
 
 __all__ = ["FORMAT", "Sample", "ShardLoader", "ShardSet", "ShardSource", "parse_shard_size", "read_shard", "write_shards"]
 
@@ -217,7 +218,7 @@ def write_shards(folder: str | os.PathLike, out: str | os.PathLike, *, image_siz
             }
             if verbose:
                 print(f"shards {split}: {len(labels_out):,} images in {len(shards)} shard(s)", flush=True)
-        index["unreadable"] = [{"path": _rel(p, root), "error": why} for p, why in sorted(bad)]
+        index["unreadable"] = [{"path": relative_name(p, root), "error": why} for p, why in sorted(bad)]
         index["seconds"] = time.perf_counter() - start
         (tmp / INDEX).write_text(json.dumps(index, indent=1))
         os.replace(tmp, target)  # the whole set appears at once
@@ -225,7 +226,7 @@ def write_shards(folder: str | os.PathLike, out: str | os.PathLike, *, image_siz
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if bad:
-        shown = "; ".join(f"{_rel(p, root)} ({why})" for p, why in sorted(bad)[:10])
+        shown = "; ".join(f"{relative_name(p, root)} ({why})" for p, why in sorted(bad)[:10])
         more = f"; and {len(bad) - 10} more" if len(bad) > 10 else ""
         warnings.warn(f"left out {len(bad)} unreadable image file(s) of {root}: {shown}{more}", stacklevel=2)
     return index

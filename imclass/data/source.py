@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from imclass.data.dataset import ImageDataset
+from imclass.data.download import cache_dir as state_dir
 
 __all__ = [
     "CACHE_SUBDIR",
@@ -323,8 +324,6 @@ def cache_folder(cache_dir: str | os.PathLike | None = None) -> Path:
     """Where image caches live: ``cache_dir``, else ``$IMCLASS_CACHE/images`` (default ``~/.cache/imclass/images``)."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
-    from imclass.data.download import cache_dir as state_dir
-
     return state_dir() / CACHE_SUBDIR
 
 

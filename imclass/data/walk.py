@@ -66,7 +66,8 @@ class ClassWalk:
         return skip_message(self.skipped, root)
 
 
-def _rel(path: Path, root: Path | None) -> str:
+def relative_name(path: Path, root: Path | None) -> str:
+    """``path`` relative to ``root`` as text (the whole path when it is not under ``root``)."""
     if root is not None:
         try:
             return str(path.relative_to(root))
@@ -85,7 +86,7 @@ def skip_message(skipped: Sequence[tuple[Path, str]], root: str | os.PathLike | 
     for kind, described in SKIP_KINDS.items():
         if kind not in counts:
             continue
-        named = [_rel(p, root_p) for p, k in skipped if k == kind]
+        named = [relative_name(p, root_p) for p, k in skipped if k == kind]
         more = f", ... ({len(named) - _SHOWN} more)" if len(named) > _SHOWN else ""
         parts.append(f"{counts[kind]} {described}: {', '.join(named[:_SHOWN])}{more}")
     where = f" under {root_p}" if root_p is not None else ""

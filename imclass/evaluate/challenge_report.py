@@ -22,11 +22,17 @@ from typing import Any, Sequence
 
 import torch
 
+from imclass import data as imdata
 from imclass.data.challenge_transforms import CHALLENGES, MAX_SEVERITY, apply_challenge, describe
 from imclass.data.dataset import ImageDataset
 from imclass.data.loader import derive_seed
+from imclass.model_file.format import read_metadata
+from imclass.models.rebuild import load
 from imclass.tta import choose_tta
+from imclass.visualize import save_image_grid, save_line_plot
 from imclass.visualize.plots import save_figure
+from imclass.data import as_images, as_labels
+from imclass.data.folder import split_folders
 
 __all__ = ["JSON_NAME", "HTML_NAME", "ModelUnderTest", "challenge_report", "load_models"]
 
@@ -61,9 +67,6 @@ class ModelUnderTest:
 def load_models(paths: Sequence[str | os.PathLike], *, tta: bool | None = None) -> list[ModelUnderTest]:
     """Load run folders / model files (``imclass.load``) with their metadata; names are the folder
     names (made unique). ``tta``: ``None`` = what each file records, ``False`` = none, ``True`` = flip_translate."""
-    from imclass.model_file.format import read_metadata
-    from imclass.models.rebuild import load
-
     models, seen = [], {}
     for p in paths:
         header = read_metadata(p)
@@ -106,8 +109,6 @@ def _as_models(models: Sequence[Any]) -> list[ModelUnderTest]:
 
 def _load_data(data: Any, split: str, size: list[int] | None, root: Any, limit: int | None,
                seed: int = 0) -> ImageDataset:
-    from imclass import data as imdata
-
     if isinstance(data, ImageDataset):
         ds = data
     elif isinstance(data, (tuple, list)) and len(data) == 2:
@@ -123,8 +124,6 @@ def _load_data(data: Any, split: str, size: list[int] | None, root: Any, limit: 
 
 def _load_shift(shift: Any, size: list[int] | None, root: Any) -> ImageDataset:
     if isinstance(shift, (str, os.PathLike)) and Path(shift).is_dir():
-        from imclass.data.folder import split_folders
-
         split = "test" if split_folders(Path(shift)) else "all"  # a plain folder is the second test set whole
         return _load_data(shift, split, size, root, None)
     return _load_data(shift, "test", size, root, None)
@@ -194,8 +193,6 @@ def challenge_report(
     if shift is not None:
         for s, ds in sets.items():
             if isinstance(shift, (tuple, list)):  # arrays: labels are indices into the test set's classes
-                from imclass.data import as_images, as_labels
-
                 images = as_images(shift[0], name="shift images")
                 sh = ImageDataset(images, as_labels(shift[1], len(images), name="shift labels"), ds.classes, "shift")
                 shift_sets[s] = _load_data(sh, split, list(s) if s else None, root, None)
@@ -286,8 +283,6 @@ def _spread(n: int, k: int) -> list[int]:
 
 
 def _write_pictures(report: dict, grids: dict, first: ImageDataset, out: Path, picks: list[int]) -> None:
-    from imclass.visualize import save_image_grid, save_line_plot
-
     names = [m["name"] for m in report["models"]]
     scale = max(1, 96 // max(first.image_shape[1:]))
     for c, entry in report["challenges"].items():

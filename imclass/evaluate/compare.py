@@ -22,7 +22,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from imclass import data as imdata, models
+from imclass.knn import KNN
+from imclass.model_file.save import save
+from imclass.models.rebuild import load
+from imclass.train import TimeBudget
+from imclass.transfer import fine_tune, transfer
+from imclass.transfer.workflow import load_for
 from imclass.visualize.plots import save_figure
+from imclass.workflows.training import RunConfig, train_from_config
 
 __all__ = ["KNN_METRICS", "compare", "parse_budget", "parse_models"]
 
@@ -50,8 +58,6 @@ def parse_budget(text: str | float | int) -> float:
 def parse_models(spec: str | Sequence[str]) -> list[str]:
     """``"knn-l1,mlp,transfer:mobilenetv2_100"`` -> checked names (``knn-<metric>``, a registry
     model, ``fastnet`` = the fast recipe, ``transfer:<backbone>``)."""
-    from imclass import models
-
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     if not names:
         raise ValueError("expected at least one approach in --models, e.g. knn-l1,mlp,keras_cnn")
@@ -88,8 +94,6 @@ FOLDER_IMAGE_SIZE = 32  # a folder of photos without --image-size: k-NN and scra
 
 def _load_split(data: str, root: Any, image_size: int | None, limit: int | None, seed: int = 0):
     """The train and test splits every approach uses (as ``train_from_config`` loads them)."""
-    from imclass import data as imdata
-
     # --limit: a seeded, stratified sample of each split, as every command takes it (seed 0, as train's default)
     train = imdata.load(data, split="train", root=root, image_size=image_size, limit=limit, seed=seed)
     test = imdata.load(data, split="test", root=root, image_size=image_size, limit=limit, seed=seed)
@@ -105,9 +109,6 @@ def _speed(predict: Callable[[torch.Tensor], Any], images: torch.Tensor) -> floa
 
 
 def _run_knn(name: str, train, test, folder: Path) -> dict[str, Any]:
-    from imclass.model_file.save import save
-    from imclass.knn import KNN
-
     start = time.perf_counter()
     knn = KNN(k=1, metric=name[4:]).fit(train.images, train.labels)
     seconds = time.perf_counter() - start
@@ -120,9 +121,6 @@ def _run_knn(name: str, train, test, folder: Path) -> dict[str, Any]:
 
 def _run_engine(name: str, data: str, folder: Path, budget: float, *, root: Any, image_size: int | None,
                 limit: int | None, seed: int, max_epochs: int, verbose: bool, device: str) -> dict[str, Any]:
-    from imclass.models.rebuild import load
-    from imclass.workflows.training import RunConfig, train_from_config
-
     fast = name == "fastnet"
     cfg = RunConfig(model=None if fast else name, recipe="fast" if fast else None, dataset=data, data_root=root,
                     image_size=image_size, limit=limit, epochs=None if fast else max_epochs,
@@ -143,15 +141,9 @@ def _run_engine(name: str, data: str, folder: Path, budget: float, *, root: Any,
 
 def _run_transfer(name: str, train, test, folder: Path, budget: float, *, seed: int, max_epochs: int,
                   verbose: bool, data: str = "", root: Any = None, limit: int | None = None) -> dict[str, Any]:
-    from imclass.model_file.save import save
-    from imclass.train import TimeBudget
-    from imclass.transfer import fine_tune, transfer
-
     backbone = name[len("transfer:"):]
     model = transfer(backbone, num_classes=train.num_classes, weights="imagenet")
     if data and Path(data).expanduser().is_dir():  # photos: the same files, read as the backbone wants them
-        from imclass.transfer.workflow import load_for
-
         pre = model.preprocessing
         train = load_for(data, pre, split="train", root=root, seed=seed, limit=limit)
         test = load_for(data, pre, split="test", root=root, seed=seed, limit=limit)

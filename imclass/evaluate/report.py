@@ -16,7 +16,6 @@ import csv
 import html
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,6 +30,8 @@ from imclass.evaluate.metrics import (
     nll,
     reliability_bins,
 )
+from imclass.evaluate.tune_folder import PLOTS, read_tuning, tuning_folder
+from imclass.models.rebuild import load
 from imclass.visualize.grids import save_captioned_grid
 from imclass.visualize.plots import save_figure
 
@@ -38,10 +39,6 @@ __all__ = ["report", "score", "tuning_folder", "HTML_NAME", "JSON_NAME"]
 
 HTML_NAME = "report.html"
 JSON_NAME = "report.json"
-TUNE_SUMMARY = "best.json"  # what `imclass tune` writes into its out folder, beside trials.csv and the plots
-TUNE_PLOTS = {"history": "optimisation history", "importances": "parameter importances",
-              "params": "validation accuracy against each parameter"}
-TOP_TRIALS = 10
 
 
 def score(model: Any, images: torch.Tensor, *, batch_size: int | None = None, tta: str | None = None,
@@ -131,8 +128,6 @@ def report(
     ``calibration``, ``temperature``, ``examples``, ``tuning`` (``None`` without a tune) and ``files``.
     """
     if isinstance(model, (str, os.PathLike)):
-        from imclass.models.rebuild import load
-
         run = Path(model)
         if history is None and (run / "history.csv").is_file():
             history = run / "history.csv"
@@ -192,7 +187,7 @@ def report(
             files["training_curves"] = curves
     numbers["tuning"] = None
     if tuning is not None:
-        numbers["tuning"], plots = _tuning(Path(tuning), out)
+        numbers["tuning"], plots = read_tuning(Path(tuning), out)
         files.update(plots)
     files = {k: Path(v).name for k, v in files.items()}
     numbers["files"] = {**files, "html": HTML_NAME, "json": JSON_NAME}
@@ -203,76 +198,6 @@ def report(
 
 # ---------------------------------------------------------------------------------------------
 # the tuning section (a model `imclass tune` retrained on the best parameters)
-
-def tuning_folder(run: str | os.PathLike) -> Path | None:
-    """The ``imclass tune`` out folder a run folder or model file belongs to, or ``None``.
-
-    ``imclass tune --out DIR`` writes ``DIR/model.safetensors`` beside ``DIR/best.json``: a run folder
-    holding ``best.json``, or a model file whose folder holds one naming it (``model_file``), is a tune's.
-    """
-    run = Path(run)
-    folder = run if run.is_dir() else run.parent
-    summary = folder / TUNE_SUMMARY
-    if not summary.is_file():
-        return None
-    if not run.is_dir():
-        try:
-            named = json.loads(summary.read_text()).get("model_file")
-        except (json.JSONDecodeError, AttributeError):
-            return None
-        if named and Path(named).name != run.name:
-            return None  # another model file of the same folder
-    return folder
-
-
-def _tuning(folder: Path, out: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """The tuning numbers (from ``best.json`` and ``trials.csv``) and its plots copied into ``out``."""
-    path = folder / TUNE_SUMMARY
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder}: expected the {TUNE_SUMMARY} that `imclass tune` writes, found none")
-    try:
-        summary = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from None
-    trials = _top_trials(folder / "trials.csv", TOP_TRIALS)
-    plots = {}
-    for name in TUNE_PLOTS:
-        source = folder / f"{name}.png"
-        if source.is_file() and source.stat().st_size > 0:
-            plots[f"tune_{name}"] = shutil.copyfile(source, out / f"tune_{name}.png").name
-    keys = ("model", "dataset", "selection", "trials", "best_trial", "best_params", "val_accuracy",
-            "test_accuracy", "test_images", "study", "storage")
-    numbers = {k: summary.get(k) for k in keys}
-    numbers.update({"folder": str(folder), "top_trials": trials["top"], "trials_listed": trials["listed"]})
-    return numbers, plots
-
-
-def _top_trials(path: Path, n: int) -> dict[str, Any]:
-    """The ``n`` trials of ``trials.csv`` with the highest validation accuracy (ties: the earlier trial)."""
-    if not path.is_file():
-        return {"top": [], "listed": 0}
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    fixed = ("number", "state", "val_accuracy", "seconds")
-    scored = []
-    for row in rows:
-        if row.get("val_accuracy") in (None, ""):
-            continue
-        params = {k: _param_value(v) for k, v in row.items() if k not in fixed and v not in (None, "")}
-        scored.append({"number": int(row["number"]), "state": row["state"], "val_accuracy": float(row["val_accuracy"]),
-                       "seconds": float(row["seconds"]) if row.get("seconds") else None, "params": params})
-    scored.sort(key=lambda t: (-t["val_accuracy"], t["number"]))
-    return {"top": scored[:n], "listed": len(rows)}
-
-
-def _param_value(text: str) -> Any:
-    """A trials.csv cell as the number it holds, else the text (a categorical choice)."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,7 +396,7 @@ def _tuning_html(t: dict | None, files: dict, out: Path) -> str:
     counts = ", ".join(f"{v} {k}" for k, v in (t.get("trials") or {}).items())
     test = (f", test accuracy {_num(t['test_accuracy'], 'tuning/test_accuracy')} after retraining on the whole "
             "training split" if t.get("test_accuracy") is not None else "")
-    plots = "".join(_img(out, files.get(f"tune_{k}"), caption) for k, caption in TUNE_PLOTS.items())
+    plots = "".join(_img(out, files.get(f"tune_{k}"), caption) for k, caption in PLOTS.items())
     return f"""<section id="tuning"><h2>Tuning</h2>
 <p>This model is the best of an <code>imclass tune</code> study ({e(str(t.get('model')))} on {e(str(t.get('dataset')))};
 trials: {e(counts or 'none')}; selection on {e(str(t.get('selection')))}): best trial {e(str(t.get('best_trial')))},

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from imclass.explain._net import Net, as_net, class_name, find_layer, one_image, resolve_target
+from imclass.explain.pictures import save_overlay
 
 __all__ = ["Explanation", "gradcam", "saliency", "occlusion"]
 
@@ -41,8 +42,6 @@ class Explanation:
 
     def save(self, path: str | Path) -> Path:
         """Write a PNG: the image, the heatmap, and the heatmap laid over the image."""
-        from imclass.explain.pictures import save_overlay
-
         title = f"{self.method} for '{self.target_name}' (p={self.probability:.2f}; predicted '{self.predicted}')"
         if self.details.get("layer"):
             title += f"\nlayer {self.details['layer']}"

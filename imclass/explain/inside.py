@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from imclass.explain._net import as_net, find_layer, one_image
+from imclass.explain.pictures import save_map_grid
 from imclass.visualize.images import save_image_grid
 
 __all__ = ["filter_images", "save_filters", "activations", "save_activations"]
@@ -69,8 +70,6 @@ def activations(model: Any, image: Any, layer: str | None = None) -> tuple[str, 
 
 def save_activations(model: Any, image: Any, path: str | Path, layer: str | None = None, *, max_maps: int = 63) -> dict[str, Any]:
     """Write the first ``max_maps`` activation maps of ``layer`` for ``image`` as a PNG grid, after the image."""
-    from imclass.explain.pictures import save_map_grid
-
     net = as_net(model)
     name, maps = activations(model, image, layer)
     x = one_image(image, net)[0].cpu()

@@ -52,7 +52,7 @@ def available() -> bool:
 @functools.lru_cache(maxsize=1)
 def _compiled():
     """(L1 driver, L2 driver), compiled by numba on first use and cached on disk."""
-    from imclass.knn import _knn_numba
+    from imclass.knn import _knn_numba  # deferred: importing numba takes seconds (start-up time)
 
     return _knn_numba.l1_driver, _knn_numba.l2_driver
 

@@ -47,6 +47,7 @@ from imclass.knn._knn_torch import l1_block as _l1_block_torch
 from imclass.knn._knn_torch import l2_block as _l2_block_torch
 from imclass.knn._knn_torch import norms as _norms
 from imclass.knn._knn_torch import smallest_k as _smallest_k
+from imclass.visualize import save_image_grid, save_line_plot
 
 __all__ = ["KNN", "NearestNeighbor", "KSelection", "choose_k", "neighbour_grid"]
 
@@ -502,8 +503,6 @@ def choose_k(
     std = s.std(0, correction=0) if len(parts) > 1 else torch.zeros(len(ks), dtype=torch.float64)
     result = KSelection(ks, s.mean(0).tolist(), std.tolist(), scores, method, _METRIC_ALIASES.get(metric, metric))
     if plot is not None:
-        from imclass.visualize import save_line_plot
-
         label = f"{result.metric} ({method})"
         errors = {label: result.std} if len(parts) > 1 else None
         title = f"k-NN accuracy vs k ({len(parts)}-fold CV)" if len(parts) > 1 else "k-NN accuracy vs k (validation)"
@@ -535,6 +534,4 @@ def neighbour_grid(
     _, idx = model.kneighbors(queries, k=min(n_neighbours, model.n_samples_fit_))
     train = model._fit_X.reshape(-1, *model.sample_shape_)
     rows = [[q] + [train[j] for j in row.tolist()] for q, row in zip(queries, idx)]
-    from imclass.visualize import save_image_grid
-
     return save_image_grid(rows, path, row_labels=row_labels)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from imclass.data.arrays import is_channels_last
 from imclass.model_file.format import FORMAT_VERSION, MODEL_FILENAME, jsonable, state_tensors, write_atomic
 from imclass.tta import tta_name
 
@@ -181,8 +182,7 @@ def input_size_of(obj: Any) -> list[int] | None:
             return list(value)
     shape = getattr(obj, "input_shape", None)  # imclass.Sequential: (C, H, W); Keras style: (H, W, C)
     if shape is not None and len(shape) == 3:
-        channels_last = shape[-1] in (1, 3, 4) and shape[0] not in (1, 3, 4)
-        return [shape[2], shape[0], shape[1]] if channels_last else list(shape)
+        return [shape[2], shape[0], shape[1]] if is_channels_last(shape) else list(shape)
     cfg = getattr(obj, "pretrained_cfg", None) or getattr(obj, "default_cfg", None)
     if isinstance(cfg, dict) and cfg.get("input_size"):
         return list(cfg["input_size"])

@@ -57,3 +57,10 @@ def create(name: str, **options: Any) -> nn.Module:
         model = _MODELS[name](**options)
     model.imclass_spec = {"name": name, "options": dict(options)}
     return model
+
+
+def model_doc(name: str) -> str:
+    """The docstring of the factory registered as ``name``, stripped ("" without one)."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {sorted(_MODELS)}")
+    return (_MODELS[name].__doc__ or "").strip()

@@ -19,17 +19,16 @@ in ``final_activation``, not applied.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from imclass.models.keras_training import KerasMethods
+from imclass.models.keras_training import KerasMethods, KerasState
 from imclass.nn.core import Dense
 from imclass.nn.layer import Layer, LayerNames, final_activation_of, layer_from_config
 from imclass.nn.model_layer import ModelLayer
-from imclass.nn.shapes import Shape, adapt_flat_input, format_shape
+from imclass.nn.shapes import Shape, adapt_flat_input, check_input_shape
 from imclass.nn.symbolic import Input, KerasTensor, Node, as_tensor_list, call_layer, graph_nodes
 
 __all__ = ["Input", "KerasTensor", "Model", "Node"]
@@ -53,6 +52,10 @@ class Model(KerasMethods, nn.Module):
             raise ValueError(f"Model takes one input and one output (images -> class scores), received "
                              f"{len(ins)} inputs and {len(outs)} outputs")
         self.name = name or "model"
+        self._keras_state: KerasState | None = None  # what compile() set up (imclass.models.keras_training)
+        self.history: Any = None  # the History of the last fit(), as Keras's model.history
+        self.load_report: Any = None  # the pretrained weights' report (an application built with weights=)
+        self.preprocessing: Any = None  # the preprocessing those weights expect
         self._input, self._output = ins[0], outs[0]
         self.input_shape: Shape = ins[0].shape
         self.output_shape: Shape = outs[0].shape
@@ -133,12 +136,12 @@ class Model(KerasMethods, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for a float ``(N, *input_shape)`` batch."""
-        _check_shape(x, self.input_shape)
+        check_input_shape(x, self.input_shape)
         return self._run(x)[id(self._output)]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Everything before the classifier (the last layer when it is a ``Dense``)."""
-        _check_shape(x, self.input_shape)
+        check_input_shape(x, self.input_shape)
         head = self._head_node()
         if head is None:
             return self.forward(x)
@@ -208,18 +211,6 @@ class Model(KerasMethods, nn.Module):
             inbound = [tensors[k] for k in entry["inbound"]]
             tensors[i] = layers[name](inbound if getattr(layers[name], "multi_input", False) else inbound[0])
         return cls(x, tensors[len(config["nodes"]) - 1], name=config.get("name"))
-
-
-def _check_shape(x: torch.Tensor, expected: Shape) -> None:
-    received = tuple(x.shape[1:])
-    if received == expected or (len(expected) == 1 and received == (1, 1, expected[0])):
-        return
-    message = f"expected input of shape {format_shape(expected)}, received {format_shape(received)}"
-    if len(expected) == 3 and len(received) == 3 and received == (expected[1], expected[2], expected[0]):
-        message += "; the model takes channels-first images (N, C, H, W): use x.permute(0, 3, 1, 2)"
-    elif len(expected) == 1 and math.prod(received) == expected[0]:
-        message += "; flatten the input first (x.flatten(1))"
-    raise ValueError(message)
 
 
 ModelLayer.register_model_class("Model", Model)

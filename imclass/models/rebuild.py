@@ -131,7 +131,7 @@ def load_model(filepath: str | Path, device: str = "auto") -> nn.Module:
     config = obj.train_config if isinstance(getattr(obj, "train_config", None), dict) else {}
     if config.get("loss") in losses.names():
         state.loss = losses.get(config["loss"])
-        obj._loss_fn = state.loss.logits_loss
+        obj.use_loss(state.loss)
         state.compiled = True  # evaluate works; fit needs compile (the optimizer state is not in model files)
     model._keras_state = state
     return model

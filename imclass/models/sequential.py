@@ -17,17 +17,16 @@ taking float ``(N, C, H, W)`` (or ``(N, features)``) tensors and returning logit
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 
-from imclass.models.keras_training import KerasMethods
+from imclass.models.keras_training import KerasMethods, KerasState
 from imclass.nn.core import Dense
-from imclass.nn.layer import Layer, final_activation_of, layer_from_config
+from imclass.nn.layer import Layer, final_activation_of, layer_from_config, unique_layer_name
 from imclass.nn.model_layer import ModelLayer
-from imclass.nn.shapes import Shape, adapt_flat_input, check_int, format_shape, to_channels_first
+from imclass.nn.shapes import Shape, adapt_flat_input, check_input_shape, check_int, format_shape, to_channels_first
 from imclass.nn.symbolic import Input, KerasTensor, call_layer
 
 __all__ = ["Sequential"]
@@ -50,6 +49,10 @@ class Sequential(KerasMethods, nn.Module):
                  name: str | None = None):
         nn.Module.__init__(self)
         self.name = name or "sequential"
+        self._keras_state: KerasState | None = None  # what compile() set up (imclass.models.keras_training)
+        self.history: Any = None  # the History of the last fit(), as Keras's model.history
+        self.load_report: Any = None  # pretrained weights applied inside (an application's report), if any
+        self.preprocessing: Any = None  # the preprocessing such weights expect (imclass.data.preprocessing)
         self._symbolic: tuple[Any, Any] | None = None  # (input, output) KerasTensors, made on first use
         self.input_shape: Shape | None = None if input_shape is None else to_channels_first(input_shape)
         self.layers: list[Layer] = []
@@ -104,7 +107,7 @@ class Sequential(KerasMethods, nn.Module):
         self._symbolic = None
         in_shape = self.output_shape
         out_shape = layer.compute_output_shape(in_shape)
-        name = self._unique_name(layer)
+        name = unique_layer_name(layer, set(self._names) | set(self._modules))
         built = []
         for suffix, module in layer.build(in_shape):
             self.add_module(name + suffix, module)
@@ -114,17 +117,6 @@ class Sequential(KerasMethods, nn.Module):
         self._modules_of.append(built)
         self._shapes.append(out_shape)
         return self
-
-    def _unique_name(self, layer: Layer) -> str:
-        if layer.name is not None:
-            if layer.name in self._names or layer.name in self._modules:
-                raise ValueError(f"layer name {layer.name!r} is used twice in this model")
-            return layer.name
-        name, i = layer.prefix, 0
-        while name in self._names or name in self._modules:
-            i += 1
-            name = f"{layer.prefix}_{i}"
-        return name
 
     def pop(self) -> Layer:
         """Remove the last layer (and its modules); return it."""
@@ -209,18 +201,10 @@ class Sequential(KerasMethods, nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def _check_input(self, x: torch.Tensor) -> None:
-        expected = self.input_shape
-        if expected is None:
+        if self.input_shape is None:
             raise ValueError("this Sequential has no layers yet")
-        received = tuple(x.shape[1:])
-        if received == expected:
-            return
-        message = f"expected input of shape {format_shape(expected)}, received {format_shape(received)}"
-        if len(expected) == 3 and len(received) == 3 and received == (expected[1], expected[2], expected[0]):
-            message += "; the model takes channels-first images (N, C, H, W): use x.permute(0, 3, 1, 2)"
-        elif len(expected) == 1 and len(received) > 1 and math.prod(received) == expected[0]:
-            message += "; flatten the input first (x.flatten(1)) or start the model with Flatten()"
-        raise ValueError(message)
+        check_input_shape(x, self.input_shape,
+                          flat_hint="flatten the input first (x.flatten(1)) or start the model with Flatten()")
 
     # -- classifier (timm's contract)
 

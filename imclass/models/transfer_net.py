@@ -132,7 +132,7 @@ def _check_pool_stages(backbone: nn.Module, pool_stages: int) -> int:
     return pool_stages
 
 
-def _num_features(backbone: nn.Module, pool_stages: int = 0) -> int:
+def num_features(backbone: nn.Module, pool_stages: int = 0) -> int:
     """The width of ``pooled_features`` (``pool_stages`` checked first)."""
     _check_pool_stages(backbone, pool_stages)
     n = getattr(backbone, "num_features", None)
@@ -154,6 +154,6 @@ def transfer_net(backbone: str = "timm:mobilenetv2_100", num_classes: int = 10, 
     if kwargs:
         raise ValueError(f"unexpected options for transfer_net: {sorted(kwargs)}")
     net = create(backbone, num_classes=0, **(backbone_options or {}))
-    d = _num_features(net, pool_stages)
+    d = num_features(net, pool_stages)
     seq = Sequential.from_config(head_config(head, d, num_classes))
     return TransferNet(net, seq, d, pool_stages)

@@ -6,14 +6,15 @@ the shape of its input, ``build``s plain ``torch.nn`` modules and says its outpu
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Container, Sequence
 
 import torch.nn as nn
 
 from imclass.nn.shapes import Shape, to_channels_first
 from imclass.nn.symbolic import call_layer
 
-__all__ = ["Layer", "LayerNames", "final_activation_of", "keras_init", "known_layers", "layer_from_config"]
+__all__ = ["Layer", "LayerNames", "final_activation_of", "keras_init", "known_layers", "layer_from_config",
+           "unique_layer_name"]
 
 _LAYERS: dict[str, type["Layer"]] = {}
 
@@ -36,6 +37,9 @@ class Layer:
             raise ValueError(f"expected a layer name made of letters, digits and '_', received name={name!r}")
         self.name = name
         self.input_shape = None if input_shape is None else to_channels_first(input_shape)
+        # (input shape, modules, output shape) once called on a symbolic tensor (functional API): a layer
+        # called again reuses its modules, i.e. shares its weights
+        self.built_for: tuple[Any, list[tuple[str, nn.Module]], Any] | None = None
 
     def compute_output_shape(self, input_shape: Shape) -> Shape:
         """The output shape (without batch) for an input shape (without batch)."""
@@ -85,23 +89,30 @@ def layer_from_config(entry: dict[str, Any]) -> Layer:
     return _LAYERS[name].from_config(dict(entry.get("config", {})))
 
 
+def unique_layer_name(layer: Layer, taken: Container[str]) -> str:
+    """The one naming rule of a model's layers: the layer's own ``name`` (an error when ``taken``), else
+    its Keras prefix numbered past the names ``taken`` (``conv2d``, ``conv2d_1``, ...)."""
+    if layer.name is not None:
+        if layer.name in taken:
+            raise ValueError(f"layer name {layer.name!r} is used twice in this model")
+        return layer.name
+    name, i = layer.prefix, 0
+    while name in taken:
+        i += 1
+        name = f"{layer.prefix}_{i}"
+    return name
+
+
 class LayerNames:
-    """Module-name prefixes for the layers of one model: the layer's ``name``, else its Keras prefix
-    numbered (``conv2d``, ``conv2d_1``, ...)."""
+    """Module-name prefixes for the layers of one model as they are added (``unique_layer_name``
+    against the names assigned so far and the model's modules)."""
 
     def __init__(self) -> None:
         self.used: set[str] = set()
 
     def assign(self, layer: Layer, modules: Any) -> str:
-        if layer.name is not None:
-            if layer.name in self.used or layer.name in modules:
-                raise ValueError(f"layer name {layer.name!r} is used twice in this model")
-            self.used.add(layer.name)
-            return layer.name
-        name, i = layer.prefix, 0
-        while name in self.used or name in modules:
-            i += 1
-            name = f"{layer.prefix}_{i}"
+        """The unique name of ``layer``, remembered."""
+        name = unique_layer_name(layer, self.used | set(modules))
         self.used.add(name)
         return name
 

@@ -18,7 +18,9 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-__all__ = ["Shape", "adapt_flat_input", "check_int", "check_padding", "conv_output_size", "format_shape", "int_pair",
+from imclass.data.arrays import is_channels_last
+
+__all__ = ["Shape", "adapt_flat_input", "check_input_shape", "check_int", "check_padding", "conv_output_size", "format_shape", "int_pair",
            "is_int", "needs_image", "to_channels_first"]
 
 Shape = tuple[int, ...]
@@ -44,7 +46,7 @@ def to_channels_first(shape: int | Sequence[int]) -> Shape:
         )
     if len(dims) == 2:
         return (1, *dims)
-    if len(dims) == 3 and dims[2] in (1, 3, 4) and dims[0] not in (1, 3, 4):
+    if is_channels_last(dims):
         return (dims[2], dims[0], dims[1])  # (H, W, C) -> (C, H, W)
     return dims
 
@@ -102,3 +104,19 @@ def adapt_flat_input(x: torch.Tensor, expected: Shape) -> torch.Tensor:
     if len(expected) == 1 and x.ndim == 4 and tuple(x.shape[1:]) == (1, 1, expected[0]):
         return x.flatten(1)
     return x
+
+
+def check_input_shape(x: torch.Tensor, expected: Shape, *,
+                      flat_hint: str = "flatten the input first (x.flatten(1))") -> None:
+    """The one check of a batch against a model's input shape (without batch): a ``ValueError`` saying
+    what was expected and received, with the likely fix (channels-last images, unflattened features).
+    Flat features may also come as ``(N, 1, 1, F)`` (see ``adapt_flat_input``)."""
+    received = tuple(x.shape[1:])
+    if received == expected or (len(expected) == 1 and received == (1, 1, expected[0])):
+        return
+    message = f"expected input of shape {format_shape(expected)}, received {format_shape(received)}"
+    if len(expected) == 3 and len(received) == 3 and received == (expected[1], expected[2], expected[0]):
+        message += "; the model takes channels-first images (N, C, H, W): use x.permute(0, 3, 1, 2)"
+    elif len(expected) == 1 and math.prod(received) == expected[0]:
+        message += "; " + flat_hint
+    raise ValueError(message)

@@ -91,7 +91,7 @@ def call_layer(layer: Layer, inputs: Any) -> KerasTensor:
     if not multi and layer.input_shape is not None and layer.input_shape != in_shape:
         raise ValueError(f"{type(layer).__name__} was given input shape {format_shape(layer.input_shape)} but is called on "
                          f"a tensor of shape {format_shape(in_shape)}")
-    built = getattr(layer, "_functional_built", None)
+    built = getattr(layer, "built_for", None)  # declared by Layer.__init__
     if built is not None:
         if built[0] != in_shape:
             raise ValueError(
@@ -102,7 +102,7 @@ def call_layer(layer: Layer, inputs: Any) -> KerasTensor:
     else:
         out_shape = layer.compute_output_shape(in_shape)
         modules = layer.build(in_shape)
-        layer._functional_built = (in_shape, modules, out_shape)
+        layer.built_for = (in_shape, modules, out_shape)
     return Node(layer, tensors, modules, out_shape).output
 
 

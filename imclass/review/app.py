@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from imclass.review.page import PAGE_FILE, REVIEW_FILE
 from imclass.review.plan import destination_for, write_plan
+from imclass.review.plan import read_plan
 
 __all__ = ["PLAN_FILE", "create_review_app"]
 
@@ -48,8 +49,6 @@ def create_review_app(folder: str | Path) -> FastAPI:
     decisions: dict[int, str] = {}
     plan_path = folder / PLAN_FILE
     if plan_path.is_file():  # a served review remembers what was decided before
-        from imclass.review.plan import read_plan
-
         by_path = {(i["path"], i["suggested"]): n for n, i in issues.items()}
         for row in read_plan(plan_path):
             n = by_path.get((row["path"], row["suggested"]))

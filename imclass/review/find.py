@@ -29,6 +29,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from imclass.confident import FILTERS, RANKINGS, find_label_issues, label_quality
+from imclass.data import load
+from imclass.data.check import CheckOptions, check_folder, hamming_pairs, image_hashes
+from imclass.data.dataset import ImageDataset
+from imclass.data.download import cache_dir
+from imclass.data.folder import SPLIT_SEED, TEST_FRACTION
+from imclass.data.inspect import folder_files
+from imclass.data.split import limit_indices, split_indices
+from imclass.knn import KNN
+from imclass.model_file.format import read_metadata
+from imclass.models.transfer_net import PoolStagesUnsupported
+from imclass.models.weights import Preprocessing
+from imclass.review.oof import cross_val_features, cross_val_images
+from imclass.transfer.features import FeatureCache, extract_features, read_for
+from imclass.transfer.finetune import resize_for, transfer
+from imclass.transfer.retrieval import image_set
+from imclass.transfer.workflow import DEFAULT_POOL_STAGES, no_weights_advice, pick_backbone
+
 __all__ = ["ReviewConfig", "ReviewItems", "ReviewResult", "folder_features", "folder_items", "heldout_of_run", "review",
            "sha256_of"]
 
@@ -60,8 +78,6 @@ class ReviewConfig:
     verbose: bool = False
 
     def __post_init__(self) -> None:
-        from imclass.confident import FILTERS, RANKINGS
-
         if self.folds < 2:
             raise ValueError(f"expected --folds >= 2, received {self.folds}")
         if self.filter_by not in FILTERS:
@@ -129,8 +145,6 @@ class ReviewItems:
 
 
 def folder_items(root: Path, split: str) -> ReviewItems:
-    from imclass.transfer.retrieval import image_set
-
     images = image_set(root)
     if images.layout == "flat":
         raise ValueError(f"{root} has no class folders: a label review needs labelled images (one sub-folder per class)")
@@ -146,10 +160,6 @@ def folder_items(root: Path, split: str) -> ReviewItems:
 
 
 def _named_items(cfg: ReviewConfig, split: str) -> ReviewItems:
-    from imclass.data import load
-
-    from imclass.data.split import limit_indices
-
     ds = load(cfg.data, split=split, root=cfg.data_root)
     notes = list(ds.notes)
     positions = None
@@ -198,7 +208,6 @@ def heldout_of_run(run_config: dict[str, Any], data: str, split: str | None) -> 
 
 
 def _run_items_and_probs(cfg: ReviewConfig) -> tuple[ReviewItems, np.ndarray, str]:
-    from imclass.model_file.format import read_metadata
     from imclass.models.rebuild import load
 
     run = Path(cfg.run).expanduser()
@@ -225,9 +234,6 @@ def _run_items_and_probs(cfg: ReviewConfig) -> tuple[ReviewItems, np.ndarray, st
         images = items.pixels
         size = pre.get("input_size")
         if size and tuple(images.shape[-2:]) != tuple(size[-2:]):
-            from imclass.transfer.finetune import resize_for
-            from imclass.models.weights import Preprocessing
-
             images = resize_for(images, Preprocessing.from_dict(pre)) if pre.get("crop") else \
                 torch.nn.functional.interpolate(images.float(), size=tuple(size[-2:]), mode="bilinear",
                                                 antialias=True).round().clamp(0, 255).to(torch.uint8)
@@ -242,16 +248,12 @@ def _run_items_and_probs(cfg: ReviewConfig) -> tuple[ReviewItems, np.ndarray, st
 def _heldout_files(items: ReviewItems, run_cfg: dict[str, Any], split: str) -> np.ndarray:
     """Positions of the images a run trained on ``items``'s folder held out: its ``val/`` (``test/``) folder in a
     split tree, else the seeded stratified share of a plain folder it held out."""
-    from imclass.data.split import split_indices
-
     if items.splits and set(items.splits) != {"all"}:
         wanted = split if split in items.splits else "val"
         return np.array([i for i, s in enumerate(items.splits) if s == wanted], dtype=np.int64)
     if "freeze_epochs" in run_cfg:  # a transfer run (TransferConfig): its own validation share and seed
         fraction, seed = float(run_cfg.get("val_fraction") or 0.2), int(run_cfg.get("seed") or 0)
     else:  # a run trained from scratch: imclass.data.load's test split of a plain folder
-        from imclass.data.folder import SPLIT_SEED, TEST_FRACTION
-
         fraction, seed = TEST_FRACTION, SPLIT_SEED
     return split_indices(items.labels, fraction, seed=seed)[1].numpy()
 
@@ -261,8 +263,6 @@ def _refuse_shared_files(items: ReviewItems, run_cfg: dict[str, Any]) -> None:
     trained = Path(str(run_cfg.get("dataset", ""))).expanduser()
     if not trained.is_dir() or items.paths is None:
         return
-    from imclass.data.inspect import folder_files
-
     _, _, _, records = folder_files(trained)
     sizes = {os.path.getsize(r["path"]) for r in records}
     theirs = {sha256_of(r["path"]) for r in records}
@@ -273,13 +273,11 @@ def _refuse_shared_files(items: ReviewItems, run_cfg: dict[str, Any]) -> None:
 
 
 def _read_for_run(paths: list[Path], pre: dict[str, Any]) -> torch.Tensor:
-    from imclass.models.weights import Preprocessing
-    from imclass.transfer.features import read_for
-
     if not pre.get("input_size"):
         raise ValueError("the run's model file records no input size")
     if pre.get("crop"):
         return read_for(paths, Preprocessing.from_dict(pre))
+    # function-level on purpose: data.folder has no read_images any more (issue 24 to port; told in NOTES.md)
     from imclass.data.folder import read_images
 
     c, h, w = pre["input_size"]
@@ -292,12 +290,6 @@ def _read_for_run(paths: list[Path], pre: dict[str, Any]) -> torch.Tensor:
 def folder_features(cfg: ReviewConfig, items: ReviewItems) -> tuple[torch.Tensor, str]:
     """Frozen-backbone features of a folder's files (cached), pooled over the last 2 stages where the
     backbone can (as ``imclass train --dataset FOLDER`` does)."""
-    from imclass.data.download import cache_dir
-    from imclass.models.transfer_net import PoolStagesUnsupported
-    from imclass.transfer.features import FeatureCache, extract_features
-    from imclass.transfer.finetune import transfer
-    from imclass.transfer.workflow import DEFAULT_POOL_STAGES, no_weights_advice, pick_backbone
-
     backbone = cfg.backbone or pick_backbone(cfg.weights_dir)
     if backbone is None:
         raise ValueError("a review of a photo folder cross-validates on a pretrained backbone's features and none was "
@@ -316,8 +308,6 @@ def folder_features(cfg: ReviewConfig, items: ReviewItems) -> tuple[torch.Tensor
 
 def outlier_scores(features: torch.Tensor, k: int = 10) -> np.ndarray:
     """Mean cosine distance (n,) of each feature vector to its ``k`` nearest other vectors."""
-    from imclass.knn import KNN
-
     n = len(features)
     k = max(1, min(k, n - 1))
     dist, idx = KNN(k=k + 1, metric="cosine").fit(features, torch.zeros(n, dtype=torch.long)).kneighbors(features)
@@ -342,8 +332,6 @@ def _outliers(distance: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarray]:
 def _duplicates(items: ReviewItems, near_distance: int) -> list[tuple[int, int, int]]:
     """Pairs (i, j, bits) of reviewed images that are exact (bits = -1) or near duplicates with different
     labels: ``imclass data check``'s detection (``check_folder``) for folders, its hash on the pixels otherwise."""
-    from imclass.data.check import CheckOptions, check_folder, hamming_pairs, image_hashes
-
     labels = items.labels.numpy()
     pairs: list[tuple[int, int, int]] = []
     if items.root is not None:
@@ -365,9 +353,6 @@ def _duplicates(items: ReviewItems, near_distance: int) -> list[tuple[int, int, 
 
 def review(cfg: ReviewConfig) -> ReviewResult:
     """Review ``cfg.data``: out-of-sample probabilities, confident learning, outliers, duplicates; ranked."""
-    from imclass.confident import find_label_issues, label_quality
-    from imclass.review.oof import cross_val_features, cross_val_images
-
     start = time.perf_counter()
     folder = Path(cfg.data).expanduser()
     feats = None
@@ -376,8 +361,6 @@ def review(cfg: ReviewConfig) -> ReviewResult:
     elif folder.is_dir():
         items = folder_items(folder.resolve(), cfg.split or "all")
         if cfg.limit is not None and cfg.limit < len(items.labels):
-            from imclass.data.split import limit_indices
-
             keep = limit_indices(items.labels, cfg.limit, seed=cfg.seed, classes=items.classes).tolist()
             items = ReviewItems(items.labels[keep], items.classes, items.split, [items.paths[i] for i in keep],
                                 [items.splits[i] for i in keep], [items.relative[i] for i in keep], items.root,
@@ -388,8 +371,6 @@ def review(cfg: ReviewConfig) -> ReviewResult:
         method = f"{cfg.folds}-fold cross-validation: logistic regression on {backbone} features"
     else:
         items = _named_items(cfg, cfg.split or "train")
-        from imclass.data.dataset import ImageDataset
-
         ds = ImageDataset(items.pixels, items.labels, items.classes, split=items.split)
         probs = cross_val_images(ds, folds=cfg.folds, seed=cfg.seed, device=cfg.device, verbose=cfg.verbose, **cfg.fast)
         method = f"{cfg.folds}-fold cross-validation: the fast recipe per fold"

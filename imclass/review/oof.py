@@ -15,6 +15,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from imclass.workflows.recipes import fast_config, fast_recipe
+
 __all__ = ["cross_val_features", "cross_val_images", "fit_logistic", "stratified_folds"]
 
 
@@ -90,8 +92,6 @@ def cross_val_images(data: Any, *, folds: int = 5, seed: int = 0, target: int = 
                      verbose: bool = False, **overrides: Any) -> np.ndarray:
     """Out-of-fold probabilities (n, classes) of the fast recipe (``fast_config(target, **overrides)``)
     trained on the other folds of ``data`` (an ``ImageDataset``), with the recipe's test-time augmentation."""
-    from imclass.workflows.recipes import fast_config, fast_recipe
-
     cfg = fast_config(target, **overrides)
     labels = data.labels
     fold = stratified_folds(labels.numpy(), folds, seed)

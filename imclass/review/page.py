@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from imclass.data.decode import decode_array
+
 __all__ = ["PAGE_FILE", "REVIEW_FILE", "thumbnail", "write_review"]
 
 PAGE_FILE = "index.html"
@@ -36,8 +38,6 @@ def thumbnail(source: Path | torch.Tensor) -> str:
         buf = io.BytesIO()
         im.save(buf, format="PNG")
         return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    from imclass.data.decode import decode_array
-
     array = decode_array(source, mode="RGB", resize=THUMB)  # the one decoding gate; shorter side 224
     im = Image.fromarray(array)
     im.thumbnail((THUMB, THUMB))  # longer side 224 too

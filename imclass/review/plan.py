@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
+from imclass.review.find import sha256_of
+
 __all__ = ["PLAN_COLUMNS", "Outcome", "apply_plan", "destination_for", "read_plan", "undo_log", "write_plan"]
 
 PLAN_COLUMNS = ("root", "path", "given", "suggested", "destination", "sha256", "decision")
@@ -86,8 +88,6 @@ def read_plan(path: str | os.PathLike) -> list[dict[str, str]]:
 
 
 def _sha256(path: Path) -> str:
-    from imclass.review.find import sha256_of
-
     return sha256_of(path)
 
 

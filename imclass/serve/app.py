@@ -27,6 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from imclass.serve.batching import MicroBatcher, Overloaded
+from imclass.serve.explaining import ExplainUnavailable, explain_available, gradcam_overlay
 from imclass.serve.predictor import DEFAULT_MAX_PIXELS, ImageError, Predictor
 
 __all__ = ["ServeConfig", "create_app", "API_KEY_ENV"]
@@ -332,8 +333,6 @@ def create_app(predictors: Sequence[Predictor], config: ServeConfig | None = Non
                       target: Optional[int] = Form(None)) -> dict:
         predictor = model_or_404(model or default)
         images, names = await read_images(predictor, [file])
-        from imclass.serve.explaining import ExplainUnavailable, gradcam_overlay
-
         try:  # the same queue bound as /predict, run on the same single inference thread
             return await batchers[predictor.name].run_alone(gradcam_overlay, predictor, images[0], target,
                                                             weight=config.explain_weight)
@@ -346,6 +345,4 @@ def create_app(predictors: Sequence[Predictor], config: ServeConfig | None = Non
 
 
 def _explain_available() -> bool:
-    from imclass.serve.explaining import explain_available
-
     return explain_available()

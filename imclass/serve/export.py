@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from imclass.serve.predictor import ONNX_METADATA_KEY, Predictor
+from imclass.tta import tta_views
 
 __all__ = ["EXPORT_FORMATS", "Deployable", "KNNGraph", "export", "deployable"]
 
@@ -44,8 +45,6 @@ class Deployable(nn.Module):
         x = torch.addcmul(self.shift, images.float(), self.scale)  # x / (255 std) - mean / std
         if self.tta == "none":
             return self.model(x)
-        from imclass.tta import tta_views
-
         out = None
         for weight, view in tta_views(x, self.tta):
             y = self.model(view.contiguous()) * weight

@@ -25,6 +25,11 @@ import torch
 
 from imclass.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, decode_image
 from imclass.data.walk import walk_images
+from imclass.model_file.format import read_metadata
+from imclass.model_file.save import num_classes_of
+from imclass.models.rebuild import load
+from imclass.train import Classifier
+from imclass.tta import choose_tta
 
 __all__ = ["DEFAULT_MAX_PIXELS", "ImageError", "Predictor", "decode_image", "find_images", "IMAGE_EXTENSIONS"]
 
@@ -95,10 +100,6 @@ class Predictor:
             if tta not in (None, False, "none"):
                 raise ValueError(f"{path}: an exported ONNX model runs the TTA it was exported with; --tta does not apply")
             return cls._load_onnx(path, name)
-        from imclass.model_file.format import read_metadata
-        from imclass.models.rebuild import load
-        from imclass.train import Classifier
-
         header = read_metadata(path)
         pre = dict(header.get("preprocessing") or {})
         backend = load(path, device=device)
@@ -243,15 +244,11 @@ def _column_names(backend: Any, classes: list[str] | None) -> list[str]:
 
 
 def _num_outputs(clf: Any) -> int | None:
-    from imclass.model_file.save import num_classes_of
-
     model = getattr(clf, "model", None)
     return num_classes_of(model) if model is not None else None
 
 
 def _resolve_tta(kind: str, recorded: str | None, flag: bool | str | None, path: Path) -> str:
-    from imclass.tta import choose_tta
-
     try:
         return choose_tta(recorded, flag, knn=kind == "knn")
     except ValueError as err:

@@ -16,14 +16,11 @@ from imclass.train.callbacks import (
     TrainingCurves,
 )
 from imclass.train.checkpoint import load_checkpoint, save_checkpoint
-from imclass.train.classifier import (
-    Classifier,
-    LRFindResult,
-    TrainConfig,
-    channel_stats,
-    cpu_has_native_bf16,
-    resolve_device,
-)
+from imclass.train.classifier import Classifier
+from imclass.train.config import TrainConfig
+from imclass.train.device import cpu_has_native_bf16, resolve_device
+from imclass.train.inputs import channel_stats
+from imclass.train.lr_range import LRFindResult
 from imclass.train.optim import Schedule, make_optimizer, make_schedule
 from imclass.train.state import History, TrainingDiverged, TrainState
 

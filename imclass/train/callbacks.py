@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
+from imclass.model_file.save import save
 from imclass.train.state import TrainState
+from imclass.visualize.training import save_curves
 
 EVENTS = ("on_train_begin", "on_epoch_begin", "on_batch_begin", "on_batch_end", "on_epoch_end", "on_train_end")
 
@@ -193,8 +195,6 @@ def _save_model(state: TrainState, path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     model = state.model
     if hasattr(model, "imclass_spec") or hasattr(model, "get_config"):  # rebuildable: a full model file
-        from imclass.model_file.save import save
-
         save(state.classifier, path)
         return
     from safetensors.torch import save_file
@@ -296,8 +296,6 @@ class TrainingCurves(Callback):
         self.keys = tuple(keys)
 
     def on_epoch_end(self, state: TrainState) -> None:
-        from imclass.visualize.training import save_curves
-
         history = state.history.to_dict()
         series = {k: history[k] for k in ("epoch", *self.keys) if k in history}
         save_curves(series, self.path, title=f"training curves ({self.path.parent.name})")

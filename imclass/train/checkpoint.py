@@ -12,11 +12,19 @@ import errno
 import os
 import random
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
 
 import numpy as np
 import torch
+
+from imclass.train import distributed as ddp
+from imclass.train.state import History, TrainingDiverged, TrainState
+
+if TYPE_CHECKING:
+    from imclass.train.loop import FitRun
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -107,3 +115,91 @@ def set_rng_states(states: dict[str, Any]) -> None:
 def _python_random_state() -> list:
     version, internal, gauss = random.getstate()
     return [version, list(internal), gauss]
+
+
+class Checkpointing:
+    """Divergence checks and the checkpoints of a ``Classifier`` fit (save, restore). A base of ``Classifier``, whose ``__init__``
+    declares the state these methods use."""
+
+    # ------------------------------------------------------------------ divergence and checkpoints
+    def _check_finite(self, state: TrainState, ckpt_path: Path | None) -> None:
+        if state.loss_sum is not None and not torch.isfinite(state.loss_sum):
+            self._diverged(state, ckpt_path)
+
+    @staticmethod
+    def _diverged(state: TrainState, ckpt_path: Path | None) -> None:
+        where = f"the last good checkpoint is {ckpt_path}" if ckpt_path is not None and ckpt_path.is_file() else \
+            "no checkpoint was written"
+        raise TrainingDiverged(
+            f"loss became NaN or infinite in epoch {state.epoch + 1}, at or before batch {state.batch + 1} "
+            f"(step {state.step}); lower the learning rate or check the data ({where})"
+        )
+
+    def _save(self, run: "FitRun", state: TrainState, *, batch: int, epoch: int | None = None, finished: bool = False,
+              stopped: bool = False, seconds: float = 0.0) -> None:
+        """Write the whole training state (``batch > 0``: a checkpoint in the middle of an epoch).
+        Under torchrun every rank calls this (the running sums are added up over ranks); rank 0 writes."""
+        loss_sum, correct, seen = state.loss_sum, state.correct, state.seen
+        if batch and ddp.is_distributed():
+            loss_sum, correct, seen = ddp.sum_across(state.loss_sum, state.correct, torch.tensor(state.seen))
+            correct, seen = correct.long(), int(seen)
+        if not ddp.is_main():
+            return
+        payload = {
+            **run.meta,
+            "epoch": state.epoch if epoch is None else epoch,
+            "batch": batch,
+            "step": state.step,
+            "finished": finished,
+            "stopped": stopped,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": run.torch_scheduler.state_dict() if run.torch_scheduler is not None else None,
+            "scaler": self._scaler.state_dict() if self._scaler is not None else None,
+            "rng": rng_states(),
+            "augment_rng": run.aug_gen.get_state(),
+            "history": state.history.to_dict(),
+            "running": {"loss_sum": loss_sum, "correct": correct, "seen": seen,
+                        "seconds": seconds} if batch else None,
+            "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else {} for cb in run.user_callbacks],
+            "classes": list(self.classes),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "config": self.training_config(),
+        }
+        save_checkpoint(run.ckpt_path, payload)
+
+    def _restore(self, saved: dict, state: TrainState, run: "FitRun", n_train: int, batch_size: int) -> int:
+        """Load a checkpoint into the model, optimizer, RNGs, callbacks and ``state``; returns the batch to start at."""
+        if saved["n_train"] != n_train or saved["batch_size"] != batch_size:
+            raise ValueError(
+                f"the checkpoint was written for {saved['n_train']} training images in batches of "
+                f"{saved['batch_size']}, received {n_train} images in batches of {batch_size}"
+            )
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if run.torch_scheduler is not None and saved["scheduler"] is not None:
+            run.torch_scheduler.load_state_dict(saved["scheduler"])
+        if self._scaler is not None and saved["scaler"] is not None:
+            self._scaler.load_state_dict(saved["scaler"])
+        self.classes, self.mean, self.std = list(saved["classes"]), list(saved["mean"]), list(saved["std"])
+        set_rng_states(saved["rng"])
+        run.aug_gen.set_state(saved["augment_rng"].cpu())
+        state.history.history.update(History(saved["history"]).history)
+        state.epoch, state.step, state.batch = saved["epoch"], saved["step"], saved["batch"]
+        states, cbs = saved["callbacks"], run.user_callbacks
+        if len(states) != len(cbs) and any(states):
+            warnings.warn(f"the checkpoint holds the state of {len(states)} callbacks, received {len(cbs)} callbacks: "
+                          "their states are not restored", stacklevel=3)
+        elif len(states) == len(cbs):
+            for cb, cb_state in zip(cbs, states):
+                if cb_state and hasattr(cb, "load_state_dict"):
+                    cb.load_state_dict(cb_state)
+        running = saved["running"]
+        if saved["batch"] and running is not None:
+            state.loss_sum = running["loss_sum"].to(self.device)
+            state.correct = running["correct"].to(self.device)
+            state.seen, run.seconds = running["seen"], running["seconds"]
+            if ddp.rank():  # the saved sums are over all ranks: rank 0 carries them on
+                state.loss_sum, state.correct, state.seen = state.loss_sum * 0, state.correct * 0, 0
+        return saved["batch"]

@@ -25,6 +25,8 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from imclass.data.loader import shard_slice
+
 __all__ = ["DistContext", "all_gather_objects", "barrier", "broadcast_object", "env_rank", "init_from_env",
            "is_distributed", "is_main", "launched", "leave", "rank", "session", "shard", "sum_across", "world_size",
            "wrap_model"]
@@ -170,9 +172,7 @@ def all_gather_objects(obj: Any) -> list[Any]:
 
 def shard(n: int, rank_: int | None = None, world: int | None = None) -> slice:
     """The contiguous slice of ``range(n)`` that rank ``rank_`` of ``world`` handles (sizes differ by at most 1)."""
-    from imclass.data.loader import _shard
-
-    return _shard(n, rank() if rank_ is None else rank_, world_size() if world is None else world)
+    return shard_slice(n, rank() if rank_ is None else rank_, world_size() if world is None else world)
 
 
 def broadcast_object(obj: Any) -> Any:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from imclass.visualize.plots import save_figure
+
 __all__ = ["LRFindResult", "clean_curve", "suggest_lr"]
 
 DIVERGE = 4.0  # the curve ends where the smoothed loss exceeds this many times its minimum so far
@@ -94,8 +96,6 @@ class LRFindResult:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        from imclass.visualize.plots import save_figure
 
         lr_c, loss_c = clean_curve(self.lrs, self.losses)
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from imclass.confident import find_label_issues
 from imclass.visualize.training import save_confusion_matrix, save_curves
 
 __all__ = ["BEST_FILE", "CONFUSION_FILE", "CURVES_FILE", "HISTORY_FILE", "LAST_FILE", "MODEL_FILE", "fresh_run_dir",
@@ -94,8 +95,6 @@ def held_out_figures(clf, data, tta: Any = None) -> dict[str, Any]:
 def _suspected(logits, labels, n: int) -> int | None:
     """How many of these held-out images confident learning (``imclass.confident``) finds mislabelled: the
     model never trained on them, so its probabilities are out of sample (``imclass review`` lists them)."""
-    from imclass.confident import find_label_issues
-
     if logits.shape[1] < 2 or logits.shape[1] != n or not len(labels):
         return None
     return len(find_label_issues(logits.softmax(1).double().numpy(), labels.numpy()).indices)

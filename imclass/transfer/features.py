@@ -29,6 +29,8 @@ import torch.nn as nn
 from imclass.data.decode import ImageError, decode_image
 from imclass.models.transfer_net import TransferNet, pooled_features
 from imclass.models.weights import Preprocessing
+from imclass.train import cpu_has_native_bf16
+from imclass.train.memory import retain_freed_memory
 
 __all__ = ["FeatureCache", "embed", "extract_features", "extract_features_shared", "feature_key", "open_for",
            "preprocessing_decoder", "prepare_batch", "read_for"]
@@ -121,7 +123,7 @@ def prepare_batch(x: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
     return (x.float() / 255.0 - mean) / std
 
 
-def _decode_one(path: Path, pre: Preprocessing) -> torch.Tensor:
+def decode_one(path: Path, pre: Preprocessing) -> torch.Tensor:
     """One file -> uint8 (3, crop, crop): shorter side to ``resize``, centre crop, through the decoding gate
     (``imclass.data.decode``: JPEG draft, pixel limit, EXIF orientation)."""
     return decode_image(path, channels=3, resize=pre.resize, crop=pre.crop, interpolation=pre.interpolation,
@@ -134,7 +136,7 @@ def preprocessing_decoder(pre: Preprocessing) -> Any:
     from imclass.data.source import Decoder
 
     def decode(path: Path) -> Any:
-        return _decode_one(path, pre).permute(1, 2, 0).numpy()  # (C, H, W) -> (H, W, C)
+        return decode_one(path, pre).permute(1, 2, 0).numpy()  # (C, H, W) -> (H, W, C)
 
     key = f"transfer:resize={pre.resize}:crop={pre.crop}:{pre.interpolation}:pil-draft"
     return Decoder(decode, (pre.crop, pre.crop), key, channels=3)
@@ -165,7 +167,7 @@ def read_for(paths: Sequence[str | os.PathLike], pre: Preprocessing, *, workers:
 
     def one(p: Path) -> torch.Tensor | str:
         try:
-            return _decode_one(p, pre)
+            return decode_one(p, pre)
         except ImageError as err:
             return str(err)
 
@@ -230,8 +232,6 @@ def _resolve_amp(amp: str | None, device: torch.device) -> str | None:
     if amp == "auto":
         if device.type == "cuda":
             return "bf16"
-        from imclass.train import cpu_has_native_bf16
-
         return "bf16" if cpu_has_native_bf16() else None
     if amp not in (None, "bf16"):
         raise ValueError(f"expected amp 'auto', 'bf16' or None, received amp={amp!r}")
@@ -294,8 +294,6 @@ def extract_features(
     else:
         batches = (x for x, _ in source.batches(batch_size))
     if device.type == "cpu":
-        from imclass.train.memory import retain_freed_memory
-
         retain_freed_memory()  # page faults otherwise cost ~half of a CPU forward here (bench/RESULTS.md)
     model = model.to(device).eval()
     if channels_last:

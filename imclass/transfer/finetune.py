@@ -22,9 +22,15 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from imclass.data.augment import CropFlip
 from imclass.data.dataset import ImageDataset
+from imclass.data.split import split_indices
+from imclass.models import create
 from imclass.models.transfer_net import TransferNet, head_config
+from imclass.models.transfer_net import num_features
 from imclass.models.weights import Preprocessing, apply_weights, backbone_name, weights_options
+from imclass.train import Classifier, cpu_has_native_bf16
+from imclass.train.inputs import as_data
 from imclass.transfer.features import FeatureCache, extract_features
 
 __all__ = ["BATCH_NORM_MODES", "FineTuneResult", "backbone_groups", "fine_tune", "fit_head", "freeze",
@@ -54,8 +60,6 @@ def transfer(
     ``load_report`` (what ``apply_weights`` loaded) and ``preprocessing`` (what the weights expect,
     at ``input_size`` when given).
     """
-    from imclass.models import create
-
     if num_classes < 1:
         raise ValueError(f"expected num_classes >= 1, received num_classes={num_classes}")
     name = backbone_name(backbone)
@@ -77,9 +81,7 @@ def transfer(
 
 
 def _probe_features(net: nn.Module, pool_stages: int = 0) -> int:
-    from imclass.models.transfer_net import _num_features
-
-    return _num_features(net, pool_stages)
+    return num_features(net, pool_stages)
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,9 +163,7 @@ def resize_for(images: torch.Tensor, pre: Preprocessing, batch_size: int = 256) 
 
 
 def _pair(data: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
-    from imclass.train.classifier import _as_data
-
-    return _as_data(data, name)
+    return as_data(data, name)
 
 
 @dataclass
@@ -217,8 +217,6 @@ def fit_head(
     engine sees them as (N, 1, 1, D) float "images" (mean 0, std 1: passed through unchanged).
     ``batch_size`` None: small data sets get small batches (enough optimizer steps per epoch).
     Returns the History."""
-    from imclass.train import Classifier
-
     if features.ndim != 2 or len(features) != len(labels):
         raise ValueError(f"expected features (N, D) for {len(labels)} labels, received shape {tuple(features.shape)}")
     if features.shape[1] != model.num_features:
@@ -274,9 +272,6 @@ def fine_tune(
     with each batch's statistics while updating the running ones (``"train"``, PyTorch's default).
     ``"train"`` needs pretrained statistics of real data: with folded batch norm (running mean 0,
     variance 1, as in the shared MobileNetV2) it loses the pretrained features (flowers: 91 % -> 74 %)."""
-    from imclass.data.split import split_indices
-    from imclass.train import Classifier, cpu_has_native_bf16
-
     if not isinstance(model, TransferNet):
         raise TypeError(f"expected a TransferNet (from imclass.transfer.transfer), received {type(model).__name__}")
     if epochs < 0 or freeze_epochs < 0:
@@ -340,8 +335,6 @@ def fine_tune(
         native = amp == "bf16" or (amp == "auto" and cpu_has_native_bf16())
         clf.compile(optimizer, schedule="cosine", amp="bf16" if native else None)
         if augment == "auto":
-            from imclass.data.augment import CropFlip
-
             augment = CropFlip(padding=max(1, pre.crop // 14))
         same = isinstance(data, ImageDataset) and data.images is images  # a memory-mapped set stays mapped
         result.fine_history = clf.fit(data if same else (images, labels), epochs=epochs, batch_size=batch_size, validation=val,

@@ -20,7 +20,15 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from imclass.data.inspect import FileRecord, folder_files, probe
+from imclass.data.split import split_indices
+from imclass.data.walk import walk_images
+from imclass.knn import KNN
 from imclass.models.weights import Preprocessing
+from imclass.transfer.features import read_for
+from imclass.model_file.format import read_metadata
+from imclass.models.rebuild import load
+from imclass.models.weights import create_backbone
 
 __all__ = ["Embedder", "ImageSet", "image_set", "knn_report", "load_embedder", "pixels_of", "retrieval_split"]
 
@@ -42,9 +50,6 @@ def load_embedder(spec: str | os.PathLike, *, weights: str | None = "imagenet", 
     (``"imagenet"``: from the weights root; a file; ``None``: random). ``image_size`` overrides the crop."""
     path = Path(spec).expanduser()
     if path.exists():
-        from imclass.model_file.format import read_metadata
-        from imclass.models.rebuild import load
-
         header = read_metadata(path)
         clf = load(path)
         model = getattr(clf, "model", None)
@@ -57,8 +62,6 @@ def load_embedder(spec: str | os.PathLike, *, weights: str | None = "imagenet", 
         pre = Preprocessing.from_dict(pre_dict)
         name, source = str(path), str(path)
     else:
-        from imclass.models.weights import create_backbone
-
         model, report = create_backbone(str(spec), num_classes=0, weights=weights, weights_dir=weights_dir)
         pre, name, source = report.preprocessing, str(spec), report.source
     if image_size is not None:
@@ -89,9 +92,6 @@ class ImageSet:
 def image_set(folder: str | os.PathLike) -> ImageSet:
     """The images of ``folder``: a class-per-folder tree, a ``train/`` + ``val/`` tree, or a flat folder
     of images (unlabelled). Files whose header Pillow cannot read are skipped with one warning."""
-    from imclass.data.inspect import FileRecord, folder_files, probe
-    from imclass.data.walk import walk_images
-
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder: {root}")
@@ -129,15 +129,11 @@ def retrieval_split(images: ImageSet, test_fraction: float = 0.2, seed: int = 0)
         return torch.nonzero(~held).flatten(), torch.nonzero(held).flatten()
     if images.layout == "flat":
         raise ValueError(f"{images.root} has no class folders: k-NN accuracy needs labelled images")
-    from imclass.data.split import split_indices
-
     return split_indices(images.labels, test_fraction, seed=seed)
 
 
 def pixels_of(paths: Sequence[Path], size: int = 32) -> torch.Tensor:
     """Raw pixels (N, 3, size, size) uint8: the shorter side resized to ``size``, centre-cropped."""
-    from imclass.transfer.features import read_for
-
     return read_for(paths, Preprocessing(input_size=(3, size, size), resize=size, crop=size))
 
 
@@ -147,8 +143,6 @@ def knn_report(features: torch.Tensor, pixels: torch.Tensor, labels: torch.Tenso
 
     Returns ``{"rows": [{"representation", "metric", "dims", "k", "accuracy"}], "train", "test",
     "chance", **info}``; "chance" is the share of the largest class in the test split."""
-    from imclass.knn import KNN
-
     ks = sorted(set(int(k) for k in ks))
     y_train, y_test = labels[train_idx], labels[test_idx]
     rows = []

@@ -20,10 +20,22 @@ from typing import Any
 
 import torch
 
+from imclass import data as imdata
+from imclass.data.check import quick_check
 from imclass.data.dataset import ImageDataset
+from imclass.data.folder import class_folders, list_images, split_folders
 from imclass.data.source import Decoder, ImageList, open_images
+from imclass.data.split import limit_indices, split_indices
+from imclass.model_file.save import save
+from imclass.models.transfer_net import PoolStagesUnsupported
 from imclass.models.weights import KNOWN_WEIGHTS, Preprocessing, find_known_weights, resolve_weights_root
+from imclass.models.weights import backbone_name, preprocessing_for
+from imclass.train.run_folder import (BEST_FILE, CONFUSION_FILE, CURVES_FILE, HISTORY_FILE, LAST_FILE, MODEL_FILE,
+                                      fresh_run_dir, held_out_figures, link_or_copy, save_confusion_matrix,
+                                      save_curves, write_history)
 from imclass.train.seed import seed_everything
+from imclass.transfer import finetune  # called as finetune.X: tests replace finetune.fine_tune
+from imclass.transfer.features import FeatureCache, preprocessing_decoder
 
 __all__ = ["PREFERRED_BACKBONES", "TransferConfig", "pick_backbone", "read_folder_for", "train_transfer"]
 
@@ -67,10 +79,8 @@ class TransferConfig:
             raise ValueError(f"expected freeze_epochs >= 0 and epochs >= 0, received {self.freeze_epochs}, {self.epochs}")
         if self.freeze_epochs == 0 and self.epochs == 0:
             raise ValueError("expected some training: --freeze-epochs or --epochs must be > 0")
-        from imclass.transfer.finetune import BATCH_NORM_MODES
-
-        if self.batch_norm not in BATCH_NORM_MODES:
-            raise ValueError(f"expected --batch-norm in {BATCH_NORM_MODES}, received {self.batch_norm!r}")
+        if self.batch_norm not in finetune.BATCH_NORM_MODES:
+            raise ValueError(f"expected --batch-norm in {finetune.BATCH_NORM_MODES}, received {self.batch_norm!r}")
 
 
 def pick_backbone(weights_dir: str | os.PathLike | None = None) -> str | None:
@@ -92,8 +102,6 @@ def no_weights_advice(weights_dir: str | os.PathLike | None = None) -> str:
 
 def transfer_decoder(pre: Preprocessing) -> Decoder:
     """How a photo becomes the backbone's input (``imclass.transfer.features.preprocessing_decoder``)."""
-    from imclass.transfer.features import preprocessing_decoder
-
     return preprocessing_decoder(pre)
 
 
@@ -104,8 +112,6 @@ def _open(images: ImageList, pre: Preprocessing, mode: str | None, verbose: bool
 def _limited(paths: list[Path], labels: list[int], limit: int | None, seed: int, classes: list[str],
              split: str) -> tuple[list[Path], list[int]]:
     """The files of ``--limit`` (the one rule: :func:`imclass.data.split.limit_indices`), before decoding."""
-    from imclass.data.split import limit_indices
-
     if limit is None or limit >= len(paths):
         return paths, labels
     pick = limit_indices(torch.tensor(labels), limit, seed=seed, classes=classes, where=f"{split} split").tolist()
@@ -124,15 +130,12 @@ def read_folder_for(folder: str | os.PathLike, pre: Preprocessing, *, val_fracti
     training part is sampled so that ``limit`` images remain after the hold-out). Each part is decoded
     in the tier ``mode`` (``imclass.data.source``; None: chosen from the headers and said on stderr).
     """
-    from imclass.data.folder import _subfolders, list_images, split_folders
-    from imclass.data.split import limit_indices, split_indices
-
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder: {root}")
     splits = split_folders(root)
     train_dir = splits.get("train", root)
-    class_dirs = {c.name for d in (splits.values() if splits else [root]) for c in _subfolders(d)}
+    class_dirs = {c.name for d in (splits.values() if splits else [root]) for c in class_folders(d)}
     classes = sorted(class_dirs)
     if len(classes) < 2:
         raise ValueError(f"expected at least 2 class folders in {train_dir}, found {classes or 'none'}")
@@ -176,25 +179,6 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
     Returns ``accuracy`` (validation), ``seconds`` (end to end, reading included), per-stage seconds,
     image counts, the backbone and where its weights came from, and the saved ``model_file``.
     """
-    from imclass.model_file.save import save
-    from imclass.models.weights import backbone_name, preprocessing_for
-    from imclass.train.run_folder import (
-        BEST_FILE,
-        CONFUSION_FILE,
-        CURVES_FILE,
-        HISTORY_FILE,
-        LAST_FILE,
-        MODEL_FILE,
-        fresh_run_dir,
-        held_out_figures,
-        link_or_copy,
-        save_confusion_matrix,
-        save_curves,
-        write_history,
-    )
-    from imclass.transfer.features import FeatureCache
-    from imclass.transfer.finetune import fine_tune
-
     t_start = time.perf_counter()
     backbone = cfg.backbone or pick_backbone(cfg.weights_dir)
     if backbone is None:
@@ -225,11 +209,11 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
     common = dict(validation=val, unfreeze_stages=cfg.unfreeze, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
                   cache=cache, verbose=cfg.verbose, feature_augment=cfg.feature_augment,
                   class_weight=cfg.class_weight, sampler=cfg.sampler, batch_norm=cfg.batch_norm)
-    head = fine_tune(model, train, epochs=0, freeze_epochs=cfg.freeze_epochs, **common) if cfg.freeze_epochs else None
+    head = finetune.fine_tune(model, train, epochs=0, freeze_epochs=cfg.freeze_epochs, **common) if cfg.freeze_epochs else None
     fine = None
     if cfg.epochs:  # the frozen head's weights are kept: fine-tuning must beat it to become the default model
         head_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        fine = fine_tune(model, train, epochs=cfg.epochs, freeze_epochs=0, **common)
+        fine = finetune.fine_tune(model, train, epochs=cfg.epochs, freeze_epochs=0, **common)
     for stage in (head, fine):
         seconds.update(stage.seconds if stage is not None else {})
     clf = (fine or head).classifier
@@ -331,8 +315,6 @@ def _train_config(cfg: TransferConfig, clf: Any) -> dict[str, Any]:
 
 def test_figures(clf: Any, test: Any) -> dict[str, Any] | None:
     """The figures on the folder's own test/ split (None without one)."""
-    from imclass.train.run_folder import held_out_figures
-
     return None if test is None else held_out_figures(clf, test)
 
 
@@ -354,12 +336,8 @@ DEFAULT_POOL_STAGES = 2  # flowers, frozen MobileNetV2: +1.5 points over the fin
 def _transfer_for(cfg: TransferConfig, backbone: str, num_classes: int) -> Any:
     """``transfer`` as ``cfg`` says; ``pool_stages=None`` pools the last 2 stages too where the backbone
     can (timm's ``forward_intermediates``) and only its final features elsewhere."""
-    from imclass.models.transfer_net import PoolStagesUnsupported
-    from imclass.models.weights import backbone_name
-    from imclass.transfer.finetune import transfer
-
     def build(stages: int) -> Any:
-        return transfer(backbone, num_classes, weights=cfg.weights, head=cfg.head, weights_dir=cfg.weights_dir,
+        return finetune.transfer(backbone, num_classes, weights=cfg.weights, head=cfg.head, weights_dir=cfg.weights_dir,
                         input_size=cfg.image_size, pool_stages=stages)
 
     if cfg.pool_stages is not None:
@@ -374,8 +352,6 @@ def _transfer_for(cfg: TransferConfig, backbone: str, num_classes: int) -> Any:
 
 def _warn_about_data(train: Any, val: Any, name: str) -> None:
     """The cheap check of ``imclass.data.check.quick_check`` (two labels, leakage, imbalance) as warnings."""
-    from imclass.data.check import quick_check
-
     for message in quick_check(train, val, name=name):
         warnings.warn(message, stacklevel=3)
 
@@ -394,24 +370,19 @@ def load_for(dataset: str, pre: Preprocessing, *, split: str = "test", root: str
     that ``train_transfer`` validated on (same fraction and seed); a split tree's ``test`` falls back
     to ``val/``; named data sets (cifar10, ...) are loaded and resized in batches. ``limit``: a seeded,
     stratified sample of that many images (:func:`imclass.data.split.limit_indices`), decoded alone."""
-    from imclass import data as imdata
-    from imclass.data.folder import _subfolders, list_images, split_folders
-    from imclass.data.split import split_indices
-    from imclass.transfer.finetune import resize_for
-
     folder = Path(dataset).expanduser()
     if not folder.is_dir():
         ds = imdata.load(dataset, split=split, root=root, limit=limit, seed=seed)
-        return ImageDataset(resize_for(ds.images, pre), ds.labels, ds.classes, name=ds.name, split=ds.split)
+        return ImageDataset(finetune.resize_for(ds.images, pre), ds.labels, ds.classes, name=ds.name, split=ds.split)
     splits = split_folders(folder)
     if splits:
-        classes = sorted({c.name for d in splits.values() for c in _subfolders(d)})
+        classes = sorted({c.name for d in splits.values() for c in class_folders(d)})
         name = split if split in splits else ("val" if split == "test" and "val" in splits else None)
         if name is None:
             raise ValueError(f"{folder} has split folders {', '.join(splits)}, received split={split!r}")
         paths, labels = list_images(splits[name], classes)
     else:
-        classes = [c.name for c in _subfolders(folder)]
+        classes = [c.name for c in class_folders(folder)]
         paths, labels = list_images(folder, classes)
         if split in ("train", "test", "val"):
             keep, held = split_indices(torch.tensor(labels), val_fraction, seed=seed)

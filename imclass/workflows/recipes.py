@@ -34,12 +34,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from imclass.data.arrays import as_labels
 from imclass.data.augment import random_crop
 from imclass.data.dataset import ImageDataset
 from imclass.data.loader import derive_seed
 from imclass.models import create
 from imclass.models.fastnet import init_whitening
-from imclass.train.classifier import cpu_has_native_bf16
+from imclass.train.classifier import Classifier
+from imclass.train.device import cpu_has_native_bf16
+from imclass.train.inputs import as_data
 from imclass.train.optim import MuonSGD
 from imclass.tta import tta_name
 
@@ -345,10 +348,8 @@ def _as_dataset(data: Any, name: str) -> ImageDataset:
     if isinstance(data, ImageDataset):
         return data
     if isinstance(data, (tuple, list)) and len(data) == 2:
-        from imclass.data.arrays import as_images, as_labels
-
-        images = as_images(data[0], name=f"{name} images")
-        labels = as_labels(data[1], len(images), name=f"{name} labels")
+        images, labels, _ = as_data(data, name)  # the engine's one coercion; the recipe needs integer labels
+        labels = as_labels(labels, len(images), name=f"{name} labels")
         return ImageDataset(images, labels, [str(i) for i in range(int(labels.max()) + 1)])
     raise TypeError(f"expected {name} as an ImageDataset or an (images, labels) pair, received {type(data).__name__}")
 
@@ -369,8 +370,6 @@ def fast_recipe(
     The model is ``imclass.models.create("fastnet", widths=..., depth=..., act=...)`` with its
     whitening conv set from the first ``cfg.whiten_images`` training images.
     """
-    from imclass.train.classifier import Classifier
-
     train = _as_dataset(train, "train")
     torch.manual_seed(seed)
     model = create("fastnet", num_classes=train.num_classes, in_chans=train.image_shape[0], widths=list(cfg.widths),

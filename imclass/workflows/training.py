@@ -22,7 +22,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imclass import config_file
+
+from imclass import data as imdata, models
+from imclass.data.challenge_transforms import ChallengeAugment, parse_challenges
+from imclass.data.check import quick_check
+from imclass.data.folder import default_image_size
+from imclass.model_file.format import load_weights
+from imclass.model_file.save import save
+from imclass.models.rebuild import load
+from imclass.train import Classifier, distributed
+from imclass.train.callbacks import CSVLogger, ModelCheckpoint, TimeBudget, TrainingCurves
+from imclass.train.checkpoint import CHECKPOINT_NAME
+from imclass.train.device import resolve_device
+from imclass.train.distributed import is_main
+from imclass.train.lr_range import LRFindResult, clean_curve
+from imclass.train.run_folder import BEST_FILE, CONFUSION_FILE, LAST_FILE, fresh_run_dir, held_out_figures, link_or_copy
 from imclass.train.seed import seed_everything
+from imclass.visualize.training import save_confusion_matrix
+from imclass.workflows import recipes
 
 __all__ = ["AUGMENTATIONS", "RunConfig", "TrainConfig", "check_resumable", "config_from_dict", "load_config",
            "seed_everything", "train_from_config"]
@@ -140,8 +158,6 @@ def split_augment(spec: str) -> tuple[str | None, tuple[str, ...]]:
     if len(base) > 1 or not items:
         raise ValueError(f"expected augment as one of {list(AUGMENTATIONS)} and/or challenge names, received {spec!r}")
     if rest:
-        from imclass.data.challenge_transforms import parse_challenges
-
         try:
             names = parse_challenges(rest)
         except ValueError as err:
@@ -156,8 +172,6 @@ def _make_augment(spec: str) -> tuple[Any, list]:
     base, names = split_augment(spec)
     if not names:
         return base, []
-    from imclass.data.challenge_transforms import ChallengeAugment
-
     augment = ChallengeAugment(names, base=base)
     return augment, [augment]
 
@@ -193,23 +207,7 @@ _TYPES = _field_types()
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The keys of a JSON (``.json``) or TOML (``.toml``) config file as a dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file {path} not found")
-    text = path.read_text()
-    try:
-        if path.suffix == ".json":
-            values = json.loads(text)
-        elif path.suffix == ".toml":
-            import tomllib
-
-            values = tomllib.loads(text)
-        else:
-            raise ValueError(f"expected a .json or .toml config file, received {path.name!r}")
-    except (json.JSONDecodeError, ValueError) as err:
-        if "expected a .json" in str(err):
-            raise
-        raise ValueError(f"config file {path}: cannot parse it: {err}") from None
+    values = config_file.read_config_file(path, what="config file", kinds=(".json", ".toml"))
     if not isinstance(values, dict):
         raise ValueError(f"config file {path}: expected a table of keys, received {type(values).__name__}")
     return {k.replace("-", "_"): v for k, v in values.items()}
@@ -240,8 +238,6 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
     ``cfg.uses_fast_recipe``; otherwise the model comes from the registry (``cfg.model``) or
     from a model file (``cfg.weights``, to fine-tune it).
     """
-    from imclass.train import distributed
-
     if distributed.launched() and not distributed.is_distributed():  # under torchrun: one rank of N
         with distributed.session(cfg.device) as ctx:
             return train_from_config(dataclasses.replace(cfg, device=ctx.device))
@@ -250,9 +246,6 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
             f"expected a model name (--model) to train on {cfg.dataset!r} (see `imclass models list`); "
             "only cifar10 has a default (the fast recipe)"
         )
-    from imclass.train.checkpoint import CHECKPOINT_NAME
-    from imclass.train.classifier import resolve_device
-
     wanted = Path(cfg.out or f"runs/{(cfg.model or 'fast').replace(':', '_')}-{Path(cfg.dataset).name}")
     if wanted.exists() and not wanted.is_dir():
         raise ValueError(f"--out {wanted}: a file is in the way; expected a run folder (new or existing)")
@@ -298,8 +291,6 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
 def _run_dir(cfg: RunConfig) -> Path:
     """``cfg.out`` (default runs/<model>-<dataset>), or the next free ``-2``, ``-3``, ... when it holds an
     earlier run and neither ``exist_ok`` nor ``resume`` is set; every rank of a torchrun run agrees."""
-    from imclass.train.run_folder import fresh_run_dir
-
     wanted = Path(cfg.out or f"runs/{(cfg.model or 'fast').replace(':', '_')}-{Path(cfg.dataset).name}")
     out = fresh_run_dir(wanted, exist_ok=cfg.exist_ok, resume=cfg.resume)
     import torch.distributed as dist
@@ -320,12 +311,6 @@ def _final_models(clf, test_set, out: Path, train_config: dict, seconds: float, 
     """Write last.safetensors, best.safetensors (best by val_accuracy; the last one without validation),
     model.safetensors (the same file as best: what ``imclass.load(out)`` reads) with the test figures in
     each file, and confusion_matrix.png of the default model on the test split."""
-    from imclass.train.run_folder import BEST_FILE, CONFUSION_FILE, LAST_FILE, held_out_figures, link_or_copy
-    from imclass.model_file.format import load_weights
-    from imclass.model_file.save import save
-    from imclass.train import distributed
-    from imclass.visualize.training import save_confusion_matrix
-
     last = held_out_figures(clf, test_set, clf.tta)
     history = clf.history.to_dict()
     vals = [v for v in history.get("val_accuracy", []) if v is not None and math.isfinite(v)]
@@ -365,8 +350,6 @@ def _final_models(clf, test_set, out: Path, train_config: dict, seconds: float, 
 
 def check_resumable(out: str | Path) -> None:
     """A ValueError saying so when ``out`` holds no training checkpoint to resume (``--resume``)."""
-    from imclass.train.checkpoint import CHECKPOINT_NAME
-
     out = Path(out)
     if not (out / CHECKPOINT_NAME).is_file():
         raise ValueError(f"--resume: no checkpoint in {out} (expected {out / CHECKPOINT_NAME}; the run folder is "
@@ -375,8 +358,6 @@ def check_resumable(out: str | Path) -> None:
 
 
 def _write_config(cfg: RunConfig, out: Path) -> None:
-    from imclass.train.distributed import is_main
-
     if not is_main():
         return
     (out / CONFIG_FILE).write_text(json.dumps(cfg.run_dict(), indent=2) + "\n")
@@ -387,9 +368,6 @@ CONFIG_FILE = "config.json"
 
 
 def _run_callbacks(out: Path, budget: float | None = None, validation: bool = False) -> list:
-    from imclass.train.run_folder import BEST_FILE
-    from imclass.train.callbacks import CSVLogger, ModelCheckpoint, TimeBudget, TrainingCurves
-
     callbacks = [CSVLogger(out / "history.csv"), TrainingCurves(out / "curves.png")]
     if validation:  # best.safetensors: the best epoch by validation accuracy so far
         callbacks.append(ModelCheckpoint(out / BEST_FILE, monitor="val_accuracy", mode="max"))
@@ -406,8 +384,6 @@ def lr_find_from_config(cfg: RunConfig, *, start_lr: float = LR_FIND_START, end_
     trained for good and no run folder is written. Returns ``suggestion`` (steepest descent of the smoothed
     loss, strictly between ``start_lr`` and ``end_lr``), ``minimum`` (lowest-loss lr / 10), the range, the
     points kept and where the plot went."""
-    from imclass.train.lr_range import LRFindResult, clean_curve
-
     if cfg.uses_fast_recipe or (cfg.model is None and cfg.weights is None):
         raise ValueError("--lr-find needs a model to test (--model NAME, or --weights FILE to fine-tune); "
                          "the fast recipe has its own tuned learning rates")
@@ -466,8 +442,6 @@ def _fit_model(cfg: RunConfig, train_set, test_set, out: Path):
 
 def _fit_fast_recipe(cfg: RunConfig, train_set, test_set, out: Path):
     """The fast CIFAR-10 recipe for ``cfg.target``; ``model_options`` (and epochs, batch size) override it."""
-    from imclass.workflows import recipes
-
     cfg = dataclasses.replace(cfg, recipe="fast", target=cfg.target or DEFAULT_TARGET)
     overrides = dict(cfg.model_options)
     if cfg.epochs is not None:
@@ -498,14 +472,10 @@ def _model_name(model) -> str | None:
 def _load_data(cfg: RunConfig):
     """The training and test sets of ``cfg``: a folder through the tier chooser (``cfg.data_mode``),
     ``--limit`` applied to its file list before decoding, at ``cfg.image_size`` or a default size."""
-    from imclass import data as imdata
-
     folder = Path(cfg.dataset).expanduser()
     size = cfg.image_size
     shards = (folder / "index.json").is_file()  # `imclass data shard` output: images at the size they were written
     if folder.is_dir() and size is None and not shards:
-        from imclass.data.folder import default_image_size
-
         size = default_image_size(folder)
     # --limit: a seeded, stratified sample of each split (imclass.data.split.limit_indices), before decoding
     sets = [imdata.load(cfg.dataset, split=split, root=cfg.data_root, image_size=size, limit=cfg.limit,
@@ -528,22 +498,16 @@ def _warn_about_data(cfg: RunConfig, train_set, test_set) -> None:
                       f"{', ...' if len(empty) > 5 else ''}): the model can never learn to predict them", stacklevel=3)
     if not Path(cfg.dataset).expanduser().is_dir():
         return
-    from imclass.data.check import quick_check
-
     for message in quick_check(train_set, test_set, name=Path(cfg.dataset).name):
         warnings.warn(message, stacklevel=3)
 
 
 def _build_classifier(cfg: RunConfig, train_set):
     """A fresh model from the registry, or the model of the file ``cfg.weights`` (fine-tuning)."""
-    from imclass.train import Classifier
-
     if cfg.weights is None:
-        model = _create_model(cfg.model, train_set, cfg.model_options)
+        model = create_model(cfg.model, train_set, cfg.model_options)
         # mean/std are computed from the training images by the first fit
         return Classifier(model, classes=train_set.classes, device=cfg.device)
-    from imclass.models.rebuild import load
-
     start = load(cfg.weights, device=cfg.device)
     if not hasattr(start, "model"):
         raise ValueError(f"{cfg.weights}: expected a classifier model file to fine-tune, not a {type(start).__name__}")
@@ -562,10 +526,8 @@ def _build_classifier(cfg: RunConfig, train_set):
     return Classifier(model, classes=train_set.classes, mean=start.mean, std=start.std, device=cfg.device)
 
 
-def _create_model(name: str, train_set, options: dict):
+def create_model(name: str, train_set, options: dict):
     """``models.create`` with the data set's classes, channels and (when the model takes it) image size."""
-    from imclass import models
-
     c, h, w = train_set.image_shape
     base = {"num_classes": len(train_set.classes), "in_chans": c}
     if h == w and "img_size" not in options:
