@@ -32,7 +32,11 @@ def server(tmp_path_factory, cifar_npz):
     clf.compile("adam", lr=2e-3).fit((x, y), epochs=1, batch_size=128, verbose=False, seed=0)
     clf.input_size = (3, 32, 32)
     imclass.save(clf, root / "cifar_fast")
-    app = create_app([Predictor.load(root / "cifar_fast")], ServeConfig())
+    with torch.no_grad():  # a second model that answers differently: every class 10 %
+        for p in clf.model.get_classifier().parameters():
+            p.zero_()
+    imclass.save(clf, root / "uniform", metrics={"test_accuracy": 0.1, "accuracy": 0.99})
+    app = create_app([Predictor.load(root / "cifar_fast"), Predictor.load(root / "uniform")], ServeConfig())
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -84,9 +88,36 @@ def test_page_reports_a_bad_upload_and_works_offline(server, chromium_page, tmp_
     requests = []
     chromium_page.on("request", lambda r: requests.append(r.url))
     chromium_page.goto(server["url"] + "/")
-    chromium_page.wait_for_function("document.querySelector('#model').options.length == 1", timeout=20_000)
+    chromium_page.wait_for_function("document.querySelector('#model').options.length == 2", timeout=20_000)
     chromium_page.set_input_files("#file", str(bad))
     chromium_page.wait_for_selector("body[data-state=error]", timeout=30_000)
     assert "415" in chromium_page.inner_text("#error") and "not a readable image" in chromium_page.inner_text("#error")
     # everything the page loads comes from this server: no CDN, works offline
     assert requests and all(u.startswith(server["url"]) or u.startswith("blob:") for u in requests)
+
+
+def test_switching_models_reclassifies_and_the_status_shows_held_out_accuracy(server, chromium_page, cifar_npz,
+                                                                            tmp_path):
+    """The page kept the old model's bars after switching models, and re-picking the same file did nothing;
+    its status showed the last training accuracy instead of the test accuracy."""
+    image = tmp_path / "cifar_test_3.png"
+    Image.fromarray(cifar_npz["x_test"][3]).save(image)
+    page = chromium_page
+    sent: list[str] = []
+    page.on("request", lambda r: sent.append(r.url) if r.url.endswith("/predict") else None)
+    page.goto(server["url"] + "/")
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('cifar_fast')", timeout=20_000)
+    page.set_input_files("#file", str(image))
+    page.wait_for_selector("body[data-state=done]", timeout=30_000)
+    first = page.eval_on_selector_all("#list .bar .p", "ps => ps.map(p => p.textContent)")
+    page.select_option("#model", "uniform")
+    page.wait_for_function("[...document.querySelectorAll('#list .bar .p')].length == 5 && "
+                           "[...document.querySelectorAll('#list .bar .p')].every(p => p.textContent == '10.0%')",
+                           timeout=30_000)
+    assert first != ["10.0%"] * 5 and "/models/uniform/predict" in sent[-1]
+    assert "test accuracy 10.0%" in page.inner_text("#status") and "99" not in page.inner_text("#status")
+    before = len(sent)
+    page.set_input_files("#file", str(image))  # the same file again: classified again
+    page.wait_for_function(f"window.performance.getEntriesByType('resource').filter(e => e.name.endsWith('/predict')).length > {before}",
+                           timeout=30_000)
+    assert len(sent) > before and page.console_errors == []
