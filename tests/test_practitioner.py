@@ -208,3 +208,17 @@ def test_models_list_shows_plain_text_and_whole_first_paragraphs():
     assert "``" not in res.stdout and ":func:" not in res.stdout
     line = next(l for l in res.stdout.splitlines() if l.startswith("transfer_net"))
     assert "without its classifier, then" in line and not line.rstrip().endswith("then")  # not cut mid-sentence
+
+
+def test_report_captions_name_the_files_and_top5_is_left_out_for_few_classes(photos, tmp_path, one_thread):
+    run = tmp_path / "weak"
+    res = runner.invoke(app, ["train", "-m", "mlp", "--dataset", str(photos), "--image-size", "16", "--epochs", "1",
+                              "--lr", "1e-5", "--out", str(run), "--json"])
+    assert res.exit_code == 0, res.output
+    out = runner.invoke(app, ["evaluate", str(run), str(photos), "--report", str(tmp_path / "rep"), "--json"])
+    assert out.exit_code == 0, out.output
+    numbers = json.loads((tmp_path / "rep" / "report.json").read_text())
+    mistakes = numbers["examples"]["confident_mistakes"]
+    assert mistakes and all((photos / m["path"]).is_file() and m["loss"] > 0 for m in mistakes)
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "top-3 accuracy" not in html and "top-5 accuracy" not in html  # 3 classes: always 100 %
