@@ -340,9 +340,11 @@ def cache_key(images: ImageList, decoder: Decoder) -> str:
     return h.hexdigest()[:32]
 
 
-def find_cache(images: ImageList, decoder: Decoder, cache_dir: str | os.PathLike | None = None) -> Path | None:
-    """The manifest of a complete cache of ``images`` decoded by ``decoder``, or None."""
-    manifest = cache_folder(cache_dir) / f"{cache_key(images, decoder)}.json"
+def find_cache(images: ImageList, decoder: Decoder, cache_dir: str | os.PathLike | None = None, *,
+               key: str | None = None) -> Path | None:
+    """The manifest of a complete cache of ``images`` decoded by ``decoder``, or None (``key``: their
+    ``cache_key`` when already computed)."""
+    manifest = cache_folder(cache_dir) / f"{key or cache_key(images, decoder)}.json"
     return manifest if manifest.is_file() else None
 
 
@@ -560,13 +562,13 @@ def _barrier() -> None:
 
 
 def build_cache(images: ImageList, decoder: Decoder, cache_dir: str | os.PathLike | None = None, *,
-                strict: bool = False, workers: int | None = None, verbose: bool = True) -> Path:
+                strict: bool = False, workers: int | None = None, verbose: bool = True, key: str | None = None) -> Path:
     """Decode ``images`` once into a memory-mapped ``.npy`` cache (unless a complete one exists) and
     return its manifest. Written atomically: a temporary file renamed into place, the manifest last,
     so a killed build never leaves a readable half cache. Under torch.distributed the ranks decode
     disjoint files (rank r takes files r, r + k, ...) into the one shared file."""
     folder = cache_folder(cache_dir)
-    key = cache_key(images, decoder)
+    key = key or cache_key(images, decoder)
     manifest = folder / f"{key}.json"
     rank, world = _dist()
     if manifest.is_file():
@@ -679,7 +681,8 @@ def open_images(images: ImageList, decoder: Decoder, mode: str | None = None, *,
     """
     if len(images) == 0:
         raise ValueError(f"no image files in {images.root}")
-    if mode is None and find_cache(images, decoder, cache_dir) is not None:
+    key = cache_key(images, decoder) if mode in (None, "cache") else None  # one stat per file, once
+    if mode is None and find_cache(images, decoder, cache_dir, key=key) is not None:
         mode, reason = "cache", "an existing cache"
     else:
         reason = None
@@ -693,7 +696,7 @@ def open_images(images: ImageList, decoder: Decoder, mode: str | None = None, *,
     if choice.mode == "memory":
         return _decode_memory(images, decoder, strict=strict, workers=workers, verbose=verbose)
     if choice.mode == "cache":
-        manifest = build_cache(images, decoder, cache_dir, strict=strict, workers=workers, verbose=verbose)
+        manifest = build_cache(images, decoder, cache_dir, strict=strict, workers=workers, verbose=verbose, key=key)
         return _open_cache(manifest, images)
     try:
         from imclass.data.stream import StreamSource

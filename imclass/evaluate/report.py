@@ -30,6 +30,7 @@ from imclass.evaluate.metrics import (
     nll,
     reliability_bins,
 )
+from imclass.data.source import inference_batch_size
 from imclass.evaluate.tune_folder import PLOTS, read_tuning, tuning_folder
 from imclass.models.rebuild import load
 from imclass.visualize.grids import save_captioned_grid
@@ -48,8 +49,6 @@ def score(model: Any, images: torch.Tensor, *, batch_size: int | None = None, tt
     from tqdm.auto import tqdm
 
     if batch_size is None:
-        from imclass.data.source import inference_batch_size
-
         batch_size = inference_batch_size(images.shape[1:])
     if batch_size < 1:
         raise ValueError(f"expected batch_size >= 1, received {batch_size}")

@@ -145,8 +145,11 @@ class KNN:
     Attributes (after ``fit``)
     --------------------------
     ``classes_`` (sorted distinct labels, int64), ``n_samples_fit_``, ``n_features_in_``, ``sample_shape_``;
-    ``backend_`` (the backend the last search used).
+    ``backend_`` (the backend the last search used). ``training_metrics``: the numbers a model file
+    recorded (set by ``imclass.load``; None otherwise).
     """
+
+    training_metrics: dict | None = None
 
     def __init__(
         self,

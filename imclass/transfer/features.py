@@ -27,9 +27,11 @@ import torch
 import torch.nn as nn
 
 from imclass.data.decode import ImageError, decode_image
+from imclass.data.source import Decoder, ImageList, open_images
 from imclass.models.transfer_net import TransferNet, pooled_features
 from imclass.models.weights import Preprocessing
 from imclass.train import cpu_has_native_bf16
+from imclass.train import distributed
 from imclass.train.memory import retain_freed_memory
 
 __all__ = ["FeatureCache", "embed", "extract_features", "extract_features_shared", "feature_key", "open_for",
@@ -133,8 +135,6 @@ def decode_one(path: Path, pre: Preprocessing) -> torch.Tensor:
 def preprocessing_decoder(pre: Preprocessing) -> Any:
     """The ``imclass.data.source.Decoder`` of ``pre``: shorter side to ``pre.resize`` (JPEG draft first),
     centre crop to ``pre.crop``, RGB; its key (part of an image cache's key) names all of it."""
-    from imclass.data.source import Decoder
-
     def decode(path: Path) -> Any:
         return decode_one(path, pre).permute(1, 2, 0).numpy()  # (C, H, W) -> (H, W, C)
 
@@ -147,8 +147,6 @@ def open_for(paths: Sequence[str | os.PathLike], pre: Preprocessing, mode: str |
     """Image files prepared as ``pre`` says, in the tier ``mode`` (``imclass.data.source``: memory,
     cache or stream; None: chosen from their count and size, said on stderr). Unreadable files are an
     error naming them."""
-    from imclass.data.source import ImageList, open_images
-
     paths = [Path(p) for p in paths]
     missing = [p for p in paths if not p.is_file()]
     if missing:
@@ -319,8 +317,6 @@ def extract_features_shared(model: nn.Module, images: Any, preprocessing: Prepro
     ``ImageDataset``), then the shares are gathered so every rank returns all N features, in order. In one
     process it is :func:`extract_features`. ``options`` go to :func:`extract_features` (a ``cache`` holds each
     rank's share under its own key)."""
-    from imclass.train import distributed
-
     if distributed.world_size() == 1:
         return extract_features(model, images, preprocessing, batch_size, **options)
     if hasattr(images, "subset") and hasattr(images, "images"):  # an ImageDataset
