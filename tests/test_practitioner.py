@@ -208,3 +208,42 @@ def test_models_list_shows_plain_text_and_whole_first_paragraphs():
     assert "``" not in res.stdout and ":func:" not in res.stdout
     line = next(l for l in res.stdout.splitlines() if l.startswith("transfer_net"))
     assert "without its classifier, then" in line and not line.rstrip().endswith("then")  # not cut mid-sentence
+
+
+def test_report_captions_name_the_files_and_top5_is_left_out_for_few_classes(photos, tmp_path, one_thread):
+    run = tmp_path / "weak"
+    res = runner.invoke(app, ["train", "-m", "mlp", "--dataset", str(photos), "--image-size", "16", "--epochs", "1",
+                              "--lr", "1e-5", "--out", str(run), "--json"])
+    assert res.exit_code == 0, res.output
+    out = runner.invoke(app, ["evaluate", str(run), str(photos), "--report", str(tmp_path / "rep"), "--json"])
+    assert out.exit_code == 0, out.output
+    numbers = json.loads((tmp_path / "rep" / "report.json").read_text())
+    mistakes = numbers["examples"]["confident_mistakes"]
+    assert mistakes and all((photos / m["path"]).is_file() and m["loss"] > 0 for m in mistakes)
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "top-3 accuracy" not in html and "top-5 accuracy" not in html  # 3 classes: always 100 %
+
+
+def test_feature_extraction_says_what_it_does_off_a_terminal(capsys):
+    """A silent ~20 s phase of `train --dataset FOLDER`: one line when it starts and one when it ends."""
+    import torch
+    from torch import nn
+
+    from imclass.models.weights import Preprocessing
+    from imclass.transfer.features import extract_features
+
+    class Tiny(nn.Module):  # timm's contract, no weights
+        def forward_features(self, x):
+            return x
+
+        def forward_head(self, x, pre_logits=False):
+            return x.mean((2, 3))
+
+        def forward(self, x):
+            return self.forward_head(self.forward_features(x))
+
+    pre = Preprocessing(input_size=(3, 8, 8), resize=8, crop=8, mean=(0.5,) * 3, std=(0.5,) * 3)
+    feats = extract_features(Tiny(), torch.zeros(300, 3, 8, 8, dtype=torch.uint8), pre, batch_size=64, amp=None)
+    err = capsys.readouterr().err
+    assert len(feats) == 300
+    assert "extracting features: 300 images ..." in err and "extracting features: 300 images in " in err

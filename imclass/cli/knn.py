@@ -142,7 +142,8 @@ def knn(
     result |= {"k": model.k, "backend": model.backend_, "accuracy": accuracy, "seconds": round(seconds, 3)}
     if neighbours_png:
         names = [test.classes[int(c)] for c in test.labels[:10]]
-        neighbour_grid(model, test.images[:10], neighbours_png, n_neighbours=10, row_labels=names)
+        neighbour_grid(model, test.images[:10], neighbours_png, n_neighbours=10, row_labels=names,
+                       query_labels=test.labels[:10].tolist(), class_names=list(test.classes))
         result["neighbours_png"] = neighbours_png
     if as_json:
         print_json(result)

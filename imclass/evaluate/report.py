@@ -170,14 +170,18 @@ def report(
     files["reliability"] = _plot_reliability(numbers, probs, logits, labels, n_bins, out / "reliability.png")
     conf = probs.max(1).values
     numbers["examples"] = {}
+    paths = getattr(data, "paths", None)  # the image files, when the data came from a folder
+    given_loss = -probs[torch.arange(len(labels)), labels].clamp_min(1e-12).log()
     for key, picked, caption in _examples(conf, pred, labels, n_examples):
         if picked:
-            texts = [f"{classes[labels[i]]}\u2192{classes[pred[i]]} {conf[i]:.2f}" for i in picked]
+            texts = [f"{_short(paths[i]) if paths else '#' + str(i)}\n{classes[labels[i]]}\u2192{classes[pred[i]]}\n"
+                     f"p {conf[i]:.2f}, loss {given_loss[i]:.2f}" for i in picked]
             colors = ["tab:red" if pred[i] != labels[i] else "tab:green" for i in picked]
-            files[key] = save_captioned_grid([images[i] for i in picked], texts, out / f"{key}.png", cols=8,
-                                             title=caption, caption_colors=colors).name
+            files[key] = save_captioned_grid([images[i] for i in picked], texts, out / f"{key}.png", cols=6,
+                                             title=caption, caption_colors=colors, tile_inches=1.9).name
         numbers["examples"][key] = [
-            {"index": int(i), "true": classes[labels[i]], "predicted": classes[pred[i]], "confidence": float(conf[i])}
+            {"index": int(i), "path": paths[i] if paths else None, "true": classes[labels[i]],
+             "predicted": classes[pred[i]], "confidence": float(conf[i]), "loss": float(given_loss[i])}
             for i in picked
         ]
     if history is not None and Path(history).is_file():
@@ -228,13 +232,20 @@ def _temperature(model, logits, labels, val, n_bins, batch_size, tta, seed, prog
     }
 
 
+def _short(path: str, width: int = 24) -> str:
+    """A file path that fits under a picture: its end (the file name and the folders just above it)."""
+    return path if len(path) <= width else "\u2026" + path[-(width - 1):]
+
+
 def _examples(conf: torch.Tensor, pred: torch.Tensor, labels: torch.Tensor, n: int):
     wrong = torch.nonzero(pred != labels).flatten()
     right = torch.nonzero(pred == labels).flatten()
     worst = wrong[conf[wrong].argsort(descending=True, stable=True)][:n].tolist()
     unsure = right[conf[right].argsort(stable=True)][:n].tolist()
-    return [("confident_mistakes", worst, "most confident mistakes (true \u2192 predicted, confidence)"),
-            ("unsure_correct", unsure, "least confident correct (true \u2192 predicted, confidence)")]
+    return [("confident_mistakes", worst, "most confident mistakes (file; given \u2192 predicted; p = confidence, "
+                                          "loss = -log p(given))"),
+            ("unsure_correct", unsure, "least confident correct (file; given \u2192 predicted; p = confidence, "
+                                       "loss = -log p(given))")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,8 +276,8 @@ def _plot_confusion(numbers: dict, path: Path) -> str:
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
     if c <= 20:
         ticks = range(c)
-        ax.set_xticks(ticks, [n[:12] for n in classes], rotation=45, ha="right")
-        ax.set_yticks(ticks, [n[:12] for n in classes])
+        ax.set_xticks(ticks, list(classes), rotation=45, ha="right")  # full names: "dandelion", not "dandelio"
+        ax.set_yticks(ticks, list(classes))
         for i in range(c):
             for j in range(c):
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
@@ -285,11 +296,11 @@ def _plot_per_class(numbers: dict, path: Path) -> str:
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(classes) + 2), 3.6), dpi=100)
     for k, (key, color) in enumerate([("precision", "tab:blue"), ("recall", "tab:orange"), ("f1", "tab:green")]):
         ax.bar(x + (k - 1) * 0.27, [per[n][key] for n in classes], 0.27, label=key, color=color)
-    ax.set_xticks(x, [n[:12] for n in classes], rotation=45 if len(classes) > 6 else 0, ha="right" if len(classes) > 6 else "center")
+    ax.set_xticks(x, list(classes), rotation=45 if len(classes) > 6 else 0, ha="right" if len(classes) > 6 else "center")
     ax.set_ylim(0, 1)
     ax.set_ylabel("score")
-    ax.set_title("per-class precision, recall and F1")
-    ax.legend(ncol=3, fontsize=8)
+    ax.set_title("per-class precision, recall and F1", pad=22)
+    ax.legend(ncol=3, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)  # above, off the bars
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
@@ -414,7 +425,8 @@ def _html(n: dict, out: Path) -> str:
     k = n["top_k"]
     t = n["temperature"]
     summary = [
-        ("accuracy", "accuracy", n["accuracy"]), (f"top-{k} accuracy", f"top{k}_accuracy", n[f"top{k}_accuracy"]),
+        ("accuracy", "accuracy", n["accuracy"]),
+        *([(f"top-{k} accuracy", f"top{k}_accuracy", n[f"top{k}_accuracy"])] if k < len(classes) else []),  # 5 of 5: 100 %
         ("macro F1", "macro_f1", n["macro_f1"]), ("loss (NLL)", "loss", n["loss"]), ("ECE", "ece", n["ece"]),
         ("images", "images", n["images"]),
     ]

@@ -145,8 +145,11 @@ class KNN:
     Attributes (after ``fit``)
     --------------------------
     ``classes_`` (sorted distinct labels, int64), ``n_samples_fit_``, ``n_features_in_``, ``sample_shape_``;
-    ``backend_`` (the backend the last search used).
+    ``backend_`` (the backend the last search used). ``training_metrics``: the numbers a model file
+    recorded (set by ``imclass.load``; None otherwise).
     """
+
+    training_metrics: dict | None = None
 
     def __init__(
         self,
@@ -521,10 +524,14 @@ def neighbour_grid(
     *,
     n_neighbours: int = 10,
     row_labels: Sequence[str] | None = None,
+    query_labels: Sequence[int] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> Path:
     """Write the lecture's figure: each row a query image followed by its ``n_neighbours`` nearest training images.
 
     ``model`` must have been fitted on images (not feature vectors); its training images are shown.
+    With ``query_labels`` (the queries' true classes) every picture is captioned with its class (names from
+    ``class_names``): the query in blue ("query: cat"), each neighbour green when of the query's class, else red.
     """
     model._check_fitted()
     if len(model.sample_shape_) != 3:
@@ -534,4 +541,22 @@ def neighbour_grid(
     _, idx = model.kneighbors(queries, k=min(n_neighbours, model.n_samples_fit_))
     train = model._fit_X.reshape(-1, *model.sample_shape_)
     rows = [[q] + [train[j] for j in row.tolist()] for q, row in zip(queries, idx)]
-    return save_image_grid(rows, path, row_labels=row_labels)
+    if query_labels is None:
+        return save_image_grid(rows, path, row_labels=row_labels)
+    from imclass.visualize.grids import save_captioned_grid
+
+    name = (lambda c: str(class_names[c]) if class_names is not None and 0 <= c < len(class_names) else str(c))
+    fit_labels = model.classes_[model._fit_y]  # each training image's label value
+    images, captions, colors = [], [], []
+    for q, row, truth in zip(queries, idx.tolist(), query_labels):
+        images.append(q)
+        captions.append(f"query: {name(int(truth))}")
+        colors.append("tab:blue")
+        for j in row:
+            label = int(fit_labels[j])
+            images += [train[j]]
+            captions.append(name(label))
+            colors.append("tab:green" if label == int(truth) else "tab:red")
+    return save_captioned_grid(images, captions, path, cols=len(rows[0]), caption_colors=colors, tile_inches=1.1,
+                               title=f"each row: a query (first, blue) and its {len(rows[0]) - 1} nearest training "
+                                     "images (green: same class, red: another)")

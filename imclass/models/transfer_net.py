@@ -68,6 +68,8 @@ class TransferNet(nn.Module):
         self.num_classes = head.get_classifier().out_features if hasattr(head, "get_classifier") else None
         self.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", None) or {})
         self.batch_norm_eval = False  # True: every backbone batch norm normalises with its running statistics
+        self.load_report: Any = None  # what apply_weights did to the backbone (imclass.transfer.finetune.transfer)
+        self.preprocessing: Any = None  # the preprocessing those weights expect (imclass.data.preprocessing)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> pooled backbone features (N, D): the final ones, then (``pool_stages``)

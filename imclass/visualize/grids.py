@@ -53,7 +53,7 @@ def save_captioned_grid(
         if i < len(images):
             ax.imshow(to_hwc(images[i]), interpolation="nearest")
             color = caption_colors[i] if caption_colors else "black"
-            ax.text(0.5, -0.03, captions[i], transform=ax.transAxes, ha="center", va="top", fontsize=7, color=color)
+            ax.text(0.5, -0.03, captions[i], transform=ax.transAxes, ha="center", va="top", fontsize=8, color=color)
     if title:
         fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
