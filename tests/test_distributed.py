@@ -167,8 +167,9 @@ def test_torchrun_cli_train_writes_one_run_folder_and_predict_shards(tmp_path, j
     assert len(lines) == 1  # rank 0 reports for both
     result = json.loads(lines[0])
     assert result["train_images"] == 96 and result["test_images"] == 24 and result["epochs"] == 1
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "curves.png", "history.csv",
-                                                     "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.safetensors", "checkpoint.pt", "config.json",
+                                                     "confusion_matrix.png", "curves.png", "history.csv",
+                                                     "last.safetensors", "model.safetensors"]
     assert len((out / "history.csv").read_text().splitlines()) == 2  # one header, one epoch: one writer
     clf = imclass.load(out)
     test = imclass.data.load(str(folder / "photos"), split="test")

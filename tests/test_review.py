@@ -337,3 +337,18 @@ def test_train_counts_suspected_label_errors_on_its_validation_split_as_review_w
     review = json.loads(scored.stdout.strip().splitlines()[-1])
     assert review["images"] == 23  # the same held-out half, scored by the same model
     assert review["counts"]["label"] == report["suspected_label_errors"]
+
+
+def test_review_with_a_scratch_model_run_on_a_folder_reads_the_files_at_its_input_size(reviewed, tmp_path):
+    """A run with no backbone (no crop in its preprocessing) is scored on the files resized to its input size."""
+    root, run = reviewed["root"], tmp_path / "mlp"
+    trained = _cli("train", "--model", "mlp", "--dataset", str(root), "--image-size", "24", "--epochs", "1",
+                   "--json", "--out", str(run))
+    assert trained.exit_code == 0, trained.output
+    report = json.loads(trained.stdout.strip().splitlines()[-1])
+    scored = _cli("review", str(root), "--run", str(run), "--json", "--out", str(tmp_path / "r"))
+    assert scored.exit_code == 0, scored.output
+    review = json.loads(scored.stdout.strip().splitlines()[-1])
+    assert review["split"] == "test" and review["images"] == report["test_images"]
+    assert all(issue["path"] and (root / issue["path"]).is_file() or Path(issue["path"]).is_file()
+               for issue in review["issues"])

@@ -34,7 +34,7 @@ from imclass.data import load
 from imclass.data.check import CheckOptions, check_folder, hamming_pairs, image_hashes
 from imclass.data.dataset import ImageDataset
 from imclass.data.download import cache_dir
-from imclass.data.folder import SPLIT_SEED, TEST_FRACTION
+from imclass.data.folder import SPLIT_SEED, TEST_FRACTION, read_image
 from imclass.data.inspect import folder_files
 from imclass.data.split import limit_indices, split_indices
 from imclass.knn import KNN
@@ -277,12 +277,11 @@ def _read_for_run(paths: list[Path], pre: dict[str, Any]) -> torch.Tensor:
         raise ValueError("the run's model file records no input size")
     if pre.get("crop"):
         return read_for(paths, Preprocessing.from_dict(pre))
-    # function-level on purpose: data.folder has no read_images any more (issue 24 to port; told in NOTES.md)
-    from imclass.data.folder import read_images
-
     c, h, w = pre["input_size"]
-    images, _ = read_images(paths, (h, w))
-    return images if c == images.shape[1] else images[:, :c]
+    images = torch.empty((len(paths), c, h, w), dtype=torch.uint8)
+    for i, path in enumerate(paths):
+        images[i] = read_image(path, (h, w), channels=c)
+    return images
 
 
 # ------------------------------------------------------------------------------ features
