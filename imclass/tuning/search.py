@@ -15,18 +15,8 @@ it: finished trials count towards ``trials``; a trial whose process died is fail
 heartbeat stops and its parameters are tried again. Several processes (``workers``, or the same
 command started on other terminals or machines) share one study.
 
-Search spaces are dicts, one entry per parameter (YAML, TOML or JSON files hold the same):
-
-    {"lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
-     "optimizer": {"type": "categorical", "choices": ["sgd", "adam"]},
-     "momentum": {"type": "float", "low": 0.8, "high": 0.99, "when": {"optimizer": "sgd"}},
-     "batch_size": 64}                                  # a plain value is fixed, not searched
-
-Names: the training options ``optimizer lr momentum nesterov weight_decay l2 schedule lr_decay
-step_size warmup_epochs label_smoothing batch_size augment`` and ``model`` (the architecture);
-``width`` and ``depth`` build an MLP's ``hidden = [width] * depth``; any other name is a keyword
-option of the model factory (``dropout``, ``drop_rate``, ``dense_units``, ...). For ``model="knn"``:
-``k``, ``metric`` and ``weights``.
+Search spaces (dicts, or YAML/TOML/JSON files) and the names they may use are described in
+:mod:`imclass.tuning.space`.
 """
 from __future__ import annotations
 
