@@ -35,6 +35,7 @@ import torch
 
 from imclass.data.dataset import ImageDataset
 from imclass.data.download import cache_dir as state_dir
+from imclass.data.progress import Progress
 
 __all__ = [
     "CACHE_SUBDIR",
@@ -390,31 +391,6 @@ def _open_cache(manifest: Path, images: ImageList) -> ImageDataset:
 # decoding
 
 
-class _Progress:
-    """tqdm on a terminal, else one line when a phase starts and one when it ends."""
-
-    def __init__(self, total: int, desc: str, verbose: bool) -> None:
-        self.total, self.desc, self.verbose, self.t0 = total, desc, verbose, time.perf_counter()
-        self.bar = None
-        if verbose and sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
-        elif verbose:
-            print(f"{desc}: {total:,} images ...", file=sys.stderr, flush=True)
-
-    def update(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.verbose:
-            print(f"{self.desc}: {self.total:,} images in {time.perf_counter() - self.t0:.1f} s", file=sys.stderr,
-                  flush=True)
-
-
 def _channels(images: ImageList, decoder: Decoder) -> int:
     """1 when every file is grey (from the headers), else 3 (decoder.channels wins)."""
     if decoder.channels is not None:
@@ -431,7 +407,7 @@ def _channels(images: ImageList, decoder: Decoder) -> int:
 
 
 def _decode_into(out: Any, images: ImageList, decoder: Decoder, positions: Sequence[int], *, workers: int | None,
-                 progress: _Progress | None, flush: Callable[[], None] | None = None) -> list[tuple[int, str]]:
+                 progress: Progress | None, flush: Callable[[], None] | None = None) -> list[tuple[int, str]]:
     """Decode ``images.paths[i]`` for ``i`` in ``positions`` into row ``i`` of ``out`` (uint8 (N, C, H, W),
     a tensor or a numpy memmap); returns the (index, reason) of every file that could not be read."""
     c = out.shape[1]
@@ -518,7 +494,7 @@ def _decode_memory(images: ImageList, decoder: Decoder, *, strict: bool, workers
     c = _channels(images, decoder)
     while True:
         out = torch.empty((n, c, h, w), dtype=torch.uint8)
-        progress = _Progress(n, "decoding", verbose)
+        progress = Progress(n, "decoding", verbose=verbose)
         try:
             bad = _decode_into(out, images, decoder, range(n), workers=workers, progress=progress)
         except _NotGrey:
@@ -587,7 +563,8 @@ def build_cache(images: ImageList, decoder: Decoder, cache_dir: str | os.PathLik
             np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, c, h, w)).flush()
         _barrier()
         out = np.lib.format.open_memmap(tmp, mode="r+")
-        progress = _Progress(len(range(rank, n, world)), f"building the image cache {folder / key}.npy", verbose and rank == 0)
+        progress = Progress(len(range(rank, n, world)), f"building the image cache {folder / key}.npy",
+                            verbose=verbose and rank == 0)
         try:
             bad = _decode_into(out, images, decoder, range(rank, n, world), workers=workers, progress=progress,
                                flush=out.flush)
