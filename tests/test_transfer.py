@@ -508,7 +508,7 @@ def test_compare_on_a_photo_folder_trains_every_entry_on_every_class(real, tmp_p
     weights, flowers = real
     folder = _photo_folder(flowers, tmp_path / "photos", classes=3, per_class=10)
     monkeypatch.setenv("IMCLASS_WEIGHTS", str(weights))
-    board = compare(str(folder), "knn-l1,transfer:mobilenetv2_100", "1s", tmp_path / "cmp", limit=15,
+    board = compare(str(folder), "knn-l1,transfer:mobilenetv2_100", "0.001s", tmp_path / "cmp", limit=15,
                     max_epochs=2, log=None)
     assert board["classes"] == ["daisy", "dandelion", "roses"] and board["image_size"] == 32
     by_name = {e["name"]: e for e in board["entries"]}
