@@ -35,7 +35,7 @@ from imclass.nn.symbolic import Input, KerasTensor, Node, as_tensor_list, call_l
 __all__ = ["Input", "KerasTensor", "Model", "Node"]
 
 
-class Model(HeadContract, KerasMethods, nn.Module):
+class Model(KerasMethods, HeadContract, nn.Module):
     """A model from a graph of layers: ``Model(inputs=x, outputs=y)`` with ``x`` from ``Input`` (or
     another model's ``input``) and ``y`` from calling layers on it. One input, one output.
 

@@ -33,7 +33,7 @@ from imclass.nn.symbolic import Input, KerasTensor, call_layer
 __all__ = ["Sequential"]
 
 
-class Sequential(HeadContract, KerasMethods, nn.Module):
+class Sequential(KerasMethods, HeadContract, nn.Module):
     """A stack of course layers built into torch modules, with every shape inferred.
 
     The input shape comes from ``input_shape=`` here or on the first layer (``input_dim=`` for a
