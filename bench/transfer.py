@@ -6,7 +6,7 @@ Both use the same real ImageNet weights (timm ``mobilenetv2_100``, TF "same" pad
 * **imclass**: ``read_for`` (threaded PIL decode, JPEG draft, straight to the crop), ``extract_features``
   (batches of 32, channels-last, freed memory kept in the process, bf16 autocast where the CPU multiplies
   bf16 natively; ``--pool-stages 2``: the last two feature stages pooled beside the final features, as
-  ``imclass train --dataset FOLDER`` does), then the head trained by ``fit_head`` (``Classifier.fit``) on the
+  ``imclass train FOLDER`` does), then the head trained by ``fit_head`` (``Classifier.fit``) on the
   cached features. End to end = model + decode + features + head, measured on the first seed with an empty
   cache; the other seeds reuse the cached features (seconds). ``--feature-augment flip`` adds the mirrored
   photos' features to the head's training set (twice the feature time).

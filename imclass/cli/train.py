@@ -10,8 +10,11 @@ import typer
 from imclass.cli._common import (
     USER_ERRORS,
     DataMode,
+    data_argument,
+    dataset_alias,
     fail,
     limit_option,
+    pick_data,
     plain_warnings,
     print_json,
     write_error,
@@ -39,8 +42,10 @@ def register(app: typer.Typer) -> None:
 
 def train(
     # data
-    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="cifar10, mnist, fashion-mnist or a folder "
-                                          "of images, one sub-folder per class.", rich_help_panel=DATA),
+    data: Optional[str] = data_argument(help="cifar10, mnist, fashion-mnist or a folder of images, one sub-folder "
+                                        "per class (a folder: transfer learning when pretrained weights are found).",
+                                        rich_help_panel=DATA),
+    dataset: Optional[str] = dataset_alias(),
     data_root: Optional[str] = typer.Option(None, "--data", help="Data root folder (default: $IMCLASS_DATA, else "
                                             "~/.cache/imclass).", rich_help_panel=DATA),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to SIZE x SIZE (a folder "
@@ -149,9 +154,13 @@ def train(
 ) -> None:
     """Train a model and save it to a run folder (model.safetensors, config.json, history, curves).
 
-    With --dataset cifar10 and no --model, the fast CIFAR-10 recipe runs. `--out DIR --resume`
-    alone continues the run in DIR with the config it saved (other flags override it).
+    `imclass train cifar10` (no --model): the fast CIFAR-10 recipe.
+
+    `imclass train FOLDER`: transfer learning from a pretrained backbone.
+
+    `--out DIR --resume` alone continues the run in DIR with the config it saved (other flags override it).
     """
+    dataset = pick_data(data, dataset)
     from imclass.cli.transfer import run_transfer, wants_transfer
     from imclass.train.imbalance import parse_class_weight
     from imclass.workflows.training import CONFIG_FILE, load_config, train_from_config
@@ -182,7 +191,7 @@ def train(
     if transfer:
         def from_scratch() -> None:  # no pretrained weights: the course CNN, augmented
             train(config=None, model="keras_cnn", model_option=model_option, weights=None, from_model=None,
-                  dataset=dataset, data_root=data_root, image_size=image_size or FALLBACK_IMAGE_SIZE, limit=limit,
+                  data=dataset, dataset=None, data_root=data_root, image_size=image_size or FALLBACK_IMAGE_SIZE, limit=limit,
                   epochs=epochs, lr_find=False,
                   batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum, nesterov=nesterov,
                   weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,

@@ -1,5 +1,5 @@
 """Transfer learning on the command line: ``imclass weights`` (the known pretrained weights and
-where they are), and the helpers behind ``imclass train --dataset FOLDER [--backbone NAME]`` and
+where they are), and the helpers behind ``imclass train FOLDER [--backbone NAME]`` and
 ``imclass predict --backbone NAME IMAGE...``."""
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def weights_command(
 
 
 # --------------------------------------------------------------------------------------------
-# imclass train --dataset FOLDER [--backbone NAME]
+# imclass train FOLDER [--backbone NAME]
 
 
 def wants_transfer(*, dataset: str | None, model: str | None, weights: str | None, recipe: str | None,
@@ -71,7 +71,7 @@ def run_transfer(*, dataset: str | None, backbone: str | None, weights: str | No
     from imclass.transfer.workflow import TransferConfig, no_weights_advice, pick_backbone, train_transfer
 
     if dataset is None:
-        fail("expected --dataset FOLDER (a class-per-folder tree of photos) to transfer to")
+        fail("expected DATA: a folder of photos, one sub-folder per class, to transfer to")
     if backbone is None and pick_backbone(weights_dir) is None:
         typer.secho(f"warning: no pretrained weights found; training a small network from scratch. "
                     f"{no_weights_advice(weights_dir)}", fg=typer.colors.YELLOW, err=True)

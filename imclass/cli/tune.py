@@ -7,7 +7,18 @@ from typing import List, Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, DataRoot, fail, limit_option, plain_warnings, print_json
+from imclass.cli._common import (
+    DATA_HELP,
+    USER_ERRORS,
+    DataRoot,
+    data_argument,
+    dataset_alias,
+    fail,
+    limit_option,
+    pick_data,
+    plain_warnings,
+    print_json,
+)
 
 # Start-up time: each command imports its machinery (torch and up) inside its function, so that
 # `imclass --help` and every other command start in a fraction of a second.
@@ -20,7 +31,8 @@ def register(app: typer.Typer) -> None:
 
 def tune(
     model: str = typer.Option("mlp", "--model", help="Architecture to tune (imclass models list), or knn."),
-    dataset: str = typer.Option("cifar10", "--dataset", help="cifar10, mnist, fashion-mnist or an image folder."),
+    data: Optional[str] = data_argument(help=DATA_HELP + " Default: cifar10."),
+    dataset: Optional[str] = dataset_alias(),
     data_root: Optional[str] = DataRoot,
     limit: Optional[int] = limit_option(),
     epochs: int = typer.Option(3, "--epochs", help="Epochs per trial (and for the final retraining)."),
@@ -50,10 +62,11 @@ def tune(
     """Search hyperparameters on a validation split (or k-fold CV) with Optuna; the test split is read
     only to evaluate the best parameters at the end. Rerunning the same command resumes the study.
 
-    --report DIR (or `imclass evaluate OUT DATASET --report DIR` later) writes
+    --report DIR (or `imclass evaluate OUT DATA --report DIR` later) writes
     the final model's evaluation report, with a tuning section: best params,
     top trials, plots.
     """
+    dataset = pick_data(data, dataset, "cifar10")
     from imclass.cli.train import parse_model_options
     from imclass.tuning.search import TuneConfig
     from imclass.tuning.search import tune as run_tune

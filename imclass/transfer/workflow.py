@@ -4,7 +4,7 @@ Picks a pretrained backbone found under the weights root (``pick_backbone``), re
 the backbone's input size (each photo resized on its shorter side and centre-cropped, whatever its
 size or format), holds out a seeded stratified validation split unless the folder has ``val/``,
 trains the head on cached frozen features, optionally fine-tunes, saves a run folder and returns
-the validation accuracy and the seconds it took. ``imclass train --dataset FOLDER`` calls it.
+the validation accuracy and the seconds it took. ``imclass train FOLDER`` calls it.
 """
 from __future__ import annotations
 
