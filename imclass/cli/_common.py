@@ -64,6 +64,11 @@ def limit_option(**kwargs: Any) -> Any:
     return typer.Option(None, "--limit", help=LIMIT_HELP, **kwargs)
 
 
+def time_line(total: float, stages: dict[str, float]) -> str:
+    """The end-of-run breakdown: ``time 44.0 s = read 12.1 s, training 30.2 s, ...`` (the stages add up to the total)."""
+    return f"time {total:.1f} s = " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items())
+
+
 def print_json(obj: Any) -> None:
     """Print one JSON object on stdout (for --json)."""
     sys.stdout.write(json.dumps(_finite(obj), default=float, allow_nan=False) + "\n")

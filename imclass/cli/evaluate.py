@@ -96,7 +96,12 @@ def evaluate(
         print_json(report)
         return
     loss = f"  loss {report['loss']:.4f}" if report.get("loss") is not None else ""
-    typer.echo(f"{dataset} {split} ({len(data):,} images): accuracy {report['accuracy']:.4f}{loss}  (tta: {tta_used})")
+    from imclass.data.folder import HELD_OUT, HELD_OUT_NOTE, split_word
+
+    word = split_word(dataset, split)
+    typer.echo(f"{dataset} {word} ({len(data):,} images): accuracy {report['accuracy']:.4f}{loss}  (tta: {tta_used})")
+    if word == HELD_OUT:
+        typer.echo(f"({HELD_OUT_NOTE})")
     width = max(len(c) for c in data.classes)
     for name, acc in report["per_class_accuracy"].items():
         typer.echo(f"  {name:<{width}}  {acc:.4f}" if acc is not None else f"  {name:<{width}}  (no images)")

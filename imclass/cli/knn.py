@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from imclass.cli._common import DATA_HELP, DataRoot, data_argument, dataset_alias, fail, limit_option, pick_data, print_json
+from imclass.data.catalog import FOLDER_IMAGE_SIZE
 
 # Start-up time: each command imports its machinery (torch and up) inside its function, so that
 # `imclass --help` and every other command start in a fraction of a second.
@@ -47,16 +48,13 @@ def _limit(ds, n: Optional[int], flag: str, seed: int):
     return out
 
 
-FOLDER_IMAGE_SIZE = 32  # raw-pixel k-NN on a folder of photos: CIFAR-10's size unless --image-size says otherwise
-
-
 def _load(name: str, split: str, root: Optional[str], image_size: Optional[int] = None):
     from pathlib import Path
 
-    from imclass.data import canonical_name, load
+    from imclass.data import load
+    from imclass.data.catalog import scratch_image_size
 
-    if image_size is None and canonical_name(name) is None and Path(name).expanduser().is_dir():
-        image_size = FOLDER_IMAGE_SIZE
+    image_size = scratch_image_size(name, image_size)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

@@ -19,6 +19,7 @@ from imclass.cli._common import (
     plain_warnings,
     print_json,
 )
+from imclass.data.catalog import FOLDER_IMAGE_SIZE
 
 # Start-up time: each command imports its machinery (torch and up) inside its function, so that
 # `imclass --help` and every other command start in a fraction of a second.
@@ -35,6 +36,8 @@ def tune(
     dataset: Optional[str] = dataset_alias(),
     data_root: Optional[str] = DataRoot,
     limit: Optional[int] = limit_option(),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to N x N (default for a "
+                                             f"folder: {FOLDER_IMAGE_SIZE}; a named data set keeps its size)."),
     epochs: int = typer.Option(3, "--epochs", help="Epochs per trial (and for the final retraining)."),
     trials: int = typer.Option(20, "--trials", help="Finished trials the study should hold (a rerun adds the rest)."),
     space: Optional[Path] = typer.Option(None, "--space", help="Search space file (.yaml, .toml, .json)."),
@@ -73,12 +76,12 @@ def tune(
 
     try:
         cfg = TuneConfig(
-            model=model, dataset=dataset, data_root=data_root, limit=limit, epochs=epochs, trials=trials,
+            model=model, dataset=dataset, data_root=data_root, limit=limit, image_size=image_size, epochs=epochs, trials=trials,
             space=str(space) if space is not None else None, storage=storage, study_name=study_name,
             out=str(out), workers=workers, sampler=_search(search, sampler), pruner=pruner, val_fraction=val_fraction, cv=cv,
             seed=seed, device=device, heartbeat=heartbeat, final=final,
             report=str(report_dir) if report_dir is not None else None,
-            model_options=parse_model_options(model_option or []),
+            model_options=parse_model_options(model_option or []), progress=not as_json,
         )
         with plain_warnings():
             result = run_tune(cfg)

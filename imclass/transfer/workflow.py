@@ -257,7 +257,7 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
     (out / "history.json").write_text(json.dumps(histories, indent=1) + "\n")
     if test is not None:
         test_accuracy = test_figures(clf, test)["accuracy"]
-    seconds["evaluate, save"] = time.perf_counter() - t_end
+    seconds["evaluate + save"] = time.perf_counter() - t_end
     total = time.perf_counter() - t_start
     seconds["other"] = max(0.0, total - sum(seconds.values()))  # the breakdown adds up to the total
     report = {
