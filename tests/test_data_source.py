@@ -211,6 +211,49 @@ def test_cache_is_invalidated_by_any_change(tmp_path, cache_env):
     assert len(imdata.load(folder, split="all", image_size=16, mode="cache")) == len(ds)
 
 
+def test_a_warm_start_stats_each_file_once_and_decodes_nothing(tmp_path, cache_env, monkeypatch):
+    """Start-up on an existing cache: listing the folder, the cache key and mapping the cache take one
+    stat per image file, no open of any image file and no decode; a plain (unsplit) copy of the key
+    (each file stat'ed here) is the same key, so the walk's stats are the files' own."""
+    import builtins
+
+    import imclass.data.source as source
+
+    folder = _photos(tmp_path / "photos", 12)
+    imdata.load(folder, split="train", image_size=16, mode="cache", verbose=False)  # builds it
+    files = {str(p) for p in folder.rglob("*") if p.is_file()}
+    stats: list[str] = []
+    opened: list[str] = []
+    real_stat, real_open = os.stat, builtins.open
+
+    def counting_stat(path, *args, **kwargs):
+        if os.fspath(path) in files:
+            stats.append(os.fspath(path))
+        return real_stat(path, *args, **kwargs)
+
+    def counting_open(path, *args, **kwargs):
+        if isinstance(path, (str, os.PathLike)) and os.fspath(path) in files:
+            opened.append(os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("an image was decoded on a warm start")
+
+    monkeypatch.setattr(os, "stat", counting_stat)
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr("imclass.data.folder.decode_array", no_decode)
+    monkeypatch.setattr("imclass.data.folder.probe_image", no_decode)
+    warm = imdata.load(folder, split="train", image_size=16, mode=None, verbose=False)  # the chooser finds the cache
+    first = next(iter(warm.loader(8, shuffle=True, seed=0).batches(0)))
+    assert warm.mode == "cache" and len(first[0]) == 8
+    assert len(stats) == len(files) and set(stats) == files  # every file of the tree once (the walk)
+    assert opened == []
+    monkeypatch.setattr(os, "stat", real_stat)
+    listed = folder_images(folder, "train")
+    plain = source.ImageList(listed.paths, listed.labels, listed.classes, listed.root)  # no stats: stat'ed by cache_key
+    assert source.cache_key(plain, folder_decoder((16, 16))) == source.cache_key(listed, folder_decoder((16, 16)))
+
+
 def test_a_killed_build_leaves_no_readable_cache(tmp_path, cache_env):
     folder = _photos(tmp_path / "photos", 20)
     job = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""

@@ -260,6 +260,9 @@ class ImageList:
     name: str = ""
     split: str = ""
     notes: list[str] = field(default_factory=list)
+    # (st_size, st_mtime_ns) per path from the folder walk's one stat of each file (imclass.data.walk),
+    # so that the cache key stats nothing again; None: cache_key stats the files itself
+    stats: list[tuple[int, int]] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -267,8 +270,9 @@ class ImageList:
     def subset(self, indices: Sequence[int]) -> "ImageList":
         """The files at ``indices`` (in that order), e.g. a seeded ``--limit`` sample before anything is decoded."""
         idx = [int(i) for i in indices]
+        stats = [self.stats[i] for i in idx] if self.stats is not None else None
         return ImageList([self.paths[i] for i in idx], [self.labels[i] for i in idx], list(self.classes), self.root,
-                         self.name, self.split, list(self.notes))
+                         self.name, self.split, list(self.notes), stats)
 
 
 @dataclass(frozen=True)
@@ -330,14 +334,20 @@ def cache_folder(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def cache_key(images: ImageList, decoder: Decoder) -> str:
     """A digest of everything the cached pixels depend on: every file's path, size and modification
-    time, the labels, the decoder's key and size and channels, and the cache format."""
+    time, the labels, the decoder's key and size and channels, and the cache format.
+
+    Sizes and times come from ``images.stats`` (the folder walk's one stat per file) when present,
+    else from one ``os.stat`` per file here: either way one stat per file, no file opened."""
     h = hashlib.sha256()
     head = {"v": _CACHE_VERSION, "decoder": decoder.key, "size": list(decoder.size), "channels": decoder.channels,
             "classes": images.classes}
     h.update(json.dumps(head, sort_keys=True).encode())
-    for path, label in zip(images.paths, images.labels):
-        st = os.stat(path)
-        h.update(f"{os.fspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
+    stats = images.stats
+    if stats is None or len(stats) != len(images.paths):
+        stats = [(st.st_size, st.st_mtime_ns) for st in map(os.stat, images.paths)]
+    lines = [f"{os.fspath(path)}\0{size}\0{mtime}\0{label}\n"
+             for path, label, (size, mtime) in zip(images.paths, images.labels, stats)]
+    h.update("".join(lines).encode())  # the same bytes as one update per file
     return h.hexdigest()[:32]
 
 
