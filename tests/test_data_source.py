@@ -70,6 +70,23 @@ def test_choose_mode_from_sizes_against_the_budget(tmp_path):
         choose_mode(10, (3, 8, 8), "disk")
 
 
+def test_the_chooser_keeps_room_for_the_model_beside_the_images(tmp_path):
+    from imclass.data.source import ACTIVATION_RESERVE, DEFAULT_MODEL_BYTES, RESERVE_FACTOR, model_reserve
+
+    net = torch.nn.Sequential(torch.nn.Linear(1000, 1000), torch.nn.BatchNorm1d(1000))  # 1,003,000 params + 2,001 buffers
+    weights = (1000 * 1000 + 1000 + 2 * 1000) * 4 + (2 * 1000) * 4 + 8  # float32 params, running mean/var, int64 count
+    assert model_reserve(net) == RESERVE_FACTOR * weights + ACTIVATION_RESERVE
+    assert model_reserve() == RESERVE_FACTOR * DEFAULT_MODEL_BYTES + ACTIVATION_RESERVE == 512 << 20
+    budget = MemoryBudget(2_000_000_000, "test")
+    shape = (3, 100, 100)  # 30 KB an image: 20,000 images = 600 MB
+    assert choose_mode(20_000, shape, budget=budget, cache_dir=tmp_path, reserve=0).mode == "memory"  # 600 MB <= 1 GB
+    beside = choose_mode(20_000, shape, budget=budget, cache_dir=tmp_path)  # the default reserve: 0.5 x (2 GB - 512 MiB)
+    assert beside.mode == "memory" and beside.reserve == 512 << 20 and "0.54 GB of it kept for the model" in beside.line()
+    big = torch.nn.Linear(10_000, 10_000)  # 400 MB of float32 weights: x4 + 256 MiB = 1.87 GB kept
+    assert choose_mode(20_000, shape, budget=budget, cache_dir=tmp_path, reserve=model_reserve(big)).mode == "cache"
+    assert choose_mode(20_000, shape, "memory", budget=budget, reserve=model_reserve(big)).mode == "memory"  # asked for
+
+
 def test_cgroup_limits_v1_and_v2_are_read_from_the_process_group(tmp_path):
     v2 = tmp_path / "v2"
     (v2 / "job" / "inner").mkdir(parents=True)

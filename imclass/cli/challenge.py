@@ -6,7 +6,9 @@ from typing import List, Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, DataRoot, TTAOption, fail, limit_option, plain_warnings, print_json
+from imclass.cli._common import (
+    USER_ERRORS, DataRoot, TTAOption, data_mode_option, fail, limit_option, plain_warnings, print_json,
+)
 
 # Start-up time: each command imports its machinery (torch and up) inside its function, so that
 # `imclass --help` and every other command start in a fraction of a second.
@@ -26,6 +28,7 @@ def challenge(
     split: str = typer.Option("test", "--split", help="Which split of DATA to test on."),
     data_root: Optional[str] = DataRoot,
     limit: Optional[int] = limit_option(),
+    data_mode: Optional[str] = data_mode_option(),
     challenges: str = typer.Option(
         "all", "--challenges", help="Comma-separated subset of illumination,viewpoint,deformation,occlusion,clutter."
     ),
@@ -51,7 +54,8 @@ def challenge(
         models = load_models(runs, tta=tta)
         with plain_warnings():
             result = challenge_report(models, dataset, report, challenges=names, shift=shift, split=split,
-                                      root=data_root, limit=limit, seed=seed, progress=not as_json)
+                                      root=data_root, limit=limit, seed=seed, progress=not as_json,
+                                      mode=data_mode)
     except USER_ERRORS as err:
         fail(str(err))
     if as_json:

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, DataRoot, fail, limit_option, plain_warnings, print_json
+from imclass.cli._common import USER_ERRORS, DataRoot, data_mode_option, fail, limit_option, plain_warnings, print_json
 
 # Start-up time: each command imports its machinery (torch and up) inside its function, so that
 # `imclass --help` and every other command start in a fraction of a second.
@@ -23,6 +23,9 @@ def tune(
     dataset: str = typer.Option("cifar10", "--dataset", help="cifar10, mnist, fashion-mnist or an image folder."),
     data_root: Optional[str] = DataRoot,
     limit: Optional[int] = limit_option(),
+    data_mode: Optional[str] = data_mode_option(
+        help="Where a folder's images live: memory or cache (a memory-mapped file of the resized images on disk, "
+        "reused by later runs; each fold's rows are read from it). Default: chosen and said on stderr."),
     epochs: int = typer.Option(3, "--epochs", help="Epochs per trial (and for the final retraining)."),
     trials: int = typer.Option(20, "--trials", help="Finished trials the study should hold (a rerun adds the rest)."),
     space: Optional[Path] = typer.Option(None, "--space", help="Search space file (.yaml, .toml, .json)."),
@@ -60,7 +63,7 @@ def tune(
 
     try:
         cfg = TuneConfig(
-            model=model, dataset=dataset, data_root=data_root, limit=limit, epochs=epochs, trials=trials,
+            model=model, dataset=dataset, data_root=data_root, limit=limit, data_mode=data_mode, epochs=epochs, trials=trials,
             space=str(space) if space is not None else None, storage=storage, study_name=study_name,
             out=str(out), workers=workers, sampler=_search(search, sampler), pruner=pruner, val_fraction=val_fraction, cv=cv,
             seed=seed, device=device, heartbeat=heartbeat, final=final,

@@ -256,13 +256,15 @@ def load_folder(
     mode: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     verbose: bool = True,
+    reserve: int | None = None,
 ) -> ImageDataset:
     """Read one split of a class-per-folder image tree (see the module docstring for the layouts).
 
     ``limit``: decode only a seeded (``limit_seed``), stratified sample of that many files of the split
     (:func:`imclass.data.split.limit_indices`, the rule of every ``--limit``).
     ``mode`` is the tier (``imclass.data.source``: ``"memory"``, ``"cache"``, ``"stream"``; None
-    chooses from the headers and the memory available, and says so on stderr when ``verbose``).
+    chooses from the headers and the memory available once ``reserve`` bytes are kept for the model
+    (``imclass.data.source.model_reserve``), and says so on stderr when ``verbose``).
     Each file is decoded straight into its row of one preallocated uint8 tensor (or of the
     memory-mapped cache file). Without ``image_size`` every image must have the same size.
     """
@@ -274,4 +276,5 @@ def load_folder(
                           None, _is_grey)
     else:
         decoder = folder_decoder(size)
-    return open_images(images, decoder, mode, cache_dir=cache_dir, strict=strict, workers=workers, verbose=verbose)
+    return open_images(images, decoder, mode, cache_dir=cache_dir, strict=strict, workers=workers, verbose=verbose,
+                       reserve=reserve)
