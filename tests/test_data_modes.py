@@ -36,7 +36,7 @@ def setup(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     run = root / "run"
-    done = CliRunner().invoke(app, ["train", "--model", "keras_cnn", "--dataset", str(folder), "--image-size", "16",
+    done = CliRunner().invoke(app, ["train", str(folder), "--model", "keras_cnn", "--image-size", "16",
                                     "--epochs", "1", "--out", str(run), "--json", "--data-mode", "memory"])
     assert done.exit_code == 0, done.output
     yield folder, run, root
@@ -61,7 +61,7 @@ def _json(args: list) -> dict:
 def test_explain_neighbours_and_tsne_read_every_tier_alike(setup):
     folder, run, root = setup
     query = folder / "c1" / "03.jpg"
-    found = {m: _json(["explain", run, query, "--method", "neighbours", "--dataset", folder, "--k", "3", "--json",
+    found = {m: _json(["explain", run, query, "--method", "neighbours", "--in", folder, "--k", "3", "--json",
                        "--out", root / f"nb-{m}.png", "--data-mode", m]) for m in MODES}
     strip = {m: {k: v for k, v in r.items() if k != "out"} for m, r in found.items()}
     assert strip["memory"] == strip["cache"] == strip["stream"]
@@ -96,11 +96,11 @@ def test_compare_and_tune_read_memory_and_cache_alike_and_refuse_stream(setup):
     refused = CliRunner().invoke(app, ["compare", str(folder), "--models", "knn-l2", "--budget", "1m", "--out",
                                        str(root / "cmp-stream"), "--data-mode", "stream"])
     assert refused.exit_code != 0 and "memory or cache tier" in refused.output
-    tuned = {m: _json(["tune", "--model", "knn", "--dataset", folder, "--trials", "3", "--epochs", "1", "--seed", "0",
+    tuned = {m: _json(["tune", folder, "--model", "knn", "--trials", "3", "--epochs", "1", "--seed", "0",
                        "--out", root / f"tune-{m}", "--no-final", "--json", "--data-mode", m]) for m in ("memory", "cache")}
     assert tuned["memory"]["best_params"] == tuned["cache"]["best_params"]
     assert tuned["memory"]["val_accuracy"] == tuned["cache"]["val_accuracy"]
-    refused = CliRunner().invoke(app, ["tune", "--model", "knn", "--dataset", str(folder), "--out", str(root / "t-s"),
+    refused = CliRunner().invoke(app, ["tune", str(folder), "--model", "knn", "--out", str(root / "t-s"),
                                        "--data-mode", "stream"])
     assert refused.exit_code != 0 and "memory or cache tier" in refused.output
 
