@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import os
 import stat
-from operator import attrgetter, methodcaller
 from collections import Counter
 from dataclasses import dataclass, field
+from operator import attrgetter, methodcaller
 from pathlib import Path
 from typing import Sequence
 
