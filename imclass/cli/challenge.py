@@ -51,7 +51,7 @@ def challenge(
     challenge. Several runs go on one plot: `imclass challenge runs/knn runs/cnn cifar10 --report DIR`.
     """
     from imclass.data.challenge_transforms import parse_challenges
-    from imclass.evaluate.challenge_report import HTML_NAME, challenge_report, load_models
+    from imclass.evaluate.challenge_report import HTML_NAME, challenge_report, load_models, pct
 
     if dataset is not None:  # the hidden alias: every positional argument is a RUN
         runs = list(args)
@@ -75,9 +75,9 @@ def challenge(
         return
     width = max(len(m["name"]) for m in result["models"])
     cols = ["clean", *result["challenges"]]
-    typer.echo(f"{result['dataset']} {result['split']} ({result['images']:,} images): accuracy, clean and mean over "
-               "severities 1-5")
+    typer.echo(f"{result['dataset']} {result['split']} ({result['images']:,} images): accuracy in percent (as on the "
+               "page), clean and mean over severities 1-5")
     typer.echo(f"  {'model':<{width}}  " + "  ".join(f"{c:>12}" for c in cols))
     for name, row in result["summary"].items():
-        typer.echo(f"  {name:<{width}}  " + "  ".join(f"{row[c]:>12.4f}" for c in cols))
+        typer.echo(f"  {name:<{width}}  " + "  ".join(f"{pct(row[c]):>12}" for c in cols))
     typer.echo(f"report: {report / HTML_NAME}")

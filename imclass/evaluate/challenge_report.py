@@ -305,8 +305,8 @@ def _write_pictures(report: dict, grids: dict, first: ImageDataset, out: Path, p
             _bar_plot(entry, names, out / entry["curve"])
             rows, labels = grids[c], ["test set", "shifted"]
         else:
-            save_line_plot(entry["severities"], {n: entry["accuracy"][n] for n in names}, out / entry["curve"],
-                           xlabel="severity (0 = clean)", ylabel="accuracy", title=c)
+            save_line_plot(entry["severities"], {n: [100 * a for a in entry["accuracy"][n]] for n in names},
+                           out / entry["curve"], xlabel="severity (0 = clean)", ylabel="accuracy (%)", title=c)
             rows = grids[c]
             labels = [first.classes[int(first.labels[j])] for j in picks]
         save_image_grid(rows, out / entry["examples"], row_labels=labels, scale=scale)
@@ -322,11 +322,13 @@ def _bar_plot(entry: dict, names: list[str], path: Path) -> None:
     width = 0.8 / 2
     xs = range(len(names))
     for k, label in enumerate(("test set", "shifted set")):
-        ax.bar([x + (k - 0.5) * width for x in xs], [entry["accuracy"][n][k] for n in names], width, label=label)
+        ax.bar([x + (k - 0.5) * width for x in xs], [100 * entry["accuracy"][n][k] for n in names], width, label=label)
     ax.set_xticks(list(xs), names)
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel("accuracy (%)")  # percent, as the page's tables
     ax.set_title("shift: a second test set of the same classes")
-    ax.legend()
+    ax.set_ylim(0, 118)  # headroom above 100 %: the legend sits there, never over a bar
+    ax.set_yticks(range(0, 101, 20))
+    ax.legend(loc="upper center", ncol=2)
     ax.grid(alpha=0.3, axis="y")
     save_figure(fig, path)
 
