@@ -10,6 +10,7 @@ from imclass.cli._common import (
     USER_ERRORS,
     DataRoot,
     TTAOption,
+    data_mode_option,
     dataset_alias,
     fail,
     limit_option,
@@ -36,6 +37,7 @@ def challenge(
     split: str = typer.Option("test", "--split", help="Which split of DATA to test on."),
     data_root: Optional[str] = DataRoot,
     limit: Optional[int] = limit_option(),
+    data_mode: Optional[str] = data_mode_option(),
     challenges: str = typer.Option(
         "all", "--challenges", help="Comma-separated subset of illumination,viewpoint,deformation,occlusion,clutter."
     ),
@@ -64,7 +66,8 @@ def challenge(
         models = load_models(runs, tta=tta)
         with plain_warnings():
             result = challenge_report(models, dataset, report, challenges=names, shift=shift, split=split,
-                                      root=data_root, limit=limit, seed=seed, progress=not as_json)
+                                      root=data_root, limit=limit, seed=seed, progress=not as_json,
+                                      mode=data_mode)
     except USER_ERRORS as err:
         fail(str(err))
     if as_json:

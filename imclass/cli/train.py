@@ -9,8 +9,8 @@ import typer
 
 from imclass.cli._common import (
     USER_ERRORS,
-    DataMode,
     data_argument,
+    data_mode_option,
     dataset_alias,
     fail,
     limit_option,
@@ -67,7 +67,7 @@ def train(
         rich_help_panel=DATA),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Class balancing: balanced draws every class "
                                           "about equally often.", rich_help_panel=DATA),
-    data_mode: Optional[str] = typer.Option(None, "--data-mode", help=DataMode.help, rich_help_panel=DATA),
+    data_mode: Optional[str] = data_mode_option(rich_help_panel=DATA),
     # model
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Architecture name (`imclass models list`); "
                                         "none with cifar10: the fast recipe; none with a folder: transfer.",

@@ -108,14 +108,14 @@ def _load_train(cfg: TuneConfig):
     # --limit: a seeded, stratified sample of the split (imclass.data.split.limit_indices)
     return imdata.load(cfg.dataset, split="train", root=cfg.data_root, limit=cfg.limit,
                        image_size=scratch_image_size(cfg.dataset, cfg.image_size),
-                       seed=cfg.seed or 0)
+                       seed=cfg.seed or 0, mode=cfg.data_mode)
 
 
 def _load_test(cfg: TuneConfig):
     """The test split: read only by the final evaluation, never during the search."""
     return imdata.load(cfg.dataset, split="test", root=cfg.data_root, limit=cfg.limit,
                        image_size=scratch_image_size(cfg.dataset, cfg.image_size),
-                       seed=cfg.seed or 0)
+                       seed=cfg.seed or 0, mode=cfg.data_mode)
 
 
 def _folds(cfg: TuneConfig, train_set) -> list[tuple[torch.Tensor, torch.Tensor]]:
