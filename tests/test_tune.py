@@ -93,7 +93,8 @@ def test_bad_search_spaces_are_named(spec, message):
         parse_space(spec)
 
 
-def test_tiny_search_writes_study_table_plots_and_never_reads_test_during_search(tmp_path, folder, monkeypatch):
+def test_tiny_search_writes_study_table_plots_and_never_reads_test_during_search(tmp_path, folder, monkeypatch,
+                                                                               capsys):
     loads = []
     real_load = imclass.data.load
     out = tmp_path / "study"
@@ -141,6 +142,14 @@ def test_tiny_search_writes_study_table_plots_and_never_reads_test_during_search
     assert result["test_images"] == 48
     assert clf.evaluate(test)["accuracy"] == pytest.approx(result["test_accuracy"])
     assert clf.model.imclass_spec["options"]["hidden"] == [best.params["width"]]
+    # no silent phase: each trial has a progress line (start and end off a terminal) and a result line
+    err = capsys.readouterr().err
+    for trial in study.trials:
+        assert f"trial {trial.number}: 2 epochs ..." in err
+        outcome = (f"trial {trial.number}: validation accuracy {trial.value:.2%}" if trial.state == TrialState.COMPLETE
+                   else f"trial {trial.number}: pruned")
+        assert outcome in err
+    assert "final retraining on the whole training split: 2 epochs in " in err
 
 
 def test_pruning_callback_stops_training_and_raises_trial_pruned():

@@ -30,6 +30,31 @@ DataMode = typer.Option(
 
 DataRoot = typer.Option(None, "--data", help="Data root folder (default: $IMCLASS_DATA, else ~/.cache/imclass).")
 
+DATA_HELP = "cifar10, mnist, fashion-mnist or a folder of images (one sub-folder per class)."
+
+
+def data_argument(default: Any = None, help: str = DATA_HELP, **kwargs: Any) -> Any:
+    """The data set a command works on: always the positional DATA (``imclass train FOLDER``,
+    ``imclass evaluate RUN FOLDER``); ``--dataset`` stays a hidden alias (``dataset_alias``)."""
+    return typer.Argument(default, metavar="DATA", help=help, show_default=False, **kwargs)
+
+
+def dataset_alias(**kwargs: Any) -> Any:
+    """The hidden ``--dataset``/``-d`` option: the older spelling of the positional DATA (kept working)."""
+    return typer.Option(None, "--dataset", "-d", hidden=True, help="Same as the positional DATA.", **kwargs)
+
+
+def pick_data(data: str | None, alias: str | None, default: str | None = None, *, required: bool = False) -> str | None:
+    """The data set of a command from its positional DATA and the hidden ``--dataset`` alias: one of
+    them, or ``default``; both given and different, or neither when ``required``, is a one-line error."""
+    if data is not None and alias is not None and data != alias:
+        fail(f"the data set was given twice, as DATA ({data}) and --dataset ({alias}): give it once, as DATA")
+    chosen = data if data is not None else alias if alias is not None else default
+    if chosen is None and required:
+        fail(f"expected DATA: {DATA_HELP.rstrip('.')}")
+    return chosen
+
+
 LIMIT_HELP = ("A seeded, stratified sample of N images of each split (every class keeps its share; "
               "the same images in every command).")
 
@@ -37,6 +62,11 @@ LIMIT_HELP = ("A seeded, stratified sample of N images of each split (every clas
 def limit_option(**kwargs: Any) -> Any:
     """The ``--limit N`` option of every command: one meaning (``imclass.data.split.limit_indices``)."""
     return typer.Option(None, "--limit", help=LIMIT_HELP, **kwargs)
+
+
+def time_line(total: float, stages: dict[str, float]) -> str:
+    """The end-of-run breakdown: ``time 44.0 s = read 12.1 s, training 30.2 s, ...`` (the stages add up to the total)."""
+    return f"time {total:.1f} s = " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items())
 
 
 def print_json(obj: Any) -> None:

@@ -6,7 +6,16 @@ from typing import List, Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, DataRoot, TTAOption, fail, limit_option, plain_warnings, print_json
+from imclass.cli._common import (
+    USER_ERRORS,
+    DataRoot,
+    TTAOption,
+    dataset_alias,
+    fail,
+    limit_option,
+    plain_warnings,
+    print_json,
+)
 
 # Start-up time: each command imports its machinery (torch and up) inside its function, so that
 # `imclass --help` and every other command start in a fraction of a second.
@@ -19,6 +28,7 @@ def register(app: typer.Typer) -> None:
 
 def challenge(
     args: List[str] = typer.Argument(..., help="RUN [RUN...] DATA: run folders or model files, then the data set."),
+    dataset: Optional[str] = dataset_alias(),
     report: Path = typer.Option(..., "--report", help="Folder for the HTML page, the JSON and the PNGs."),
     shift: Optional[str] = typer.Option(
         None, "--shift", help="A second test set of the same classes (a folder of images, or a data set name)."
@@ -41,9 +51,12 @@ def challenge(
     from imclass.data.challenge_transforms import parse_challenges
     from imclass.evaluate.challenge_report import HTML_NAME, challenge_report, load_models
 
-    if len(args) < 2:
+    if dataset is not None:  # the hidden alias: every positional argument is a RUN
+        runs = list(args)
+    elif len(args) < 2:
         fail("expected at least one RUN and then DATA, e.g. `imclass challenge runs/x cifar10 --report reports/x`")
-    *runs, dataset = args
+    else:
+        *runs, dataset = args
     try:
         if limit is not None and limit < 1:
             raise ValueError(f"expected --limit >= 1, received {limit}")

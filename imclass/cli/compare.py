@@ -6,7 +6,17 @@ from typing import Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, DataRoot, fail, limit_option, plain_warnings, print_json
+from imclass.cli._common import (
+    USER_ERRORS,
+    DataRoot,
+    data_argument,
+    dataset_alias,
+    fail,
+    limit_option,
+    pick_data,
+    plain_warnings,
+    print_json,
+)
 
 # Start-up time: each command imports its machinery (torch and up) inside its function, so that
 # `imclass --help` and every other command start in a fraction of a second.
@@ -18,7 +28,8 @@ def register(app: typer.Typer) -> None:
 
 
 def compare(
-    dataset: str = typer.Argument(..., help="cifar10, mnist, fashion-mnist or an image folder."),
+    data: Optional[str] = data_argument(),
+    dataset: Optional[str] = dataset_alias(),
     models: str = typer.Option(
         "knn-l1,knn-l2,mlp,keras_cnn,resnet20,fastnet", "--models",
         help="Comma-separated: knn-l1, knn-l2, knn-cosine, fastnet (the fast recipe), transfer:<backbone>, or any "
@@ -43,6 +54,7 @@ def compare(
     runs/<name>/ (a model file each: `imclass challenge OUT/runs/* DATA --report DIR` tests them all).
     Run it again after an interruption: finished entries are kept.
     """
+    dataset = pick_data(data, dataset, required=True)
     from imclass.evaluate.compare import LEADERBOARD_MD, PLOT, compare as run_compare, leaderboard_table
 
     if out is None:

@@ -6,7 +6,16 @@ from typing import Any, Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, DataRoot, fail, load_saved, plain_warnings, print_json
+from imclass.cli._common import (
+    USER_ERRORS,
+    DataRoot,
+    dataset_alias,
+    fail,
+    load_saved,
+    pick_data,
+    plain_warnings,
+    print_json,
+)
 
 # Start-up time: each command imports its machinery (torch and up) inside its function, so that
 # `imclass --help` and every other command start in a fraction of a second.
@@ -22,16 +31,17 @@ def register(app: typer.Typer) -> None:
 def explain(
     run: Path = typer.Argument(..., help="Run folder or .safetensors model file."),
     image: Optional[str] = typer.Argument(
-        None, help="An image file, or DATASET:INDEX (a test image of cifar10, mnist, ... or a folder); "
-        "for tsne a data set. Not needed for filters."),
+        None, help="An image file, or DATA:INDEX (a test image of cifar10, mnist, ... or a folder); "
+        "for tsne a data set (DATA). Not needed for filters."),
     method: str = typer.Option(..., "--method", help="gradcam, saliency, occlusion, filters, activations, "
                                "neighbours, tsne or same-l2."),
     out: Path = typer.Option(..., "--out", help="PNG file to write."),
     layer: Optional[str] = typer.Option(None, "--layer", help="Layer name (model.named_modules()); default: "
                                         "the last Conv2d (gradcam), the first (filters, activations)."),
     target: Optional[str] = typer.Option(None, "--target", help="Class name or index to explain (default: the predicted one)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="Training images for neighbours and same-l2 "
-                                          "(default: the data set of IMAGE given as DATASET:INDEX)."),
+    search_in: Optional[str] = typer.Option(None, "--in", help="The data set whose training images neighbours and "
+                                            "same-l2 search (default: DATA of an IMAGE given as DATA:INDEX)."),
+    dataset: Optional[str] = dataset_alias(),
     data_root: Optional[str] = DataRoot,
     limit: Optional[int] = typer.Option(None, "--limit", help="A seeded, stratified sample of N images: training images "
                                         "for neighbours and same-l2 (default 10000), test images for tsne (default 1000)."),
@@ -73,7 +83,7 @@ def explain(
             result.pop("labels")
         else:
             if image is None:
-                raise ValueError(f"{method} needs an IMAGE (a file, or DATASET:INDEX such as cifar10:7)")
+                raise ValueError(f"{method} needs an IMAGE (a file, or DATA:INDEX such as cifar10:7)")
             with plain_warnings():
                 x, label, source = _image(saved, image, data_root)
             if method in ("gradcam", "saliency", "occlusion"):
@@ -87,9 +97,9 @@ def explain(
             elif method == "activations":
                 result = ex.save_activations(model, x, out, layer)
             else:
-                train_name = dataset or source
+                train_name = pick_data(search_in, dataset) or source
                 if train_name is None:
-                    raise ValueError(f"{method} needs training images: give --dataset (cifar10, ... or a folder)")
+                    raise ValueError(f"{method} needs training images: give --in DATA (cifar10, ... or a folder)")
                 with plain_warnings():
                     train = _load(saved, train_name, "train", data_root)
                 train = limit_dataset(train, limit or 10000)

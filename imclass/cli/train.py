@@ -10,12 +10,17 @@ import typer
 from imclass.cli._common import (
     USER_ERRORS,
     DataMode,
+    data_argument,
+    dataset_alias,
     fail,
     limit_option,
+    pick_data,
     plain_warnings,
     print_json,
+    time_line,
     write_error,
 )
+from imclass.data.catalog import FOLDER_IMAGE_SIZE
 from imclass.transfer.workflow import DEFAULT_POOL_STAGES, PREFERRED_BACKBONES, TransferConfig
 from imclass.workflows.training import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_TARGET, RunConfig
 
@@ -25,7 +30,6 @@ DATA, MODEL, RECIPE, TRANSFER_PANEL, OUTPUT = "Data", "Model", "Recipe", "Transf
 RUN = RunConfig()  # the help texts show the real defaults
 TRANSFER = TransferConfig(dataset=".")
 FALLBACK_AUGMENT = "crop_flip"  # a folder without pretrained weights: the course CNN, augmented
-FALLBACK_IMAGE_SIZE = 32
 
 
 def register(app: typer.Typer) -> None:
@@ -39,12 +43,14 @@ def register(app: typer.Typer) -> None:
 
 def train(
     # data
-    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="cifar10, mnist, fashion-mnist or a folder "
-                                          "of images, one sub-folder per class.", rich_help_panel=DATA),
+    data: Optional[str] = data_argument(help="cifar10, mnist, fashion-mnist or a folder of images, one sub-folder "
+                                        "per class (a folder: transfer learning when pretrained weights are found).",
+                                        rich_help_panel=DATA),
+    dataset: Optional[str] = dataset_alias(),
     data_root: Optional[str] = typer.Option(None, "--data", help="Data root folder (default: $IMCLASS_DATA, else "
                                             "~/.cache/imclass).", rich_help_panel=DATA),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to SIZE x SIZE (a folder "
-                                             f"without pretrained weights: {FALLBACK_IMAGE_SIZE}).",
+                                             f"without pretrained weights: {FOLDER_IMAGE_SIZE}).",
                                              rich_help_panel=DATA),
     limit: Optional[int] = limit_option(rich_help_panel=DATA),
     val_fraction: Optional[float] = typer.Option(
@@ -149,9 +155,13 @@ def train(
 ) -> None:
     """Train a model and save it to a run folder (model.safetensors, config.json, history, curves).
 
-    With --dataset cifar10 and no --model, the fast CIFAR-10 recipe runs. `--out DIR --resume`
-    alone continues the run in DIR with the config it saved (other flags override it).
+    `imclass train cifar10` (no --model): the fast CIFAR-10 recipe.
+
+    `imclass train FOLDER`: transfer learning from a pretrained backbone.
+
+    `--out DIR --resume` alone continues the run in DIR with the config it saved (other flags override it).
     """
+    dataset = pick_data(data, dataset)
     from imclass.cli.transfer import run_transfer, wants_transfer
     from imclass.train.imbalance import parse_class_weight
     from imclass.workflows.training import CONFIG_FILE, load_config, train_from_config
@@ -182,7 +192,7 @@ def train(
     if transfer:
         def from_scratch() -> None:  # no pretrained weights: the course CNN, augmented
             train(config=None, model="keras_cnn", model_option=model_option, weights=None, from_model=None,
-                  dataset=dataset, data_root=data_root, image_size=image_size or FALLBACK_IMAGE_SIZE, limit=limit,
+                  data=dataset, dataset=None, data_root=data_root, image_size=image_size or FOLDER_IMAGE_SIZE, limit=limit,
                   epochs=epochs, lr_find=False,
                   batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum, nesterov=nesterov,
                   weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
@@ -259,11 +269,14 @@ def train(
     if as_json:
         print_json(result)
     else:
-        typer.echo(
-            f"test accuracy {result['accuracy']:.2%} on {result['test_images']:,} test images, "
-            f"loss {result['loss']:.4f}, {result['seconds']:.1f} s (training + evaluation); "
-            f"saved {result['model_file']}"
-        )
+        from imclass.data.folder import HELD_OUT, HELD_OUT_NOTE, split_word
+
+        word = split_word(result["dataset"], "test")
+        typer.echo(f"{word} accuracy {result['accuracy']:.2%} on {result['test_images']:,} {word} images, "
+                   f"loss {result['loss']:.4f}; saved {result['model_file']}")
+        if word == HELD_OUT:
+            typer.echo(f"({HELD_OUT_NOTE})")
+        typer.echo(time_line(result["total_seconds"], result["seconds_per_stage"]))
 
 
 def _is_model_file(path: str) -> bool:

@@ -47,6 +47,18 @@ def names() -> list[str]:
     return list(CLASSES)
 
 
+FOLDER_IMAGE_SIZE = 32  # a folder of photos read as raw pixels (k-NN) or by a network trained from scratch
+
+
+def scratch_image_size(name: str | os.PathLike, image_size: int | None) -> int | None:
+    """The side a raw-pixel k-NN or a network trained from scratch reads data set ``name`` at:
+    ``image_size`` when given; a folder of photos (mixed sizes): ``FOLDER_IMAGE_SIZE`` (CIFAR-10's
+    32); a named data set: None (its own size)."""
+    if image_size is not None or canonical_name(str(name)) is not None:
+        return image_size
+    return FOLDER_IMAGE_SIZE if Path(name).expanduser().is_dir() else None
+
+
 def canonical_name(name: str) -> str | None:
     """``"CIFAR-10"`` -> ``"cifar10"``; None when ``name`` is not a known data set."""
     key = str(name).strip().lower()

@@ -38,6 +38,21 @@ SPLIT_SEED = 0
 _SHOWN = 10  # unreadable files named in a message before "... and N more"
 
 
+HELD_OUT = "held-out"
+HELD_OUT_NOTE = (f"held-out: the seeded {TEST_FRACTION:.0%} of each class of a folder without split folders, never "
+                 "trained on; `imclass train` reports on them and `imclass evaluate RUN FOLDER` reads the same photos")
+
+
+def split_word(dataset: str | os.PathLike, split: str) -> str:
+    """The one word every command uses for ``split`` of ``dataset``: a plain folder's seeded hold-out (its
+    ``test`` split, which a transfer run validates on) is ``HELD_OUT``; any other split keeps its name."""
+    folder = Path(dataset).expanduser()
+    if split in ("test", "val") and folder.is_dir() and not split_folders(folder) \
+            and not (folder / "index.json").is_file():  # not shards (`imclass data shard`), which have their splits
+        return HELD_OUT
+    return {"val": "validation"}.get(split, split)
+
+
 def parse_image_size(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
     """``32`` -> ``(32, 32)``, ``(h, w)`` -> ``(h, w)``; None stays None. Rejects non-positive sizes."""
     if image_size is None:

@@ -1,5 +1,5 @@
 """The one folder walk: every path that lists the image files of a user's folder goes through here
-(``data.load`` on folders, ``data info/check``, ``train --dataset FOLDER``, ``predict FOLDER``, label review).
+(``data.load`` on folders, ``data info/check``, ``train FOLDER``, ``predict FOLDER``, label review).
 
     found = walk_images("photos/daisy")          # Walk(files=[...sorted...], skipped=[(path, kind), ...])
     found.message("photos")                      # None, or one line naming every skipped entry by kind

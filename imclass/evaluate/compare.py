@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from imclass import data as imdata, models
+from imclass.data.catalog import scratch_image_size
 from imclass.knn import KNN
 from imclass.model_file.save import save
 from imclass.models.rebuild import load
@@ -88,7 +89,6 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 VAL_FRACTION = 0.1  # a transfer entry picks head or fine-tuned weights on this held-out part of its training images
-FOLDER_IMAGE_SIZE = 32  # a folder of photos without --image-size: k-NN and scratch networks see 32 x 32 pixels
 # (transfer entries read the same files at their backbone's own size and crop)
 
 
@@ -230,8 +230,7 @@ def compare(
         raise ValueError(f"expected limit >= 1, received limit={limit}")
     out = Path(out)
     (out / "entries").mkdir(parents=True, exist_ok=True)
-    if image_size is None and Path(data).expanduser().is_dir():  # photos of mixed sizes: pixels at 32 x 32
-        image_size = FOLDER_IMAGE_SIZE
+    image_size = scratch_image_size(data, image_size)  # photos of mixed sizes: pixels at 32 x 32
     setup = {"data": str(data), "limit": limit, "image_size": image_size, "budget_seconds": seconds, "seed": seed}
     say = log or (lambda _msg: None)
     train, test = _load_split(data, root, image_size, limit, seed)

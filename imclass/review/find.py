@@ -288,7 +288,7 @@ def _read_for_run(paths: list[Path], pre: dict[str, Any]) -> torch.Tensor:
 
 def folder_features(cfg: ReviewConfig, items: ReviewItems) -> tuple[torch.Tensor, str]:
     """Frozen-backbone features of a folder's files (cached), pooled over the last 2 stages where the
-    backbone can (as ``imclass train --dataset FOLDER`` does)."""
+    backbone can (as ``imclass train FOLDER`` does)."""
     backbone = cfg.backbone or pick_backbone(cfg.weights_dir)
     if backbone is None:
         raise ValueError("a review of a photo folder cross-validates on a pretrained backbone's features and none was "

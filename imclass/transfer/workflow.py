@@ -4,7 +4,7 @@ Picks a pretrained backbone found under the weights root (``pick_backbone``), re
 the backbone's input size (each photo resized on its shorter side and centre-cropped, whatever its
 size or format), holds out a seeded stratified validation split unless the folder has ``val/``,
 trains the head on cached frozen features, optionally fine-tunes, saves a run folder and returns
-the validation accuracy and the seconds it took. ``imclass train --dataset FOLDER`` calls it.
+the validation accuracy and the seconds it took. ``imclass train FOLDER`` calls it.
 """
 from __future__ import annotations
 
@@ -272,7 +272,7 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
     distributed.barrier()  # the run folder is complete before any rank returns
     if test is not None:
         test_accuracy = test_figures(clf, test)["accuracy"]
-    seconds["evaluate, save"] = time.perf_counter() - t_end
+    seconds["evaluate + save"] = time.perf_counter() - t_end
     total = time.perf_counter() - t_start
     seconds["other"] = max(0.0, total - sum(seconds.values()))  # the breakdown adds up to the total
     report = {

@@ -21,7 +21,7 @@ class TuneConfig:
     dataset: str = "cifar10"
     data_root: str | None = None
     image_size: int | None = None
-    limit: int | None = None  # first N training (and test) images
+    limit: int | None = None  # a seeded, stratified sample of N training (and N test) images
     epochs: int = 3
     trials: int = 20  # finished (complete or pruned) trials the study should hold
     space: dict | str | None = None  # a dict, a file path, or None for DEFAULT_SPACES
@@ -39,6 +39,7 @@ class TuneConfig:
     final: bool = True  # retrain the best parameters on the whole training split, evaluate on test
     report: str | None = None  # a folder: the final model's evaluation report on the test split, with the tuning section
     model_options: dict = field(default_factory=dict)  # fixed options of the model factory
+    progress: bool = True  # a progress line per trial and for the final retraining, and each trial's result, on stderr
 
     def __post_init__(self) -> None:
         checks = [
