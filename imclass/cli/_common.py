@@ -23,10 +23,18 @@ from imclass.data.download import DownloadError
 # reported as one `error: ...` line; anything else is a bug and keeps its traceback
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError, DownloadError)
 
-DataMode = typer.Option(
-    None, "--data-mode", help="Where a folder's images live while the command runs: memory, cache (a memory-mapped "
-    "file of the resized images on disk, $IMCLASS_CACHE/images, reused by later runs) or stream (decoded batch by "
-    "batch). Default: chosen from the image count and size against the memory available, and said on stderr.")
+DATA_MODE_HELP = ("Where a folder's images live while the command runs: memory, cache (a memory-mapped file of the "
+                  "resized images on disk, $IMCLASS_CACHE/images, reused by later runs) or stream (decoded batch by "
+                  "batch). Default: chosen from the image count and size against the memory available, and said on "
+                  "stderr.")
+
+
+def data_mode_option(**kwargs: Any) -> Any:
+    """The ``--data-mode memory|cache|stream`` option of every command that reads a folder of images: one
+    meaning (``imclass.data.source.choose_mode``; ``help=`` may say a command's own default)."""
+    kwargs.setdefault("help", DATA_MODE_HELP)
+    return typer.Option(None, "--data-mode", **kwargs)
+
 
 DataRoot = typer.Option(None, "--data", help="Data root folder (default: $IMCLASS_DATA, else ~/.cache/imclass).")
 
@@ -139,6 +147,15 @@ class Saved:
         from imclass.tta import choose_tta
 
         return choose_tta(self.tta, flag, knn=not hasattr(self.predictor, "predict_logits"))
+
+    def memory_reserve(self) -> int:
+        """Bytes the tier chooser keeps free beside the images for this model (``model_reserve``)."""
+        import torch
+
+        from imclass.data.source import model_reserve
+
+        module = getattr(self.predictor, "model", None)
+        return model_reserve(module if isinstance(module, torch.nn.Module) else None)
 
     def class_names(self, n_columns: int) -> list[str]:
         """Names of the probability columns: a Classifier's are its classes; a KNN's are its sorted labels."""

@@ -10,6 +10,7 @@ from imclass.cli._common import (
     USER_ERRORS,
     DataRoot,
     data_argument,
+    data_mode_option,
     dataset_alias,
     fail,
     limit_option,
@@ -39,6 +40,9 @@ def compare(
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the leaderboard, the entries and each "
                                        "approach's run (default runs/compare-<data set>)."),
     limit: Optional[int] = limit_option(),
+    data_mode: Optional[str] = data_mode_option(
+        help="Where a folder's images live for every entry: memory or cache (a memory-mapped file of the resized "
+        "images on disk, reused by later runs). Default: chosen and said on stderr."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to N x N for k-NN and the "
                                              "networks trained from scratch (default for a folder: 32; transfer "
                                              "entries read the photos at their backbone's size)."),
@@ -64,7 +68,7 @@ def compare(
             raise ValueError(f"expected --max-epochs >= 1, received {max_epochs}")
         log = (lambda msg: typer.echo(msg, err=True)) if as_json else typer.echo
         with plain_warnings():
-            board = run_compare(dataset, models, budget, out, limit=limit, root=data_root, image_size=image_size,
+            board = run_compare(dataset, models, budget, out, limit=limit, root=data_root, image_size=image_size, mode=data_mode,
                                 seed=seed, max_epochs=max_epochs, device=device, log=log)
     except USER_ERRORS as err:
         fail(str(err))

@@ -8,7 +8,7 @@ import typer
 
 from imclass.cli._common import (
     USER_ERRORS,
-    DataMode,
+    data_mode_option,
     DataRoot,
     TTAOption,
     data_argument,
@@ -37,7 +37,7 @@ def evaluate(
     split: str = typer.Option("test", "--split", help="Which split to evaluate on."),
     data_root: Optional[str] = DataRoot,
     limit: Optional[int] = limit_option(),
-    data_mode: Optional[str] = DataMode,
+    data_mode: Optional[str] = data_mode_option(),
     confusion: bool = typer.Option(False, "--confusion", help="Also print the confusion matrix."),
     tta: Optional[bool] = TTAOption,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -73,7 +73,7 @@ def evaluate(
                 data = load_for(dataset, pre, split=split, root=data_root, limit=limit, mode=data_mode)
             else:
                 data = imdata.load(dataset, split=split, root=data_root, image_size=tuple(size[1:]) if size else None,
-                                   limit=limit, mode=data_mode)
+                                   limit=limit, mode=data_mode, reserve=saved.memory_reserve())
         if saved.classes is not None and len(saved.classes) != data.num_classes:
             raise ValueError(
                 f"{run}: the model knows {len(saved.classes)} classes but {dataset} has {data.num_classes}"

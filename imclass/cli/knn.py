@@ -147,7 +147,10 @@ def knn(
     if as_json:
         print_json(result)
         return
-    typer.echo(f"{model.k}-NN ({model.metric_}, {weights}) on {dataset}: accuracy {accuracy:.2%} on {len(test)} test "
+    from imclass.data.folder import split_word
+
+    word = split_word(dataset, "test")  # a plain folder's seeded 20 %: "held-out", as train and evaluate say
+    typer.echo(f"{model.k}-NN ({model.metric_}, {weights}) on {dataset}: accuracy {accuracy:.2%} on {len(test)} {word} "
                f"images with {len(train)} training images, {seconds:.1f} s ({model.backend_} backend)")
     if neighbours_png:
         typer.echo(f"wrote {neighbours_png}")

@@ -12,6 +12,7 @@ from imclass.cli._common import (
     USER_ERRORS,
     DataRoot,
     data_argument,
+    data_mode_option,
     dataset_alias,
     fail,
     limit_option,
@@ -36,6 +37,9 @@ def tune(
     dataset: Optional[str] = dataset_alias(),
     data_root: Optional[str] = DataRoot,
     limit: Optional[int] = limit_option(),
+    data_mode: Optional[str] = data_mode_option(
+        help="Where a folder's images live: memory or cache (a memory-mapped file of the resized images on disk, "
+        "reused by later runs; each fold's rows are read from it). Default: chosen and said on stderr."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to N x N (default for a "
                                              f"folder: {FOLDER_IMAGE_SIZE}; a named data set keeps its size)."),
     epochs: int = typer.Option(3, "--epochs", help="Epochs per trial (and for the final retraining)."),
@@ -76,7 +80,8 @@ def tune(
 
     try:
         cfg = TuneConfig(
-            model=model, dataset=dataset, data_root=data_root, limit=limit, image_size=image_size, epochs=epochs, trials=trials,
+            model=model, dataset=dataset, data_root=data_root, limit=limit, image_size=image_size, data_mode=data_mode,
+            epochs=epochs, trials=trials,
             space=str(space) if space is not None else None, storage=storage, study_name=study_name,
             out=str(out), workers=workers, sampler=_search(search, sampler), pruner=pruner, val_fraction=val_fraction, cv=cv,
             seed=seed, device=device, heartbeat=heartbeat, final=final,

@@ -84,6 +84,7 @@ def load(
     mode: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     verbose: bool = True,
+    reserve: int | None = None,
 ) -> ImageDataset:
     """Load one split of a data set as an ``ImageDataset`` (uint8 images (N, C, H, W), int64 labels).
 
@@ -96,7 +97,8 @@ def load(
     every ``--limit``, :func:`imclass.data.split.limit_indices`; a folder decodes only those files).
     A folder is decoded in the tier ``mode`` (``"memory"``, ``"cache"``: a memory-mapped cache file
     reused by later loads; None chooses from the headers and the memory available and says which on
-    stderr when ``verbose``; see ``imclass.data.source``). Named data sets are held in memory.
+    stderr when ``verbose``; ``reserve``: bytes kept for the model, ``imclass.data.source.model_reserve``;
+    see ``imclass.data.source``). Named data sets are held in memory.
 
     >>> train = load("cifar10", split="train")            # doctest: +SKIP
     >>> train.images.shape, train.classes[:3]              # doctest: +SKIP
@@ -119,7 +121,7 @@ def load(
         if (path / "index.json").is_file():  # written by `imclass data shard`
             return _load_shards(path, split, size, mode=mode, limit=limit, verbose=verbose)
         return load_folder(path, split, size, strict=strict, limit=limit, limit_seed=seed, mode=mode,
-                           cache_dir=cache_dir, verbose=verbose)
+                           cache_dir=cache_dir, verbose=verbose, reserve=reserve)
     if mode not in (None, "memory"):
         raise ValueError(f"{name} is held in memory (a named data set); --data-mode {mode} applies to image folders")
     ds = limit_dataset(_load_known(name, split, root, download), limit, seed=seed)

@@ -326,7 +326,7 @@ def _joined_history(head: Any, fine: Any) -> dict[str, list]:
 
 
 def _train_config(cfg: TransferConfig, clf: Any) -> dict[str, Any]:
-    return {"transfer": dataclasses.asdict(cfg), **clf.training_config()}
+    return {"transfer": dataclasses.asdict(cfg), **(dataclasses.asdict(clf.compile_config) if clf.compile_config is not None else {})}
 
 
 def test_figures(clf: Any, test: Any) -> dict[str, Any] | None:

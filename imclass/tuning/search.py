@@ -44,6 +44,7 @@ from imclass.train.state import TrainingDiverged
 from imclass.tuning.config import TuneConfig
 from imclass.tuning.space import DEFAULT_SPACES, KNN_KEYS, TRAIN_KEYS, Param, load_space, parse_space, suggest
 from imclass.tuning.study import fail_orphaned_trials, finished_trials, open_study
+from imclass.visualize.plots import pyplot
 from imclass.workflows.training import create_model
 
 __all__ = [
@@ -108,14 +109,14 @@ def _load_train(cfg: TuneConfig):
     # --limit: a seeded, stratified sample of the split (imclass.data.split.limit_indices)
     return imdata.load(cfg.dataset, split="train", root=cfg.data_root, limit=cfg.limit,
                        image_size=scratch_image_size(cfg.dataset, cfg.image_size),
-                       seed=cfg.seed or 0)
+                       seed=cfg.seed or 0, mode=cfg.data_mode)
 
 
 def _load_test(cfg: TuneConfig):
     """The test split: read only by the final evaluation, never during the search."""
     return imdata.load(cfg.dataset, split="test", root=cfg.data_root, limit=cfg.limit,
                        image_size=scratch_image_size(cfg.dataset, cfg.image_size),
-                       seed=cfg.seed or 0)
+                       seed=cfg.seed or 0, mode=cfg.data_mode)
 
 
 def _folds(cfg: TuneConfig, train_set) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -353,10 +354,7 @@ def _summarise(study, cfg: TuneConfig) -> dict[str, Any]:
 def _plots(study, out: Path) -> dict[str, str]:
     """Optimisation history, parameter importances, accuracy against each parameter (Optuna's
     matplotlib plots); a plot that cannot be drawn yet (too few trials) is skipped."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import optuna
     from optuna.visualization import matplotlib as ovm
 
@@ -378,12 +376,65 @@ def _plots(study, out: Path) -> dict[str, str]:
         fig = axes[0].figure
         if name != "importances":
             axes[0].set_ylabel("validation accuracy")
+        if name == "params":
+            _readable_slices(fig, axes, study)
+        if name == "importances":
+            _importance_caveat(axes[0], study)
         if name != "params":  # the slice plot's colour bar keeps Optuna's own layout
             fig.tight_layout()
         fig.savefig(plot_file(out, name), dpi=100, bbox_inches="tight")
         plt.close(fig)
         files[name] = str(plot_file(out, name))
     return files
+
+
+IMPORTANCE_TRIALS = 20  # fewer complete trials: the importances are a rough guess, and the plot says so
+
+
+def _complete(study) -> int:
+    from optuna.trial import TrialState
+
+    return sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+
+
+def _readable_slices(fig, axes: list, study) -> None:
+    """Optuna's slice plot made readable: at most 4 labelled ticks per axis (no overlapping minor labels
+    on log axes), whole numbers on integer parameters and on the trial colour bar, a plain title."""
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator, NullLocator
+
+    kinds: dict[str, set] = {}
+    for t in study.get_trials(deepcopy=False):
+        for name, v in t.params.items():
+            kinds.setdefault(name, set()).add(type(v))
+    for ax in fig.axes:
+        if ax not in axes:  # the colour bar: trial numbers are whole
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            continue
+        kind = kinds.get(ax.get_xlabel(), set())
+        if str in kind or bool in kind:  # a categorical parameter: Optuna's category ticks stay
+            continue
+        if ax.get_xscale() == "log":  # three ticks spread over the range, short labels, no minor labels
+            lo, hi = ax.get_xlim()
+            ticks = np.geomspace(lo, hi, 5)[1:-1]
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticks(ticks, [str(round(t)) if kind == {int} else f"{t:.2g}" for t in ticks])
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(3, integer=kind == {int}))  # 3 bins: at most 4 ticks
+        ax.tick_params(axis="x", labelrotation=30)
+    fig.suptitle(f"validation accuracy against each parameter ({len(study.trials)} trials; colour: trial number)")
+
+
+def _importance_caveat(ax, study) -> None:
+    """Importances from few trials are noise: say so on the plot."""
+    n = _complete(study)
+    title = f"parameter importances (fANOVA, {n} complete trials)"
+    if n < IMPORTANCE_TRIALS:
+        title += f"\nfewer than {IMPORTANCE_TRIALS} trials: a rough guess, not a ranking to trust"
+    ax.set_title("", loc="left")  # Optuna's own title
+    if ax.get_legend() is not None:  # "Objective Value": one series, and it covered the lowest bar
+        ax.get_legend().remove()
+    ax.set_title(title, loc="left", fontsize=10, color="tab:red" if n < IMPORTANCE_TRIALS else "black")
 
 
 def _final(cfg: TuneConfig, params: dict[str, Any], out: Path) -> dict[str, Any]:
