@@ -51,10 +51,10 @@ def available() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _compiled():
-    """(L1 driver, L2 driver), compiled by numba on first use and cached on disk."""
+    """(L1, L2 and pruned k-NN drivers), compiled by numba on first use and cached on disk."""
     from imclass.knn import _knn_numba  # deferred: importing numba takes seconds (start-up time)
 
-    return _knn_numba.l1_driver, _knn_numba.l2_driver
+    return _knn_numba.l1_driver, _knn_numba.l2_driver, _knn_numba.pruned_driver
 
 
 @contextlib.contextmanager
@@ -123,3 +123,25 @@ def l2_ranking(queries: np.ndarray, train: np.ndarray, train_sq: np.ndarray | No
     with _match_torch_threads():
         _compiled()[1](q, t, np.ascontiguousarray(sq, dtype=np.int64), out, tile + tile % 2)
     return out[:nq, :nt]
+
+
+def pruned_nearest(ranking: np.ndarray, row_const: np.ndarray, radius_extra: np.ndarray, queries: np.ndarray,
+                   train: np.ndarray, k: int, seeds: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(exact squared L2 distances (M, k) int64, training indices (M, k), exact distances computed (M,)) of
+    the k nearest training rows of each uint8 query row, skipping rows that a pooled lower bound excludes.
+
+    ``ranking`` (M, N) plus ``row_const`` (M,) are the pooled squared distances; ``radius_extra`` (M,) the
+    rounding allowance of ``imclass.knn._knn_pruned``; ``seeds`` >= k rows nearest by pooled distance are
+    computed first. Neighbours are ordered by (distance, index), as the full search orders them.
+    """
+    nq, nt = ranking.shape
+    if not 1 <= k <= seeds <= nt:
+        raise ValueError(f"expected 1 <= k <= seeds <= training rows, received k={k}, seeds={seeds}, rows={nt}")
+    out_d = np.empty((nq, k), dtype=np.int64)
+    out_i = np.empty((nq, k), dtype=np.int64)
+    out_n = np.empty(nq, dtype=np.int64)
+    with _match_torch_threads():
+        _compiled()[2](np.ascontiguousarray(ranking), np.ascontiguousarray(row_const, dtype=np.float64),
+                       np.ascontiguousarray(radius_extra, dtype=np.float64), np.ascontiguousarray(queries),
+                       np.ascontiguousarray(train), k, seeds, out_d, out_i, out_n)
+    return out_d, out_i, out_n
