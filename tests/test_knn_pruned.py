@@ -47,34 +47,50 @@ def near_ties(cifar_small):
     return x2, y2, queries
 
 
-def test_pooled_bound_never_exceeds_the_true_distance():
+@pytest.mark.parametrize("pool", [2, 4])
+def test_pooled_bound_never_exceeds_the_true_distance(pool):
     gen = torch.Generator().manual_seed(1)
-    for shape in ((3, 32, 32), (1, 5, 7), (2, 2, 3)):
+    for shape in ((3, 32, 32), (1, 5, 7), (2, 4, 6)):
         d = int(np.prod(shape))
         rows = torch.randint(0, 256, (64, d), dtype=torch.uint8, generator=gen)
         rows[0], rows[1] = 0, 255  # extremes
         checker = (torch.arange(d) % 2 * 255).to(torch.uint8)
         rows[2], rows[3] = checker, 255 - checker  # pooling loses almost everything between these two
-        p, e = _knn_pruned.pooled(rows, shape)
-        assert p.shape == (64, _knn_pruned.pooled_features(shape)) and p.dtype == torch.uint8
-        # the block means are exact multiples of 1/4: the rounding error is known exactly
+        rows[4] = 127
+        rows[5] = 128  # block means at .5 and around it: the rounding's worst cases
+        p, e = _knn_pruned.pooled(rows, shape, pool)
+        assert p.shape == (64, _knn_pruned.pooled_features(shape, pool)) and p.dtype == torch.uint8
+        # the block means are exact multiples of 1/pool^2: the rounding error is known exactly
         c, h, w = shape
-        blocks = rows.view(64, c, h, w)[:, :, :h // 2 * 2, :w // 2 * 2].reshape(64, c, h // 2, 2, w // 2, 2)
+        hb, wb = h // pool, w // pool
+        blocks = rows.view(64, c, h, w)[:, :, :hb * pool, :wb * pool].reshape(64, c, hb, pool, wb, pool)
         sums = blocks.long().sum((3, 5)).reshape(64, -1)
-        assert torch.equal(p.long(), (sums + 2) // 4)
-        np.testing.assert_array_equal(e.numpy(), (((sums - 4 * p.long()) ** 2).sum(1).double().sqrt() / 4).numpy())
+        b2 = pool * pool
+        assert torch.equal(p.long(), (2 * sums + b2) // (2 * b2))  # floor(mean + 1/2)
+        np.testing.assert_allclose(e.numpy(), (((sums - b2 * p.long()) ** 2).sum(1).double().sqrt() / b2).numpy(),
+                                   rtol=1e-15, atol=0)
         true = ((rows.long()[:, None] - rows.long()[None]) ** 2).sum(-1).double().sqrt()
         pooled = ((p.long()[:, None] - p.long()[None]) ** 2).sum(-1).double().sqrt()
-        bound = 2 * (pooled - e[:, None] - e[None]).clamp(min=0)  # the bound the search uses
+        bound = pool * (pooled - e[:, None] - e[None]).clamp(min=0)  # the bound the search uses
         assert (bound <= true + 1e-9).all()
-        assert (2 * ((sums[:, None] - sums[None]).double() / 4).pow(2).sum(-1).sqrt() <= true + 1e-9).all()
+        exact_means = pool * ((sums[:, None] - sums[None]).double() / b2).pow(2).sum(-1).sqrt()
+        assert (exact_means <= true + 1e-9).all() and exact_means[2, 3] < true[2, 3] / 10
 
 
-@pytest.mark.parametrize("k", [1, 3, 10])
-def test_pruned_search_equals_the_definition_on_near_ties(near_ties, k):
+@pytest.fixture(scope="module")
+def near_ties_truth(near_ties):
+    """The 10 nearest of every near-ties query by the definition (the first k of them: the k nearest)."""
+    x2, _, queries = near_ties
+    return _oracle_order(queries, x2, 10)
+
+
+@pytest.mark.parametrize("k, coarse", [(1, 2), (3, 2), (10, 2), (3, 4)])
+def test_pruned_search_equals_the_definition_on_near_ties(near_ties, near_ties_truth, k, coarse, monkeypatch):
     x2, y2, queries = near_ties
-    dist, idx = KNN(k, backend="pruned").fit(x2, y2).kneighbors(queries)
-    sq, order = _oracle_order(queries, x2, k)
+    monkeypatch.setattr(_knn_pruned, "COARSE", coarse)  # 4: the two-level cascade (4 x 4, then 2 x 2)
+    model = KNN(k, backend="pruned").fit(x2, y2)
+    dist, idx = model.kneighbors(queries)
+    sq, order = near_ties_truth[0][:, :k], near_ties_truth[1][:, :k]
     assert idx.numpy().tolist() == order.tolist()
     np.testing.assert_array_equal(dist.numpy(), np.sqrt(sq.astype(np.float64)))
     # the exact copies (appended last) sit at the same distance as their originals: the earlier index first
@@ -100,10 +116,10 @@ def test_pruning_skips_most_distances_on_real_images(cifar_small):
     x, _, xt, _ = cifar_small
     rows = x.reshape(len(x), -1)
     index = _knn_pruned.PrunedIndex.build(rows, tuple(x.shape[1:]), "torch")
-    d, i, computed = index.search(xt.reshape(len(xt), -1)[:100], 5)
+    d, i, work = index.search(xt.reshape(len(xt), -1)[:100], 5)
     sq, order = _oracle_order(xt[:100], x, 5)
     assert i.numpy().tolist() == order.tolist() and d.numpy().tolist() == sq.tolist()
-    assert computed < 0.05  # under 5 % of the 2,000 x 100 distances computed exactly
+    assert work < 0.05  # under 5 % of the full search's work (fine bounds and exact distances)
 
 
 def test_noise_falls_back_to_the_full_search_with_the_same_answer():
@@ -112,7 +128,7 @@ def test_noise_falls_back_to_the_full_search_with_the_same_answer():
     y = torch.randint(0, 4, (600,), generator=gen)
     q = torch.randint(0, 256, (150, 3, 8, 8), dtype=torch.uint8, generator=gen)
     index = _knn_pruned.PrunedIndex.build(x.reshape(600, -1), (3, 8, 8), "torch")
-    assert index.search(q.reshape(150, -1)[:64], 3)[2] > _knn_pruned.MAX_CANDIDATE_FRACTION  # pruning does not pay
+    assert index.search(q.reshape(150, -1)[:64], 3)[2] > _knn_pruned.MAX_WORK_FRACTION  # pruning does not pay
     model = KNN(3, backend="pruned", batch_size=64).fit(x, y)
     dist, idx = model.kneighbors(q)  # the first chunk pruned, the rest by the plain kernel
     sq, order = _oracle_order(q, x, 3)

@@ -137,11 +137,12 @@ def l2_driver(queries, train, train_sq, out, tile):
 
 @njit(cache=True, nogil=True, inline="always")
 def _sq_distance(a, b):
-    acc = 0
+    # int32 sums (exact below MAX_L2_FEATURES values), written so that LLVM vectorises them in int32 lanes
+    acc = np.int32(0)
     for c in range(a.shape[0]):
         x = np.int32(a[c]) - np.int32(b[c])
-        acc += x * x
-    return acc
+        acc = np.int32(acc + np.int32(x * x))
+    return np.int64(acc)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -158,22 +159,34 @@ def _insert(dist, index, d, j):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _limit(d_k, radius_extra, row_const):
-    # pooled ranking entries above this cannot be within d_k (see imclass.knn._knn_pruned): rounded up
-    radius = np.sqrt(np.float64(d_k)) / 2 + radius_extra
+def _limit(d_k, pool, radius_extra, row_const):
+    # coarse ranking entries above this cannot be within d_k (see imclass.knn._knn_pruned): rounded up
+    radius = np.sqrt(np.float64(d_k)) / pool + radius_extra
     return np.floor(radius * radius * (1 + 1e-12) + 1) - row_const
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _beyond(d_k, pool, fine_q, fine_t, error):
+    # True when the fine pooled bound proves the distance larger than d_k (the float errs only towards False)
+    r = np.sqrt(np.float64(_sq_distance(fine_q, fine_t))) - error
+    return r > 0 and pool * pool * r * r > (np.float64(d_k) + 1) * (1 + 1e-12)
+
+
 @njit(parallel=True, cache=True, nogil=True)
-def pruned_driver(ranking, row_const, radius_extra, queries, train, k, m, out_d, out_i, out_n):
+def pruned_driver(ranking, row_const, radius_extra, pool, fine_q, fine_t, fine_qe, fine_te, fine_pool,
+                  queries, train, k, m, out_d, out_i, out_n):
     """The k nearest training rows of each query by exact squared L2, using pooled lower bounds.
 
-    ``ranking[i, j] + row_const[i]``: the pooled squared distance; ``radius_extra[i]``: the rounding errors'
-    allowance ``e(q) + max e(t)``. Per query: the ``m`` smallest pooled distances get an exact distance,
-    their k-th sets a limit; every other training row within the limit gets one too, and the limit
+    ``ranking[i, j] + row_const[i]``: the coarse pooled squared distance (blocks of ``pool`` x ``pool``);
+    ``radius_extra[i]``: its rounding errors' allowance ``e(q) + max e(t)``. ``fine_q``/``fine_t``: rows
+    pooled over ``fine_pool`` x ``fine_pool`` blocks, ``fine_qe``/``fine_te`` their rounding errors. Per
+    query: the ``m`` smallest coarse distances get an exact distance, their k-th sets a limit; every
+    other training row within the limit whose fine bound does not exclude it gets one too, and the limit
     tightens as nearer rows are found. ``out_d``/``out_i`` (nq, k): distances and indices ordered by
-    (distance, index); ``out_n[i]``: exact distances computed."""
+    (distance, index); ``out_n[i]``: work done, in fine-bound units (an exact distance counts
+    ``fine_pool``^2)."""
     nq, nt = ranking.shape
+    exact_cost = fine_pool * fine_pool
     for i in prange(nq):
         row = ranking[i]
         seed_i = np.argsort(row[:m], kind="mergesort")  # the m smallest entries, ordered by (value, index)
@@ -185,8 +198,9 @@ def pruned_driver(ranking, row_const, radius_extra, queries, train, k, m, out_d,
         for s in range(m):
             j = seed_i[s]
             _insert(best_d, best_i, _sq_distance(queries[i], train[j]), j)
-        limit = _limit(best_d[k - 1], radius_extra[i], row_const[i])
-        count = m
+        d_k = best_d[k - 1]
+        limit = _limit(d_k, pool, radius_extra[i], row_const[i])
+        work = m * exact_cost
         for j in range(nt):
             if row[j] <= limit:
                 seen = False
@@ -195,11 +209,15 @@ def pruned_driver(ranking, row_const, radius_extra, queries, train, k, m, out_d,
                         seen = True
                 if seen:
                     continue
+                work += 1
+                if _beyond(d_k, fine_pool, fine_q[i], fine_t[j], fine_qe[i] + fine_te[j]):
+                    continue
                 d = _sq_distance(queries[i], train[j])
-                count += 1
-                if d < best_d[k - 1] or (d == best_d[k - 1] and j < best_i[k - 1]):
+                work += exact_cost
+                if d < d_k or (d == d_k and j < best_i[k - 1]):
                     _insert(best_d, best_i, d, j)
-                    limit = _limit(best_d[k - 1], radius_extra[i], row_const[i])
+                    d_k = best_d[k - 1]
+                    limit = _limit(d_k, pool, radius_extra[i], row_const[i])
         out_d[i, :] = best_d
         out_i[i, :] = best_i
-        out_n[i] = count
+        out_n[i] = work

@@ -17,7 +17,8 @@ else ``torch.cdist`` in float32, exact because every partial sum is an integer b
 ``|a|^2 + |b|^2 - 2 a.b`` with the dot products from one of three exact kernels: oneDNN's int8 GEMM on
 pixels shifted by -128 (``torch._int_mm``, int32 sums), the numba ``vpmaddwd`` kernel, or a float64
 matrix product (every partial sum an integer below 2^53). ``backend="auto"`` takes the one measured
-fastest on this host (``imclass.knn._select``). Float inputs (or features) take a float64 path.
+fastest on this host (``imclass.knn._select``); for images with enough training images it searches with
+pooled lower bounds first and computes only the distances they cannot exclude (``_knn_pruned``). Float inputs (or features) take a float64 path.
 
 The search runs over chunks of queries and of training rows, so memory stays bounded (about
 ``batch_size x train chunk`` distances at a time) whatever the data set size.
@@ -133,10 +134,12 @@ class KNN:
     weights:
         ``"uniform"`` (one vote per neighbour) or ``"distance"`` (votes weighted by 1/distance).
     backend:
-        ``"auto"`` (for uint8 pixels: L1 the numba kernel when available, L2 the exact kernel measured
-        fastest on this host; else torch), ``"torch"``, ``"numba"`` (exact integer kernels, uint8 input only),
-        ``"int8"`` (L2 of uint8 pixels by oneDNN's int8 GEMM, exact) or ``"faiss"`` (float32, needs faiss;
-        ties and near-ties may then be ordered differently).
+        ``"auto"`` (for uint8 pixels: L1 the numba kernel when available; L2 of images (C, H, W) with at
+        least ``_select.PRUNE_MIN_TRAIN`` training images ``"pruned"``, else the exact kernel measured fastest
+        on this host; else torch), ``"torch"``, ``"numba"`` (exact integer kernels, uint8 input only),
+        ``"int8"`` (L2 of uint8 pixels by oneDNN's int8 GEMM, exact), ``"pruned"`` (L2 of uint8 images: pooled
+        lower bounds skip most distances, exact; needs numba) or ``"faiss"`` (float32, needs faiss; ties and
+        near-ties may then be ordered differently).
     batch_size:
         queries compared at once (None: chosen to keep about 64 MB of distances in memory).
     verbose:
@@ -319,7 +322,7 @@ class KNN:
         """``_search`` with pooled lower bounds (``_knn_pruned``): exact squared L2, most distances skipped.
         Where the bounds prune too little (images of noise), the rest of the queries take the plain kernel."""
         n = self.n_samples_fit_
-        pooled_features = _knn_pruned.pooled_features(self.sample_shape_)
+        pooled_features = _knn_pruned.pooled_features(self.sample_shape_, _knn_pruned.coarse_pool(self.sample_shape_))
         index = self._cached("pruned", lambda: _knn_pruned.PrunedIndex.build(
             self._fit_X, self.sample_shape_, _select.fastest_l2_kernel(pooled_features, len(queries), n)))
         batch = self.batch_size or max(64, _MAX_BLOCK // n)
@@ -327,10 +330,10 @@ class KNN:
 
         out_d, out_i = [], []
         for q0 in tqdm(range(0, len(queries), batch), desc=f"{k}-NN l2", unit="chunk", disable=not self.verbose):
-            dist, idx, computed = index.search(queries[q0:q0 + batch], k)
+            dist, idx, work = index.search(queries[q0:q0 + batch], k)
             out_d.append(dist)
             out_i.append(idx)
-            if computed > _knn_pruned.MAX_CANDIDATE_FRACTION and q0 + batch < len(queries):
+            if work > _knn_pruned.MAX_WORK_FRACTION and q0 + batch < len(queries):
                 plain = _select.fastest_l2_kernel(self.n_features_in_, len(queries), n)
                 dist, idx = self._search_blocks(queries[q0 + batch:], k, plain, True)
                 out_d.append(dist.long())  # exact integers (float64 from the torch kernel)
