@@ -21,7 +21,7 @@ venv: $(VENV)/.installed
 
 # The main job: the fast recipe trains on all 50,000 CIFAR-10 training images and prints test accuracy.
 demo: venv
-	$(BIN)/imclass train --dataset cifar10 --recipe fast --target 90 --out runs/demo
+	$(BIN)/imclass train cifar10 --recipe fast --target 90 --out runs/demo
 
 # The page tests drive Debian's chromium headless: installed here when missing (needs root and apt); fails
 # loudly when it cannot (the browser tests are part of `make test`, never skipped there).

@@ -6,7 +6,7 @@ Both use the same real ImageNet weights (timm ``mobilenetv2_100``, TF "same" pad
 * **imclass**: ``read_for`` (threaded PIL decode, JPEG draft, straight to the crop), ``extract_features``
   (batches of 32, channels-last, freed memory kept in the process, bf16 autocast where the CPU multiplies
   bf16 natively; ``--pool-stages 2``: the last two feature stages pooled beside the final features, as
-  ``imclass train --dataset FOLDER`` does), then the head trained by ``fit_head`` (``Classifier.fit``) on the
+  ``imclass train FOLDER`` does), then the head trained by ``fit_head`` (``Classifier.fit``) on the
   cached features. End to end = model + decode + features + head, measured on the first seed with an empty
   cache; the other seeds reuse the cached features (seconds). ``--feature-augment flip`` adds the mirrored
   photos' features to the head's training set (twice the feature time).
@@ -19,7 +19,9 @@ Both use the same real ImageNet weights (timm ``mobilenetv2_100``, TF "same" pad
 * **course CNN from scratch** (``--scratch``): the course's Keras CNN (``keras_cnn``) on the same photos at
   64x64, Adam, crop + flip, given the same wall time as imclass end to end (``TimeBudget``), each seed.
 * ``--fine-tune-epochs N``: stage 2 after the head (the whole network or ``--unfreeze`` last stages,
-  discriminative learning rates), on the first ``--fine-tune-seeds`` splits, each from a fresh model.
+  discriminative learning rates), on the first ``--fine-tune-seeds`` splits, each from a fresh model, measured
+  on a held-out test split: 70 % train, 10 % validation (picks head or fine-tuned), 20 % test. Pass split
+  seeds the recipe was not chosen on (it was chosen on seed 0's validation photos): ``--seeds 1 2 3``.
 
     python bench/transfer.py --json bench/transfer.json          # everything (minutes on 2 cores)
     python bench/transfer.py --limit 300 --seeds 0                # a quick check of the script
@@ -110,7 +112,7 @@ def imclass_run(paths, labels, classes, splits, args) -> dict:
     """imclass end to end (decode + features of every photo + head on the first split), then the head
     on the other splits from the same cached features."""
     from imclass.train import Classifier
-    from imclass.transfer import FeatureCache, extract_features, fine_tune, fit_head, read_for, transfer
+    from imclass.transfer import FeatureCache, extract_features, fit_head, read_for, transfer
 
     cache = FeatureCache()
     out = {"accuracy": [], "head_s": []}
@@ -162,27 +164,51 @@ def imclass_run(paths, labels, classes, splits, args) -> dict:
     clf.fit((pixels[keep], labels[keep]), epochs=1, batch_size=64, seed=0, verbose=False)
     out["head_epoch_uncached_s"] = time.perf_counter() - t
     if args.fine_tune_epochs:
-        stage2_lr = args.fine_tune_lr or args.lr
-        out["fine_tune"] = {"accuracy": [], "seconds": [], "total_s": [], "epochs": args.fine_tune_epochs,
-                            "unfreeze": args.unfreeze, "batch_norm": args.batch_norm, "history": [],
-                            "lr": stage2_lr, "backbone_lr_ratio": args.backbone_lr_ratio,
-                            "lr_decay": args.lr_decay}
-        for n, (keep, held) in enumerate(splits[: args.fine_tune_seeds]):
-            t = time.perf_counter()
-            ft = fine_tune(build(n), (pixels[keep], labels[keep]), epochs=args.fine_tune_epochs,
-                           freeze_epochs=args.head_epochs, validation=(pixels[held], labels[held]),
-                           lr=stage2_lr, head_lr=args.lr, backbone_lr_ratio=args.backbone_lr_ratio,
-                           lr_decay=args.lr_decay,
-                           cache=cache, seed=n, classes=classes, batch_size=32, feature_augment=args.feature_augment,
-                           unfreeze_stages=args.unfreeze if args.unfreeze == "all" else int(args.unfreeze),
-                           batch_norm=args.batch_norm)
-            total = time.perf_counter() - t
-            for key, value in (("accuracy", ft.val_accuracy), ("seconds", ft.seconds), ("total_s", total)):
-                out["fine_tune"][key].append(value)
-            out["fine_tune"]["history"].append(ft.fine_history.to_dict())
-            print(f"  fine-tuned seed {n} ({args.fine_tune_epochs} epochs, unfreeze {args.unfreeze}): "
-                  f"{ft.val_accuracy:.4f} in {total:.1f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in ft.seconds.items())
-                  + ")", flush=True)
+        out["fine_tune"] = fine_tune_held_out(build, pixels, labels, classes, splits[: args.fine_tune_seeds], cache, args)
+    return out
+
+
+def fine_tune_held_out(build, pixels, labels, classes, splits, cache, args) -> dict:
+    """Stage 2 measured on photos no choice ever saw: each split's 20 % is a test split; the 80 % is cut
+    again into training and a validation eighth (10 % of all) that decides whether the fine-tuned network
+    or the frozen head is kept. Head first (``fine_tune(epochs=0)``), its test accuracy recorded, then the
+    same model fine-tuned; both evaluated on the test split."""
+    from imclass.data.split import split_indices
+    from imclass.transfer import fine_tune
+
+    stage2_lr = args.fine_tune_lr or args.lr
+    out = {"protocol": "per split: 20 % test (never used to choose), 70 % train, 10 % validation (chooses head vs "
+                       "fine-tuned); recipe fixed beforehand on split seed 0's validation photos",
+           "split_seeds": [int(s) for s in args.seeds[: len(splits)]], "epochs": args.fine_tune_epochs,
+           "unfreeze": args.unfreeze, "batch_norm": args.batch_norm, "lr": stage2_lr,
+           "backbone_lr_ratio": args.backbone_lr_ratio, "lr_decay": args.lr_decay,
+           "head_test_accuracy": [], "fine_tuned_test_accuracy": [], "kept_test_accuracy": [], "kept": [],
+           "head_val_accuracy": [], "fine_tuned_val_accuracy": [], "seconds": [], "history": []}
+    for n, (keep, test) in enumerate(splits):
+        inner_train, inner_val = split_indices(labels[keep], 0.125, seed=n)
+        train, val = keep[inner_train], keep[inner_val]
+        common = dict(classes=classes, seed=n, batch_size=32, cache=cache, validation=(pixels[val], labels[val]),
+                      feature_augment=args.feature_augment, batch_norm=args.batch_norm,
+                      unfreeze_stages=args.unfreeze if args.unfreeze == "all" else int(args.unfreeze))
+        t = time.perf_counter()
+        model = build(n)
+        head = fine_tune(model, (pixels[train], labels[train]), epochs=0, freeze_epochs=args.head_epochs,
+                         lr=stage2_lr, head_lr=args.lr, **common)
+        head_test = float(head.classifier.evaluate((pixels[test], labels[test]))["accuracy"])
+        fine = fine_tune(model, (pixels[train], labels[train]), epochs=args.fine_tune_epochs, freeze_epochs=0,
+                         lr=stage2_lr, head_lr=args.lr, backbone_lr_ratio=args.backbone_lr_ratio,
+                         lr_decay=args.lr_decay, **common)
+        fine_test = float(fine.classifier.evaluate((pixels[test], labels[test]))["accuracy"])
+        kept = "fine-tuned" if (fine.val_accuracy or 0.0) >= (head.val_accuracy or 0.0) else "head"
+        for key, value in (("head_test_accuracy", head_test), ("fine_tuned_test_accuracy", fine_test),
+                           ("kept_test_accuracy", fine_test if kept == "fine-tuned" else head_test), ("kept", kept),
+                           ("head_val_accuracy", head.val_accuracy), ("fine_tuned_val_accuracy", fine.val_accuracy),
+                           ("seconds", time.perf_counter() - t)):
+            out[key].append(value)
+        out["history"].append(fine.fine_history.to_dict())
+        print(f"  split seed {out['split_seeds'][n]}: test accuracy head {head_test:.4f} -> fine-tuned {fine_test:.4f} "
+              f"({args.fine_tune_epochs} epochs; validation {head.val_accuracy:.4f} -> {fine.val_accuracy:.4f}, "
+              f"keeps the {kept}) in {out['seconds'][-1]:.0f} s", flush=True)
     return out
 
 
@@ -298,8 +324,9 @@ def main() -> None:
     print(f"head per seed (cached features): {', '.join(f'{s:.1f} s' for s in ours['head_s'])}")
     if "fine_tune" in ours:
         ft = ours["fine_tune"]
-        print(f"fine-tuned ({ft['epochs']} epochs, unfreeze {ft['unfreeze']}): {_mean_sd(ft['accuracy'])} over "
-              f"{len(ft['accuracy'])} splits, {np.mean(ft['total_s']):.0f} s each")
+        print(f"held-out test accuracy over {len(ft['seconds'])} splits: head {_mean_sd(ft['head_test_accuracy'])}, "
+              f"fine-tuned ({ft['epochs']} epochs, unfreeze {ft['unfreeze']}) {_mean_sd(ft['fine_tuned_test_accuracy'])}, "
+              f"kept by validation {_mean_sd(ft['kept_test_accuracy'])}; {np.mean(ft['seconds']):.0f} s each")
     if scratch:
         print(f"course CNN from scratch, {scratch['seconds']:.0f} s each: {_mean_sd(scratch['accuracy'])} "
               f"(imclass transfer {_mean_sd(ours['accuracy'])} in the same time)")

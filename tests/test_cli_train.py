@@ -133,9 +133,14 @@ def test_train_prints_one_summary_line(tmp_path, data_root):
     result = invoke("train", "--model", "mlp", "--dataset", "mnist", "--data", data_root, "--limit", 128,
                     "--epochs", 1, "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
-    line = result.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"test accuracy \d+\.\d\d% on 128 test images, loss \d+\.\d{4}, \d+\.\d s "
-                        r"\(training \+ evaluation\); saved .*model\.safetensors", line), line
+    summary, timing = result.stdout.strip().splitlines()[-2:]
+    assert re.fullmatch(r"test accuracy \d+\.\d\d% on 128 test images, loss \d+\.\d{4}; saved .*model\.safetensors",
+                        summary), summary
+    # the end-of-run breakdown names every stage and adds up to the total (each figure rounded to 0.1 s)
+    total, stages = re.fullmatch(r"time (\d+\.\d) s = (.*)", timing).groups()
+    parts = dict(re.fullmatch(r"(.+) (\d+\.\d) s", p).groups() for p in stages.split(", "))
+    assert list(parts) == ["read", "check", "training", "evaluate + save", "other"], parts
+    assert sum(float(v) for v in parts.values()) == pytest.approx(float(total), abs=0.3)
 
 
 def test_evaluate_matches_training_figures(mnist_run, data_root):

@@ -70,6 +70,23 @@ def test_choose_mode_from_sizes_against_the_budget(tmp_path):
         choose_mode(10, (3, 8, 8), "disk")
 
 
+def test_the_chooser_keeps_room_for_the_model_beside_the_images(tmp_path):
+    from imclass.data.source import ACTIVATION_RESERVE, DEFAULT_MODEL_BYTES, RESERVE_FACTOR, model_reserve
+
+    net = torch.nn.Sequential(torch.nn.Linear(1000, 1000), torch.nn.BatchNorm1d(1000))  # 1,003,000 params + 2,001 buffers
+    weights = (1000 * 1000 + 1000 + 2 * 1000) * 4 + (2 * 1000) * 4 + 8  # float32 params, running mean/var, int64 count
+    assert model_reserve(net) == RESERVE_FACTOR * weights + ACTIVATION_RESERVE
+    assert model_reserve() == RESERVE_FACTOR * DEFAULT_MODEL_BYTES + ACTIVATION_RESERVE == 512 << 20
+    budget = MemoryBudget(2_000_000_000, "test")
+    shape = (3, 100, 100)  # 30 KB an image: 20,000 images = 600 MB
+    assert choose_mode(20_000, shape, budget=budget, cache_dir=tmp_path, reserve=0).mode == "memory"  # 600 MB <= 1 GB
+    beside = choose_mode(20_000, shape, budget=budget, cache_dir=tmp_path)  # the default reserve: 0.5 x (2 GB - 512 MiB)
+    assert beside.mode == "memory" and beside.reserve == 512 << 20 and "0.54 GB of it kept for the model" in beside.line()
+    big = torch.nn.Linear(10_000, 10_000)  # 400 MB of float32 weights: x4 + 256 MiB = 1.87 GB kept
+    assert choose_mode(20_000, shape, budget=budget, cache_dir=tmp_path, reserve=model_reserve(big)).mode == "cache"
+    assert choose_mode(20_000, shape, "memory", budget=budget, reserve=model_reserve(big)).mode == "memory"  # asked for
+
+
 def test_cgroup_limits_v1_and_v2_are_read_from_the_process_group(tmp_path):
     v2 = tmp_path / "v2"
     (v2 / "job" / "inner").mkdir(parents=True)
@@ -209,6 +226,49 @@ def test_cache_is_invalidated_by_any_change(tmp_path, cache_env):
     victim.unlink()  # removed
     assert key_of() is None
     assert len(imdata.load(folder, split="all", image_size=16, mode="cache")) == len(ds)
+
+
+def test_a_warm_start_stats_each_file_once_and_decodes_nothing(tmp_path, cache_env, monkeypatch):
+    """Start-up on an existing cache: listing the folder, the cache key and mapping the cache take one
+    stat per image file, no open of any image file and no decode; a plain (unsplit) copy of the key
+    (each file stat'ed here) is the same key, so the walk's stats are the files' own."""
+    import builtins
+
+    import imclass.data.source as source
+
+    folder = _photos(tmp_path / "photos", 12)
+    imdata.load(folder, split="train", image_size=16, mode="cache", verbose=False)  # builds it
+    files = {str(p) for p in folder.rglob("*") if p.is_file()}
+    stats: list[str] = []
+    opened: list[str] = []
+    real_stat, real_open = os.stat, builtins.open
+
+    def counting_stat(path, *args, **kwargs):
+        if os.fspath(path) in files:
+            stats.append(os.fspath(path))
+        return real_stat(path, *args, **kwargs)
+
+    def counting_open(path, *args, **kwargs):
+        if isinstance(path, (str, os.PathLike)) and os.fspath(path) in files:
+            opened.append(os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("an image was decoded on a warm start")
+
+    monkeypatch.setattr(os, "stat", counting_stat)
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr("imclass.data.folder.decode_array", no_decode)
+    monkeypatch.setattr("imclass.data.folder.probe_image", no_decode)
+    warm = imdata.load(folder, split="train", image_size=16, mode=None, verbose=False)  # the chooser finds the cache
+    first = next(iter(warm.loader(8, shuffle=True, seed=0).batches(0)))
+    assert warm.mode == "cache" and len(first[0]) == 8
+    assert len(stats) == len(files) and set(stats) == files  # every file of the tree once (the walk)
+    assert opened == []
+    monkeypatch.setattr(os, "stat", real_stat)
+    listed = folder_images(folder, "train")
+    plain = source.ImageList(listed.paths, listed.labels, listed.classes, listed.root)  # no stats: stat'ed by cache_key
+    assert source.cache_key(plain, folder_decoder((16, 16))) == source.cache_key(listed, folder_decoder((16, 16)))
 
 
 def test_a_killed_build_leaves_no_readable_cache(tmp_path, cache_env):

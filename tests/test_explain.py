@@ -102,10 +102,14 @@ def test_filter_grid_of_a_known_kernel_shows_that_kernel(tmp_path):
     pixels = np.asarray(Image.open(tmp_path / "f.png").convert("RGB"))
     pad, s, k = 2, 5, 3
     left = pad + 1 * (k * s + pad)  # the second tile
-    tile = pixels[pad : pad + k * s : s, left : left + k * s : s]  # one pixel per kernel cell, (3, 3, RGB)
+    top = pixels.shape[0] - pad - k * s  # one row of tiles under the title
+    tile = pixels[top : top + k * s : s, left : left + k * s : s]  # one pixel per kernel cell, (3, 3, RGB)
     expected = ((kernel + 5) / 26 * 255).round().permute(1, 2, 0).numpy()
     np.testing.assert_array_equal(tile, expected)
     assert summary["filters"] == 4 and summary["layer"] == "0"
+    # the figure is titled: what layer, how many kernels of what size, how each is scaled (dark text above the grid)
+    assert summary["title"] == "filters of 0: 4 kernels of 3x3 (RGB; each scaled to its own min..max)"
+    assert top > 12 and (pixels[: top - pad] < 100).any()
 
 
 def test_activations_of_a_named_layer_equal_its_output(region_clf, image, tmp_path):

@@ -139,9 +139,14 @@ def test_train_help_is_grouped_in_panels_with_the_real_defaults():
     text = res.stdout
     for panel in ("Data", "Model", "Recipe", "Transfer (a folder of photos)", "Output"):
         assert f"─ {panel} ─" in text, panel
-    assert f"default {DEFAULT_EPOCHS}; transfer: fine-tuning epochs after --freeze-epochs, default " \
-           f"{TransferConfig(dataset='.').epochs}" in text
-    assert f"(default {RunConfig().augment}; a folder without pretrained weights: crop_flip)" in text
+    from imclass.workflows.recipes import fast_config
+
+    fast = fast_config(90)
+    text = " ".join(text.replace("│", " ").split())  # the panel's wrapped lines as one line
+    assert f"default {DEFAULT_EPOCHS}; the fast recipe: {fast.epochs:g} for --target 90; transfer: fine-tuning epochs " \
+           f"after --freeze-epochs, default {TransferConfig(dataset='.').epochs}" in text
+    assert f"(default {RunConfig().augment}; a folder without pretrained weights: crop_flip; the fast recipe: its own " \
+           f"flip + {fast.translate}-pixel translate)" in text
     assert "--from-model" in text and "The backbone's weights" in text
 
 

@@ -53,7 +53,7 @@ CLI = {
     "data list": [],
     "data show": ["--data", "--image-size", "--out", "--per-class", "--seed", "--split"],
     "evaluate": ["--confusion", "--data", "--json", "--limit", "--report", "--split", "--tta"],
-    "explain": ["--data", "--dataset", "--json", "--k", "--layer", "--limit", "--method", "--out", "--target", "--window"],
+    "explain": ["--data", "--dataset", "--in", "--json", "--k", "--layer", "--limit", "--method", "--out", "--target", "--window"],
     "export": ["--check", "--format", "--json", "--out", "--tta"],
     "features": ["--amp", "--batch-size", "--cache", "--data", "--image-size", "--limit", "--out", "--split", "--weights", "--weights-dir"],
     "knn": ["--backend", "--batch-size", "--cv", "--data", "--dataset", "--folds", "--json", "--k", "--ks", "--limit", "--metric", "--neighbours-png", "--plot", "--seed", "--test-limit", "--train-limit", "--val-fraction", "--weights"],
@@ -174,3 +174,37 @@ def test_every_command_answers_help():
         result = runner.invoke(app, [*name.split(), "--help"])
         assert result.exit_code == 0, f"imclass {name} --help: {result.output[-500:]}"
         assert "Usage:" in result.output
+
+
+# one spelling for the data set (issue 23): the positional DATA; --dataset (and -d) stays as a hidden alias
+DATA_POSITIONAL = ["compare", "evaluate", "knn", "train", "tune"]
+DATASET_ALIAS = ["challenge", "compare", "evaluate", "explain", "knn", "train", "tune"]
+
+
+def test_data_is_positional_and_dataset_a_hidden_alias():
+    from imclass.cli import app
+
+    commands = _commands()
+    for name in DATA_POSITIONAL:
+        metavars = [p.metavar for p in commands[name].params if p.param_type_name == "argument"]
+        assert "DATA" in metavars, f"imclass {name}: no positional DATA"
+    for name in DATASET_ALIAS:
+        alias = [p for p in commands[name].params if "--dataset" in p.opts]
+        assert len(alias) == 1 and alias[0].hidden, f"imclass {name}: --dataset is not a hidden alias"
+        help_text = CliRunner().invoke(app, [*name.split(), "--help"], terminal_width=200).output
+        assert "--dataset" not in help_text
+
+
+def test_data_alias_and_positional_mean_the_same_and_conflict_loudly(tmp_path):
+    from imclass.cli import app
+
+    runner = CliRunner()
+    twice = runner.invoke(app, ["evaluate", str(tmp_path / "run"), "cifar10", "--dataset", "mnist"])
+    assert twice.exit_code == 2 and "given twice" in twice.output
+    missing = runner.invoke(app, ["compare", "--models", "knn-l1"])
+    assert missing.exit_code == 2 and "expected DATA" in missing.output
+    # the alias reaches the same code as the positional: both name the same missing model file
+    by_alias = runner.invoke(app, ["evaluate", str(tmp_path / "run"), "--dataset", "cifar10"])
+    positional = runner.invoke(app, ["evaluate", str(tmp_path / "run"), "cifar10"])
+    assert by_alias.exit_code == positional.exit_code != 0
+    assert by_alias.output == positional.output and "run" in positional.output

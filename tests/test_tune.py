@@ -93,7 +93,8 @@ def test_bad_search_spaces_are_named(spec, message):
         parse_space(spec)
 
 
-def test_tiny_search_writes_study_table_plots_and_never_reads_test_during_search(tmp_path, folder, monkeypatch):
+def test_tiny_search_writes_study_table_plots_and_never_reads_test_during_search(tmp_path, folder, monkeypatch,
+                                                                               capsys):
     loads = []
     real_load = imclass.data.load
     out = tmp_path / "study"
@@ -141,6 +142,14 @@ def test_tiny_search_writes_study_table_plots_and_never_reads_test_during_search
     assert result["test_images"] == 48
     assert clf.evaluate(test)["accuracy"] == pytest.approx(result["test_accuracy"])
     assert clf.model.imclass_spec["options"]["hidden"] == [best.params["width"]]
+    # no silent phase: each trial has a progress line (start and end off a terminal) and a result line
+    err = capsys.readouterr().err
+    for trial in study.trials:
+        assert f"trial {trial.number}: 2 epochs ..." in err
+        outcome = (f"trial {trial.number}: validation accuracy {trial.value:.2%}" if trial.state == TrialState.COMPLETE
+                   else f"trial {trial.number}: pruned")
+        assert outcome in err
+    assert "final retraining on the whole training split: 2 epochs in " in err
 
 
 def test_pruning_callback_stops_training_and_raises_trial_pruned():
@@ -284,3 +293,37 @@ def test_a_trial_left_running_without_a_heartbeat_is_failed_and_retried(tmp_path
     states = [t.state for t in study.trials]
     assert states == [TrialState.FAIL, TrialState.WAITING]  # failed, and its parameters queued again
     assert study.trials[1].params == study.trials[0].params
+
+
+def test_parameter_plot_ticks_are_readable_and_few_trial_importances_say_so():
+    """The slice plot: at most 4 labelled x ticks per parameter, all inside a narrow log range, whole numbers
+    for integer parameters and for the trial colour bar; importances from 3 trials carry a caveat."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("lr", 3e-4, 6e-4, log=True) * 100 + t.suggest_int("width", 91, 103) / 1e3,
+                   n_trials=3)
+    axes = ovm.plot_slice(study).ravel().tolist()
+    fig = axes[0].figure
+    tune_mod._readable_slices(fig, axes, study)
+    fig.canvas.draw()
+    for ax in axes:
+        lo, hi = ax.get_xlim()
+        labels = [(t.get_position()[0], t.get_text()) for t in ax.get_xticklabels()
+                  if t.get_text() and lo <= t.get_position()[0] <= hi]  # the ones drawn
+        assert 2 <= len(labels) <= 4, (ax.get_xlabel(), labels)
+        assert not any(t.get_text() for t in ax.get_xminorticklabels())
+        if ax.get_xlabel() == "width":
+            assert all(text.isdigit() for _, text in labels)
+    bar = [ax for ax in fig.axes if ax not in axes][0]
+    assert all(float(t).is_integer() for t in bar.get_yticks())
+    assert "3 trials" in fig._suptitle.get_text()
+    plt.close(fig)
+    ax = ovm.plot_param_importances(study)
+    tune_mod._importance_caveat(ax, study)
+    assert "3 complete trials" in ax.get_title(loc="left") and "rough guess" in ax.get_title(loc="left")
+    plt.close(ax.figure)

@@ -111,6 +111,7 @@ def _folder_info(folder: Path, split: str | None, image_size, as_json: bool) -> 
     from imclass.data.decode import GREY_MODES
     from imclass.data.folder import parse_image_size
     from imclass.data.inspect import inspect_folder
+    from imclass.data.source import choose_mode
 
     try:
         info = inspect_folder(folder)
@@ -128,6 +129,9 @@ def _folder_info(folder: Path, split: str | None, image_size, as_json: bool) -> 
         if size is not None:  # what loading with --image-size gives
             channels = 1 if info["modes"] and all(m in GREY_MODES for m in info["modes"]) else 3
             part["image_shape"] = [channels, *size]
+        if part["image_shape"]:  # the tier every command would read this split in (imclass.data.source)
+            choice = choose_mode(part["size"], part["image_shape"])
+            part["tier"] = {"mode": choice.mode, "stored_bytes": choice.stored_bytes, "line": choice.line()}
     if as_json:
         print_json(info)
         return
@@ -144,6 +148,8 @@ def _folder_info(folder: Path, split: str | None, image_size, as_json: bool) -> 
     for s, part in info["splits"].items():
         shape = "x".join(map(str, part["image_shape"])) if part["image_shape"] else "mixed sizes"
         typer.echo(f"  {s:<6} {part['size']:>8,} images  {shape}")
+        if "tier" in part:
+            typer.echo(f"         {part['tier']['line'].removeprefix('data: ')}")
     width = max(len("class"), *(len(c) for c in info["classes"])) + 2
     typer.echo("")
     typer.echo("  " + "class".ljust(width) + "".join(f"{s:>9}" for s in info["splits"]) + f"{'all':>9}")

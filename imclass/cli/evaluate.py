@@ -8,12 +8,15 @@ import typer
 
 from imclass.cli._common import (
     USER_ERRORS,
-    DataMode,
+    data_mode_option,
     DataRoot,
     TTAOption,
+    data_argument,
+    dataset_alias,
     fail,
     limit_option,
     load_saved,
+    pick_data,
     plain_warnings,
     print_json,
 )
@@ -29,11 +32,12 @@ def register(app: typer.Typer) -> None:
 
 def evaluate(
     run: Path = typer.Argument(..., help="Run folder or .safetensors model file."),
-    dataset: str = typer.Argument(..., help="cifar10, mnist, fashion-mnist or an image folder."),
+    data: Optional[str] = data_argument(),
+    dataset: Optional[str] = dataset_alias(),
     split: str = typer.Option("test", "--split", help="Which split to evaluate on."),
     data_root: Optional[str] = DataRoot,
     limit: Optional[int] = limit_option(),
-    data_mode: Optional[str] = DataMode,
+    data_mode: Optional[str] = data_mode_option(),
     confusion: bool = typer.Option(False, "--confusion", help="Also print the confusion matrix."),
     tta: Optional[bool] = TTAOption,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -53,6 +57,7 @@ def evaluate(
     file in it) gets a tuning section: best parameters, the 10 best trials and
     the optimisation plots.
     """
+    dataset = pick_data(data, dataset, required=True)
     from imclass import data as imdata
 
     try:
@@ -68,7 +73,7 @@ def evaluate(
                 data = load_for(dataset, pre, split=split, root=data_root, limit=limit, mode=data_mode)
             else:
                 data = imdata.load(dataset, split=split, root=data_root, image_size=tuple(size[1:]) if size else None,
-                                   limit=limit, mode=data_mode)
+                                   limit=limit, mode=data_mode, reserve=saved.memory_reserve())
         if saved.classes is not None and len(saved.classes) != data.num_classes:
             raise ValueError(
                 f"{run}: the model knows {len(saved.classes)} classes but {dataset} has {data.num_classes}"
@@ -91,7 +96,12 @@ def evaluate(
         print_json(report)
         return
     loss = f"  loss {report['loss']:.4f}" if report.get("loss") is not None else ""
-    typer.echo(f"{dataset} {split} ({len(data):,} images): accuracy {report['accuracy']:.4f}{loss}  (tta: {tta_used})")
+    from imclass.data.folder import HELD_OUT, HELD_OUT_NOTE, split_word
+
+    word = split_word(dataset, split)
+    typer.echo(f"{dataset} {word} ({len(data):,} images): accuracy {report['accuracy']:.4f}{loss}  (tta: {tta_used})")
+    if word == HELD_OUT:
+        typer.echo(f"({HELD_OUT_NOTE})")
     width = max(len(c) for c in data.classes)
     for name, acc in report["per_class_accuracy"].items():
         typer.echo(f"  {name:<{width}}  {acc:.4f}" if acc is not None else f"  {name:<{width}}  (no images)")

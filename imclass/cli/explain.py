@@ -6,7 +6,17 @@ from typing import Any, Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, DataRoot, fail, load_saved, plain_warnings, print_json
+from imclass.cli._common import (
+    USER_ERRORS,
+    DataRoot,
+    data_mode_option,
+    dataset_alias,
+    fail,
+    load_saved,
+    pick_data,
+    plain_warnings,
+    print_json,
+)
 
 # Start-up time: each command imports its machinery (torch and up) inside its function, so that
 # `imclass --help` and every other command start in a fraction of a second.
@@ -22,22 +32,24 @@ def register(app: typer.Typer) -> None:
 def explain(
     run: Path = typer.Argument(..., help="Run folder or .safetensors model file."),
     image: Optional[str] = typer.Argument(
-        None, help="An image file, or DATASET:INDEX (a test image of cifar10, mnist, ... or a folder); "
-        "for tsne a data set. Not needed for filters."),
+        None, help="An image file, or DATA:INDEX (a test image of cifar10, mnist, ... or a folder); "
+        "for tsne a data set (DATA). Not needed for filters."),
     method: str = typer.Option(..., "--method", help="gradcam, saliency, occlusion, filters, activations, "
                                "neighbours, tsne or same-l2."),
     out: Path = typer.Option(..., "--out", help="PNG file to write."),
     layer: Optional[str] = typer.Option(None, "--layer", help="Layer name (model.named_modules()); default: "
                                         "the last Conv2d (gradcam), the first (filters, activations)."),
     target: Optional[str] = typer.Option(None, "--target", help="Class name or index to explain (default: the predicted one)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="Training images for neighbours and same-l2 "
-                                          "(default: the data set of IMAGE given as DATASET:INDEX)."),
+    search_in: Optional[str] = typer.Option(None, "--in", help="The data set whose training images neighbours and "
+                                            "same-l2 search (default: DATA of an IMAGE given as DATA:INDEX)."),
+    dataset: Optional[str] = dataset_alias(),
     data_root: Optional[str] = DataRoot,
     limit: Optional[int] = typer.Option(None, "--limit", help="A seeded, stratified sample of N images: training images "
                                         "for neighbours and same-l2 (default 10000), test images for tsne (default 1000)."),
     window: Optional[int] = typer.Option(None, "--window", help="Occlusion patch size in pixels (default: a sixth of the side)."),
     k: int = typer.Option(8, "--k", help="Neighbours shown (neighbours)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object of the figures."),
+    data_mode: Optional[str] = data_mode_option(),
 ) -> None:
     """Grad-CAM, saliency or occlusion maps, first-layer filters, activation maps, nearest training
     images (features vs pixels), a t-SNE map of features, or the same-L2-distance picture, as one PNG.
@@ -45,7 +57,6 @@ def explain(
     Attributions come from Captum; a k-NN model (no layers) takes occlusion, neighbours, tsne and same-l2.
     """
     from imclass import explain as ex
-    from imclass.data.split import limit_dataset
 
     try:
         if method not in METHODS:
@@ -66,16 +77,16 @@ def explain(
             if image is None:
                 raise ValueError("tsne needs a data set as IMAGE (cifar10, mnist, ... or a folder)")
             with plain_warnings():
-                test = _load(saved, image.rsplit(":", 1)[0] if _indexed(image) else image, "test", data_root)
-            test = limit_dataset(test, limit or 1000)
-            result = ex.tsne_map(model, test.images, test.labels, classes=saved.classes or test.classes, out=out)
+                test = _load(saved, image.rsplit(":", 1)[0] if _indexed(image) else image, "test", data_root,
+                             limit=limit or 1000, mode=data_mode)
+            result = ex.tsne_map(model, _pixels(test), test.labels, classes=saved.classes or test.classes, out=out)
             result.pop("coordinates")
             result.pop("labels")
         else:
             if image is None:
-                raise ValueError(f"{method} needs an IMAGE (a file, or DATASET:INDEX such as cifar10:7)")
+                raise ValueError(f"{method} needs an IMAGE (a file, or DATA:INDEX such as cifar10:7)")
             with plain_warnings():
-                x, label, source = _image(saved, image, data_root)
+                x, label, source = _image(saved, image, data_root, data_mode)
             if method in ("gradcam", "saliency", "occlusion"):
                 fn = {"gradcam": ex.gradcam, "saliency": ex.saliency, "occlusion": ex.occlusion}[method]
                 options: dict[str, Any] = {"layer": layer} if method == "gradcam" else {}
@@ -87,18 +98,18 @@ def explain(
             elif method == "activations":
                 result = ex.save_activations(model, x, out, layer)
             else:
-                train_name = dataset or source
+                train_name = pick_data(search_in, dataset) or source
                 if train_name is None:
-                    raise ValueError(f"{method} needs training images: give --dataset (cifar10, ... or a folder)")
+                    raise ValueError(f"{method} needs training images: give --in DATA (cifar10, ... or a folder)")
                 with plain_warnings():
-                    train = _load(saved, train_name, "train", data_root)
-                train = limit_dataset(train, limit or 10000)
+                    train = _load(saved, train_name, "train", data_root, limit=limit or 10000, mode=data_mode)
                 classes = saved.classes or train.classes
+                pixels = _pixels(train)
                 if method == "neighbours":
-                    result = ex.neighbours(model, x, train.images, train.labels, k=k, classes=classes, out=out)
+                    result = ex.neighbours(model, x, pixels, train.labels, k=k, classes=classes, out=out)
                 else:
                     network = model if hasattr(model, "predict_logits") else None
-                    result = ex.same_l2(x, train.images, train.labels, network, classes=classes, out=out)
+                    result = ex.same_l2(x, pixels, train.labels, network, classes=classes, out=out)
             if label is not None:
                 result["true_class"] = (saved.classes or [])[label] if saved.classes and label < len(saved.classes) else label
     except USER_ERRORS as err:
@@ -115,28 +126,41 @@ def _indexed(image: str) -> bool:
     return bool(name) and index.isdigit() and not Path(image).is_file()
 
 
-def _load(saved: Any, dataset: str, split: str, root: Optional[str]):
-    """A data set split prepared as the model expects (as `imclass evaluate` loads it)."""
+def _load(saved: Any, dataset: str, split: str, root: Optional[str], *, limit: Optional[int] = None,
+          mode: Optional[str] = None):
+    """A data set split prepared as the model expects (as `imclass evaluate` loads it), in the tier
+    ``mode`` (``--data-mode``; None: chosen); ``limit``: the seeded, stratified sample of every ``--limit``,
+    picked before anything is decoded."""
     from imclass import data as imdata
 
     pre = getattr(saved.predictor, "preprocessing", None)  # a pretrained backbone's resize + centre crop
     if pre is not None:
         from imclass.transfer.workflow import load_for
 
-        return load_for(dataset, pre, split=split, root=root)
+        return load_for(dataset, pre, split=split, root=root, limit=limit, mode=mode)
     size = saved.input_size
-    return imdata.load(dataset, split=split, root=root, image_size=tuple(size[1:]) if size else None)
+    return imdata.load(dataset, split=split, root=root, image_size=tuple(size[1:]) if size else None, limit=limit,
+                       mode=mode, reserve=saved.memory_reserve())
 
 
-def _image(saved: Any, image: str, root: Optional[str]):
+def _pixels(source: Any) -> Any:
+    """All images of a (``--limit``-sized) source as one uint8 tensor (N, C, H, W), whatever its tier."""
+    import torch
+
+    return source.read(torch.arange(len(source)))
+
+
+def _image(saved: Any, image: str, root: Optional[str], mode: Optional[str] = None):
     """(uint8 (C, H, W), true label or None, the data set it came from or None) for a file or DATASET:INDEX."""
     if _indexed(image):
+        import torch
+
         name, _, index = image.rpartition(":")
-        test = _load(saved, name, "test", root)
+        test = _load(saved, name, "test", root, mode=mode)
         i = int(index)
         if i >= len(test):
             raise ValueError(f"{name} test split has {len(test):,} images; index {i} is out of range")
-        return test.images[i], int(test.labels[i]), name
+        return test.read(torch.tensor([i]))[0], int(test.labels[i]), name
     from imclass.data.decode import decode_image
 
     pre = getattr(saved.predictor, "preprocessing", None)

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, DataMode, DataRoot, fail, limit_option, plain_warnings, print_json
+from imclass.cli._common import USER_ERRORS, DataRoot, data_mode_option, fail, limit_option, plain_warnings, print_json
 
 # Start-up time: each command imports its machinery (torch and up) inside its function, so that
 # `imclass --help` and every other command start in a fraction of a second.
@@ -69,7 +69,7 @@ def features(
     data_root: Optional[str] = DataRoot,
     cache: Optional[str] = _CACHE,
     amp: str = _AMP,
-    data_mode: Optional[str] = DataMode,
+    data_mode: Optional[str] = data_mode_option(),
 ) -> None:
     """Export the embeddings of a data set or folder: features (N, D) float32, labels, classes, paths, splits."""
     import numpy as np
@@ -140,6 +140,7 @@ def similar(
     cache: Optional[str] = _CACHE,
     amp: str = _AMP,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    data_mode: Optional[str] = data_mode_option(),
 ) -> None:
     """The images of FOLDER nearest to each QUERY in feature space (k-NN, cosine), and how k-NN on those
     features compares with k-NN on raw pixels (the course's point: pixel distance says little)."""
@@ -160,7 +161,8 @@ def similar(
             emb = _embedder(backbone, weights, weights_dir, image_size)
             images = image_set(folder)
             store = _cache(cache)
-            feats = extract_features(emb.model, images.paths, emb.preprocessing, batch_size, cache=store, amp=_amp(amp))
+            feats = extract_features(emb.model, images.paths, emb.preprocessing, batch_size, cache=store, amp=_amp(amp),
+                                     mode=data_mode)
             queries = extract_features(emb.model, [Path(q) for q in query], emb.preprocessing, batch_size, amp=_amp(amp))
             k_eff = min(k, len(images.paths))
             dist, idx = KNN(k=k_eff, metric="cosine").fit(feats, images.labels.clamp(min=0)).kneighbors(queries)

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from imclass.cli._common import DataRoot, fail, limit_option, print_json
+from imclass.cli._common import DATA_HELP, DataRoot, data_argument, dataset_alias, fail, limit_option, pick_data, print_json
+from imclass.data.catalog import FOLDER_IMAGE_SIZE
 
 # Start-up time: each command imports its machinery (torch and up) inside its function, so that
 # `imclass --help` and every other command start in a fraction of a second.
@@ -47,16 +48,13 @@ def _limit(ds, n: Optional[int], flag: str, seed: int):
     return out
 
 
-FOLDER_IMAGE_SIZE = 32  # raw-pixel k-NN on a folder of photos: CIFAR-10's size unless --image-size says otherwise
-
-
 def _load(name: str, split: str, root: Optional[str], image_size: Optional[int] = None):
     from pathlib import Path
 
-    from imclass.data import canonical_name, load
+    from imclass.data import load
+    from imclass.data.catalog import scratch_image_size
 
-    if image_size is None and canonical_name(name) is None and Path(name).expanduser().is_dir():
-        image_size = FOLDER_IMAGE_SIZE
+    image_size = scratch_image_size(name, image_size)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -69,8 +67,8 @@ def _load(name: str, split: str, root: Optional[str], image_size: Optional[int] 
 
 
 def knn(
-    dataset: str = typer.Option("cifar10", "--dataset", "-d",
-                                help="cifar10, mnist, fashion-mnist or a folder of images."),
+    data_set: Optional[str] = data_argument(help=DATA_HELP + " Default: cifar10."),
+    dataset: Optional[str] = dataset_alias(),
     metric: str = typer.Option("l2", "--metric", help="l1, l2 or cosine."),
     metric_short: Optional[str] = typer.Option(None, "-m", hidden=True, help="Old short form of --metric."),
     k: int = typer.Option(1, "--k", "-k", help="Neighbours that vote (ignored with --cv, which chooses k)."),
@@ -101,6 +99,7 @@ def knn(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
 ) -> None:
     """Classify test images by their nearest training images (raw pixels): accuracy and time."""
+    dataset = pick_data(data_set, dataset, "cifar10")
     metric = metric_short or metric
     weights = vote if weights is None else weights  # the old spelling still works
     from imclass.knn import KNN, choose_k, neighbour_grid
@@ -148,7 +147,10 @@ def knn(
     if as_json:
         print_json(result)
         return
-    typer.echo(f"{model.k}-NN ({model.metric_}, {weights}) on {dataset}: accuracy {accuracy:.2%} on {len(test)} test "
+    from imclass.data.folder import split_word
+
+    word = split_word(dataset, "test")  # a plain folder's seeded 20 %: "held-out", as train and evaluate say
+    typer.echo(f"{model.k}-NN ({model.metric_}, {weights}) on {dataset}: accuracy {accuracy:.2%} on {len(test)} {word} "
                f"images with {len(train)} training images, {seconds:.1f} s ({model.backend_} backend)")
     if neighbours_png:
         typer.echo(f"wrote {neighbours_png}")

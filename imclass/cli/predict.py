@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, DataMode, TTAOption, fail, plain_warnings, print_json
+from imclass.cli._common import USER_ERRORS, TTAOption, data_mode_option, fail, plain_warnings, print_json
 
 # Start-up time: each command imports its machinery (torch and up) inside its function, so that
 # `imclass --help` and every other command start in a fraction of a second.
@@ -32,8 +32,8 @@ def predict(
     fmt: Optional[str] = typer.Option(None, "--format", "-f", help="Output: table (default), json or csv (one row per file)."),
     as_json: bool = typer.Option(False, "--json", help="Same as --format json: one JSON object."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
-    data_mode: Optional[str] = typer.Option(
-        None, "--data-mode", help="stream (default: each batch decoded, predicted and dropped), memory (all decoded "
+    data_mode: Optional[str] = data_mode_option(
+        help="stream (default: each batch decoded, predicted and dropped), memory (all decoded "
         "first) or cache (decoded once into a memory-mapped file of the model's input size, reused next time)."),
     backbone: Optional[str] = typer.Option(
         None, "--backbone", help="Zero-shot: ImageNet top-k by this pretrained backbone (then every argument is an image)."),

@@ -9,23 +9,30 @@ import typer
 
 from imclass.cli._common import (
     USER_ERRORS,
-    DataMode,
+    data_argument,
+    data_mode_option,
+    dataset_alias,
     fail,
     limit_option,
+    pick_data,
     plain_warnings,
     print_json,
+    time_line,
     write_error,
 )
+from imclass.data.catalog import FOLDER_IMAGE_SIZE
+from imclass.data.folder import DEFAULT_SIZE as FOLDER_DEFAULT_SIZE
 from imclass.transfer.workflow import DEFAULT_POOL_STAGES, PREFERRED_BACKBONES, TransferConfig
+from imclass.workflows.recipes import fast_config
 from imclass.workflows.training import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_TARGET, RunConfig
 
 
 # `imclass train --help` panels
 DATA, MODEL, RECIPE, TRANSFER_PANEL, OUTPUT = "Data", "Model", "Recipe", "Transfer (a folder of photos)", "Output"
 RUN = RunConfig()  # the help texts show the real defaults
+FAST = fast_config(DEFAULT_TARGET)
 TRANSFER = TransferConfig(dataset=".")
 FALLBACK_AUGMENT = "crop_flip"  # a folder without pretrained weights: the course CNN, augmented
-FALLBACK_IMAGE_SIZE = 32
 
 
 def register(app: typer.Typer) -> None:
@@ -39,12 +46,16 @@ def register(app: typer.Typer) -> None:
 
 def train(
     # data
-    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="cifar10, mnist, fashion-mnist or a folder "
-                                          "of images, one sub-folder per class.", rich_help_panel=DATA),
+    data: Optional[str] = data_argument(help="cifar10, mnist, fashion-mnist or a folder of images, one sub-folder "
+                                        "per class (a folder: transfer learning when pretrained weights are found).",
+                                        rich_help_panel=DATA),
+    dataset: Optional[str] = dataset_alias(),
     data_root: Optional[str] = typer.Option(None, "--data", help="Data root folder (default: $IMCLASS_DATA, else "
                                             "~/.cache/imclass).", rich_help_panel=DATA),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to SIZE x SIZE (a folder "
-                                             f"without pretrained weights: {FALLBACK_IMAGE_SIZE}).",
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to SIZE x SIZE (default: a "
+                                             f"named data set its own size; a folder with --model its most common "
+                                             f"size up to {FOLDER_DEFAULT_SIZE}; a folder without pretrained weights "
+                                             f"{FOLDER_IMAGE_SIZE}; transfer: the backbone's).",
                                              rich_help_panel=DATA),
     limit: Optional[int] = limit_option(rich_help_panel=DATA),
     val_fraction: Optional[float] = typer.Option(
@@ -56,7 +67,7 @@ def train(
         rich_help_panel=DATA),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Class balancing: balanced draws every class "
                                           "about equally often.", rich_help_panel=DATA),
-    data_mode: Optional[str] = typer.Option(None, "--data-mode", help=DataMode.help, rich_help_panel=DATA),
+    data_mode: Optional[str] = data_mode_option(rich_help_panel=DATA),
     # model
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Architecture name (`imclass models list`); "
                                         "none with cifar10: the fast recipe; none with a folder: transfer.",
@@ -70,8 +81,9 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML or JSON file of options (flags win).",
                                           rich_help_panel=RECIPE),
     epochs: Optional[int] = typer.Option(
-        None, "--epochs", "-e", help=f"Passes over the training set (default {DEFAULT_EPOCHS}; transfer: "
-        f"fine-tuning epochs after --freeze-epochs, default {TRANSFER.epochs}).", rich_help_panel=RECIPE),
+        None, "--epochs", "-e", help=f"Passes over the training set (default {DEFAULT_EPOCHS}; the fast "
+        f"recipe: {FAST.epochs:g} for --target {DEFAULT_TARGET}; transfer: fine-tuning epochs after --freeze-epochs, "
+        f"default {TRANSFER.epochs}).", rich_help_panel=RECIPE),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help=f"Images per step (default "
                                              f"{DEFAULT_BATCH_SIZE}).", rich_help_panel=RECIPE),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help=f"adam, adamw, sgd or rmsprop (default "
@@ -95,7 +107,8 @@ def train(
                                                     f"{RUN.label_smoothing:g}).", rich_help_panel=RECIPE),
     augment: Optional[str] = typer.Option(
         None, "--augment", help=f"none, flip, crop, crop_flip, crop_flip_cutout (default {RUN.augment}; a folder "
-        f"without pretrained weights: {FALLBACK_AUGMENT}), and/or challenge names for robustness training: challenge "
+        f"without pretrained weights: {FALLBACK_AUGMENT}; the fast recipe: its own flip + {FAST.translate}-pixel "
+        "translate), and/or challenge names for robustness training: challenge "
         "(all), illumination, viewpoint, deformation, occlusion, clutter (e.g. crop_flip,challenge).",
         rich_help_panel=RECIPE),
     seed: Optional[int] = typer.Option(None, "--seed", help=f"Random seed (default {RUN.seed}).", rich_help_panel=RECIPE),
@@ -149,9 +162,13 @@ def train(
 ) -> None:
     """Train a model and save it to a run folder (model.safetensors, config.json, history, curves).
 
-    With --dataset cifar10 and no --model, the fast CIFAR-10 recipe runs. `--out DIR --resume`
-    alone continues the run in DIR with the config it saved (other flags override it).
+    `imclass train cifar10` (no --model): the fast CIFAR-10 recipe.
+
+    `imclass train FOLDER`: transfer learning from a pretrained backbone.
+
+    `--out DIR --resume` alone continues the run in DIR with the config it saved (other flags override it).
     """
+    dataset = pick_data(data, dataset)
     from imclass.cli.transfer import run_transfer, wants_transfer
     from imclass.train.imbalance import parse_class_weight
     from imclass.workflows.training import CONFIG_FILE, load_config, train_from_config
@@ -182,7 +199,7 @@ def train(
     if transfer:
         def from_scratch() -> None:  # no pretrained weights: the course CNN, augmented
             train(config=None, model="keras_cnn", model_option=model_option, weights=None, from_model=None,
-                  dataset=dataset, data_root=data_root, image_size=image_size or FALLBACK_IMAGE_SIZE, limit=limit,
+                  data=dataset, dataset=None, data_root=data_root, image_size=image_size or FOLDER_IMAGE_SIZE, limit=limit,
                   epochs=epochs, lr_find=False,
                   batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum, nesterov=nesterov,
                   weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
@@ -259,11 +276,14 @@ def train(
     if as_json:
         print_json(result)
     else:
-        typer.echo(
-            f"test accuracy {result['accuracy']:.2%} on {result['test_images']:,} test images, "
-            f"loss {result['loss']:.4f}, {result['seconds']:.1f} s (training + evaluation); "
-            f"saved {result['model_file']}"
-        )
+        from imclass.data.folder import HELD_OUT, HELD_OUT_NOTE, split_word
+
+        word = split_word(result["dataset"], "test")
+        typer.echo(f"{word} accuracy {result['accuracy']:.2%} on {result['test_images']:,} {word} images, "
+                   f"loss {result['loss']:.4f}; saved {result['model_file']}")
+        if word == HELD_OUT:
+            typer.echo(f"({HELD_OUT_NOTE})")
+        typer.echo(time_line(result["total_seconds"], result["seconds_per_stage"]))
 
 
 def _is_model_file(path: str) -> bool:

@@ -1,5 +1,5 @@
 """Transfer learning on the command line: ``imclass weights`` (the known pretrained weights and
-where they are), and the helpers behind ``imclass train --dataset FOLDER [--backbone NAME]`` and
+where they are), and the helpers behind ``imclass train FOLDER [--backbone NAME]`` and
 ``imclass predict --backbone NAME IMAGE...``."""
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Any, Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, fail, plain_warnings, print_json
+from imclass.cli._common import USER_ERRORS, fail, plain_warnings, print_json, time_line
+from imclass.data.folder import HELD_OUT, HELD_OUT_NOTE, split_word
 
 # Start-up time: each command imports its machinery (torch and up) inside its function, so that
 # `imclass --help` and every other command start in a fraction of a second.
@@ -46,7 +47,7 @@ def weights_command(
 
 
 # --------------------------------------------------------------------------------------------
-# imclass train --dataset FOLDER [--backbone NAME]
+# imclass train FOLDER [--backbone NAME]
 
 
 def wants_transfer(*, dataset: str | None, model: str | None, weights: str | None, recipe: str | None,
@@ -71,7 +72,7 @@ def run_transfer(*, dataset: str | None, backbone: str | None, weights: str | No
     from imclass.transfer.workflow import TransferConfig, no_weights_advice, pick_backbone, train_transfer
 
     if dataset is None:
-        fail("expected --dataset FOLDER (a class-per-folder tree of photos) to transfer to")
+        fail("expected DATA: a folder of photos, one sub-folder per class, to transfer to")
     if backbone is None and pick_backbone(weights_dir) is None:
         typer.secho(f"warning: no pretrained weights found; training a small network from scratch. "
                     f"{no_weights_advice(weights_dir)}", fg=typer.colors.YELLOW, err=True)
@@ -100,15 +101,18 @@ def run_transfer(*, dataset: str | None, backbone: str | None, weights: str | No
     if as_json:
         print_json(result)
         return
-    stages = ", ".join(f"{k} {v:.1f} s" for k, v in result["seconds_per_stage"].items())
     kept = {"frozen head": " (the frozen head: fine-tuning ended below it)", "fine-tuned": " (fine-tuned)"}
-    typer.echo(f"validation accuracy {result['accuracy']:.2%} of the saved model{kept.get(result['model_selected'], '')} "
-               f"on {result['val_images']:,} images ({result['backbone']}, {result['train_images']:,} training images)")
-    typer.echo(f"time {result['seconds']:.1f} s = {stages}")
+    word = split_word(dataset, "val")  # a plain folder's seeded hold-out: "held-out", as `imclass evaluate` says
+    typer.echo(f"{word} accuracy {result['accuracy']:.2%} of the saved model{kept.get(result['model_selected'], '')} "
+               f"on {result['val_images']:,} {word} images ({result['backbone']}, {result['train_images']:,} training "
+               "images)")
+    if word == HELD_OUT:
+        typer.echo(f"({HELD_OUT_NOTE}; they also chose the saved model: frozen head or fine-tuned)")
+    typer.echo(time_line(result["seconds"], result["seconds_per_stage"]))
     typer.echo(f"saved {result['model_file']} (best), {Path(result['out']) / 'last.safetensors'} (last), history.csv, "
                f"curves.png, confusion_matrix.png")
     if result.get("suspected_label_errors"):
-        typer.echo(f"{result['suspected_label_errors']} of the {result['val_images']:,} validation images look "
+        typer.echo(f"{result['suspected_label_errors']} of the {result['val_images']:,} {word} images look "
                    f"mislabelled (confident learning on the held-out predictions); see them: "
                    f"imclass review {dataset} --out review/")
 

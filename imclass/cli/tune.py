@@ -7,7 +7,20 @@ from typing import List, Optional
 
 import typer
 
-from imclass.cli._common import USER_ERRORS, DataRoot, fail, limit_option, plain_warnings, print_json
+from imclass.cli._common import (
+    DATA_HELP,
+    USER_ERRORS,
+    DataRoot,
+    data_argument,
+    data_mode_option,
+    dataset_alias,
+    fail,
+    limit_option,
+    pick_data,
+    plain_warnings,
+    print_json,
+)
+from imclass.data.catalog import FOLDER_IMAGE_SIZE
 
 # Start-up time: each command imports its machinery (torch and up) inside its function, so that
 # `imclass --help` and every other command start in a fraction of a second.
@@ -20,9 +33,15 @@ def register(app: typer.Typer) -> None:
 
 def tune(
     model: str = typer.Option("mlp", "--model", help="Architecture to tune (imclass models list), or knn."),
-    dataset: str = typer.Option("cifar10", "--dataset", help="cifar10, mnist, fashion-mnist or an image folder."),
+    data: Optional[str] = data_argument(help=DATA_HELP + " Default: cifar10."),
+    dataset: Optional[str] = dataset_alias(),
     data_root: Optional[str] = DataRoot,
     limit: Optional[int] = limit_option(),
+    data_mode: Optional[str] = data_mode_option(
+        help="Where a folder's images live: memory or cache (a memory-mapped file of the resized images on disk, "
+        "reused by later runs; each fold's rows are read from it). Default: chosen and said on stderr."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to N x N (default for a "
+                                             f"folder: {FOLDER_IMAGE_SIZE}; a named data set keeps its size)."),
     epochs: int = typer.Option(3, "--epochs", help="Epochs per trial (and for the final retraining)."),
     trials: int = typer.Option(20, "--trials", help="Finished trials the study should hold (a rerun adds the rest)."),
     space: Optional[Path] = typer.Option(None, "--space", help="Search space file (.yaml, .toml, .json)."),
@@ -50,22 +69,24 @@ def tune(
     """Search hyperparameters on a validation split (or k-fold CV) with Optuna; the test split is read
     only to evaluate the best parameters at the end. Rerunning the same command resumes the study.
 
-    --report DIR (or `imclass evaluate OUT DATASET --report DIR` later) writes
+    --report DIR (or `imclass evaluate OUT DATA --report DIR` later) writes
     the final model's evaluation report, with a tuning section: best params,
     top trials, plots.
     """
+    dataset = pick_data(data, dataset, "cifar10")
     from imclass.cli.train import parse_model_options
     from imclass.tuning.search import TuneConfig
     from imclass.tuning.search import tune as run_tune
 
     try:
         cfg = TuneConfig(
-            model=model, dataset=dataset, data_root=data_root, limit=limit, epochs=epochs, trials=trials,
+            model=model, dataset=dataset, data_root=data_root, limit=limit, image_size=image_size, data_mode=data_mode,
+            epochs=epochs, trials=trials,
             space=str(space) if space is not None else None, storage=storage, study_name=study_name,
             out=str(out), workers=workers, sampler=_search(search, sampler), pruner=pruner, val_fraction=val_fraction, cv=cv,
             seed=seed, device=device, heartbeat=heartbeat, final=final,
             report=str(report_dir) if report_dir is not None else None,
-            model_options=parse_model_options(model_option or []),
+            model_options=parse_model_options(model_option or []), progress=not as_json,
         )
         with plain_warnings():
             result = run_tune(cfg)

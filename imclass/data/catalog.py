@@ -47,6 +47,18 @@ def names() -> list[str]:
     return list(CLASSES)
 
 
+FOLDER_IMAGE_SIZE = 32  # a folder of photos read as raw pixels (k-NN) or by a network trained from scratch
+
+
+def scratch_image_size(name: str | os.PathLike, image_size: int | None) -> int | None:
+    """The side a raw-pixel k-NN or a network trained from scratch reads data set ``name`` at:
+    ``image_size`` when given; a folder of photos (mixed sizes): ``FOLDER_IMAGE_SIZE`` (CIFAR-10's
+    32); a named data set: None (its own size)."""
+    if image_size is not None or canonical_name(str(name)) is not None:
+        return image_size
+    return FOLDER_IMAGE_SIZE if Path(name).expanduser().is_dir() else None
+
+
 def canonical_name(name: str) -> str | None:
     """``"CIFAR-10"`` -> ``"cifar10"``; None when ``name`` is not a known data set."""
     key = str(name).strip().lower()
@@ -72,6 +84,7 @@ def load(
     mode: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     verbose: bool = True,
+    reserve: int | None = None,
 ) -> ImageDataset:
     """Load one split of a data set as an ``ImageDataset`` (uint8 images (N, C, H, W), int64 labels).
 
@@ -84,7 +97,8 @@ def load(
     every ``--limit``, :func:`imclass.data.split.limit_indices`; a folder decodes only those files).
     A folder is decoded in the tier ``mode`` (``"memory"``, ``"cache"``: a memory-mapped cache file
     reused by later loads; None chooses from the headers and the memory available and says which on
-    stderr when ``verbose``; see ``imclass.data.source``). Named data sets are held in memory.
+    stderr when ``verbose``; ``reserve``: bytes kept for the model, ``imclass.data.source.model_reserve``;
+    see ``imclass.data.source``). Named data sets are held in memory.
 
     >>> train = load("cifar10", split="train")            # doctest: +SKIP
     >>> train.images.shape, train.classes[:3]              # doctest: +SKIP
@@ -107,7 +121,7 @@ def load(
         if (path / "index.json").is_file():  # written by `imclass data shard`
             return _load_shards(path, split, size, mode=mode, limit=limit, verbose=verbose)
         return load_folder(path, split, size, strict=strict, limit=limit, limit_seed=seed, mode=mode,
-                           cache_dir=cache_dir, verbose=verbose)
+                           cache_dir=cache_dir, verbose=verbose, reserve=reserve)
     if mode not in (None, "memory"):
         raise ValueError(f"{name} is held in memory (a named data set); --data-mode {mode} applies to image folders")
     ds = limit_dataset(_load_known(name, split, root, download), limit, seed=seed)

@@ -31,11 +31,26 @@ from imclass.data.decode import (
 )
 from imclass.data.source import Decoder, ImageList, UnreadableImageError, open_images
 from imclass.data.split import limit_indices, split_indices
-from imclass.data.walk import relative_name, walk_classes
+from imclass.data.walk import ClassWalk, relative_name, walk_classes
 
 TEST_FRACTION = 0.2  # share of each class held out as "test" in a plain tree
 SPLIT_SEED = 0
 _SHOWN = 10  # unreadable files named in a message before "... and N more"
+
+
+HELD_OUT = "held-out"
+HELD_OUT_NOTE = (f"held-out: the seeded {TEST_FRACTION:.0%} of each class of a folder without split folders, never "
+                 "trained on; `imclass train` reports on them and `imclass evaluate RUN FOLDER` reads the same photos")
+
+
+def split_word(dataset: str | os.PathLike, split: str) -> str:
+    """The one word every command uses for ``split`` of ``dataset``: a plain folder's seeded hold-out (its
+    ``test`` split, which a transfer run validates on) is ``HELD_OUT``; any other split keeps its name."""
+    folder = Path(dataset).expanduser()
+    if split in ("test", "val") and folder.is_dir() and not split_folders(folder) \
+            and not (folder / "index.json").is_file():  # not shards (`imclass data shard`), which have their splits
+        return HELD_OUT
+    return {"val": "validation"}.get(split, split)
 
 
 def parse_image_size(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
@@ -70,11 +85,18 @@ def list_images(folder: Path, classes: Sequence[str]) -> tuple[list[Path], list[
     Listed by ``imclass.data.walk.walk_classes``; entries it skips (symlink loops, FIFOs, other files)
     are named in one warning.
     """
+    found = list_class_files(folder, classes)
+    return found.paths, found.labels
+
+
+def list_class_files(folder: Path, classes: Sequence[str]) -> ClassWalk:
+    """``list_images`` with each file's ``(st_size, st_mtime_ns)`` from the walk (``ClassWalk.stats``:
+    pass them to ``ImageList(stats=...)`` so that a cache key stats nothing again)."""
     found = walk_classes(folder, classes)
     message = found.message(folder)
     if message:
-        warnings.warn(message, stacklevel=2)
-    return found.paths, found.labels
+        warnings.warn(message, stacklevel=3)
+    return found
 
 
 def read_image(path: str | Path, size: tuple[int, int] | None = None, channels: int | None = None) -> torch.Tensor:
@@ -154,14 +176,16 @@ def folder_images(path: str | os.PathLike, split: str = "train", *, test_fractio
             raise ValueError(
                 f"{root} has split folders {', '.join(splits)}, received split={split!r}{hint}"
             )
-        paths, labels = list_images(split_dir, classes)
+        found = list_class_files(split_dir, classes)
+        paths, labels, stats = found.paths, found.labels, found.stats
     else:
         classes = [c.name for c in class_folders(root)]
-        paths, labels = list_images(root, classes)
+        found = list_class_files(root, classes)
+        paths, labels, stats = found.paths, found.labels, found.stats
         if split in ("train", "test"):
             train_idx, test_idx = split_indices(torch.tensor(labels), test_fraction, seed=seed)
             chosen = (train_idx if split == "train" else test_idx).tolist()
-            paths, labels = [paths[i] for i in chosen], [labels[i] for i in chosen]
+            paths, labels, stats = [paths[i] for i in chosen], [labels[i] for i in chosen], [stats[i] for i in chosen]
             notes.append(
                 f"{split} split of a plain class-per-folder tree: "
                 f"{test_fraction:.0%} of each class held out as test, the rest train (seed {seed})"
@@ -184,9 +208,9 @@ def folder_images(path: str | os.PathLike, split: str = "train", *, test_fractio
         )
     if limit is not None and limit < len(paths):
         pick = limit_indices(torch.tensor(labels), limit, seed=limit_seed, classes=classes, where=f"{split} split").tolist()
-        paths, labels = [paths[i] for i in pick], [labels[i] for i in pick]
+        paths, labels, stats = [paths[i] for i in pick], [labels[i] for i in pick], [stats[i] for i in pick]
         notes.append(f"--limit {limit}: a seeded (seed {limit_seed}), stratified sample of the split's files")
-    return ImageList(paths, labels, classes, root, name=root.name, split=split, notes=notes)
+    return ImageList(paths, labels, classes, root, name=root.name, split=split, notes=notes, stats=stats)
 
 
 def _is_grey(path: Path) -> bool:
@@ -247,13 +271,15 @@ def load_folder(
     mode: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     verbose: bool = True,
+    reserve: int | None = None,
 ) -> ImageDataset:
     """Read one split of a class-per-folder image tree (see the module docstring for the layouts).
 
     ``limit``: decode only a seeded (``limit_seed``), stratified sample of that many files of the split
     (:func:`imclass.data.split.limit_indices`, the rule of every ``--limit``).
     ``mode`` is the tier (``imclass.data.source``: ``"memory"``, ``"cache"``, ``"stream"``; None
-    chooses from the headers and the memory available, and says so on stderr when ``verbose``).
+    chooses from the headers and the memory available once ``reserve`` bytes are kept for the model
+    (``imclass.data.source.model_reserve``), and says so on stderr when ``verbose``).
     Each file is decoded straight into its row of one preallocated uint8 tensor (or of the
     memory-mapped cache file). Without ``image_size`` every image must have the same size.
     """
@@ -265,4 +291,5 @@ def load_folder(
                           None, _is_grey)
     else:
         decoder = folder_decoder(size)
-    return open_images(images, decoder, mode, cache_dir=cache_dir, strict=strict, workers=workers, verbose=verbose)
+    return open_images(images, decoder, mode, cache_dir=cache_dir, strict=strict, workers=workers, verbose=verbose,
+                       reserve=reserve)

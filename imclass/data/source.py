@@ -17,6 +17,7 @@ memory this process actually has (``memory_budget``: cgroup v2 ``memory.max``, c
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -52,6 +53,7 @@ __all__ = [
     "find_cache",
     "inference_batch_size",
     "memory_budget",
+    "model_reserve",
     "open_images",
 ]
 
@@ -59,6 +61,13 @@ MODES = ("memory", "cache", "stream")
 CACHE_SUBDIR = "images"  # under $IMCLASS_CACHE (default ~/.cache/imclass)
 MEMORY_SHARE = 0.5  # the in-memory tier when the stored images take at most this share of the memory available
 DISK_MARGIN = 1.1  # the cache tier needs this times the stored bytes free on its disk
+# What must fit beside the images (model_reserve): the model's parameters, their gradients and two optimizer
+# moments (Adam: RESERVE_FACTOR x the parameter bytes), plus the activations of one batch (batches hold
+# about 2 M pixels: inference_batch_size); a model not known yet counts as DEFAULT_MODEL_BYTES of parameters
+# (16 M float32 parameters: more than MobileNetV2's 3.5 M or ResNet-20's 0.27 M, less than ResNet-50's 25 M).
+RESERVE_FACTOR = 4
+ACTIVATION_RESERVE = 256 << 20
+DEFAULT_MODEL_BYTES = 64 << 20
 _CACHE_VERSION = 1
 _FLUSH_BYTES = 256 << 20  # write a building cache back to disk every so many bytes (bounded dirty pages)
 
@@ -192,6 +201,7 @@ class TierChoice:
     stored_bytes: int  # n_images x C x H x W
     budget: MemoryBudget
     reason: str  # "chosen" (from the headers) or "asked for (--data-mode)"
+    reserve: int = 0  # bytes kept free beside the images for the model and its activations (model_reserve)
 
     @property
     def memory_bytes(self) -> int:
@@ -206,33 +216,50 @@ class TierChoice:
             "cache": f"{_gb(self.stored_bytes)} memory-mapped from a cache file on disk, not in process memory",
             "stream": "decoded batch by batch, nothing held",
         }[self.mode]
+        kept = f", {_gb(self.reserve)} of it kept for the model" if self.reserve else ""
         return (f"data: {self.n_images:,} images of {c}x{h}x{w} = {_gb(self.stored_bytes)}; "
-                f"{_gb(self.budget.bytes)} of memory available ({self.budget.source}) -> {self.mode} tier "
+                f"{_gb(self.budget.bytes)} of memory available ({self.budget.source}{kept}) -> {self.mode} tier "
                 f"({self.reason}): {where}")
 
 
+def model_reserve(model: torch.nn.Module | None = None) -> int:
+    """Bytes to keep free beside the images for ``model`` while it trains or predicts: ``RESERVE_FACTOR``
+    x its parameter and buffer bytes (weights, gradients, two optimizer moments) + ``ACTIVATION_RESERVE``
+    (one batch's activations); None (the model is built after the data is read): ``DEFAULT_MODEL_BYTES``
+    of parameters (512 MB in all)."""
+    if model is None:
+        weights = DEFAULT_MODEL_BYTES
+    else:
+        tensors = list(model.parameters()) + list(model.buffers())
+        weights = sum(t.numel() * t.element_size() for t in tensors)
+    return RESERVE_FACTOR * weights + ACTIVATION_RESERVE
+
+
 def choose_mode(n_images: int, image_shape: Sequence[int], requested: str | None = None, *,
-                cache_dir: str | os.PathLike | None = None, budget: MemoryBudget | None = None) -> TierChoice:
+                cache_dir: str | os.PathLike | None = None, budget: MemoryBudget | None = None,
+                reserve: int | None = None) -> TierChoice:
     """The tier for ``n_images`` images of ``image_shape`` (C, H, W) uint8.
 
-    In memory when the stored bytes take at most ``MEMORY_SHARE`` of the memory available; else the
-    memory-mapped cache when its disk has room for it; else streaming. ``requested`` (``--data-mode``)
-    overrides the choice.
+    In memory when the stored bytes take at most ``MEMORY_SHARE`` of the memory left once ``reserve``
+    bytes are kept for the model and its activations (``model_reserve``; None: ``model_reserve()``, a
+    model not known yet); else the memory-mapped cache when its disk has room for it; else streaming.
+    ``requested`` (``--data-mode``) overrides the choice.
     """
     if requested is not None and requested not in MODES:
         raise ValueError(f"expected --data-mode memory, cache or stream, received {requested!r}")
     c, h, w = (int(v) for v in image_shape)
     stored = int(n_images) * c * h * w
     budget = budget or memory_budget()
+    reserve = model_reserve() if reserve is None else int(reserve)
     if requested is not None:
-        return TierChoice(requested, int(n_images), (c, h, w), stored, budget, "asked for (--data-mode)")
-    if stored <= MEMORY_SHARE * budget.bytes:
+        return TierChoice(requested, int(n_images), (c, h, w), stored, budget, "asked for (--data-mode)", reserve)
+    if stored <= MEMORY_SHARE * (budget.bytes - reserve):
         mode = "memory"
     elif _disk_free(cache_folder(cache_dir)) >= DISK_MARGIN * stored:
         mode = "cache"
     else:
         mode = "stream"
-    return TierChoice(mode, int(n_images), (c, h, w), stored, budget, "chosen from the headers")
+    return TierChoice(mode, int(n_images), (c, h, w), stored, budget, "chosen from the headers", reserve)
 
 
 def _disk_free(folder: Path) -> int:
@@ -260,6 +287,9 @@ class ImageList:
     name: str = ""
     split: str = ""
     notes: list[str] = field(default_factory=list)
+    # (st_size, st_mtime_ns) per path from the folder walk's one stat of each file (imclass.data.walk),
+    # so that the cache key stats nothing again; None: cache_key stats the files itself
+    stats: list[tuple[int, int]] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -267,8 +297,9 @@ class ImageList:
     def subset(self, indices: Sequence[int]) -> "ImageList":
         """The files at ``indices`` (in that order), e.g. a seeded ``--limit`` sample before anything is decoded."""
         idx = [int(i) for i in indices]
+        stats = [self.stats[i] for i in idx] if self.stats is not None else None
         return ImageList([self.paths[i] for i in idx], [self.labels[i] for i in idx], list(self.classes), self.root,
-                         self.name, self.split, list(self.notes))
+                         self.name, self.split, list(self.notes), stats)
 
 
 @dataclass(frozen=True)
@@ -330,14 +361,20 @@ def cache_folder(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def cache_key(images: ImageList, decoder: Decoder) -> str:
     """A digest of everything the cached pixels depend on: every file's path, size and modification
-    time, the labels, the decoder's key and size and channels, and the cache format."""
+    time, the labels, the decoder's key and size and channels, and the cache format.
+
+    Sizes and times come from ``images.stats`` (the folder walk's one stat per file) when present,
+    else from one ``os.stat`` per file here: either way one stat per file, no file opened."""
     h = hashlib.sha256()
     head = {"v": _CACHE_VERSION, "decoder": decoder.key, "size": list(decoder.size), "channels": decoder.channels,
             "classes": images.classes}
     h.update(json.dumps(head, sort_keys=True).encode())
-    for path, label in zip(images.paths, images.labels):
-        st = os.stat(path)
-        h.update(f"{os.fspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
+    stats = images.stats
+    if stats is None or len(stats) != len(images.paths):
+        stats = [(st.st_size, st.st_mtime_ns) for st in map(os.stat, images.paths)]
+    lines = [f"{os.fspath(path)}\0{size}\0{mtime}\0{label}\n"
+             for path, label, (size, mtime) in zip(images.paths, images.labels, stats)]
+    h.update("".join(lines).encode())  # the same bytes as one update per file
     return h.hexdigest()[:32]
 
 
@@ -649,8 +686,9 @@ def _gather_lists(items: list) -> list:
 
 def open_images(images: ImageList, decoder: Decoder, mode: str | None = None, *,
                 cache_dir: str | os.PathLike | None = None, strict: bool = False, workers: int | None = None,
-                verbose: bool = True, say: Callable[[str], None] | None = None) -> Any:
-    """``images`` decoded by ``decoder`` in the tier ``mode`` (None: ``choose_mode`` decides).
+                verbose: bool = True, say: Callable[[str], None] | None = None, reserve: int | None = None) -> Any:
+    """``images`` decoded by ``decoder`` in the tier ``mode`` (None: ``choose_mode`` decides, keeping
+    ``reserve`` bytes for the model: ``model_reserve``).
 
     Returns an ``ImageDataset`` (``mode`` ``"memory"`` or ``"cache"``) or a stream source
     (``imclass.data.stream.StreamSource``); its ``mode`` says which. The choice is said in one line
@@ -664,9 +702,9 @@ def open_images(images: ImageList, decoder: Decoder, mode: str | None = None, *,
     else:
         reason = None
     c = decoder.channels or 3
-    choice = choose_mode(len(images), (c, *decoder.size), mode, cache_dir=cache_dir)
+    choice = choose_mode(len(images), (c, *decoder.size), mode, cache_dir=cache_dir, reserve=reserve)
     if reason is not None:
-        choice = TierChoice(choice.mode, choice.n_images, choice.image_shape, choice.stored_bytes, choice.budget, reason)
+        choice = dataclasses.replace(choice, reason=reason)
     say = say or ((lambda line: print(line, file=sys.stderr, flush=True)) if verbose and _dist()[0] == 0 else None)
     if say is not None:
         say(choice.line())

@@ -1,5 +1,5 @@
 """The one folder walk: every path that lists the image files of a user's folder goes through here
-(``data.load`` on folders, ``data info/check``, ``train --dataset FOLDER``, ``predict FOLDER``, label review).
+(``data.load`` on folders, ``data info/check``, ``train FOLDER``, ``predict FOLDER``, label review).
 
     found = walk_images("photos/daisy")          # Walk(files=[...sorted...], skipped=[(path, kind), ...])
     found.message("photos")                      # None, or one line naming every skipped entry by kind
@@ -22,6 +22,7 @@ import os
 import stat
 from collections import Counter
 from dataclasses import dataclass, field
+from operator import attrgetter, methodcaller
 from pathlib import Path
 from typing import Sequence
 
@@ -42,10 +43,13 @@ _SHOWN = 3  # entries named per kind before "..."
 
 @dataclass
 class Walk:
-    """Image files found (sorted) and every entry skipped, as ``(path, kind)`` with kind in ``SKIP_KINDS``."""
+    """Image files found (sorted) and every entry skipped, as ``(path, kind)`` with kind in ``SKIP_KINDS``;
+    ``stats[i]`` is ``(st_size, st_mtime_ns)`` of ``files[i]`` from the walk's one ``stat`` of it (what a
+    cache key needs, so nothing stats the files again)."""
 
     files: list[Path] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    stats: list[tuple[int, int]] = field(default_factory=list)
 
     def message(self, root: str | os.PathLike | None = None) -> str | None:
         """One line naming every skipped entry by kind (paths relative to ``root``), or None."""
@@ -60,6 +64,7 @@ class ClassWalk:
     paths: list[Path]
     labels: list[int]
     skipped: list[tuple[Path, str]]
+    stats: list[tuple[int, int]] = field(default_factory=list)  # (st_size, st_mtime_ns) per path
 
     def message(self, root: str | os.PathLike | None = None) -> str | None:
         """One line naming every skipped entry by kind, or None."""
@@ -102,6 +107,10 @@ def _dir_id(path: str | os.PathLike) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
+_by_name = attrgetter("name")
+_is_link = methodcaller("is_symlink")  # from the directory entry's type: no system call
+
+
 def walk_images(root: str | os.PathLike, *, seen: set[tuple[int, int]] | None = None,
                 extensions: Sequence[str] = IMAGE_EXTENSIONS) -> Walk:
     """Image files under ``root`` (recursively, following folder links once per real folder, sorted).
@@ -118,44 +127,53 @@ def walk_images(root: str | os.PathLike, *, seen: set[tuple[int, int]] | None = 
         return walk
     seen.add(start)
     wanted = tuple(e.lower() for e in extensions)
-    stack = [root]
+    found: list[tuple[tuple[str, ...], Path, int, int]] = []  # (parts below root, path, size, mtime_ns)
+    stack: list[tuple[Path, tuple[str, ...]]] = [(root, ())]
+    # Per entry: one stat (it follows links and never opens the file) and nothing else; the path is
+    # built as folder / name (parsing one name, not the whole path) and sorted by its parts below
+    # root, which is Path's own order (start-up on an existing cache is this walk plus one hash).
     while stack:
-        folder = stack.pop()
+        folder, parts = stack.pop()
         try:
             with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: (e.is_symlink(), e.name))  # real folders claim themselves first
+                entries = sorted(it, key=_by_name)
+            entries.sort(key=_is_link)  # stable: real entries first (real folders claim themselves), each part by name
         except OSError:
             walk.skipped.append((folder, "unreadable"))
             continue
         subfolders = []
         for entry in entries:
-            path = Path(entry.path)
-            if entry.name.startswith("."):
-                walk.skipped.append((path, "hidden"))
+            name = entry.name
+            if name.startswith("."):
+                walk.skipped.append((folder / name, "hidden"))
                 continue
             try:
                 st = os.stat(entry.path)  # follows links; never opens the file
             except FileNotFoundError:
-                walk.skipped.append((path, "broken link"))
+                walk.skipped.append((folder / name, "broken link"))
                 continue
             except OSError:
-                walk.skipped.append((path, "unreadable"))
+                walk.skipped.append((folder / name, "unreadable"))
                 continue
-            if stat.S_ISDIR(st.st_mode):
+            mode = st.st_mode
+            if stat.S_ISREG(mode):
+                if is_image_name(name) and name.lower().endswith(wanted):
+                    found.append(((*parts, name), folder / name, st.st_size, st.st_mtime_ns))
+                else:
+                    walk.skipped.append((folder / name, "not an image name"))
+            elif stat.S_ISDIR(mode):
                 key = (st.st_dev, st.st_ino)
                 if key in seen:
-                    walk.skipped.append((path, "repeated folder"))
+                    walk.skipped.append((folder / name, "repeated folder"))
                 else:
                     seen.add(key)
-                    subfolders.append(path)
-            elif not stat.S_ISREG(st.st_mode):
-                walk.skipped.append((path, "not a regular file"))
-            elif is_image_name(entry.name) and entry.name.lower().endswith(wanted):
-                walk.files.append(path)
+                    subfolders.append((folder / name, (*parts, name)))
             else:
-                walk.skipped.append((path, "not an image name"))
+                walk.skipped.append((folder / name, "not a regular file"))
         stack.extend(reversed(subfolders))
-    walk.files.sort()
+    found.sort(key=lambda f: f[0])  # the parts below root: the order of sorting the Paths themselves
+    walk.files = [f[1] for f in found]
+    walk.stats = [(f[2], f[3]) for f in found]
     walk.skipped.sort()
     return walk
 
@@ -175,6 +193,7 @@ def walk_classes(folder: str | os.PathLike, classes: Sequence[str]) -> ClassWalk
     paths: list[Path] = []
     labels: list[int] = []
     skipped: list[tuple[Path, str]] = []
+    stats: list[tuple[int, int]] = []
     done: set[tuple[int, int]] = set()
     for label, name in enumerate(classes):
         class_dir = folder / name
@@ -190,4 +209,5 @@ def walk_classes(folder: str | os.PathLike, classes: Sequence[str]) -> ClassWalk
         paths += found.files
         labels += [label] * len(found.files)
         skipped += found.skipped
-    return ClassWalk(paths, labels, skipped)
+        stats += found.stats
+    return ClassWalk(paths, labels, skipped, stats)

@@ -30,7 +30,7 @@ from imclass.model_file.format import read_metadata
 from imclass.models.rebuild import load
 from imclass.tta import choose_tta
 from imclass.visualize import save_image_grid, save_line_plot
-from imclass.visualize.plots import save_figure
+from imclass.visualize.plots import pyplot, save_figure
 from imclass.data import as_images, as_labels
 from imclass.data.folder import split_folders
 
@@ -108,13 +108,19 @@ def _as_models(models: Sequence[Any]) -> list[ModelUnderTest]:
 
 
 def _load_data(data: Any, split: str, size: list[int] | None, root: Any, limit: int | None,
-               seed: int = 0) -> ImageDataset:
+               seed: int = 0, mode: str | None = None) -> Any:
+    """The test images as the model takes them: an image source (``ImageDataset`` in the memory or cache
+    tier, a stream source in the stream tier; ``mode``: ``--data-mode``, None chosen), ``limit`` files
+    picked before decoding."""
     if isinstance(data, ImageDataset):
         ds = data
     elif isinstance(data, (tuple, list)) and len(data) == 2:
         ds = imdata.from_arrays(data[0], data[1])
     else:
-        ds = imdata.load(data, split=split, root=root, image_size=tuple(size[1:]) if size else None)
+        ds = imdata.load(data, split=split, root=root, image_size=tuple(size[1:]) if size else None, limit=limit,
+                         seed=seed, mode=mode)
+        if not isinstance(ds, ImageDataset):  # the stream tier: already at the model's size, already limited
+            return ds
     if size and tuple(ds.image_shape[1:]) != tuple(size[1:]):
         ds = ImageDataset(imdata.resize_images(ds.images, tuple(size[1:])), ds.labels, ds.classes, ds.name, ds.split)
     if size and ds.image_shape[0] != size[0]:
@@ -122,20 +128,25 @@ def _load_data(data: Any, split: str, size: list[int] | None, root: Any, limit: 
     return imdata.limit_dataset(ds, limit, seed=seed)
 
 
-def _load_shift(shift: Any, size: list[int] | None, root: Any) -> ImageDataset:
+def _load_shift(shift: Any, size: list[int] | None, root: Any, mode: str | None = None) -> Any:
     if isinstance(shift, (str, os.PathLike)) and Path(shift).is_dir():
         split = "test" if split_folders(Path(shift)) else "all"  # a plain folder is the second test set whole
-        return _load_data(shift, split, size, root, None)
+        return _load_data(shift, split, size, root, None, mode=mode)
     return _load_data(shift, "test", size, root, None)
 
 
-def _remap(shift: ImageDataset, classes: list[str], where: str) -> ImageDataset:
+def _chunk(ds: Any, start: int) -> torch.Tensor:
+    """Images ``start`` .. ``start + CHUNK`` of an image source (any tier) as one uint8 tensor."""
+    return ds.read(torch.arange(start, min(start + CHUNK, len(ds))))
+
+
+def _remap(shift: Any, classes: list[str], where: str) -> torch.Tensor:
     """The shift set's labels in the order of the test set's ``classes`` (its classes must be among them)."""
     unknown = [c for c in shift.classes if c not in classes]
     if unknown:
         raise ValueError(f"{where}: classes {unknown} are not classes of the test set ({classes})")
     table = torch.tensor([classes.index(c) for c in shift.classes], dtype=torch.long)
-    return ImageDataset(shift.images, table[shift.labels], list(classes), shift.name, shift.split)
+    return table[shift.labels]
 
 
 def _accuracy(model: ModelUnderTest, images: torch.Tensor, labels: torch.Tensor) -> tuple[int, torch.Tensor]:
@@ -157,6 +168,7 @@ def challenge_report(
     seed: int = 0,
     examples: int = 6,
     progress: bool = True,
+    mode: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``models`` (run folders, model files or loaded models) on ``data`` under every challenge.
 
@@ -164,6 +176,7 @@ def challenge_report(
     self-contained page, images embedded), a curve per challenge (``curve_<name>.png``, one line per
     model) and a grid of example images per challenge (``examples_<name>.png``: rows = images,
     columns = severities). ``limit`` keeps a seeded, stratified sample of N test images (the rule of every ``--limit``). Severity 0 is always included.
+    ``mode``: the tier a folder's images are read in (``imclass.data.source``: memory, cache, stream; None: chosen).
     """
     from tqdm import tqdm
 
@@ -183,7 +196,7 @@ def challenge_report(
 
     # one copy of the test set per input size, so each model sees it as `imclass evaluate` does
     sizes = {tuple(m.input_size) if m.input_size else None for m in models}
-    sets = {s: _load_data(data, split, list(s) if s else None, root, limit, seed) for s in sizes}
+    sets = {s: _load_data(data, split, list(s) if s else None, root, limit, seed, mode) for s in sizes}
     first = next(iter(sets.values()))
     for m in models:
         ds = sets[tuple(m.input_size) if m.input_size else None]
@@ -195,16 +208,18 @@ def challenge_report(
             if isinstance(shift, (tuple, list)):  # arrays: labels are indices into the test set's classes
                 images = as_images(shift[0], name="shift images")
                 sh = ImageDataset(images, as_labels(shift[1], len(images), name="shift labels"), ds.classes, "shift")
-                shift_sets[s] = _load_data(sh, split, list(s) if s else None, root, None)
+                sh = _load_data(sh, split, list(s) if s else None, root, None)
+                shift_sets[s] = (sh, sh.labels)
             else:
-                shift_sets[s] = _remap(_load_shift(shift, list(s) if s else None, root), ds.classes, str(shift))
+                sh = _load_shift(shift, list(s) if s else None, root, mode)
+                shift_sets[s] = (sh, _remap(sh, ds.classes, str(shift)))
 
     steps = len(challenges) * (len(severities) - 1) + 1 + bool(shift_sets)
     bar = tqdm(total=steps * len(models), desc="challenge", unit="model-eval", disable=not progress, leave=False)
     clean: dict[str, float] = {}
     for m in models:
         ds = sets[tuple(m.input_size) if m.input_size else None]
-        correct = sum(_accuracy(m, ds.images[i:i + CHUNK], ds.labels[i:i + CHUNK])[0] for i in range(0, len(ds), CHUNK))
+        correct = sum(_accuracy(m, _chunk(ds, i), ds.labels[i:i + CHUNK])[0] for i in range(0, len(ds), CHUNK))
         clean[m.name] = correct / len(ds)
         bar.update()
     result: dict[str, Any] = {}
@@ -212,13 +227,13 @@ def challenge_report(
     picks = _spread(min(CHUNK, len(first)), examples)  # example images from the first chunk, spread over it
     for c in challenges:
         acc = {m.name: [clean[m.name]] for m in models}
-        grids[c] = [[first.images[j]] for j in picks]
+        grids[c] = [[image] for image in first.read(torch.tensor(picks, dtype=torch.long))]
         for s in severities[1:]:
             for size, ds in sets.items():
                 correct = {m.name: 0 for m in models if (tuple(m.input_size) if m.input_size else None) == size}
                 for k, i in enumerate(range(0, len(ds), CHUNK)):
                     g = torch.Generator().manual_seed(derive_seed(seed, CHALLENGES.index(c), k))
-                    x = apply_challenge(ds.images[i:i + CHUNK], c, s, generator=g)
+                    x = apply_challenge(_chunk(ds, i), c, s, generator=g)
                     if ds is first and k == 0:
                         for j, row in zip(picks, grids[c]):
                             row.append(x[j])
@@ -240,11 +255,11 @@ def challenge_report(
         acc = {}
         for m in models:
             size = tuple(m.input_size) if m.input_size else None
-            sh = shift_sets[size]
-            correct = sum(_accuracy(m, sh.images[i:i + CHUNK], sh.labels[i:i + CHUNK])[0] for i in range(0, len(sh), CHUNK))
+            sh, sh_labels = shift_sets[size]
+            correct = sum(_accuracy(m, _chunk(sh, i), sh_labels[i:i + CHUNK])[0] for i in range(0, len(sh), CHUNK))
             acc[m.name] = [clean[m.name], correct / len(sh)]
             bar.update()
-        sh = shift_sets[next(iter(sets))]
+        sh = shift_sets[next(iter(sets))][0]
         result["shift"] = {
             "severities": [0, 1],
             "parameters": [f"{first.name or 'test set'} ({len(first)} images)", f"{sh.name or 'shift'} ({len(sh)} images)"],
@@ -254,8 +269,8 @@ def challenge_report(
             "curve": "curve_shift.png",
             "examples": "examples_shift.png",
         }
-        grids["shift"] = [[first.images[j] for j in picks],
-                          [sh.images[j] for j in _spread(len(sh), examples)]]
+        grids["shift"] = [list(first.read(torch.tensor(picks, dtype=torch.long))),
+                          list(sh.read(torch.tensor(_spread(len(sh), examples), dtype=torch.long)))]
     bar.close()
 
     report = {
@@ -290,28 +305,27 @@ def _write_pictures(report: dict, grids: dict, first: ImageDataset, out: Path, p
             _bar_plot(entry, names, out / entry["curve"])
             rows, labels = grids[c], ["test set", "shifted"]
         else:
-            save_line_plot(entry["severities"], {n: entry["accuracy"][n] for n in names}, out / entry["curve"],
-                           xlabel="severity (0 = clean)", ylabel="accuracy", title=c)
+            save_line_plot(entry["severities"], {n: [100 * a for a in entry["accuracy"][n]] for n in names},
+                           out / entry["curve"], xlabel="severity (0 = clean)", ylabel="accuracy (%)", title=c)
             rows = grids[c]
             labels = [first.classes[int(first.labels[j])] for j in picks]
         save_image_grid(rows, out / entry["examples"], row_labels=labels, scale=scale)
 
 
 def _bar_plot(entry: dict, names: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     width = 0.8 / 2
     xs = range(len(names))
     for k, label in enumerate(("test set", "shifted set")):
-        ax.bar([x + (k - 0.5) * width for x in xs], [entry["accuracy"][n][k] for n in names], width, label=label)
+        ax.bar([x + (k - 0.5) * width for x in xs], [100 * entry["accuracy"][n][k] for n in names], width, label=label)
     ax.set_xticks(list(xs), names)
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel("accuracy (%)")  # percent, as the page's tables
     ax.set_title("shift: a second test set of the same classes")
-    ax.legend()
+    ax.set_ylim(0, 118)  # headroom above 100 %: the legend sits there, never over a bar
+    ax.set_yticks(range(0, 101, 20))
+    ax.legend(loc="upper center", ncol=2)
     ax.grid(alpha=0.3, axis="y")
     save_figure(fig, path)
 

@@ -23,13 +23,14 @@ from typing import Any, Callable, Sequence
 import torch
 
 from imclass import data as imdata, models
+from imclass.data.catalog import scratch_image_size
 from imclass.knn import KNN
 from imclass.model_file.save import save
 from imclass.models.rebuild import load
 from imclass.train import TimeBudget
 from imclass.transfer import fine_tune, transfer
 from imclass.transfer.workflow import load_for
-from imclass.visualize.plots import save_figure
+from imclass.visualize.plots import pyplot, save_figure
 from imclass.workflows.training import RunConfig, train_from_config
 
 __all__ = ["KNN_METRICS", "compare", "parse_budget", "parse_models"]
@@ -88,15 +89,16 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 VAL_FRACTION = 0.1  # a transfer entry picks head or fine-tuned weights on this held-out part of its training images
-FOLDER_IMAGE_SIZE = 32  # a folder of photos without --image-size: k-NN and scratch networks see 32 x 32 pixels
 # (transfer entries read the same files at their backbone's own size and crop)
 
 
-def _load_split(data: str, root: Any, image_size: int | None, limit: int | None, seed: int = 0):
-    """The train and test splits every approach uses (as ``train_from_config`` loads them)."""
+def _load_split(data: str, root: Any, image_size: int | None, limit: int | None, seed: int = 0,
+                mode: str | None = None):
+    """The train and test splits every approach uses (as ``train_from_config`` loads them), a folder's in the
+    tier ``mode`` (memory or cache: a k-NN entry reads every image; None: chosen and said on stderr)."""
     # --limit: a seeded, stratified sample of each split, as every command takes it (seed 0, as train's default)
-    train = imdata.load(data, split="train", root=root, image_size=image_size, limit=limit, seed=seed)
-    test = imdata.load(data, split="test", root=root, image_size=image_size, limit=limit, seed=seed)
+    train = imdata.load(data, split="train", root=root, image_size=image_size, limit=limit, seed=seed, mode=mode)
+    test = imdata.load(data, split="test", root=root, image_size=image_size, limit=limit, seed=seed, mode=mode)
     return train, test
 
 
@@ -120,17 +122,18 @@ def _run_knn(name: str, train, test, folder: Path) -> dict[str, Any]:
 
 
 def _run_engine(name: str, data: str, folder: Path, budget: float, *, root: Any, image_size: int | None,
-                limit: int | None, seed: int, max_epochs: int, verbose: bool, device: str) -> dict[str, Any]:
+                limit: int | None, seed: int, max_epochs: int, verbose: bool, device: str,
+                mode: str | None = None) -> dict[str, Any]:
     fast = name == "fastnet"
     cfg = RunConfig(model=None if fast else name, recipe="fast" if fast else None, dataset=data, data_root=root,
                     image_size=image_size, limit=limit, epochs=None if fast else max_epochs,
                     batch_size=None if fast else 64, augment="none" if name in NO_AUGMENT else "crop_flip",
-                    seed=seed, out=str(folder), device=device, verbose=verbose, budget=budget)
+                    seed=seed, out=str(folder), device=device, verbose=verbose, budget=budget, data_mode=mode)
     start = time.perf_counter()
     result = train_from_config(cfg)
     wall = time.perf_counter() - start
     clf = load(result["model_file"])
-    test_images = _load_split(data, root, image_size, limit, seed)[1].images
+    test_images = _load_split(data, root, image_size, limit, seed, mode)[1].images
     tta = None if result.get("tta") in (None, "none") else result["tta"]
     return {"kind": "fast recipe" if fast else "classifier", "accuracy": result["accuracy"],
             "train_seconds": _train_seconds(folder, result["seconds"]), "wall_seconds": wall,
@@ -140,13 +143,14 @@ def _run_engine(name: str, data: str, folder: Path, budget: float, *, root: Any,
 
 
 def _run_transfer(name: str, train, test, folder: Path, budget: float, *, seed: int, max_epochs: int,
-                  verbose: bool, data: str = "", root: Any = None, limit: int | None = None) -> dict[str, Any]:
+                  verbose: bool, data: str = "", root: Any = None, limit: int | None = None,
+                  mode: str | None = None) -> dict[str, Any]:
     backbone = name[len("transfer:"):]
     model = transfer(backbone, num_classes=train.num_classes, weights="imagenet")
     if data and Path(data).expanduser().is_dir():  # photos: the same files, read as the backbone wants them
         pre = model.preprocessing
-        train = load_for(data, pre, split="train", root=root, seed=seed, limit=limit)
-        test = load_for(data, pre, split="test", root=root, seed=seed, limit=limit)
+        train = load_for(data, pre, split="train", root=root, seed=seed, limit=limit, mode=mode)
+        test = load_for(data, pre, split="test", root=root, seed=seed, limit=limit, mode=mode)
     # the budget covers everything: features and head first; fine-tuning gets what is left (none: the head
     # stands), and it replaces the head only when it does better on a held-out tenth of the training images
     start = time.perf_counter()
@@ -216,25 +220,29 @@ def compare(
     device: str = "auto",
     verbose: bool = False,
     log: Callable[[str], None] | None = print,
+    mode: str | None = None,
 ) -> dict[str, Any]:
     """Train and test every approach of ``models`` on the same split of ``data``, each within ``budget``
     (seconds or ``"10m"``); returns the leaderboard (also written to ``out`` as JSON, Markdown and a PNG).
 
     Finished entries already in ``out/entries/`` for the same data, limit, image size, budget and
     seed are kept, not retrained (a killed comparison resumes); ``max_epochs`` caps an approach that
-    would finish before the budget.
+    would finish before the budget. ``mode``: the tier a folder's images are read in by every entry
+    (``imclass.data.source``: memory or cache; None: chosen from the headers and said on stderr).
     """
+    if mode not in (None, "memory", "cache"):
+        raise ValueError(f"compare reads a folder in the memory or cache tier (a k-NN entry holds every image), "
+                         f"received --data-mode {mode}")
     names = parse_models(models)
     seconds = parse_budget(budget)
     if limit is not None and limit < 1:
         raise ValueError(f"expected limit >= 1, received limit={limit}")
     out = Path(out)
     (out / "entries").mkdir(parents=True, exist_ok=True)
-    if image_size is None and Path(data).expanduser().is_dir():  # photos of mixed sizes: pixels at 32 x 32
-        image_size = FOLDER_IMAGE_SIZE
+    image_size = scratch_image_size(data, image_size)  # photos of mixed sizes: pixels at 32 x 32
     setup = {"data": str(data), "limit": limit, "image_size": image_size, "budget_seconds": seconds, "seed": seed}
     say = log or (lambda _msg: None)
-    train, test = _load_split(data, root, image_size, limit, seed)
+    train, test = _load_split(data, root, image_size, limit, seed, mode)
     entries = []
     for name in names:
         entry_file = out / "entries" / f"{_folder_name(name)}.json"
@@ -252,10 +260,10 @@ def compare(
             figures = _run_knn(name, train, test, folder)
         elif name.startswith("transfer:"):
             figures = _run_transfer(name, train, test, folder, seconds, seed=seed, max_epochs=max_epochs, verbose=verbose,
-                                    data=data, root=root, limit=limit)
+                                    data=data, root=root, limit=limit, mode=mode)
         else:
             figures = _run_engine(name, data, folder, seconds, root=root, image_size=image_size, limit=limit, seed=seed,
-                                  max_epochs=max_epochs, verbose=verbose, device=device)
+                                  max_epochs=max_epochs, verbose=verbose, device=device, mode=mode)
         entry = {"name": name, **figures, "run": str(folder), "stopped_by_budget": _stopped(figures), "setup": setup}
         _write_json(entry_file, entry)
         say(f"{name}: accuracy {entry['accuracy']:.4f} in {entry['train_seconds']:.1f} s")
@@ -281,10 +289,7 @@ def leaderboard_table(board: dict[str, Any]) -> str:
 
 
 def _plot(board: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
     for e in board["entries"]:

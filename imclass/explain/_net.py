@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from imclass.data.arrays import as_images
+from imclass.data.progress import Progress
 
 
 class _Normalise(nn.Module):
@@ -141,9 +142,10 @@ def find_layer(module: nn.Module, name: str | None, kind: type | tuple = nn.Conv
     return found[-1] if last else found[0]
 
 
-def features(net: Net, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def features(net: Net, images: torch.Tensor, batch_size: int = 256, *, progress: bool = True) -> torch.Tensor:
     """Feature vectors (N, D) of uint8 images: what the classifier head sees (``forward_head(...,
-    pre_logits=True)`` of the timm contract, else the input of the last ``nn.Linear``); raw pixels for a k-NN."""
+    pre_logits=True)`` of the timm contract, else the input of the last ``nn.Linear``); raw pixels for a k-NN.
+    ``progress``: a progress line on stderr (tqdm on a terminal) for 256 images or more."""
     images = as_images(images)
     if net.knn is not None:
         return images.flatten(1).float()
@@ -157,6 +159,7 @@ def features(net: Net, images: torch.Tensor, batch_size: int = 256) -> torch.Ten
     if not has_contract:
         hook = linears[-1].register_forward_hook(lambda m, inp, out: captured.append(inp[0].flatten(1)))
     out = []
+    bar = Progress(len(images), "model features", verbose=progress and len(images) >= 256)
     try:
         with torch.no_grad():
             for start in range(0, len(images), batch_size):
@@ -168,7 +171,9 @@ def features(net: Net, images: torch.Tensor, batch_size: int = 256) -> torch.Ten
                 else:
                     module(x)
                     out.append(captured.pop().float().cpu())
+                bar.update(len(out[-1]))
     finally:
+        bar.close()
         if hook is not None:
             hook.remove()
     return torch.cat(out)

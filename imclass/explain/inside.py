@@ -39,8 +39,10 @@ def save_filters(model: Any, path: str | Path, layer: str | None = None, *, cols
     k = imgs.shape[-1]
     scale = scale or max(4, 48 // k)
     rows = [list(imgs[i : i + cols]) for i in range(0, len(imgs), cols)]
-    save_image_grid(rows, path, scale=scale, pad=2)
-    return {"method": "filters", "layer": name, "filters": len(imgs), "kernel": list(imgs.shape[1:]),
+    kind = "RGB" if imgs.shape[1] == 3 else "grey: the mean over the input channels"
+    title = f"filters of {name}: {len(imgs)} kernels of {imgs.shape[-2]}x{k} ({kind}; each scaled to its own min..max)"
+    save_image_grid(rows, path, scale=scale, pad=2, title=title)
+    return {"method": "filters", "layer": name, "title": title, "filters": len(imgs), "kernel": list(imgs.shape[1:]),
             "scale": scale, "cols": cols, "out": str(path)}
 
 

@@ -49,6 +49,7 @@ from imclass.knn._knn_torch import l2_block as _l2_block_torch
 from imclass.knn._knn_torch import norms as _norms
 from imclass.knn._knn_torch import smallest_k as _smallest_k
 from imclass.visualize import save_image_grid, save_line_plot
+from imclass.visualize.grids import save_captioned_grid
 
 __all__ = ["KNN", "NearestNeighbor", "KSelection", "choose_k", "neighbour_grid"]
 
@@ -584,8 +585,6 @@ def neighbour_grid(
     rows = [[q] + [train[j] for j in row.tolist()] for q, row in zip(queries, idx)]
     if query_labels is None:
         return save_image_grid(rows, path, row_labels=row_labels)
-    from imclass.visualize.grids import save_captioned_grid
-
     name = (lambda c: str(class_names[c]) if class_names is not None and 0 <= c < len(class_names) else str(c))
     fit_labels = model.classes_[model._fit_y]  # each training image's label value
     images, captions, colors = [], [], []

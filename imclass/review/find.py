@@ -39,6 +39,7 @@ from imclass.data.inspect import folder_files
 from imclass.data.split import limit_indices, split_indices
 from imclass.knn import KNN
 from imclass.model_file.format import read_metadata
+from imclass.models.rebuild import load as load_model_file
 from imclass.models.transfer_net import PoolStagesUnsupported
 from imclass.models.weights import Preprocessing
 from imclass.review.oof import cross_val_features, cross_val_images
@@ -208,15 +209,13 @@ def heldout_of_run(run_config: dict[str, Any], data: str, split: str | None) -> 
 
 
 def _run_items_and_probs(cfg: ReviewConfig) -> tuple[ReviewItems, np.ndarray, str]:
-    from imclass.models.rebuild import load
-
     run = Path(cfg.run).expanduser()
     if not run.exists():
         raise FileNotFoundError(f"no such run folder or model file: {run}")
     run_cfg = _run_config(run)
     split, why = heldout_of_run(run_cfg, cfg.data, cfg.split)
     header = read_metadata(run)
-    clf = load(run)
+    clf = load_model_file(run)
     if not hasattr(clf, "predict_proba") or not hasattr(clf, "model"):
         raise ValueError(f"{run}: a {type(clf).__name__} gives no probabilities to review with; use a network run")
     folder = Path(cfg.data).expanduser()
@@ -288,7 +287,7 @@ def _read_for_run(paths: list[Path], pre: dict[str, Any]) -> torch.Tensor:
 
 def folder_features(cfg: ReviewConfig, items: ReviewItems) -> tuple[torch.Tensor, str]:
     """Frozen-backbone features of a folder's files (cached), pooled over the last 2 stages where the
-    backbone can (as ``imclass train --dataset FOLDER`` does)."""
+    backbone can (as ``imclass train FOLDER`` does)."""
     backbone = cfg.backbone or pick_backbone(cfg.weights_dir)
     if backbone is None:
         raise ValueError("a review of a photo folder cross-validates on a pretrained backbone's features and none was "

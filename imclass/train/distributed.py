@@ -1,6 +1,6 @@
 """Data-parallel training with ``torch.distributed`` under ``torchrun``: one process per device.
 
-    torchrun --standalone --nproc_per_node=2 -m imclass train --model mlp --dataset cifar10 --device cpu
+    torchrun --standalone --nproc_per_node=2 -m imclass train cifar10 --model mlp --device cpu
 
 ``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous address; :func:`init_from_env`
 joins the process group (gloo on CPU, NCCL on CUDA, each rank on ``cuda:LOCAL_RANK``). Then

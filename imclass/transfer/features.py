@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from imclass.data.decode import ImageError, decode_image
+from imclass.data.progress import Progress
 from imclass.data.source import Decoder, ImageList, open_images
 from imclass.models.transfer_net import TransferNet, pooled_features
 from imclass.models.weights import Preprocessing
@@ -156,20 +157,26 @@ def open_for(paths: Sequence[str | os.PathLike], pre: Preprocessing, mode: str |
     return open_images(files, preprocessing_decoder(pre), mode, strict=True, workers=workers, verbose=verbose)
 
 
-def read_for(paths: Sequence[str | os.PathLike], pre: Preprocessing, *, workers: int | None = None) -> torch.Tensor:
-    """Image files -> uint8 (N, 3, crop, crop) as ``pre`` prepares them (threads; errors name the file)."""
+def read_for(paths: Sequence[str | os.PathLike], pre: Preprocessing, *, workers: int | None = None,
+             progress: bool = True) -> torch.Tensor:
+    """Image files -> uint8 (N, 3, crop, crop) as ``pre`` prepares them (threads; errors name the file).
+    ``progress``: a progress line on stderr (tqdm on a terminal) for 256 images or more."""
     paths = [Path(p) for p in paths]
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise ValueError(f"no such image file: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+    bar = Progress(len(paths), f"reading images at {pre.crop} px", verbose=progress and len(paths) >= 256)
 
     def one(p: Path) -> torch.Tensor | str:
         try:
             return decode_one(p, pre)
         except ImageError as err:
             return str(err)
+        finally:
+            bar.update()
 
-    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
+    with bar, ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
         decoded = list(pool.map(one, paths))
     bad = [d for d in decoded if isinstance(d, str)]
     if bad:
@@ -299,7 +306,6 @@ def extract_features(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     out = []
-    from imclass.data.progress import Progress
 
     # a silent phase no more: ~20 s for 3,000 photos on 2 CPU cores
     with torch.no_grad(), Progress(len(source), "extracting features", verbose=progress and len(source) >= 256) as bar:

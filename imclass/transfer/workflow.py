@@ -4,7 +4,7 @@ Picks a pretrained backbone found under the weights root (``pick_backbone``), re
 the backbone's input size (each photo resized on its shorter side and centre-cropped, whatever its
 size or format), holds out a seeded stratified validation split unless the folder has ``val/``,
 trains the head on cached frozen features, optionally fine-tunes, saves a run folder and returns
-the validation accuracy and the seconds it took. ``imclass train --dataset FOLDER`` calls it.
+the validation accuracy and the seconds it took. ``imclass train FOLDER`` calls it.
 """
 from __future__ import annotations
 
@@ -257,7 +257,7 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
     (out / "history.json").write_text(json.dumps(histories, indent=1) + "\n")
     if test is not None:
         test_accuracy = test_figures(clf, test)["accuracy"]
-    seconds["evaluate, save"] = time.perf_counter() - t_end
+    seconds["evaluate + save"] = time.perf_counter() - t_end
     total = time.perf_counter() - t_start
     seconds["other"] = max(0.0, total - sum(seconds.values()))  # the breakdown adds up to the total
     report = {
@@ -310,7 +310,7 @@ def _joined_history(head: Any, fine: Any) -> dict[str, list]:
 
 
 def _train_config(cfg: TransferConfig, clf: Any) -> dict[str, Any]:
-    return {"transfer": dataclasses.asdict(cfg), **clf.training_config()}
+    return {"transfer": dataclasses.asdict(cfg), **(dataclasses.asdict(clf.compile_config) if clf.compile_config is not None else {})}
 
 
 def test_figures(clf: Any, test: Any) -> dict[str, Any] | None:

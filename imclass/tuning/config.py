@@ -21,7 +21,8 @@ class TuneConfig:
     dataset: str = "cifar10"
     data_root: str | None = None
     image_size: int | None = None
-    limit: int | None = None  # first N training (and test) images
+    limit: int | None = None  # a seeded, stratified sample of N training (and N test) images
+    data_mode: str | None = None  # where a folder's images live: memory or cache (None: chosen, said aloud)
     epochs: int = 3
     trials: int = 20  # finished (complete or pruned) trials the study should hold
     space: dict | str | None = None  # a dict, a file path, or None for DEFAULT_SPACES
@@ -39,6 +40,7 @@ class TuneConfig:
     final: bool = True  # retrain the best parameters on the whole training split, evaluate on test
     report: str | None = None  # a folder: the final model's evaluation report on the test split, with the tuning section
     model_options: dict = field(default_factory=dict)  # fixed options of the model factory
+    progress: bool = True  # a progress line per trial and for the final retraining, and each trial's result, on stderr
 
     def __post_init__(self) -> None:
         checks = [
@@ -46,6 +48,8 @@ class TuneConfig:
             (self.epochs >= 1, f"expected epochs >= 1, received epochs={self.epochs}"),
             (self.workers >= 1, f"expected workers >= 1, received workers={self.workers}"),
             (self.limit is None or self.limit >= 2, f"expected limit >= 2, received limit={self.limit}"),
+            (self.data_mode in (None, "memory", "cache"), "tune reads a folder in the memory or cache tier (its folds "
+             f"are row subsets of one tensor), received data_mode={self.data_mode!r}"),
             (self.cv == 0 or self.cv >= 2, f"expected cv = 0 (a validation split) or >= 2 folds, received cv={self.cv}"),
             (0 < self.val_fraction < 1, f"expected 0 < val_fraction < 1, received val_fraction={self.val_fraction}"),
             (self.pruner in PRUNERS, f"expected pruner in {list(PRUNERS)}, received {self.pruner!r}"),

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -31,6 +32,8 @@ from typing import Any, Sequence
 import torch
 
 from imclass import data as imdata
+from imclass.data.catalog import scratch_image_size
+from imclass.data.progress import Progress
 from imclass.data.split import split_indices
 from imclass.evaluate.report import report
 from imclass.evaluate.tune_folder import SUMMARY_FILE, TRIALS_FILE, plot_file, write_trials_csv
@@ -41,6 +44,7 @@ from imclass.train.state import TrainingDiverged
 from imclass.tuning.config import TuneConfig
 from imclass.tuning.space import DEFAULT_SPACES, KNN_KEYS, TRAIN_KEYS, Param, load_space, parse_space, suggest
 from imclass.tuning.study import fail_orphaned_trials, finished_trials, open_study
+from imclass.visualize.plots import pyplot
 from imclass.workflows.training import create_model
 
 __all__ = [
@@ -86,19 +90,33 @@ class PruningCallback:
             raise optuna.TrialPruned(f"pruned at step {self.pruned_at} with {self.monitor} {self.value:.4f}")
 
 
+class EpochTicks:
+    """Engine callback: one step of a :class:`~imclass.data.progress.Progress` per finished epoch."""
+
+    order = 70
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+
+    def on_epoch_end(self, state) -> None:
+        self.bar.update(1)
+
+
 # --------------------------------------------------------------------------------------------
 # one trial
 
 def _load_train(cfg: TuneConfig):
     # --limit: a seeded, stratified sample of the split (imclass.data.split.limit_indices)
-    return imdata.load(cfg.dataset, split="train", root=cfg.data_root, image_size=cfg.image_size, limit=cfg.limit,
-                       seed=cfg.seed or 0)
+    return imdata.load(cfg.dataset, split="train", root=cfg.data_root, limit=cfg.limit,
+                       image_size=scratch_image_size(cfg.dataset, cfg.image_size),
+                       seed=cfg.seed or 0, mode=cfg.data_mode)
 
 
 def _load_test(cfg: TuneConfig):
     """The test split: read only by the final evaluation, never during the search."""
-    return imdata.load(cfg.dataset, split="test", root=cfg.data_root, image_size=cfg.image_size, limit=cfg.limit,
-                       seed=cfg.seed or 0)
+    return imdata.load(cfg.dataset, split="test", root=cfg.data_root, limit=cfg.limit,
+                       image_size=scratch_image_size(cfg.dataset, cfg.image_size),
+                       seed=cfg.seed or 0, mode=cfg.data_mode)
 
 
 def _folds(cfg: TuneConfig, train_set) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -184,12 +202,23 @@ class _Objective:
     def __call__(self, trial) -> float:
         params = suggest(self.space, trial)
         start = time.perf_counter()
-        scores = []
+        knn = self.cfg.model == "knn"
+        with Progress(len(self.folds) * (1 if knn else self.cfg.epochs), f"trial {trial.number}",
+                      unit="folds" if knn else "epochs", verbose=self.cfg.progress) as bar:
+            scores = self._scores(trial, params, bar)
+        trial.set_user_attr("val_accuracy_folds", scores)
+        trial.set_user_attr("seconds", time.perf_counter() - start)
+        return sum(scores) / len(scores)
+
+    def _scores(self, trial, params: dict[str, Any], bar: Progress) -> list[float]:
+        """Validation accuracy per fold (raises ``optuna.TrialPruned`` when the pruner stops the trial)."""
+        scores: list[float] = []
         for i, (tr, va) in enumerate(self.folds):
             train_part, val_part = self.train_set.subset(tr), self.train_set.subset(va)
             if self.cfg.model == "knn":
                 knn = _knn(params).fit(train_part.images, train_part.labels)
                 scores.append(float(knn.score(val_part.images, val_part.labels)))
+                bar.update(1)
                 trial.report(sum(scores) / len(scores), i + 1)
                 if i + 1 < len(self.folds) and trial.should_prune():
                     raise _pruned(trial, i + 1, scores)
@@ -197,13 +226,11 @@ class _Objective:
             pruning = PruningCallback(trial, "val_accuracy", step_offset=i * self.cfg.epochs,
                                       last_step=len(self.folds) * self.cfg.epochs)
             clf = train_classifier(self.cfg, params, train_part, validation=(val_part.images, val_part.labels),
-                                   callbacks=[pruning])
+                                   callbacks=[pruning, EpochTicks(bar)])
             scores.append(float(clf.history["val_accuracy"][-1]))
             trial.set_user_attr("val_accuracy_folds", scores)
             pruning.raise_if_pruned()
-        trial.set_user_attr("val_accuracy_folds", scores)
-        trial.set_user_attr("seconds", time.perf_counter() - start)
-        return sum(scores) / len(scores)
+        return scores
 
 
 def _pruned(trial, step: int, scores: list[float]):
@@ -230,10 +257,25 @@ def _optimize(cfg: TuneConfig, worker: int = 0, threads: int | None = None) -> N
         return
     objective = _Objective(cfg, cfg.resolved_space())
     stop = MaxTrialsCallback(cfg.trials, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    callbacks = [stop, say_trial] if cfg.progress else [stop]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        study.optimize(objective, n_trials=cfg.trials - finished_trials(study) + 2 * cfg.workers, callbacks=[stop],
+        study.optimize(objective, n_trials=cfg.trials - finished_trials(study) + 2 * cfg.workers, callbacks=callbacks,
                        catch=(TrainingDiverged,), gc_after_trial=False)
+
+
+def say_trial(study, trial) -> None:
+    """Optuna callback: one line on stderr per finished trial (its validation accuracy or why it stopped,
+    its parameters, the best so far)."""
+    from optuna.trial import TrialState
+
+    params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    if trial.state == TrialState.COMPLETE:
+        best = study.best_trial
+        what = f"validation accuracy {trial.value:.2%} (best {best.value:.2%}, trial {best.number})"
+    else:
+        what = trial.state.name.lower()
+    print(f"trial {trial.number}: {what}; {params}", file=sys.stderr, flush=True)
 
 
 def _worker_main(cfg: TuneConfig, worker: int, threads: int) -> None:
@@ -312,10 +354,7 @@ def _summarise(study, cfg: TuneConfig) -> dict[str, Any]:
 def _plots(study, out: Path) -> dict[str, str]:
     """Optimisation history, parameter importances, accuracy against each parameter (Optuna's
     matplotlib plots); a plot that cannot be drawn yet (too few trials) is skipped."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import optuna
     from optuna.visualization import matplotlib as ovm
 
@@ -337,12 +376,65 @@ def _plots(study, out: Path) -> dict[str, str]:
         fig = axes[0].figure
         if name != "importances":
             axes[0].set_ylabel("validation accuracy")
+        if name == "params":
+            _readable_slices(fig, axes, study)
+        if name == "importances":
+            _importance_caveat(axes[0], study)
         if name != "params":  # the slice plot's colour bar keeps Optuna's own layout
             fig.tight_layout()
         fig.savefig(plot_file(out, name), dpi=100, bbox_inches="tight")
         plt.close(fig)
         files[name] = str(plot_file(out, name))
     return files
+
+
+IMPORTANCE_TRIALS = 20  # fewer complete trials: the importances are a rough guess, and the plot says so
+
+
+def _complete(study) -> int:
+    from optuna.trial import TrialState
+
+    return sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+
+
+def _readable_slices(fig, axes: list, study) -> None:
+    """Optuna's slice plot made readable: at most 4 labelled ticks per axis (no overlapping minor labels
+    on log axes), whole numbers on integer parameters and on the trial colour bar, a plain title."""
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator, NullLocator
+
+    kinds: dict[str, set] = {}
+    for t in study.get_trials(deepcopy=False):
+        for name, v in t.params.items():
+            kinds.setdefault(name, set()).add(type(v))
+    for ax in fig.axes:
+        if ax not in axes:  # the colour bar: trial numbers are whole
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            continue
+        kind = kinds.get(ax.get_xlabel(), set())
+        if str in kind or bool in kind:  # a categorical parameter: Optuna's category ticks stay
+            continue
+        if ax.get_xscale() == "log":  # three ticks spread over the range, short labels, no minor labels
+            lo, hi = ax.get_xlim()
+            ticks = np.geomspace(lo, hi, 5)[1:-1]
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticks(ticks, [str(round(t)) if kind == {int} else f"{t:.2g}" for t in ticks])
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(3, integer=kind == {int}))  # 3 bins: at most 4 ticks
+        ax.tick_params(axis="x", labelrotation=30)
+    fig.suptitle(f"validation accuracy against each parameter ({len(study.trials)} trials; colour: trial number)")
+
+
+def _importance_caveat(ax, study) -> None:
+    """Importances from few trials are noise: say so on the plot."""
+    n = _complete(study)
+    title = f"parameter importances (fANOVA, {n} complete trials)"
+    if n < IMPORTANCE_TRIALS:
+        title += f"\nfewer than {IMPORTANCE_TRIALS} trials: a rough guess, not a ranking to trust"
+    ax.set_title("", loc="left")  # Optuna's own title
+    if ax.get_legend() is not None:  # "Objective Value": one series, and it covered the lowest bar
+        ax.get_legend().remove()
+    ax.set_title(title, loc="left", fontsize=10, color="tab:red" if n < IMPORTANCE_TRIALS else "black")
 
 
 def _final(cfg: TuneConfig, params: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -356,7 +448,9 @@ def _final(cfg: TuneConfig, params: dict[str, Any], out: Path) -> dict[str, Any]
         model_file = save(predictor, out / "model.safetensors", classes=train_set.classes,
                           input_size=list(train_set.image_shape), metrics={"test_accuracy": test_accuracy})
     else:
-        clf = train_classifier(cfg, params, train_set)
+        with Progress(cfg.epochs, "final retraining on the whole training split", unit="epochs",
+                      verbose=cfg.progress) as bar:
+            clf = train_classifier(cfg, params, train_set, callbacks=[EpochTicks(bar)])
         test_accuracy = float(clf.evaluate(test_set)["accuracy"])
         model_file = save(clf, out / "model.safetensors", input_size=list(train_set.image_shape),
                           train_config={"tune": dataclasses.asdict(cfg) | {"space": None}, "params": params},

@@ -6,7 +6,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+
+TITLE_PX = 14  # font size of a grid's title
 
 
 def _to_hwc_uint8(img: torch.Tensor) -> np.ndarray:
@@ -27,8 +29,10 @@ def save_image_grid(
     scale: int = 2,
     pad: int = 2,
     label_width: int = 90,
+    title: str | None = None,
 ) -> Path:
-    """Write a PNG grid: one row per list of (C, H, W) images, with an optional label per row.
+    """Write a PNG grid: one row per list of (C, H, W) images, with an optional label per row and an
+    optional ``title`` line above the grid (wrapped to the grid's width).
 
     Rows may have different lengths; images in a grid must share one size.
     """
@@ -39,10 +43,16 @@ def save_image_grid(
     h, w = first.shape[-2] * scale, first.shape[-1] * scale
     ncols = max(len(r) for r in rows)
     left = label_width if row_labels else 0
-    canvas = Image.new("RGB", (left + ncols * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
+    width = left + ncols * (w + pad) + pad
+    font = ImageFont.load_default(size=TITLE_PX)
+    lines = _wrap(title, font, max(width, 320) - 8) if title else []
+    top = len(lines) * (TITLE_PX + 4) + (6 if lines else 0)
+    canvas = Image.new("RGB", (max(width, 320) if lines else width, top + len(rows) * (h + pad) + pad), "white")
     draw = ImageDraw.Draw(canvas)
+    for k, line in enumerate(lines):
+        draw.text((4, 3 + k * (TITLE_PX + 4)), line, fill="black", font=font)
     for i, row in enumerate(rows):
-        y = pad + i * (h + pad)
+        y = top + pad + i * (h + pad)
         if row_labels:
             draw.text((4, y + h // 2 - 5), str(row_labels[i])[:14], fill="black")
         for j, img in enumerate(row):
@@ -52,3 +62,16 @@ def save_image_grid(
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+def _wrap(text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
+    """``text`` cut into lines that fit ``width`` pixels in ``font`` (at word boundaries)."""
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if line and font.getlength(trial) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return [*lines, line] if line else lines

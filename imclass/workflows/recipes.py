@@ -190,9 +190,9 @@ def fast_optimizer(model: nn.Module, cfg: FastConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         bn_ids = {id(p) for p in bn_biases}
         rest = [p for p in model.parameters() if (p.requires_grad or p is whiten_bias) and id(p) not in bn_ids]
-        groups = [
-            {"params": bn_biases, "lr": lr_bias, "weight_decay": decay / lr_bias},
+        groups = [  # the weights' group first: its lr is the one the epoch lines and history.csv show
             {"params": rest, "lr": lr, "weight_decay": decay / lr},
+            {"params": bn_biases, "lr": lr_bias, "weight_decay": decay / lr_bias},
         ]
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
     sgd = {"muon": False, "momentum": cfg.momentum}

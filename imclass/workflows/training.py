@@ -42,7 +42,7 @@ from imclass.train.seed import seed_everything
 from imclass.visualize.training import save_confusion_matrix
 from imclass.workflows import recipes
 
-__all__ = ["AUGMENTATIONS", "RunConfig", "TrainConfig", "check_resumable", "config_from_dict", "load_config",
+__all__ = ["AUGMENTATIONS", "RunConfig", "check_resumable", "config_from_dict", "load_config",
            "seed_everything", "train_from_config"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
@@ -55,7 +55,7 @@ TARGETS = (90, 94, 95)
 class RunConfig:
     """Everything a training run needs; saved as ``config.json`` beside the model it produced.
 
-    (Not to be confused with ``imclass.train.TrainConfig``, the resolved ``compile`` options.)
+    (Not to be confused with ``imclass.train.CompileConfig``, the resolved ``compile`` options.)
     """
 
     model: str | None = None  # registry name (imclass models list); None with cifar10 -> the fast recipe
@@ -140,8 +140,6 @@ class RunConfig:
         so that ``imclass train --out DIR --resume`` can read it back."""
         return {k: v for k, v in self.to_dict().items() if k not in ("resume", "verbose", "exist_ok")}
 
-
-TrainConfig = RunConfig  # the name used in the design notes
 
 
 def _check(ok: bool, message: str) -> None:
@@ -241,6 +239,7 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
     if distributed.launched() and not distributed.is_distributed():  # under torchrun: one rank of N
         with distributed.session(cfg.device) as ctx:
             return train_from_config(dataclasses.replace(cfg, device=ctx.device))
+    t_start = time.perf_counter()
     if not cfg.uses_fast_recipe and cfg.model is None and cfg.weights is None:
         raise ValueError(
             f"expected a model name (--model) to train on {cfg.dataset!r} (see `imclass models list`); "
@@ -254,14 +253,20 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
     resolve_device(cfg.device)  # an unknown or absent device: one clear error before the data is read
     seed_everything(cfg.seed)  # model initialisation included: two identical commands, identical model files
     out = _run_dir(cfg)  # runs/x holds an earlier run: runs/x-2 (never a silent overwrite)
+    t0 = time.perf_counter()
     train_set, test_set = _load_data(cfg)
+    stages = {"read": time.perf_counter() - t0}
+    t0 = time.perf_counter()
     _warn_about_data(cfg, train_set, test_set)
+    stages["check"] = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(cfg, out=str(out))
     start = time.perf_counter()
     fit = _fit_fast_recipe if cfg.uses_fast_recipe else _fit_model
     clf, cfg, details = fit(cfg, train_set, test_set, out)
     seconds = time.perf_counter() - start
+    stages["training"] = seconds
+    t0 = time.perf_counter()
     _write_config(cfg, out)
     # the model file records how it was trained, not where: the same command twice (in runs/x, then runs/x-2)
     # writes byte-identical model files; config.json keeps the folder
@@ -269,12 +274,17 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
     figures = _final_models(clf, test_set, out, train_config, seconds, list(train_set.image_shape))
     metrics = figures["metrics"]
     model_file = out / MODEL_FILE
+    stages["evaluate + save"] = time.perf_counter() - t0
+    total = time.perf_counter() - t_start
+    stages["other"] = max(0.0, total - sum(stages.values()))  # the breakdown adds up to the total
     return {
         "accuracy": float(metrics["accuracy"]),
         "loss": float(metrics["loss"]),
         "model_selected": figures["selected"],  # the saved default model: "best" (by val_accuracy) or "last"
         "last_accuracy": figures["last_accuracy"],
-        "seconds": seconds,
+        "seconds": seconds,  # training (fit, with its per-epoch validation)
+        "total_seconds": total,
+        "seconds_per_stage": stages,  # read, check, training, evaluate + save, other: they add up to total_seconds
         "model": cfg.model,
         "dataset": cfg.dataset,
         "epochs": cfg.epochs,
