@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -337,6 +338,10 @@ def fine_tune(
         if augment == "auto":
             augment = CropFlip(padding=max(1, pre.crop // 14))
         same = isinstance(data, ImageDataset) and data.images is images  # a memory-mapped set stays mapped
+        if verbose:  # the epoch lines come at each epoch's end: say what starts (one fine-tuning epoch can take minutes)
+            what = "the whole backbone" if unfreeze_stages == "all" else f"the last {unfreeze_stages} backbone stage(s)"
+            print(f"fine-tuning {what} and the head: {epochs} epoch(s) of {len(labels):,} images ...", file=sys.stderr,
+                  flush=True)
         result.fine_history = clf.fit(data if same else (images, labels), epochs=epochs, batch_size=batch_size, validation=val,
                                       augment=augment, seed=seed, callbacks=callbacks, verbose=verbose,
                                       class_weight=class_weight, sampler=sampler)
