@@ -44,6 +44,7 @@ from imclass.train.state import TrainingDiverged
 from imclass.tuning.config import TuneConfig
 from imclass.tuning.space import DEFAULT_SPACES, KNN_KEYS, TRAIN_KEYS, Param, load_space, parse_space, suggest
 from imclass.tuning.study import fail_orphaned_trials, finished_trials, open_study
+from imclass.visualize.plots import pyplot
 from imclass.workflows.training import create_model
 
 __all__ = [
@@ -353,10 +354,7 @@ def _summarise(study, cfg: TuneConfig) -> dict[str, Any]:
 def _plots(study, out: Path) -> dict[str, str]:
     """Optimisation history, parameter importances, accuracy against each parameter (Optuna's
     matplotlib plots); a plot that cannot be drawn yet (too few trials) is skipped."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import optuna
     from optuna.visualization import matplotlib as ovm
 
