@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -358,6 +359,10 @@ def fine_tune(
         if augment == "auto":  # timm's / torchvision's training crop, drawn from the (larger) stored image
             augment = RandomResizedCrop(pre.crop)
         train = (images, labels) if isinstance(images, torch.Tensor) else images  # a source stays a source
+        if verbose:  # the epoch lines come at each epoch's end: say what starts (one fine-tuning epoch can take minutes)
+            what = "the whole backbone" if unfreeze_stages == "all" else f"the last {unfreeze_stages} backbone stage(s)"
+            print(f"fine-tuning {what} and the head: {epochs} epoch(s) of {len(labels):,} images ...", file=sys.stderr,
+                  flush=True)
         result.fine_history = clf.fit(train, epochs=epochs, batch_size=batch_size, validation=val,
                                       augment=augment, seed=seed, callbacks=callbacks, verbose=verbose,
                                       class_weight=class_weight, sampler=sampler)

@@ -23,7 +23,8 @@ import torch
 from imclass import data as imdata
 from imclass.data.check import quick_check
 from imclass.data.dataset import ImageDataset
-from imclass.data.folder import class_folders, list_images, split_folders
+from imclass.data.folder import class_folders, list_images, split_folders, split_word
+from imclass.data.progress import Progress
 from imclass.data.source import Decoder, ImageList, open_images
 from imclass.data.split import limit_indices, split_indices
 from imclass.model_file.save import save
@@ -227,6 +228,10 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
         seconds.update(stage.seconds if stage is not None else {})
     clf = (fine or head).classifier
     t_end = time.perf_counter()
+    # the held-out figures of the saved (and last) models, the test split, the files: a minute on a busy CPU
+    closing = Progress(len(val), f"evaluating the models on the {split_word(cfg.dataset, 'val')} images and writing "
+                       "the run folder",
+                       verbose=cfg.verbose and main)
     history = _joined_history(head, fine)
     last = held_out_figures(clf, val)
     head_accuracy = _last(head.head_history) if head is not None else None
@@ -272,6 +277,7 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
     distributed.barrier()  # the run folder is complete before any rank returns
     if test is not None:
         test_accuracy = test_figures(clf, test)["accuracy"]
+    closing.close()
     seconds["evaluate + save"] = time.perf_counter() - t_end
     total = time.perf_counter() - t_start
     seconds["other"] = max(0.0, total - sum(seconds.values()))  # the breakdown adds up to the total
