@@ -290,7 +290,7 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
     the best parameters retrained on the whole training split, with its test accuracy in the summary.
     With ``report`` (a folder), the final model's evaluation report on the test split is written there
     (``imclass.evaluate.report``; ``report.html`` with the tuning section: best parameters, top trials,
-    these plots), as ``imclass evaluate OUT DATASET --report DIR`` would write it.
+    these plots), as ``imclass evaluate OUT DATA --report DIR`` would write it.
     """
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
