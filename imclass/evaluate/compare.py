@@ -13,6 +13,7 @@ and started again keeps the finished entries (same data, limit, budget and seed)
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -197,8 +198,6 @@ def _epochs_done(folder: Path) -> int:
 
 
 def _history(folder: Path) -> list[dict[str, str]]:
-    import csv
-
     path = folder / "history.csv"
     if not path.is_file():
         return []

@@ -3,12 +3,17 @@
 in seconds). ``imclass.models.weights`` applies them to a model."""
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
+import re
 import socket
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 
@@ -107,8 +112,6 @@ def backbone_name(arch: str) -> str:
 
     if arch in torchvision.models.list_models(module=torchvision.models):
         return f"torchvision:{arch}"
-    import difflib
-
     close = difflib.get_close_matches(arch, timm.list_models() + list(KNOWN_WEIGHTS), n=5)
     raise ValueError(f"unknown backbone {arch!r}: not a timm or torchvision model." + (f" Did you mean {close}?" if close else ""))
 
@@ -207,10 +210,6 @@ def hub_file(arch: str) -> tuple[str, str, str]:
 def announced_sha256(url: str, timeout: float) -> str | None:
     """The SHA-256 the hub announces for an LFS file (``X-Linked-Etag``/``ETag`` of a HEAD request on the
     resolve URL, read before following the redirect to the file store), or None."""
-    import re
-    import urllib.error
-    import urllib.request
-
     class _NoRedirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, *args, **kwargs):  # keep the hub's own headers
             return None
@@ -272,8 +271,6 @@ def hub_state(arch: str, weights_dir: str | os.PathLike | None) -> tuple[dict[st
 
 def online(timeout: float = 3.0) -> bool:
     """True when the hub endpoint accepts a TCP connection within ``timeout`` seconds."""
-    from urllib.parse import urlsplit
-
     parts = urlsplit(hub_endpoint())
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:

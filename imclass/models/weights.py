@@ -21,6 +21,7 @@ must match (``strict=True``) or the error lists the missing, unexpected and shap
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,7 +170,6 @@ def _recorded_preprocessing(path: Path) -> Preprocessing | None:
         return None
     try:
         from safetensors import safe_open
-        import json
 
         with safe_open(str(path), framework="pt") as f:
             meta = (f.metadata() or {}).get("imclass")

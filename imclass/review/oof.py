@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -44,8 +45,6 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, C: float
     """A multinomial logistic regression (scikit-learn's L-BFGS, L2 penalty of strength ``1/C``) on
     standardised features; returns ``predict_proba(x) -> (n, num_classes)`` with a column for every
     class (zero for a class the training part lacks)."""
-    import warnings
-
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 

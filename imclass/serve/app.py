@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -189,8 +190,6 @@ class _Gate:
 
 async def _answer(send: Any, status: int, detail: str, headers: list | None = None) -> None:
     """A JSON ``{"detail": ...}`` response that closes the connection."""
-    import json
-
     body = json.dumps({"detail": detail}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

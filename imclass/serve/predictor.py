@@ -12,6 +12,7 @@ returns its vote shares; a bare ``nn.Module`` gets inputs scaled to [0, 1]; an `
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import threading
@@ -264,8 +265,6 @@ def _training_metrics(path: Path, header: dict) -> dict:
     history = folder / "history.csv"
     if not history.is_file():
         return {}
-    import csv
-
     try:
         rows = list(csv.DictReader(history.open()))
     except Exception:

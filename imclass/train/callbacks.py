@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -486,8 +487,6 @@ class EpochLogger(Callback):
 def progress_callbacks(verbose: bool | int) -> list[Callback]:
     """What ``fit(verbose=...)`` shows: nothing (``0``/False), a progress bar (``1``/True on a terminal)
     or one line per epoch (``2``, or ``True`` when stdout is not a terminal: logs, pipes, CI)."""
-    import sys
-
     if not verbose:
         return []
     if verbose == 2 or not (hasattr(sys.stdout, "isatty") and sys.stdout.isatty()):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -44,8 +45,6 @@ def fresh_run_dir(out: str | os.PathLike, *, exist_ok: bool = False, resume: boo
 def link_or_copy(source: Path, target: Path) -> None:
     """``target`` becomes the same file as ``source`` (a hard link: no extra disk), or a copy where the
     file system has no hard links. Atomic: ``target`` is replaced, never half-written."""
-    import shutil
-
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.unlink(missing_ok=True)
     try:

@@ -2,8 +2,10 @@
 shared by workers on several machines), pruner and sampler, and the trials a killed process left."""
 from __future__ import annotations
 
+import copy
 import time
 import warnings
+from datetime import datetime
 from typing import Any
 
 from imclass.data.loader import derive_seed
@@ -70,9 +72,6 @@ def fail_orphaned_trials(study, grace: float) -> list[int]:
     RUNNING: Optuna's heartbeat check covers those with a heartbeat; a process killed between creating
     a trial and its first heartbeat leaves one with none, which only its age (over ``grace`` s) betrays.
     Returns the numbers of the trials failed."""
-    import copy
-    from datetime import datetime
-
     import optuna
     from optuna.trial import TrialState
 

@@ -3,6 +3,7 @@ confusion matrix with full class names."""
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -50,8 +51,6 @@ def save_confusion_matrix(cm: torch.Tensor | np.ndarray, classes: Sequence[str],
                           title: str = "confusion matrix") -> Path:
     """The confusion matrix (rows: true class, columns: predicted class) as a PNG: counts in the cells,
     colour by the fraction of the true class, full class names (long names wrapped, never cut)."""
-    import textwrap
-
     plt = pyplot()
     cm = np.asarray(cm, dtype=np.int64)
     rows = cm.sum(1, keepdims=True)

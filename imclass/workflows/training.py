@@ -18,6 +18,7 @@ import json
 import math
 import time
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,8 +311,6 @@ def _run_dir(cfg: RunConfig) -> Path:
         dist.broadcast_object_list(chosen, src=0)
         out = Path(chosen[0])
     if out != wanted:
-        import warnings
-
         warnings.warn(f"{wanted} holds an earlier run: this run goes to {out} (--exist-ok writes into {wanted})",
                       stacklevel=3)
     return out
@@ -499,8 +498,6 @@ def _load_data(cfg: RunConfig):
 def _warn_about_data(cfg: RunConfig, train_set, test_set) -> None:
     """A cheap check of a folder's images at train start (``imclass.data.check.quick_check``: duplicates
     with two labels, train/test leakage, class imbalance), as warnings; ``imclass data check`` says more."""
-    import warnings
-
     counts = train_set.class_counts()
     empty = [c for c, n in zip(train_set.classes, counts) if n == 0]
     if empty:
