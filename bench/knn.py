@@ -63,9 +63,14 @@ def load_cifar(root: Path):
 
     train = imclass.data.load("cifar10", "train", root=root, download=False)  # SHA-256 checked (once)
     test = imclass.data.load("cifar10", "test", root=root, download=False)
-    # flat rows; the feature order does not change L1/L2 distances
-    flat = lambda ds: ds.images.reshape(len(ds), -1).numpy()  # noqa: E731
-    return flat(train), train.labels.numpy(), flat(test), test.labels.numpy()
+    # images (N, 3, 32, 32) as a user passes them (imclass's L2 search pools them for its lower bounds);
+    # scikit-learn gets the same pixels as flat rows (``flat``)
+    return train.images.numpy(), train.labels.numpy(), test.images.numpy(), test.labels.numpy()
+
+
+def flat(images: np.ndarray) -> np.ndarray:
+    """Images (N, C, H, W) -> rows (N, C*H*W): scikit-learn's input (the order does not change L1/L2)."""
+    return images.reshape(len(images), -1)
 
 
 def timed(fn):
@@ -101,8 +106,8 @@ def speed_part(x, y, xt, yt, k: int, metrics, sk_queries: dict, sk: bool, rounds
         n_sk = min(sk_queries[metric], len(xt))
         if sk:
             dt = SK_DTYPE[metric]
-            est = KNeighborsClassifier(k, algorithm="brute", metric=SK_METRIC[metric]).fit(x.astype(dt), y)
-            q_sk = xt[:n_sk].astype(dt)
+            est = KNeighborsClassifier(k, algorithm="brute", metric=SK_METRIC[metric]).fit(flat(x).astype(dt), y)
+            q_sk = flat(xt[:n_sk]).astype(dt)
             sides["sklearn"] = lambda: est.predict(q_sk)
         res = host.interleave(sides, rounds=rounds)
         ours = res["imclass"]["result"]
@@ -144,8 +149,8 @@ def sizes_part(x, y, xt, sizes, rounds: int, sk: bool) -> dict:
         first, first_s = timed(lambda: model.predict(q).numpy())
         sides = {"imclass": lambda: model.predict(q).numpy()}
         if sk:
-            est = KNeighborsClassifier(1, algorithm="brute").fit(xm.astype(np.float64), ym)
-            qf = q.astype(np.float64)
+            est = KNeighborsClassifier(1, algorithm="brute").fit(flat(xm).astype(np.float64), ym)
+            qf = flat(q).astype(np.float64)
             sides["sklearn"] = lambda: est.predict(qf)
         res = host.interleave(sides, rounds=rounds)
         row = {"queries": m, "train": n, "backend": model.backend_, "first_call_seconds": first_s,
@@ -170,6 +175,7 @@ def _timing(t: dict) -> dict:
 
 
 def kernels_part(x, y, xt, metrics, n_query: int) -> dict:
+    x, xt = flat(x), flat(xt)  # rows: the plain kernels (the pruned search needs images: the speed part)
     q = xt[:n_query]
     print(f"\n== imclass kernels: 1-NN of {len(q)} test images vs {len(x):,} training images ==")
     choice = _select.l2_choice(x.shape[1], len(xt), len(x))

@@ -1,4 +1,5 @@
-"""Keras's callbacks under their Keras names and arguments, on the engine's callbacks (``imclass.train.callbacks``).
+"""Keras's callbacks under their Keras names and arguments, on the engine's callbacks (public face: it
+re-exports ``imclass.train.keras_callbacks`` and ``imclass.train.callbacks``, where the code lives).
 
     from imclass.callbacks import EarlyStopping, ModelCheckpoint, ReduceLROnPlateau, LearningRateScheduler
     model.fit(x, y, epochs=20, validation_split=0.1,
@@ -10,10 +11,6 @@ defaults (``filepath`` with ``{epoch}`` / ``{epoch:02d}``, ``save_best_only=Fals
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
-from imclass.train import callbacks as _engine
 from imclass.train.callbacks import (
     Callback,
     EpochLogger,
@@ -22,6 +19,7 @@ from imclass.train.callbacks import (
     ReduceLROnPlateau,
     TrainingCurves,
 )
+from imclass.train.keras_callbacks import CSVLogger, EarlyStopping, ModelCheckpoint, TensorBoard
 from imclass.train.state import History
 
 __all__ = [
@@ -37,46 +35,3 @@ __all__ = [
     "TensorBoard",
     "TrainingCurves",
 ]
-
-
-class ModelCheckpoint(_engine.ModelCheckpoint):
-    """Keras's ``ModelCheckpoint``: save the model after every epoch (``save_best_only=False``, Keras's
-    default) or when ``monitor`` improved; ``period`` (Keras 2) saves every ``period`` epochs."""
-
-    def __init__(self, filepath: str | Path, monitor: str = "val_loss", verbose: int = 0, save_best_only: bool = False,
-                 save_weights_only: bool = False, mode: str = "auto", save_freq: Any = "epoch",
-                 period: int | None = None) -> None:
-        if save_freq != "epoch":
-            raise ValueError(f"expected save_freq='epoch' (checkpoints are written at epoch ends), received {save_freq!r}")
-        super().__init__(filepath, monitor=monitor, mode=mode, save_best_only=save_best_only, every=period or 1)
-        self.verbose = verbose
-
-
-class EarlyStopping(_engine.EarlyStopping):
-    """Keras's ``EarlyStopping``: stop when ``monitor`` has not improved by more than ``min_delta``
-    for ``patience`` epochs (Keras's default 0: the first epoch without improvement)."""
-
-    def __init__(self, monitor: str = "val_loss", min_delta: float = 0.0, patience: int = 0, verbose: int = 0,
-                 mode: str = "auto", baseline: float | None = None, restore_best_weights: bool = False) -> None:
-        if baseline is not None:
-            raise ValueError("EarlyStopping(baseline=...) is not supported")
-        super().__init__(monitor=monitor, patience=patience, min_delta=min_delta, mode=mode,
-                         restore_best=restore_best_weights)
-        self.verbose = verbose
-
-
-class CSVLogger(_engine.CSVLogger):
-    """Keras's ``CSVLogger(filename)``: the history as CSV, one row per epoch (comma-separated)."""
-
-    def __init__(self, filename: str | Path, separator: str = ",", append: bool = False) -> None:
-        if separator != "," or append:
-            raise ValueError("CSVLogger writes comma-separated files, rewritten each epoch (separator=',', append=False)")
-        super().__init__(filename)
-
-
-class TensorBoard(_engine.TensorBoard):
-    """Keras's ``TensorBoard(log_dir)``: epoch metrics (and the batch loss every ``update_freq``
-    batches when it is an int) for TensorBoard."""
-
-    def __init__(self, log_dir: str | Path = "logs", update_freq: Any = "epoch", **_ignored: Any) -> None:
-        super().__init__(log_dir, batch_every=update_freq if isinstance(update_freq, int) else 0)

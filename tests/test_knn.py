@@ -20,7 +20,7 @@ from conftest import require_kernel  # noqa: E402
 # every exact kernel for each metric, always generated: a kernel the CPU should run but cannot fails the case
 # (require_kernel); only a CPU without the instruction (AVX2, VNNI) skips it
 BACKENDS = ["torch", "numba"]
-L2_BACKENDS = BACKENDS + ["int8"]
+L2_BACKENDS = BACKENDS + ["int8", "pruned"]  # pruned: pooled lower bounds, exact distances (numba)
 KERNELS = [("l1", b) for b in BACKENDS] + [("l2", b) for b in L2_BACKENDS]
 
 
@@ -29,8 +29,8 @@ def _kernel_expected(request):
     """Every case naming a kernel (parameter ``backend``) first checks that it can run here."""
     callspec = getattr(request.node, "callspec", None)
     backend = callspec.params.get("backend") if callspec is not None else None
-    if backend in ("numba", "int8"):
-        require_kernel(backend)
+    if backend in ("numba", "int8", "pruned"):
+        require_kernel("numba" if backend == "pruned" else backend)
 SK_METRIC = {"l1": "manhattan", "l2": "euclidean", "cosine": "cosine"}
 
 

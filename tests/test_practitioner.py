@@ -252,3 +252,14 @@ def test_feature_extraction_says_what_it_does_off_a_terminal(capsys):
     err = capsys.readouterr().err
     assert len(feats) == 300
     assert "extracting features: 300 images ..." in err and "extracting features: 300 images in " in err
+
+
+def test_knn_neighbour_grid_queries_come_from_every_class(photos, tmp_path, monkeypatch):
+    """A folder's test split is sorted by class: the grid's 10 queries are spread over it, not the first 10."""
+    import imclass.knn
+
+    drawn = {}
+    monkeypatch.setattr(imclass.knn, "neighbour_grid", lambda model, queries, path, **kw: drawn.update(kw))
+    res = runner.invoke(app, ["knn", str(photos), "--image-size", "16", "--neighbours-png", str(tmp_path / "nn.png")])
+    assert res.exit_code == 0, res.output
+    assert set(drawn["row_labels"]) == {"cat", "dog", "owl"} and len(drawn["row_labels"]) == 10

@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from imclass.confident import calibrate, confident_joint, find_label_issues, label_quality, thresholds
-from imclass.review.find import heldout_of_run
+from imclass.review.find import ReviewConfig, heldout_of_run, outlier_scores, outliers, review
 from imclass.review.oof import cross_val_features, stratified_folds
 from imclass.review.plan import apply_plan, destination_for, read_plan, undo_log, write_plan
 
@@ -308,7 +308,8 @@ def test_cli_review_cifar10_cross_validated_and_with_a_run(tmp_path, data_root, 
     official = np.asarray(cifar_npz["y_train"]).reshape(-1)
     for issue in report["issues"]:  # index: the position in the official training split (--limit is a sample)
         assert issue["path"] is None and issue["given"] == classes[official[issue["index"]]]
-        assert issue["kind"] in ("label", "duplicate") and issue["suggested"] in classes
+        assert issue["kind"] in ("label", "duplicate", "outlier")
+        assert issue["suggested"] in classes or (issue["kind"] == "outlier" and issue["suggested"] is None)
     assert (tmp_path / "cv" / "index.html").stat().st_size > 1000
     run = tmp_path / "run"
     trained = _cli("train", "--model", "mlp", "--dataset", "cifar10", "--limit", "256", "--epochs", "1", "--out", str(run))
@@ -319,6 +320,34 @@ def test_cli_review_cifar10_cross_validated_and_with_a_run(tmp_path, data_root, 
     assert scored.exit_code == 0, scored.output
     report = json.loads(scored.stdout.strip().splitlines()[-1])
     assert report["split"] == "test" and report["images"] == 200 and str(run) in report["method"]
+
+
+def test_outliers_measure_against_a_reference_and_take_the_z_score_within_each_feature_space():
+    gen = torch.Generator().manual_seed(0)
+    reference = torch.randn(40, 8, generator=gen)
+    held = torch.cat([reference[:5] + 0.01 * torch.randn(5, 8, generator=gen), -reference[5:6]])  # last: opposite
+    distance = outlier_scores(held, k=1, reference=reference)
+    expected = 1 - torch.nn.functional.cosine_similarity(held[:, None], reference[None], dim=2).max(1).values
+    np.testing.assert_allclose(distance, expected.double().numpy(), atol=1e-5)  # k=1: distance to the nearest
+    # two feature spaces (folds) of different scales: within each, the planted image stands out; pooled,
+    # it hides among the wide space's distances
+    narrow = np.r_[np.linspace(0.10, 0.12, 20), 0.5]
+    wide = np.linspace(1.0, 1.4, 20)
+    far, share = outliers(np.r_[narrow, wide], 5.0, groups=np.r_[np.zeros(21), np.ones(20)])
+    assert far.tolist() == [20] and share[20] == 1.0
+    assert 20 not in outliers(np.r_[narrow, wide], 5.0)[0]  # one group: the z-score is pooled
+
+
+def test_review_of_a_named_set_finds_outliers_in_each_folds_penultimate_features(data_root, cifar_npz):
+    cfg = ReviewConfig("cifar10", limit=60, folds=2, outlier_k=5, outlier_z=1.0, data_root=str(data_root),
+                       fast={"epochs": 1, "widths": [8, 16, 16]}, device="cpu")
+    result = review(cfg)
+    found = [r for r in result.issues if r["kind"] == "outlier"]
+    assert found, "a z-score above 1 holds some of 60 images"
+    official = np.asarray(cifar_npz["y_train"]).reshape(-1)
+    for r in found:  # ranked by the share of images nearer their neighbours, official positions
+        assert 0 < r["score"] <= 1 and r["distance"] > 0 and r["given"] == result.classes[official[r["index"]]]
+    assert [r["score"] for r in found] == sorted((r["score"] for r in found), reverse=True)
 
 
 def test_train_counts_suspected_label_errors_on_its_validation_split_as_review_with_the_run_does(reviewed, tmp_path,

@@ -265,3 +265,18 @@ def test_bf16_autocast_on_cpu_runs_convolutions_in_bfloat16():
         Classifier(torch.nn.Linear(3, 2), device="cpu").compile("sgd", amp="fp16")
     assert resolve_amp("auto", torch.device("cuda")) == "bf16"
     assert resolve_amp("bf16", torch.device("cpu")) == "bf16" and resolve_amp(None, torch.device("cuda")) is None
+
+
+def test_predict_features_are_the_penultimate_layer_on_normalised_images():
+    from imclass.layers import Dense, Flatten, Sequential
+
+    torch.manual_seed(0)
+    model = Sequential([Flatten(input_shape=(3, 4, 4)), Dense(5, activation="relu"), Dense(3, activation="softmax")])
+    mean, std = torch.tensor([0.5, 0.25, 0.4]), torch.tensor([0.2, 0.1, 0.3])
+    clf = Classifier(model, classes=["a", "b", "c"], mean=mean.tolist(), std=std.tolist(), device="cpu")
+    images = torch.randint(0, 256, (7, 3, 4, 4), dtype=torch.uint8)
+    x = (images.float() / 255 - mean[:, None, None]) / std[:, None, None]
+    expected = torch.relu(model.dense(x.flatten(1)))  # the hidden Dense's output: what the classifier sees
+    torch.testing.assert_close(clf.predict_features(images, batch_size=3), expected)
+    with pytest.raises(TypeError, match="no forward_features/forward_head"):
+        Classifier(nn.Linear(1, 3), mean=[0.0], std=[1.0], device="cpu").predict_features(torch.zeros(1, 1, 1, 1))

@@ -8,37 +8,6 @@ arguments).
 """
 from __future__ import annotations
 
-from imclass.models.applications import (
-    APPLICATIONS,
-    Application,
-    AppSpec,
-    DenseNet121,
-    EfficientNetB0,
-    InceptionV3,
-    MobileNetV2,
-    NASNetLarge,
-    NASNetMobile,
-    ResNet50,
-    ResNet101,
-    ResNet152,
-    TimmBody,
-    VGG16,
-    Xception,
-    application,
-)
-
-__all__ = [
-    "APPLICATIONS",
-    "Application",
-    "DenseNet121",
-    "EfficientNetB0",
-    "InceptionV3",
-    "MobileNetV2",
-    "NASNetLarge",
-    "NASNetMobile",
-    "ResNet101",
-    "ResNet152",
-    "ResNet50",
-    "VGG16",
-    "Xception",
-]
+from imclass.models.applications import *  # noqa: F403 -- the face re-exports models.applications' __all__
+from imclass.models.applications import AppSpec, TimmBody, application  # noqa: F401 -- importable here as before
+from imclass.models.applications import __all__  # noqa: F401 -- the one list of public names, kept with the code

@@ -151,7 +151,7 @@ def _pixels(source: Any) -> Any:
 
 
 def _image(saved: Any, image: str, root: Optional[str], mode: Optional[str] = None):
-    """(uint8 (C, H, W), true label or None, the data set it came from or None) for a file or DATASET:INDEX."""
+    """(uint8 (C, H, W), true label or None, the data set it came from or None) for a file or DATA:INDEX."""
     if _indexed(image):
         import torch
 

@@ -140,14 +140,21 @@ def knn(
     accuracy = float((pred == test.labels).double().mean())
     result |= {"k": model.k, "backend": model.backend_, "accuracy": accuracy, "seconds": round(seconds, 3)}
     if neighbours_png:
-        names = [test.classes[int(c)] for c in test.labels[:10]]
-        neighbour_grid(model, test.images[:10], neighbours_png, n_neighbours=10, row_labels=names,
-                       query_labels=test.labels[:10].tolist(), class_names=list(test.classes))
+        import torch
+
+        # 10 queries spread over the test split (sorted by class: the first 10 would all be one class)
+        picks = torch.linspace(0, len(test) - 1, min(10, len(test))).round().long()
+        names = [test.classes[int(c)] for c in test.labels[picks]]
+        neighbour_grid(model, test.images[picks], neighbours_png, n_neighbours=10, row_labels=names,
+                       query_labels=test.labels[picks].tolist(), class_names=list(test.classes))
         result["neighbours_png"] = neighbours_png
     if as_json:
         print_json(result)
         return
-    typer.echo(f"{model.k}-NN ({model.metric_}, {weights}) on {dataset}: accuracy {accuracy:.2%} on {len(test)} test "
+    from imclass.data.folder import split_word
+
+    word = split_word(dataset, "test")  # a plain folder's seeded 20 %: "held-out", as train and evaluate say
+    typer.echo(f"{model.k}-NN ({model.metric_}, {weights}) on {dataset}: accuracy {accuracy:.2%} on {len(test)} {word} "
                f"images with {len(train)} training images, {seconds:.1f} s ({model.backend_} backend)")
     if neighbours_png:
         typer.echo(f"wrote {neighbours_png}")

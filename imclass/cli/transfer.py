@@ -89,15 +89,20 @@ def run_transfer(*, dataset: str | None, backbone: str | None, weights: str | No
         values["weights"] = None if weights.lower() in ("none", "random") else weights
     if unfreeze is not None:
         values["unfreeze"] = unfreeze if unfreeze == "all" else _int(unfreeze, "--unfreeze")
+    from imclass.train import distributed
+
     try:
         cfg = TransferConfig(**{k: v for k, v in values.items() if v is not None or k == "weights"},
                              verbose=not as_json)
-        with plain_warnings():
+        # under torchrun: each rank extracts its share of the features, rank 0 writes the run folder and reports
+        with plain_warnings(), distributed.session("cpu"):
             result = train_transfer(cfg)
     except KeyboardInterrupt:
         fail("interrupted", code=130)
     except USER_ERRORS as err:
         fail(str(err))
+    if distributed.env_rank() != 0:
+        return
     if as_json:
         print_json(result)
         return

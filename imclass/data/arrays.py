@@ -8,13 +8,33 @@ import torch
 
 _CHANNEL_SIZES = (1, 3, 4)
 
-__all__ = ["as_images", "as_labels", "is_channels_last"]
+__all__ = ["as_images", "as_labels", "as_tensor", "is_channels_last"]
 
 
 def is_channels_last(shape: Any) -> bool:
     """The one channel-order rule: an image shape ``(H, W, C)`` or ``(C, H, W)`` (no batch) is channels-last
     when its last entry is 1, 3 or 4 and its first is not (Keras and numpy write ``(32, 32, 3)``)."""
     return len(shape) == 3 and shape[-1] in _CHANNEL_SIZES and shape[0] not in _CHANNEL_SIZES
+
+
+def as_tensor(x: Any, *, name: str = "x", lists: bool = True) -> torch.Tensor:
+    """The one conversion of what a user holds into a tensor (images, labels, Keras's ``x``/``y``).
+
+    A ``torch.Tensor`` is returned as is; a numpy array as a tensor sharing its memory (copied only
+    when not contiguous); with ``lists=True`` also what numpy reads as numbers (nested lists, tuples,
+    ranges, objects with ``__array__``). Anything that is not numeric (Python objects, strings, None)
+    raises a ``TypeError`` naming ``name`` and what was received.
+    """
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray) or (lists and x is not None and not isinstance(x, (str, bytes, dict))):
+        arr = np.asarray(x)
+        if arr.dtype.kind not in "biuf":
+            what = "Python objects" if arr.dtype == object else f"{arr.dtype}"
+            raise TypeError(f"expected {name} as a numeric array, received an array of {what}")
+        return torch.from_numpy(np.ascontiguousarray(arr))
+    kinds = "a torch.Tensor, numpy array or list of numbers" if lists else "a torch.Tensor or numpy array"
+    raise TypeError(f"expected {name} as {kinds}, received {type(x).__name__}")
 
 
 def as_images(x: Any, *, name: str = "images") -> torch.Tensor:
@@ -24,12 +44,7 @@ def as_images(x: Any, *, name: str = "images") -> torch.Tensor:
     the Keras/numpy convention: recognised when the last axis has 1, 3 or 4 entries and the
     second does not), or (N, H, W) (grey images). Anything else raises a ValueError naming the shape.
     """
-    if isinstance(x, np.ndarray):
-        t = torch.from_numpy(np.ascontiguousarray(x))
-    elif isinstance(x, torch.Tensor):
-        t = x
-    else:
-        raise TypeError(f"expected {name} as a torch.Tensor or numpy array, received {type(x).__name__}")
+    t = as_tensor(x, name=name, lists=False)
     if t.ndim == 3:
         t = t.unsqueeze(1)
     if t.ndim != 4:
@@ -41,7 +56,7 @@ def as_images(x: Any, *, name: str = "images") -> torch.Tensor:
 
 def as_labels(y: Any, n: int | None = None, *, name: str = "labels") -> torch.Tensor:
     """Return ``y`` as an int64 tensor of shape (N,), checking it matches ``n`` images."""
-    t = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
+    t = as_tensor(y, name=name)
     if t.ndim == 2 and t.shape[1] == 1:
         t = t[:, 0]
     if t.ndim != 1:

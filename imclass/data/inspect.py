@@ -141,7 +141,7 @@ def inspect_folder(path: str | os.PathLike, *, workers: int | None = None, test_
         train_idx, test_idx = split_indices(labels, test_fraction, seed=seed)
         by_split = {"train": [records[i] for i in train_idx.tolist()], "test": [records[i] for i in test_idx.tolist()]}
         notes.append(f"no train/ and val/ (or test/) folders: imclass holds out {test_fraction:.0%} of each class "
-                     f"as test, the rest is train (seed {seed})")
+                     f"as the held-out split (--split test), the rest is train (seed {seed})")
     else:
         by_split = {}
         for r in records:

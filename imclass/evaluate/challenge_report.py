@@ -30,7 +30,7 @@ from imclass.model_file.format import read_metadata
 from imclass.models.rebuild import load
 from imclass.tta import choose_tta
 from imclass.visualize import save_image_grid, save_line_plot
-from imclass.visualize.plots import save_figure
+from imclass.visualize.plots import pyplot, save_figure
 from imclass.data import as_images, as_labels
 from imclass.data.folder import split_folders
 
@@ -313,10 +313,7 @@ def _write_pictures(report: dict, grids: dict, first: ImageDataset, out: Path, p
 
 
 def _bar_plot(entry: dict, names: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     width = 0.8 / 2

@@ -30,7 +30,7 @@ from imclass.models.rebuild import load
 from imclass.train import TimeBudget
 from imclass.transfer import fine_tune, transfer
 from imclass.transfer.workflow import load_for
-from imclass.visualize.plots import save_figure
+from imclass.visualize.plots import pyplot, save_figure
 from imclass.workflows.training import RunConfig, train_from_config
 
 __all__ = ["KNN_METRICS", "compare", "parse_budget", "parse_models"]
@@ -289,10 +289,7 @@ def leaderboard_table(board: dict[str, Any]) -> str:
 
 
 def _plot(board: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
     for e in board["entries"]:

@@ -34,7 +34,8 @@ from imclass.data.source import inference_batch_size
 from imclass.evaluate.tune_folder import PLOTS, read_tuning, tuning_folder
 from imclass.models.rebuild import load
 from imclass.visualize.grids import save_captioned_grid
-from imclass.visualize.plots import save_figure
+from imclass.visualize.plots import pyplot, save_figure
+from imclass.visualize.training import save_confusion_matrix
 
 __all__ = ["report", "score", "tuning_folder", "HTML_NAME", "JSON_NAME"]
 
@@ -251,45 +252,16 @@ def _examples(conf: torch.Tensor, pred: torch.Tensor, labels: torch.Tensor, n: i
 # ---------------------------------------------------------------------------------------------
 # pictures (matplotlib)
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig, path: Path) -> str:
     return save_figure(fig, path).name
 
 
 def _plot_confusion(numbers: dict, path: Path) -> str:
-    plt = _plt()
-    cm = np.asarray(numbers["confusion_matrix"])
-    norm = np.asarray(numbers["confusion_matrix_normalised"])
-    classes = numbers["classes"]
-    c = len(classes)
-    size = min(12, 3 + 0.5 * c)
-    fig, ax = plt.subplots(figsize=(size + 1, size), dpi=100)
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
-    if c <= 20:
-        ticks = range(c)
-        ax.set_xticks(ticks, list(classes), rotation=45, ha="right")  # full names: "dandelion", not "dandelio"
-        ax.set_yticks(ticks, list(classes))
-        for i in range(c):
-            for j in range(c):
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(f"confusion matrix (counts; colour: row-normalised), accuracy {numbers['accuracy']:.4f}")
-    return _save(fig, path)
+    return save_confusion_matrix(numbers["confusion_matrix"], numbers["classes"], path).name
 
 
 def _plot_per_class(numbers: dict, path: Path) -> str:
-    plt = _plt()
+    plt = pyplot()
     classes = numbers["classes"]
     per = numbers["per_class"]
     x = np.arange(len(classes))
@@ -306,7 +278,7 @@ def _plot_per_class(numbers: dict, path: Path) -> str:
 
 
 def _plot_reliability(numbers: dict, probs, logits, labels, n_bins: int, path: Path) -> str:
-    plt = _plt()
+    plt = pyplot()
     panels = [("as predicted", numbers["calibration"])]
     t = numbers["temperature"].get("temperature")
     if t is not None:
@@ -348,7 +320,7 @@ def _plot_history(path: Path, out: Path) -> str | None:
     accs = {k: column(k) for k in ("accuracy", "val_accuracy") if column(k)}
     if not losses and not accs:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
     for ax, series, name in ((axes[0], losses, "loss"), (axes[1], accs, "accuracy")):
         for label, ys in series.items():

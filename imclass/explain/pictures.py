@@ -7,23 +7,14 @@ import numpy as np
 import torch
 
 from imclass.visualize.grids import to_hwc
-from imclass.visualize.plots import save_figure
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from imclass.visualize.plots import pyplot, save_figure
 
 
 def save_overlay(image: torch.Tensor, heatmap: torch.Tensor, path: str | Path, *, title: str = "",
                  signed: bool = False) -> Path:
     """Write a PNG of three panels: the (C, H, W) image, the (H, W) heatmap, and the heatmap over the
     image. ``signed`` centres the colour map on zero (occlusion: red where hiding the patch lowers the score)."""
-    plt = _plt()
+    plt = pyplot()
     rgb = to_hwc(image)
     heat = heatmap.detach().float().cpu().numpy()
     if signed:
@@ -50,7 +41,7 @@ def save_overlay(image: torch.Tensor, heatmap: torch.Tensor, path: str | Path, *
 def save_map_grid(maps: torch.Tensor, path: str | Path, *, title: str = "", cols: int = 8,
                   image: torch.Tensor | None = None) -> Path:
     """Write a PNG grid of (K, h, w) maps (each on its own colour scale, viridis), after ``image``."""
-    plt = _plt()
+    plt = pyplot()
     maps = maps.detach().float().cpu()
     tiles = ([("image", None)] if image is not None else []) + [(f"{i}", m) for i, m in enumerate(maps)]
     cols = max(1, min(cols, len(tiles)))

@@ -11,7 +11,7 @@ import torch
 from imclass.data.arrays import as_images, as_labels
 from imclass.explain._net import as_net, class_name, features, one_image
 from imclass.visualize.grids import save_captioned_grid
-from imclass.visualize.plots import save_figure
+from imclass.visualize.plots import pyplot, save_figure
 
 __all__ = ["neighbours", "tsne_map", "same_l2"]
 
@@ -79,10 +79,7 @@ def tsne_map(model: Any, images: Any, labels: Any, *, classes: Sequence[str] | N
     result = {"method": "tsne", "images": len(images), "neighbour_agreement": float((y[agree] == y).mean()),
               "coordinates": xy.tolist(), "labels": y.tolist()}
     if out is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, ax = plt.subplots(figsize=(6.5, 5.5), dpi=100)
         cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")

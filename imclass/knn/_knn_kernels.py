@@ -51,10 +51,10 @@ def available() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _compiled():
-    """(L1 driver, L2 driver), compiled by numba on first use and cached on disk."""
+    """(L1, L2 and pruned k-NN drivers), compiled by numba on first use and cached on disk."""
     from imclass.knn import _knn_numba  # deferred: importing numba takes seconds (start-up time)
 
-    return _knn_numba.l1_driver, _knn_numba.l2_driver
+    return _knn_numba.l1_driver, _knn_numba.l2_driver, _knn_numba.pruned_driver
 
 
 @contextlib.contextmanager
@@ -123,3 +123,31 @@ def l2_ranking(queries: np.ndarray, train: np.ndarray, train_sq: np.ndarray | No
     with _match_torch_threads():
         _compiled()[1](q, t, np.ascontiguousarray(sq, dtype=np.int64), out, tile + tile % 2)
     return out[:nq, :nt]
+
+
+def pruned_nearest(ranking: np.ndarray, row_const: np.ndarray, radius_extra: np.ndarray, pool: int,
+                   fine: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int], queries: np.ndarray,
+                   train: np.ndarray, k: int, seeds: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(exact squared L2 distances (M, k) int64, training indices (M, k), work per query (M,)) of the k
+    nearest training rows of each uint8 query row, skipping rows that pooled lower bounds exclude.
+
+    ``ranking`` (M, N) plus ``row_const`` (M,) are the squared distances of rows pooled over ``pool`` x
+    ``pool`` blocks, ``radius_extra`` (M,) their rounding allowance (``imclass.knn._knn_pruned``); ``fine``
+    = (query rows, training rows, query errors, training errors, block side) of a finer pooling, checked
+    before an exact distance; ``seeds`` >= k rows nearest by the coarse distance are computed first. The
+    work is counted in fine-bound units (an exact distance: block side^2). Neighbours are ordered by
+    (distance, index), as the full search orders them.
+    """
+    nq, nt = ranking.shape
+    if not 1 <= k <= seeds <= nt:
+        raise ValueError(f"expected 1 <= k <= seeds <= training rows, received k={k}, seeds={seeds}, rows={nt}")
+    fq, ft, fqe, fte, fine_pool = fine
+    c = np.ascontiguousarray
+    out_d = np.empty((nq, k), dtype=np.int64)
+    out_i = np.empty((nq, k), dtype=np.int64)
+    out_n = np.empty(nq, dtype=np.int64)
+    with _match_torch_threads():
+        _compiled()[2](c(ranking), c(row_const, dtype=np.float64), c(radius_extra, dtype=np.float64), pool,
+                       c(fq), c(ft), c(fqe, dtype=np.float64), c(fte, dtype=np.float64), fine_pool,
+                       c(queries), c(train), k, seeds, out_d, out_i, out_n)
+    return out_d, out_i, out_n

@@ -7,6 +7,7 @@ Compiled code is cached on disk (``cache=True``), so only the first run pays the
 """
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
@@ -132,3 +133,91 @@ def l2_driver(queries, train, train_sq, out, tile):
                     out[i + 2, j], out[i + 2, j + 1] = a - 2 * r[4], b - 2 * r[5]
                     out[i + 3, j], out[i + 3, j + 1] = a - 2 * r[6], b - 2 * r[7]
 
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sq_distance(a, b):
+    # int32 sums (exact below MAX_L2_FEATURES values), written so that LLVM vectorises them in int32 lanes
+    acc = np.int32(0)
+    for c in range(a.shape[0]):
+        x = np.int32(a[c]) - np.int32(b[c])
+        acc = np.int32(acc + np.int32(x * x))
+    return np.int64(acc)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _insert(dist, index, d, j):
+    """Insert (d, j) into the lists sorted by (distance, index), dropping the last entry."""
+    n = dist.shape[0]
+    if d > dist[n - 1] or (d == dist[n - 1] and j >= index[n - 1]):
+        return
+    s = n - 1
+    while s > 0 and (dist[s - 1] > d or (dist[s - 1] == d and index[s - 1] > j)):
+        dist[s], index[s] = dist[s - 1], index[s - 1]
+        s -= 1
+    dist[s], index[s] = d, j
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _limit(d_k, pool, radius_extra, row_const):
+    # coarse ranking entries above this cannot be within d_k (see imclass.knn._knn_pruned): rounded up
+    radius = np.sqrt(np.float64(d_k)) / pool + radius_extra
+    return np.floor(radius * radius * (1 + 1e-12) + 1) - row_const
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _beyond(d_k, pool, fine_q, fine_t, error):
+    # True when the fine pooled bound proves the distance larger than d_k (the float errs only towards False)
+    r = np.sqrt(np.float64(_sq_distance(fine_q, fine_t))) - error
+    return r > 0 and pool * pool * r * r > (np.float64(d_k) + 1) * (1 + 1e-12)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def pruned_driver(ranking, row_const, radius_extra, pool, fine_q, fine_t, fine_qe, fine_te, fine_pool,
+                  queries, train, k, m, out_d, out_i, out_n):
+    """The k nearest training rows of each query by exact squared L2, using pooled lower bounds.
+
+    ``ranking[i, j] + row_const[i]``: the coarse pooled squared distance (blocks of ``pool`` x ``pool``);
+    ``radius_extra[i]``: its rounding errors' allowance ``e(q) + max e(t)``. ``fine_q``/``fine_t``: rows
+    pooled over ``fine_pool`` x ``fine_pool`` blocks, ``fine_qe``/``fine_te`` their rounding errors. Per
+    query: the ``m`` smallest coarse distances get an exact distance, their k-th sets a limit; every
+    other training row within the limit whose fine bound does not exclude it gets one too, and the limit
+    tightens as nearer rows are found. ``out_d``/``out_i`` (nq, k): distances and indices ordered by
+    (distance, index); ``out_n[i]``: work done, in fine-bound units (an exact distance counts
+    ``fine_pool``^2)."""
+    nq, nt = ranking.shape
+    exact_cost = fine_pool * fine_pool
+    for i in prange(nq):
+        row = ranking[i]
+        seed_i = np.argsort(row[:m], kind="mergesort")  # the m smallest entries, ordered by (value, index)
+        seed_v = row[:m][seed_i]
+        for j in range(m, nt):
+            _insert(seed_v, seed_i, row[j], j)
+        best_d = np.full(k, np.iinfo(np.int64).max, dtype=np.int64)
+        best_i = np.full(k, nt, dtype=np.int64)
+        for s in range(m):
+            j = seed_i[s]
+            _insert(best_d, best_i, _sq_distance(queries[i], train[j]), j)
+        d_k = best_d[k - 1]
+        limit = _limit(d_k, pool, radius_extra[i], row_const[i])
+        work = m * exact_cost
+        for j in range(nt):
+            if row[j] <= limit:
+                seen = False
+                for s in range(m):
+                    if seed_i[s] == j:
+                        seen = True
+                if seen:
+                    continue
+                work += 1
+                if _beyond(d_k, fine_pool, fine_q[i], fine_t[j], fine_qe[i] + fine_te[j]):
+                    continue
+                d = _sq_distance(queries[i], train[j])
+                work += exact_cost
+                if d < d_k or (d == d_k and j < best_i[k - 1]):
+                    _insert(best_d, best_i, d, j)
+                    d_k = best_d[k - 1]
+                    limit = _limit(d_k, pool, radius_extra[i], row_const[i])
+        out_d[i, :] = best_d
+        out_i[i, :] = best_i
+        out_n[i] = work

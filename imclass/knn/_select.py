@@ -175,3 +175,11 @@ def _choose(n_features: int, shape: tuple[int, int]) -> dict:
                   "shape": list(shape)}
     remember(RECORD_FILE, key, choice)
     return choice
+
+
+PRUNE_MIN_TRAIN = 2048  # training images from which the pruned search (imclass.knn._knn_pruned) pays
+
+
+def prune_pays(queries: int, train: int) -> bool:
+    """True when the pruned L2 search of images is expected to beat the plain kernels for this shape."""
+    return train >= PRUNE_MIN_TRAIN

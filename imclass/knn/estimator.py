@@ -17,7 +17,8 @@ else ``torch.cdist`` in float32, exact because every partial sum is an integer b
 ``|a|^2 + |b|^2 - 2 a.b`` with the dot products from one of three exact kernels: oneDNN's int8 GEMM on
 pixels shifted by -128 (``torch._int_mm``, int32 sums), the numba ``vpmaddwd`` kernel, or a float64
 matrix product (every partial sum an integer below 2^53). ``backend="auto"`` takes the one measured
-fastest on this host (``imclass.knn._select``). Float inputs (or features) take a float64 path.
+fastest on this host (``imclass.knn._select``); for images with enough training images it searches with
+pooled lower bounds first and computes only the distances they cannot exclude (``_knn_pruned``). Float inputs (or features) take a float64 path.
 
 The search runs over chunks of queries and of training rows, so memory stays bounded (about
 ``batch_size x train chunk`` distances at a time) whatever the data set size.
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 
 from imclass.data.arrays import as_images, as_labels
-from imclass.knn import _knn_int8, _knn_kernels, _select
+from imclass.knn import _knn_int8, _knn_kernels, _knn_pruned, _select
 from imclass.knn._knn_torch import TRAIN_CHUNK as _TRAIN_CHUNK
 from imclass.knn._knn_torch import cosine_block as _cosine_block
 from imclass.knn._knn_torch import l1_block as _l1_block_torch
@@ -48,12 +49,13 @@ from imclass.knn._knn_torch import l2_block as _l2_block_torch
 from imclass.knn._knn_torch import norms as _norms
 from imclass.knn._knn_torch import smallest_k as _smallest_k
 from imclass.visualize import save_image_grid, save_line_plot
+from imclass.visualize.grids import save_captioned_grid
 
 __all__ = ["KNN", "NearestNeighbor", "KSelection", "choose_k", "neighbour_grid"]
 
 METRICS = ("l1", "l2", "cosine")
 WEIGHTS = ("uniform", "distance")
-BACKENDS = ("auto", "torch", "numba", "int8", "faiss")
+BACKENDS = ("auto", "torch", "numba", "int8", "pruned", "faiss")
 _METRIC_ALIASES = {"manhattan": "l1", "cityblock": "l1", "euclidean": "l2"}
 _MAX_BLOCK = 2**23  # query chunk x training chunk distances at once (64 MB of float64), when batch_size is None
 
@@ -133,10 +135,12 @@ class KNN:
     weights:
         ``"uniform"`` (one vote per neighbour) or ``"distance"`` (votes weighted by 1/distance).
     backend:
-        ``"auto"`` (for uint8 pixels: L1 the numba kernel when available, L2 the exact kernel measured
-        fastest on this host; else torch), ``"torch"``, ``"numba"`` (exact integer kernels, uint8 input only),
-        ``"int8"`` (L2 of uint8 pixels by oneDNN's int8 GEMM, exact) or ``"faiss"`` (float32, needs faiss;
-        ties and near-ties may then be ordered differently).
+        ``"auto"`` (for uint8 pixels: L1 the numba kernel when available; L2 of images (C, H, W) with at
+        least ``_select.PRUNE_MIN_TRAIN`` training images ``"pruned"``, else the exact kernel measured fastest
+        on this host; else torch), ``"torch"``, ``"numba"`` (exact integer kernels, uint8 input only),
+        ``"int8"`` (L2 of uint8 pixels by oneDNN's int8 GEMM, exact), ``"pruned"`` (L2 of uint8 images: pooled
+        lower bounds skip most distances, exact; needs numba) or ``"faiss"`` (float32, needs faiss; ties and
+        near-ties may then be ordered differently).
     batch_size:
         queries compared at once (None: chosen to keep about 64 MB of distances in memory).
     verbose:
@@ -229,13 +233,21 @@ class KNN:
                                  "both training and queries, received floats (use backend='torch')")
             if self.metric_ == "cosine":
                 raise ValueError("backend='numba' supports metric 'l1' and 'l2', received 'cosine'")
+        if backend == "pruned" and not (exact and self.metric_ == "l2" and _knn_pruned.usable(self.sample_shape_)):
+            raise ValueError("backend='pruned' computes exact L2 distances of uint8 images (C, H, W) with numba: "
+                             f"expected metric 'l2', uint8 images and numba, received metric {self.metric_!r}, "
+                             f"{'uint8' if exact else 'float'} samples of shape {self.sample_shape_}"
+                             f"{'' if _knn_kernels.available() else ' (numba not available)'}")
         if backend == "faiss":
             try:
                 import faiss  # noqa: F401
             except ImportError as err:
                 raise RuntimeError("backend='faiss' needs faiss: pip install faiss-cpu") from err
         if backend == "auto":
-            if exact and self.metric_ == "l2":  # exact kernels: the one measured fastest here for this shape
+            if exact and self.metric_ == "l2" and _knn_pruned.usable(self.sample_shape_) and \
+                    _select.prune_pays(n_queries, self.n_samples_fit_):
+                backend = "pruned"  # images, a problem large enough: a pooled lower bound skips most distances
+            elif exact and self.metric_ == "l2":  # exact kernels: the one measured fastest here for this shape
                 backend = _select.fastest_l2_kernel(self.n_features_in_, n_queries, self.n_samples_fit_)
             else:
                 fast = exact and self.metric_ == "l1" and _knn_kernels.available()
@@ -279,6 +291,13 @@ class KNN:
         self.backend_ = backend
         if backend == "faiss":
             return self._search_faiss(queries, k)
+        if backend == "pruned":
+            return self._search_pruned(queries, k)
+        return self._search_blocks(queries, k, backend, exact)
+
+    def _search_blocks(self, queries: torch.Tensor, k: int, backend: str, exact: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_search`` with a block kernel: every distance computed, chunk by chunk."""
         n = self.n_samples_fit_
         chunk = _TRAIN_CHUNK if backend == "torch" else 4 * _TRAIN_CHUNK
         batch = self.batch_size or max(64, _MAX_BLOCK // min(n, chunk))
@@ -298,6 +317,29 @@ class KNN:
                 vals = vals.long() + row_constant(q)
             out_d.append(vals)
             out_i.append(idx)
+        return torch.cat(out_d), torch.cat(out_i)
+
+    def _search_pruned(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_search`` with pooled lower bounds (``_knn_pruned``): exact squared L2, most distances skipped.
+        Where the bounds prune too little (images of noise), the rest of the queries take the plain kernel."""
+        n = self.n_samples_fit_
+        pooled_features = _knn_pruned.pooled_features(self.sample_shape_, _knn_pruned.coarse_pool(self.sample_shape_))
+        index = self._cached("pruned", lambda: _knn_pruned.PrunedIndex.build(
+            self._fit_X, self.sample_shape_, _select.fastest_l2_kernel(pooled_features, len(queries), n)))
+        batch = self.batch_size or max(64, _MAX_BLOCK // n)
+        from tqdm.auto import tqdm
+
+        out_d, out_i = [], []
+        for q0 in tqdm(range(0, len(queries), batch), desc=f"{k}-NN l2", unit="chunk", disable=not self.verbose):
+            dist, idx, work = index.search(queries[q0:q0 + batch], k)
+            out_d.append(dist)
+            out_i.append(idx)
+            if work > _knn_pruned.MAX_WORK_FRACTION and q0 + batch < len(queries):
+                plain = _select.fastest_l2_kernel(self.n_features_in_, len(queries), n)
+                dist, idx = self._search_blocks(queries[q0 + batch:], k, plain, True)
+                out_d.append(dist.long())  # exact integers (float64 from the torch kernel)
+                out_i.append(idx)
+                break
         return torch.cat(out_d), torch.cat(out_i)
 
     def _search_faiss(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -543,8 +585,6 @@ def neighbour_grid(
     rows = [[q] + [train[j] for j in row.tolist()] for q, row in zip(queries, idx)]
     if query_labels is None:
         return save_image_grid(rows, path, row_labels=row_labels)
-    from imclass.visualize.grids import save_captioned_grid
-
     name = (lambda c: str(class_names[c]) if class_names is not None and 0 <= c < len(class_names) else str(c))
     fit_labels = model.classes_[model._fit_y]  # each training image's label value
     images, captions, colors = [], [], []

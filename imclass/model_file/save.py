@@ -3,6 +3,7 @@
 ``get_config()``), and writes it with ``imclass.model_file.format``."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -71,8 +72,9 @@ def save(
     if tta is not None:
         header["preprocessing"]["tta"] = tta_name(tta)
     record_image_preprocessing(obj, header["preprocessing"])
-    if train_config is None and hasattr(obj, "training_config"):
-        train_config = obj.training_config() or None  # the Classifier's compile options
+    compiled = getattr(obj, "compile_config", None)
+    if train_config is None and dataclasses.is_dataclass(compiled):
+        train_config = dataclasses.asdict(compiled)  # the Classifier's compile options
     header["train_config"] = jsonable(train_config, "train_config")
     header["metrics"] = checked_metrics
     write_atomic(path, tensors, header)

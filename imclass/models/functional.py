@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from imclass.models.head import ClassifierHead, HeadContract
 from imclass.models.keras_training import KerasMethods, KerasState
 from imclass.nn.core import Dense
 from imclass.nn.layer import Layer, LayerNames, final_activation_of, layer_from_config
@@ -34,7 +35,7 @@ from imclass.nn.symbolic import Input, KerasTensor, Node, as_tensor_list, call_l
 __all__ = ["Input", "KerasTensor", "Model", "Node"]
 
 
-class Model(KerasMethods, nn.Module):
+class Model(KerasMethods, HeadContract, nn.Module):
     """A model from a graph of layers: ``Model(inputs=x, outputs=y)`` with ``x`` from ``Input`` (or
     another model's ``input``) and ``y`` from calling layers on it. One input, one output.
 
@@ -130,53 +131,36 @@ class Model(KerasMethods, nn.Module):
             values[id(node.output)] = y
         return values
 
-    def _head_node(self) -> Node | None:
-        last = self._nodes[-1]
-        return last if isinstance(last.layer, Dense) and len(self._nodes) > 1 else None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for a float ``(N, *input_shape)`` batch."""
         check_input_shape(x, self.input_shape)
         return self._run(x)[id(self._output)]
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Everything before the classifier (the last layer when it is a ``Dense``)."""
+    # -- classifier (timm's contract: imclass.models.head)
+
+    def classifier_head(self) -> ClassifierHead | None:
+        """The last node as the classifier when it is a ``Dense`` (after at least one other layer)."""
+        last = self._nodes[-1]
+        if not isinstance(last.layer, Dense) or len(self._nodes) < 2:
+            return None
+        modules = [m for _, m in last.modules]
+        return ClassifierHead(last.layer, self._node_names[-1], modules[:-1] if self._final else modules)
+
+    def run_body(self, x: torch.Tensor) -> torch.Tensor:
+        """Check ``x`` and run the graph up to the classifier's input (the whole graph without one)."""
         check_input_shape(x, self.input_shape)
-        head = self._head_node()
-        if head is None:
-            return self.forward(x)
-        return self._run(x, upto=len(self._nodes) - 1)[id(head.inputs[0])]
+        if self.classifier_head() is None:
+            return self._run(x)[id(self._output)]
+        return self._run(x, upto=len(self._nodes) - 1)[id(self._nodes[-1].inputs[0])]
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """The classifier (last ``Dense``, less a final softmax); ``pre_logits`` skips it."""
-        head = self._head_node()
-        if pre_logits or head is None:
-            return x
-        modules = [m for _, m in head.modules]
-        if self._final:
-            modules = modules[:-1]
-        for module in modules:
-            x = module(x)
-        return x
-
-    def get_classifier(self) -> nn.Module:
-        """The last ``Dense``'s linear module (``nn.Identity()`` when the model does not end with one)."""
-        head = self._head_node()
-        return nn.Identity() if head is None else head.modules[0][1]
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the last ``Dense`` by a fresh one with ``num_classes`` outputs (same activation)."""
-        head = self._head_node()
-        if head is None:
-            raise ValueError("this model does not end with a Dense layer to use as its classifier")
-        config = {**head.layer.get_config(), "units": int(num_classes), "name": self._node_names[-1]}
-        config.pop("input_shape", None)
-        layer = Dense(**config)
-        new = call_layer(layer, head.inputs[0])
-        for suffix, _ in head.modules:
-            delattr(self, self._node_names[-1] + suffix)
+    def replace_classifier(self, dense: Dense, head: ClassifierHead) -> None:
+        """Call ``dense`` on the old classifier's input and register it under the same name."""
+        node = self._nodes[-1]
+        new = call_layer(dense, node.inputs[0])
+        for suffix, _ in node.modules:
+            delattr(self, head.name + suffix)
         for suffix, module in new.node.modules:
-            self.add_module(self._node_names[-1] + suffix, module)
+            self.add_module(head.name + suffix, module)
         self._nodes[-1] = new.node
         self._output, self.output_shape = new, new.shape
         self._final = final_activation_of(new.node.modules, new.shape)

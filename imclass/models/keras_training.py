@@ -1,7 +1,8 @@
 """Keras's ``compile`` / ``fit`` / ``evaluate`` / ``predict`` / ``save`` for ``Sequential`` and ``Model``,
 done by ``Classifier`` (the one engine): this module only converts what Keras users hold.
 
-* ``x``: numpy arrays or tensors, channels-last ``(N, H, W, C)`` or channels-first ``(N, C, H, W)``
+* ``x``: numpy arrays, tensors or lists (made tensors by the one ``imclass.data.arrays.as_tensor``, as
+  ``Classifier.fit`` does), channels-last ``(N, H, W, C)`` or channels-first ``(N, C, H, W)``
   (decided by the model's input shape), uint8 (scaled by 1/255) or float (already divided by 255).
   Flat features ``(N, F)`` travel through the image-based engine as one-row grey images
   ``(N, 1, 1, F)``; the models flatten them back (``imclass.nn.shapes.adapt_flat_input``).
@@ -26,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from imclass import losses, optimizers
+from imclass.data.arrays import as_tensor
 from imclass.model_file.save import save
 from imclass.nn.model_layer import ModelLayer
 from imclass.nn.symbolic import is_symbolic
@@ -124,21 +126,10 @@ def _compiled(model: nn.Module, what: str) -> KerasState:
     return state
 
 
-def _as_tensor(x: Any, what: str) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x.detach()
-    if isinstance(x, (np.ndarray, list, tuple)):
-        arr = np.asarray(x)
-        if arr.dtype == object:
-            raise TypeError(f"expected {what} as a numeric array, received an array of Python objects")
-        return torch.from_numpy(np.ascontiguousarray(arr))
-    raise TypeError(f"expected {what} as a numpy array or a torch.Tensor, received {type(x).__name__}")
-
-
 def as_model_input(model: nn.Module, x: Any, what: str = "x") -> torch.Tensor:
     """User inputs -> what the engine carries for ``model``: uint8 or float32 ``(N, C, H, W)`` images
     (channels-last turned around) or ``(N, 1, 1, F)`` for flat features."""
-    t = _as_tensor(x, what)
+    t = as_tensor(x, name=what).detach()
     if t.dtype == torch.bool or (not t.is_floating_point() and t.dtype != torch.uint8):
         t = t.float()
     elif t.is_floating_point() and t.dtype != torch.float32:
@@ -164,7 +155,7 @@ def as_model_input(model: nn.Module, x: Any, what: str = "x") -> torch.Tensor:
 def _targets(state: KerasState, model: nn.Module, y: Any, n: int, what: str = "y") -> torch.Tensor:
     if y is None:
         raise ValueError(f"expected labels {what}, received None")
-    t = state.loss.targets(_as_tensor(y, what), _outputs(model))
+    t = state.loss.targets(as_tensor(y, name=what).detach(), _outputs(model))
     if len(t) != n:
         raise ValueError(f"expected {n} labels in {what} (one per input), received {len(t)}")
     return t

@@ -22,17 +22,18 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from imclass.models.head import ClassifierHead, HeadContract
 from imclass.models.keras_training import KerasMethods, KerasState
 from imclass.nn.core import Dense
 from imclass.nn.layer import Layer, final_activation_of, layer_from_config, unique_layer_name
 from imclass.nn.model_layer import ModelLayer
-from imclass.nn.shapes import Shape, adapt_flat_input, check_input_shape, check_int, format_shape, to_channels_first
+from imclass.nn.shapes import Shape, adapt_flat_input, check_input_shape, format_shape, to_channels_first
 from imclass.nn.symbolic import Input, KerasTensor, call_layer
 
 __all__ = ["Sequential"]
 
 
-class Sequential(KerasMethods, nn.Module):
+class Sequential(KerasMethods, HeadContract, nn.Module):
     """A stack of course layers built into torch modules, with every shape inferred.
 
     The input shape comes from ``input_shape=`` here or on the first layer (``input_dim=`` for a
@@ -180,50 +181,35 @@ class Sequential(KerasMethods, nn.Module):
         start = list(self._modules).index(self._names[i])  # the classifier's Linear
         return modules[:start], modules[start:]
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Everything before the classifier (the last Dense): the features it sees."""
-        x = adapt_flat_input(x, self.input_shape or ())
-        self._check_input(x)
-        for module in self._split()[0]:
-            x = module(x)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """The classifier (last Dense and what follows, except a final softmax); ``pre_logits`` skips it."""
-        if pre_logits:
-            return x
-        for module in self._split()[1]:
-            x = module(x)
-        return x
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for a float ``(N, *input_shape)`` batch."""
         return self.forward_head(self.forward_features(x))
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    # -- classifier (timm's contract: imclass.models.head)
+
+    def classifier_head(self) -> ClassifierHead | None:
+        """The last Dense (and the layers after it) as the classifier, or None without a Dense."""
+        i = self._classifier_index()
+        if i is None:
+            return None
+        return ClassifierHead(self.layers[i], self._names[i], self._split()[1])
+
+    def run_body(self, x: torch.Tensor) -> torch.Tensor:
+        """Check ``x`` and run everything before the classifier (the last Dense)."""
+        x = adapt_flat_input(x, self.input_shape or ())
         if self.input_shape is None:
             raise ValueError("this Sequential has no layers yet")
         check_input_shape(x, self.input_shape,
                           flat_hint="flatten the input first (x.flatten(1)) or start the model with Flatten()")
+        for module in self._split()[0]:
+            x = module(x)
+        return x
 
-    # -- classifier (timm's contract)
-
-    def get_classifier(self) -> nn.Module:
-        """The last Dense's linear module (``nn.Identity()`` when the model has no Dense)."""
+    def replace_classifier(self, dense: Dense, head: ClassifierHead) -> None:
+        """Swap the last Dense for ``dense``, keeping the layers that follow it."""
         i = self._classifier_index()
-        return nn.Identity() if i is None else getattr(self, self._names[i])
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the last Dense by a fresh one with ``num_classes`` outputs (same activation)."""
-        check_int("num_classes", num_classes)
-        i = self._classifier_index()
-        if i is None:
-            raise ValueError("this model has no Dense layer to use as its classifier")
-        name = self._names[i]
         tail = [self.pop() for _ in range(len(self.layers) - i)][::-1]  # the old Dense and what follows it
-        config = {**tail[0].get_config(), "units": num_classes, "name": name}
-        config.pop("input_shape", None)
-        self.add(Dense(**config))
+        self.add(dense)
         for layer in tail[1:]:
             self.add(layer)
 

@@ -7,7 +7,11 @@ Three kinds of findings, each labelled:
   (:mod:`imclass.review.oof`): a logistic regression on cached frozen-backbone features for photo
   folders, the fast recipe per fold for CIFAR-10 / MNIST / Fashion-MNIST;
 * ``"outlier"``: images far from every other image in feature space (mean cosine distance to their
-  ``k`` nearest neighbours, robust z-score above ``outlier_z``): photos that belong to no class;
+  ``k`` nearest neighbours, robust z-score above ``outlier_z``): photos that belong to no class.
+  Folders: the frozen backbone's features, neighbours among the reviewed images. Named sets: each
+  fold's network, its penultimate features (``Classifier.predict_features``): a held-out image's
+  neighbours are that fold's training images, and the z-score is taken within the fold (each fold's
+  network has a feature space of its own);
 * ``"duplicate"``: exact (same bytes) and near (perceptual hash) duplicates that carry different
   labels, from ``imclass data check``'s detection.
 
@@ -39,6 +43,7 @@ from imclass.data.inspect import folder_files
 from imclass.data.split import limit_indices, split_indices
 from imclass.knn import KNN
 from imclass.model_file.format import read_metadata
+from imclass.models.rebuild import load as load_model_file
 from imclass.models.transfer_net import PoolStagesUnsupported
 from imclass.models.weights import Preprocessing
 from imclass.review.oof import cross_val_features, cross_val_images
@@ -47,8 +52,8 @@ from imclass.transfer.finetune import resize_for, transfer
 from imclass.transfer.retrieval import image_set
 from imclass.transfer.workflow import DEFAULT_POOL_STAGES, no_weights_advice, pick_backbone
 
-__all__ = ["ReviewConfig", "ReviewItems", "ReviewResult", "folder_features", "folder_items", "heldout_of_run", "review",
-           "sha256_of"]
+__all__ = ["ReviewConfig", "ReviewItems", "ReviewResult", "folder_features", "folder_items", "heldout_of_run",
+           "outlier_scores", "outliers", "review", "sha256_of"]
 
 KINDS = ("label", "outlier", "duplicate")
 
@@ -208,15 +213,13 @@ def heldout_of_run(run_config: dict[str, Any], data: str, split: str | None) -> 
 
 
 def _run_items_and_probs(cfg: ReviewConfig) -> tuple[ReviewItems, np.ndarray, str]:
-    from imclass.models.rebuild import load
-
     run = Path(cfg.run).expanduser()
     if not run.exists():
         raise FileNotFoundError(f"no such run folder or model file: {run}")
     run_cfg = _run_config(run)
     split, why = heldout_of_run(run_cfg, cfg.data, cfg.split)
     header = read_metadata(run)
-    clf = load(run)
+    clf = load_model_file(run)
     if not hasattr(clf, "predict_proba") or not hasattr(clf, "model"):
         raise ValueError(f"{run}: a {type(clf).__name__} gives no probabilities to review with; use a network run")
     folder = Path(cfg.data).expanduser()
@@ -305,9 +308,15 @@ def folder_features(cfg: ReviewConfig, items: ReviewItems) -> tuple[torch.Tensor
     return feats, backbone
 
 
-def outlier_scores(features: torch.Tensor, k: int = 10) -> np.ndarray:
-    """Mean cosine distance (n,) of each feature vector to its ``k`` nearest other vectors."""
+def outlier_scores(features: torch.Tensor, k: int = 10, reference: torch.Tensor | None = None) -> np.ndarray:
+    """Mean cosine distance (n,) of each feature vector to its ``k`` nearest other vectors (of
+    ``features`` itself, its own match left out; or of ``reference``, vectors of the same space that
+    ``features`` are not among)."""
     n = len(features)
+    if reference is not None:
+        k = max(1, min(k, len(reference)))
+        knn = KNN(k=k, metric="cosine").fit(reference, torch.zeros(len(reference), dtype=torch.long))
+        return knn.kneighbors(features)[0].double().numpy().mean(1)
     k = max(1, min(k, n - 1))
     dist, idx = KNN(k=k + 1, metric="cosine").fit(features, torch.zeros(n, dtype=torch.long)).kneighbors(features)
     dist = dist.double().numpy()
@@ -316,13 +325,18 @@ def outlier_scores(features: torch.Tensor, k: int = 10) -> np.ndarray:
     return np.array([np.sort(row[~np.isnan(row)])[:k].mean() for row in dist])
 
 
-def _outliers(distance: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarray]:
-    """(indices of outliers, score of every image): robust z-score of the distance above ``z``;
-    score = the share of images whose distance is lower."""
-    med = np.median(distance)
-    mad = 1.4826 * np.median(np.abs(distance - med)) + 1e-12
-    robust = (distance - med) / mad
-    rank = np.argsort(np.argsort(distance, kind="stable"), kind="stable")
+def outliers(distance: np.ndarray, z: float, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(indices of outliers, score of every image): the robust z-score of the distance (median and MAD,
+    within each of ``groups``: distances of different feature spaces are not comparable) above ``z``;
+    score = the share of images whose z-score is lower."""
+    groups = np.zeros(len(distance), dtype=np.int64) if groups is None else np.asarray(groups)
+    robust = np.zeros(len(distance))
+    for g in np.unique(groups):
+        members = groups == g
+        med = np.median(distance[members])
+        mad = 1.4826 * np.median(np.abs(distance[members] - med)) + 1e-12
+        robust[members] = (distance[members] - med) / mad
+    rank = np.argsort(np.argsort(robust, kind="stable"), kind="stable")
     return np.flatnonzero(robust > z), rank / max(len(distance) - 1, 1)
 
 
@@ -354,7 +368,7 @@ def review(cfg: ReviewConfig) -> ReviewResult:
     """Review ``cfg.data``: out-of-sample probabilities, confident learning, outliers, duplicates; ranked."""
     start = time.perf_counter()
     folder = Path(cfg.data).expanduser()
-    feats = None
+    distance, groups = None, None  # k-NN distance in feature space of each image (outliers), per feature space
     if cfg.run is not None:
         items, probs, method = _run_items_and_probs(cfg)
     elif folder.is_dir():
@@ -368,10 +382,21 @@ def review(cfg: ReviewConfig) -> ReviewResult:
         probs = cross_val_features(feats, items.labels, len(items.classes), folds=cfg.folds, seed=cfg.seed,
                                    C=cfg.C, verbose=cfg.verbose)
         method = f"{cfg.folds}-fold cross-validation: logistic regression on {backbone} features"
+        if len(feats) > cfg.outlier_k + 1:
+            distance = outlier_scores(feats, cfg.outlier_k)
     else:
         items = _named_items(cfg, cfg.split or "train")
         ds = ImageDataset(items.pixels, items.labels, items.classes, split=items.split)
-        probs = cross_val_images(ds, folds=cfg.folds, seed=cfg.seed, device=cfg.device, verbose=cfg.verbose, **cfg.fast)
+        distance, groups = np.full(len(ds), np.nan), np.zeros(len(ds), dtype=np.int64)
+
+        def fold_outliers(clf: Any, held: np.ndarray, train: np.ndarray) -> None:
+            # the fold's own feature space: held-out images against the images its network trained on
+            feats = clf.predict_features(ds.images)
+            distance[held] = outlier_scores(feats[held], cfg.outlier_k, reference=feats[train])
+            groups[held] = groups.max() + 1
+
+        probs = cross_val_images(ds, folds=cfg.folds, seed=cfg.seed, device=cfg.device, verbose=cfg.verbose,
+                                 on_fold=fold_outliers, **cfg.fast)
         method = f"{cfg.folds}-fold cross-validation: the fast recipe per fold"
     labels = items.labels.numpy()
     found = find_label_issues(probs, labels, filter_by=cfg.filter_by, rank_by=cfg.rank_by)
@@ -392,9 +417,8 @@ def review(cfg: ReviewConfig) -> ReviewResult:
     for i, s, q in zip(found.indices, found.suggested, found.quality):
         add(i, "label", int(s), 1.0 - float(q))
     predicted = probs.argmax(1)
-    if feats is not None and len(feats) > cfg.outlier_k + 1:
-        distance = outlier_scores(feats, cfg.outlier_k)
-        far, share = _outliers(distance, cfg.outlier_z)
+    if distance is not None:
+        far, share = outliers(distance, cfg.outlier_z, groups)
         for i in far:
             add(i, "outlier", int(predicted[i]) if predicted[i] != labels[i] else None, float(share[i]),
                 distance=float(distance[i]))

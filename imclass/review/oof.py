@@ -89,9 +89,13 @@ def cross_val_features(features: torch.Tensor, labels: torch.Tensor, num_classes
 
 
 def cross_val_images(data: Any, *, folds: int = 5, seed: int = 0, target: int = 90, device: str = "auto",
-                     verbose: bool = False, **overrides: Any) -> np.ndarray:
+                     verbose: bool = False, on_fold: Callable[[Any, np.ndarray, np.ndarray], None] | None = None,
+                     **overrides: Any) -> np.ndarray:
     """Out-of-fold probabilities (n, classes) of the fast recipe (``fast_config(target, **overrides)``)
-    trained on the other folds of ``data`` (an ``ImageDataset``), with the recipe's test-time augmentation."""
+    trained on the other folds of ``data`` (an ``ImageDataset``), with the recipe's test-time augmentation.
+
+    ``on_fold(classifier, held_rows, train_rows)`` is called after each fold with that fold's trained
+    ``Classifier`` (e.g. to read its penultimate features: the outliers of a review)."""
     cfg = fast_config(target, **overrides)
     labels = data.labels
     fold = stratified_folds(labels.numpy(), folds, seed)
@@ -102,6 +106,8 @@ def cross_val_images(data: Any, *, folds: int = 5, seed: int = 0, target: int = 
         train = data.subset(torch.from_numpy(np.flatnonzero(fold != f)))
         clf = fast_recipe(train, cfg, seed=seed + f, device=device, verbose=False)
         probs[held.numpy()] = clf.predict_proba(data.images[held], tta=clf.tta).double().numpy()
+        if on_fold is not None:
+            on_fold(clf, held.numpy(), np.flatnonzero(fold != f))
         _say(verbose, f"fold {f + 1}/{folds}: fast recipe trained on {len(train):,} images, {len(held):,} held out "
                       f"({time.perf_counter() - start:.1f} s)")
     return probs

@@ -17,7 +17,7 @@ from imclass.train.callbacks import (
 )
 from imclass.train.checkpoint import load_checkpoint, save_checkpoint
 from imclass.train.classifier import Classifier
-from imclass.train.config import TrainConfig
+from imclass.train.config import CompileConfig, TrainConfig
 from imclass.train.device import cpu_has_native_bf16, resolve_device
 from imclass.train.inputs import channel_stats
 from imclass.train.lr_range import LRFindResult
@@ -28,6 +28,7 @@ __all__ = [
     "CSVLogger",
     "Callback",
     "Classifier",
+    "CompileConfig",
     "EarlyStopping",
     "History",
     "LRFindResult",

@@ -13,6 +13,7 @@ import os
 import random
 import tempfile
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -165,7 +166,7 @@ class Checkpointing:
             "classes": list(self.classes),
             "mean": list(self.mean),
             "std": list(self.std),
-            "config": self.training_config(),
+            "config": asdict(self.compile_config) if self.compile_config is not None else {},
         }
         save_checkpoint(run.ckpt_path, payload)
 

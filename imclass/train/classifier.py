@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from imclass import losses
 from imclass.optimizers import Optimizer as KerasOptimizer
 from imclass.train.checkpoint import Checkpointing
-from imclass.train.config import AMP_DTYPES, LOSSES, METRICS, TrainConfig
+from imclass.train.config import AMP_DTYPES, LOSSES, METRICS, CompileConfig
 from imclass.train.device import resolve_device
 from imclass.train.inference import Inference
 from imclass.train.loop import Fitting
@@ -63,7 +63,7 @@ class Classifier(Fitting, TrainingStep, Checkpointing, Inference, LRFinding):
         self.std = [float(s) for s in std] if std is not None else None
         self.input_size: tuple[int, int, int] | None = None  # (C, H, W) of the training images, set by fit
         self.tta: str | None = None  # the test-time augmentation this model is evaluated with (model files record it)
-        self.compile_config: TrainConfig | None = None  # the resolved compile() options (None before compile)
+        self.compile_config: CompileConfig | None = None  # the resolved compile() options (None before compile)
         self.train_config: dict[str, Any] | None = None  # the resolved training config a model file recorded
         self.training_metrics: dict[str, Any] | None = None  # the numbers a model file recorded at training time
         self.preprocessing: Any = None  # resize/crop of pretrained weights (imclass.models.weights.Preprocessing)
@@ -154,7 +154,7 @@ class Classifier(Fitting, TrainingStep, Checkpointing, Inference, LRFinding):
             compile = False
         if channels_last is None:
             channels_last = any(isinstance(m, torch.nn.Conv2d) for m in self.model.modules())
-        self.compile_config = TrainConfig(
+        self.compile_config = CompileConfig(
             optimizer=opt_name, lr=float(self.optimizer.param_groups[0]["initial_lr"]),
             loss=loss if isinstance(loss, str) else getattr(loss, "name", None) or getattr(loss, "__name__", "custom"),
             label_smoothing=label_smoothing, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
@@ -179,12 +179,15 @@ class Classifier(Fitting, TrainingStep, Checkpointing, Inference, LRFinding):
         return self
 
     def training_config(self) -> dict[str, Any]:
-        """``compile_config`` as plain values (for model files and run folders); ``{}`` before ``compile``."""
+        """Deprecated alias of ``dataclasses.asdict(clf.compile_config)`` (``{}`` before ``compile``)."""
+        warnings.warn("Classifier.training_config() is deprecated: use dataclasses.asdict(clf.compile_config)",
+                      DeprecationWarning, stacklevel=2)
         return asdict(self.compile_config) if self.compile_config is not None else {}
 
     @property
-    def config(self) -> TrainConfig | None:
-        """The former name of ``compile_config`` (the resolved ``compile`` options)."""
+    def config(self) -> CompileConfig | None:
+        """Deprecated alias of ``compile_config`` (the resolved ``compile`` options)."""
+        warnings.warn("Classifier.config is deprecated: use Classifier.compile_config", DeprecationWarning, stacklevel=2)
         return self.compile_config
 
     def use_loss(self, loss: Any) -> None:

@@ -1,4 +1,17 @@
-"""The resolved ``compile`` options of the engine (``TrainConfig``) and the names it accepts."""
+"""The resolved ``compile`` options of the engine (``CompileConfig``) and the names it accepts.
+
+One name per concept (docs/training.md, "Names of the configs"):
+
+* ``CompileConfig`` — the resolved ``Classifier.compile`` options, held as ``Classifier.compile_config``
+  (``dataclasses.asdict`` gives the plain values that checkpoints and model files record).
+* ``train_config`` — the whole run's training config as a model file recorded it (a dict: the
+  compile options plus the workflow's settings), read back as ``Classifier.train_config`` and
+  written by ``save(..., train_config=...)``.
+
+Deprecated aliases, kept because public code uses them: ``TrainConfig`` (= ``CompileConfig``),
+``Classifier.config`` (= ``compile_config``), ``Classifier.training_config()`` (=
+``dataclasses.asdict(compile_config)``).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,10 +30,9 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.
 
 
 @dataclass
-class TrainConfig:
-    """The resolved ``compile`` options (``Classifier.compile_config``; as a dict, ``training_config()``),
-    saved beside checkpoints and, as part of the run's training config, in model files (read back as
-    ``Classifier.train_config``)."""
+class CompileConfig:
+    """The resolved ``compile`` options (``Classifier.compile_config``), saved beside checkpoints and,
+    as part of the run's training config, in model files (read back as ``Classifier.train_config``)."""
 
     optimizer: str = "adam"
     lr: float = 1e-3
@@ -37,3 +49,6 @@ class TrainConfig:
     amp: str | None = None
     compile: bool | str = False
     channels_last: bool = False
+
+
+TrainConfig = CompileConfig  # deprecated alias (the former name; imclass.train.TrainConfig keeps working)

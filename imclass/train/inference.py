@@ -19,11 +19,16 @@ class Inference:
     declares the state these methods use."""
 
     # ------------------------------------------------------------------ inference
-    @torch.no_grad()
     def _logits(self, images: Any, batch_size: int | None = None, tta: Any = None,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of uint8 (or [0, 1] float) images: a tensor (``rows`` of it) or an image source,
         a batch at a time (``batch_size`` None: sized by the input, ``inference_batch_size``)."""
+        return self._batched(images, batch_size, rows, lambda x: self._tta(x, tta))
+
+    @torch.no_grad()
+    def _batched(self, images: Any, batch_size: int | None, rows: torch.Tensor | None,
+                 forward: Any) -> torch.Tensor:
+        """``forward`` of normalised batches of ``images`` (eval mode, autocast), concatenated as float."""
         self._check_ready("predict or evaluate")
         if self.device.type == "cpu":
             retain_freed_memory()  # a CPU forward spends more than half its time in page faults otherwise
@@ -36,7 +41,7 @@ class Inference:
             for xb in image_batches(images, batch_size, rows):
                 x = self._normalise(xb)
                 with self._autocast(inference=True):
-                    out.append(self._tta(x, tta).float())
+                    out.append(forward(x).float())
         finally:
             self.model.train(was_training)
         if not out:
@@ -93,6 +98,22 @@ class Inference:
             p = logits.sigmoid()
             return torch.cat([1 - p, p], 1)
         return logits.softmax(1)
+
+    def predict_features(self, x: Any, batch_size: int | None = None) -> torch.Tensor:
+        """The features the classifier head sees (N, D), float32 on the CPU: timm's
+        ``forward_head(forward_features(x), pre_logits=True)`` of the model (the penultimate layer), for
+        images as ``predict`` takes them. A model without that contract raises a ``TypeError``."""
+        model = self.model
+        if not (callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))):
+            raise TypeError(f"a {type(model).__name__} has no forward_features/forward_head (timm's contract): "
+                            "its penultimate features are not defined")
+        if isinstance(x, ImageDataset):
+            x = x.images
+
+        def penultimate(v: torch.Tensor) -> torch.Tensor:
+            return model.forward_head(model.forward_features(v), pre_logits=True).flatten(1)
+
+        return self._batched(x if is_source(x) else as_images(x), batch_size, None, penultimate).cpu()
 
     def predict(self, x: Any, batch_size: int | None = None, tta: Any = None) -> torch.Tensor:
         """Predicted class indices as an int64 tensor (N,)."""

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from imclass.data.arrays import as_images, as_labels
+from imclass.data.arrays import as_images, as_labels, as_tensor
 from imclass.data.dataset import ImageDataset
 
 
@@ -25,7 +25,7 @@ def as_data(data: Any, name: str = "data") -> tuple[torch.Tensor, torch.Tensor, 
 
 def as_targets(y: Any, n: int, name: str) -> torch.Tensor:
     """Integer labels (N,) via ``as_labels``, or one-hot / soft labels (N, classes) kept as float32."""
-    t = y if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y))
+    t = as_tensor(y, name=name)
     if t.ndim == 2 and t.shape[1] > 1:
         if len(t) != n:
             raise ValueError(f"expected {n} {name} (one per image), received {len(t)}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from imclass.visualize.plots import save_figure
+from imclass.visualize.plots import pyplot, save_figure
 
 __all__ = ["LRFindResult", "clean_curve", "suggest_lr"]
 
@@ -92,10 +92,7 @@ class LRFindResult:
     def plot(self, path: str | Path) -> Path:
         """Loss against learning rate (log scale) up to divergence, the suggestion and minimum / 10 marked;
         the y axis spans the curve's own range, never a diverged tail."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         lr_c, loss_c = clean_curve(self.lrs, self.losses)
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)

@@ -255,6 +255,8 @@ def extract_features(
     device: str | torch.device = "cpu",
     mode: str | None = None,
     progress: bool = True,
+    rows: slice | torch.Tensor | None = None,
+    mirror: bool = False,
 ) -> torch.Tensor:
     """Pooled features (N, D) float32 of ``images`` (uint8 (N, C, H, W), an image source such as an
     ``ImageDataset``, or file paths) by ``model``, a batch at a time. File paths are read through the
@@ -266,6 +268,9 @@ def extract_features(
     The model is put in eval mode (and left there) and, with ``channels_last``, stored NHWC.
     ``model`` may be a bare backbone or a ``TransferNet`` (its backbone's features, ``pool_stages`` included).
     Batches of 32 ran faster than 64 on the 2-core CPUs measured (bench/RESULTS.md: they stay in cache).
+    ``rows`` (a slice or row numbers) restricts an image source or tensor to those images, read batch by
+    batch (a stream source decodes only them); ``mirror`` extracts the features of the left-right mirrored
+    images (``feature_augment="flip"``), a batch at a time, never a mirrored copy of the set.
     """
     if batch_size < 1:
         raise ValueError(f"expected batch_size >= 1, received batch_size={batch_size}")
@@ -287,7 +292,15 @@ def extract_features(
     amp = _resolve_amp(amp, device)
     if isinstance(cache, (str, os.PathLike)):
         cache = FeatureCache(cache)
+    if rows is not None and source is None and not isinstance(images, torch.Tensor):
+        images = images[rows] if isinstance(rows, slice) else [images[i] for i in torch.as_tensor(rows).tolist()]
+        rows = None
+    if rows is not None and isinstance(images, torch.Tensor):
+        images = images[rows] if isinstance(rows, slice) else torch.index_select(images, 0, torch.as_tensor(rows))
+        rows = None  # a slice is a view (of a memory-mapped set too): hashed and read as it is
     key = feature_key(model, images, preprocessing, amp) if cache is not None and source is None else None
+    if key is not None and mirror:
+        key = hashlib.blake2b(f"{key}|mirror".encode(), digest_size=20).hexdigest()
     if key is not None:
         hit = cache.get(key)
         if hit is not None:
@@ -296,10 +309,22 @@ def extract_features(
         source = images if isinstance(images, torch.Tensor) else open_for(images, preprocessing, mode)
     if isinstance(source, torch.Tensor):
         batches = (source[s : s + batch_size] for s in range(0, len(source), batch_size))
+        total = len(source)
     elif isinstance(getattr(source, "images", None), torch.Tensor):  # memory or cache tier
-        batches = (source.images[s : s + batch_size] for s in range(0, len(source), batch_size))
-    else:
-        batches = (x for x, _ in source.batches(batch_size))
+        pixels = source.images if rows is None else (source.images[rows] if isinstance(rows, slice) else None)
+        if pixels is None:
+            picked = torch.as_tensor(rows)
+            batches = (torch.index_select(source.images, 0, picked[s : s + batch_size])
+                       for s in range(0, len(picked), batch_size))
+            total = len(picked)
+        else:
+            batches = (pixels[s : s + batch_size] for s in range(0, len(pixels), batch_size))
+            total = len(pixels)
+    else:  # the stream tier: worker processes decode only these rows
+        picked = None if rows is None else (torch.arange(len(source))[rows] if isinstance(rows, slice)
+                                            else torch.as_tensor(rows))
+        batches = (x for x, _ in source.batches(batch_size, picked))
+        total = len(source) if picked is None else len(picked)
     if device.type == "cpu":
         retain_freed_memory()  # page faults otherwise cost ~half of a CPU forward here (bench/RESULTS.md)
     model = model.to(device).eval()
@@ -308,9 +333,9 @@ def extract_features(
     out = []
 
     # a silent phase no more: ~20 s for 3,000 photos on 2 CPU cores
-    with torch.no_grad(), Progress(len(source), "extracting features", verbose=progress and len(source) >= 256) as bar:
+    with torch.no_grad(), Progress(total, "extracting features", verbose=progress and total >= 256) as bar:
         for xb in batches:
-            x = prepare_batch(xb.to(device), preprocessing)
+            x = prepare_batch(xb.to(device).flip(-1) if mirror else xb.to(device), preprocessing)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
@@ -325,19 +350,23 @@ def extract_features(
 def extract_features_shared(model: nn.Module, images: Any, preprocessing: Preprocessing, batch_size: int = 32,
                             **options: Any) -> torch.Tensor:
     """:func:`extract_features` with the work shared by the ranks of a torchrun job: rank r extracts only its
-    contiguous share ``imclass.train.distributed.shard(N)`` of ``images`` (a uint8 tensor, a list of paths or an
-    ``ImageDataset``), then the shares are gathered so every rank returns all N features, in order. In one
+    contiguous share ``imclass.train.distributed.shard(N)`` of ``images`` (a uint8 tensor, a list of paths, an
+    ``ImageDataset`` or a stream source, which then decodes only that share), then the shares are gathered so every rank returns all N features, in order. In one
     process it is :func:`extract_features`. ``options`` go to :func:`extract_features` (a ``cache`` holds each
     rank's share under its own key)."""
     if distributed.world_size() == 1:
         return extract_features(model, images, preprocessing, batch_size, **options)
+    part = distributed.shard(len(images))
     if hasattr(images, "subset") and hasattr(images, "images"):  # an ImageDataset
-        mine: Any = images.subset(distributed.shard(len(images)))  # a slice: a view, also of a memory-mapped set
+        mine: Any = images.subset(part)  # a slice: a view, also of a memory-mapped set
     elif isinstance(images, torch.Tensor) or isinstance(images, (list, tuple)):
-        mine = images[distributed.shard(len(images))]
+        mine = images[part]
+    elif all(hasattr(images, a) for a in ("batches", "read", "labels")):  # a stream source: decode only this share
+        mine, options = images, {**options, "rows": part}
     else:
-        raise TypeError(f"expected a uint8 tensor, a list of paths or an ImageDataset to share among ranks, "
-                        f"received {type(images).__name__}")
+        raise TypeError(f"expected a uint8 tensor, a list of paths, an ImageDataset or an image source to share "
+                        f"among ranks, received {type(images).__name__}")
+    options.setdefault("progress", distributed.is_main())
     feats = extract_features(model, mine, preprocessing, batch_size, **options)
     parts = distributed.all_gather_objects(feats)
     width = max(p.shape[1] for p in parts if p.ndim == 2 and len(p)) if any(len(p) for p in parts) else 0

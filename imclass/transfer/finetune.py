@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -22,16 +23,15 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from imclass.data.augment import CropFlip
-from imclass.data.dataset import ImageDataset
+from imclass.data.augment import RandomResizedCrop
 from imclass.data.split import split_indices
 from imclass.models import create
 from imclass.models.transfer_net import TransferNet, head_config
 from imclass.models.transfer_net import num_features
 from imclass.models.weights import Preprocessing, apply_weights, backbone_name, weights_options
 from imclass.train import Classifier, cpu_has_native_bf16
-from imclass.train.inputs import as_data
-from imclass.transfer.features import FeatureCache, extract_features
+from imclass.train.inputs import as_data, is_source
+from imclass.transfer.features import FeatureCache, extract_features_shared
 
 __all__ = ["BATCH_NORM_MODES", "FineTuneResult", "backbone_groups", "fine_tune", "fit_head", "freeze",
            "has_folded_batch_norm", "resize_for", "transfer", "unfreeze"]
@@ -147,18 +147,21 @@ def unfreeze(model: TransferNet, stages: int | str = "all") -> list[list[nn.Para
 # data
 
 
-def resize_for(images: torch.Tensor, pre: Preprocessing, batch_size: int = 256) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> uint8 (N, C, crop, crop): shorter side to ``pre.resize``, centre crop,
-    in batches (a no-op when the images already have the crop size)."""
+def resize_for(images: torch.Tensor, pre: Preprocessing, batch_size: int = 256, *,
+               crop: int | None = None) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> uint8 (N, C, crop, crop): shorter side to ``pre.resize``, centre crop
+    (``crop``, default ``pre.crop``; ``pre.resize`` keeps the whole resized square for random crops),
+    in batches (a no-op when the images already have that size)."""
     from torchvision.transforms.v2 import functional as TF
 
-    if tuple(images.shape[-2:]) == (pre.crop, pre.crop):
+    crop = crop or pre.crop
+    if tuple(images.shape[-2:]) == (crop, crop):
         return images
     mode = getattr(TF.InterpolationMode, pre.interpolation.upper())
-    out = torch.empty((len(images), images.shape[1], pre.crop, pre.crop), dtype=torch.uint8)
+    out = torch.empty((len(images), images.shape[1], crop, crop), dtype=torch.uint8)
     for s in range(0, len(images), batch_size):
         x = TF.resize(images[s : s + batch_size], pre.resize, interpolation=mode, antialias=True)
-        out[s : s + batch_size] = TF.center_crop(x, [pre.crop, pre.crop])
+        out[s : s + batch_size] = TF.center_crop(x, [crop, crop])
     return out
 
 
@@ -261,9 +264,14 @@ def fine_tune(
 ) -> FineTuneResult:
     """Stage 1: ``freeze_epochs`` epochs of the head on cached frozen features; stage 2: ``epochs``
     epochs of the whole network (``unfreeze_stages``: "all" or the last N) with discriminative
-    learning rates. ``data``/``validation``: ``ImageDataset`` or ``(uint8 images, labels)``, any
-    image size (resized and centre-cropped as ``model.preprocessing`` says); ``validation`` may be
-    a fraction (seeded stratified split). ``feature_augment="flip"``: the head also trains on the
+    learning rates. ``data``/``validation``: ``(uint8 images, labels)`` of any image size (resized as
+    ``model.preprocessing`` says: the training images to the ``resize`` square when fine-tuning, so
+    that the random crops reach its margin), or an image source (``ImageDataset`` in memory or
+    memory-mapped, or a stream source) read batch by batch, never copied; ``validation`` may be a
+    fraction (seeded stratified split; not of a stream source). Stage 2's ``augment="auto"`` is
+    :class:`imclass.data.augment.RandomResizedCrop` to the crop size, with a flip, drawn from the
+    stored image (seeded per epoch). Under torchrun each rank extracts its share of the features
+    (``extract_features_shared``), the head and stage 2 train data-parallel (``Classifier.fit``). ``feature_augment="flip"``: the head also trains on the
     features of the mirrored training images (twice the feature cost; stage 2 augments images with
     ``augment``). Returns the classifier of the whole network.
     ``class_weight`` and ``sampler`` (class imbalance) go to the ``fit`` of both stages.
@@ -285,45 +293,59 @@ def fine_tune(
                       "variance 1: folded into the convolutions): batch statistics will replace them and the "
                       "pretrained features degrade; batch_norm='eval' keeps them", stacklevel=2)
     pre: Preprocessing = getattr(model, "preprocessing", None) or Preprocessing()
-    images, labels, data_classes = _pair(data, "data")
+    if is_source(data):  # an ImageDataset (memory or memory-mapped) or a stream source: read batch by batch
+        images, labels, data_classes = data, data.labels, list(data.classes)
+    else:
+        images, labels, data_classes = _pair(data, "data")
     classes = list(classes) if classes is not None else data_classes or [str(i) for i in range(int(labels.max()) + 1)]
     if model.num_classes is not None and model.num_classes != len(classes):
         raise ValueError(f"the model's head has {model.num_classes} outputs but the data has {len(classes)} classes")
     if isinstance(validation, float):
         keep, held = split_indices(labels, validation, seed=seed)
-        val = (images[held], labels[held])
-        images, labels = images[keep], labels[keep]
+        if isinstance(images, torch.Tensor):
+            val: Any = (images[held], labels[held])
+            images, labels = images[keep], labels[keep]
+        elif hasattr(images, "subset"):
+            val, images = images.subset(held), images.subset(keep)
+            labels = images.labels
+        else:
+            raise ValueError("a validation fraction needs images in memory or in the cache tier: pass the "
+                             "validation images of a stream source as validation=")
     elif validation is not None:
-        v_images, v_labels, _ = _pair(validation, "validation")
-        val = (v_images, v_labels)
+        val = validation if is_source(validation) else _pair(validation, "validation")[:2]
     else:
         val = None
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    images = resize_for(images, pre)
-    val = (resize_for(val[0], pre), val[1]) if val is not None else None
+    if isinstance(images, torch.Tensor):  # the random-resized crops of stage 2 can reach the margin of `resize`
+        images = resize_for(images, pre, crop=pre.resize if epochs else None)
+    if isinstance(val, tuple):
+        val = (resize_for(val[0], pre), val[1])
     seconds["resize"] = time.perf_counter() - t0
     result = FineTuneResult(classifier=None, seconds=seconds)
+    v_images, v_labels = (None, None) if val is None else ((val[0], val[1]) if isinstance(val, tuple) else (val, val.labels))
 
     if freeze_epochs:
         freeze(model.backbone)
         t0 = time.perf_counter()
-        feats = extract_features(model, images, pre, cache=cache, amp=amp)
-        v_feats = extract_features(model, val[0], pre, cache=cache, amp=amp) if val is not None else None
+        # under torchrun each rank extracts its share of the images and every rank gets all the features
+        feats = extract_features_shared(model, images, pre, cache=cache, amp=amp)
+        v_feats = extract_features_shared(model, v_images, pre, cache=cache, amp=amp) if val is not None else None
         head_labels = labels
         if feature_augment == "flip":
-            feats = torch.cat([feats, extract_features(model, images.flip(-1), pre, cache=cache, amp=amp)])
+            feats = torch.cat([feats, extract_features_shared(model, images, pre, cache=cache, amp=amp, mirror=True)])
             head_labels = torch.cat([labels, labels])
         seconds["features"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         result.head_history = fit_head(model, feats, head_labels, classes, epochs=freeze_epochs,
-                                       validation=(v_feats, val[1]) if val is not None else None, lr=head_lr or lr,
+                                       validation=(v_feats, v_labels) if val is not None else None, lr=head_lr or lr,
                                        weight_decay=weight_decay, batch_size=head_batch_size, seed=seed,
                                        verbose=verbose, class_weight=class_weight, sampler=sampler)
         seconds["head"] = time.perf_counter() - t0
 
     clf = Classifier(model, classes=classes, mean=list(pre.mean), std=list(pre.std), device="cpu")
-    clf.input_size = (images.shape[1], pre.crop, pre.crop)
+    channels = images.shape[1] if isinstance(images, torch.Tensor) else images.image_shape[0]
+    clf.input_size = (channels, pre.crop, pre.crop)
     if epochs:
         t0 = time.perf_counter()
         groups = unfreeze(model, unfreeze_stages)
@@ -334,12 +356,17 @@ def fine_tune(
         optimizer = torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
         native = amp == "bf16" or (amp == "auto" and cpu_has_native_bf16())
         clf.compile(optimizer, schedule="cosine", amp="bf16" if native else None)
-        if augment == "auto":
-            augment = CropFlip(padding=max(1, pre.crop // 14))
-        same = isinstance(data, ImageDataset) and data.images is images  # a memory-mapped set stays mapped
-        result.fine_history = clf.fit(data if same else (images, labels), epochs=epochs, batch_size=batch_size, validation=val,
+        if augment == "auto":  # timm's / torchvision's training crop, drawn from the (larger) stored image
+            augment = RandomResizedCrop(pre.crop)
+        train = (images, labels) if isinstance(images, torch.Tensor) else images  # a source stays a source
+        if verbose:  # the epoch lines come at each epoch's end: say what starts (one fine-tuning epoch can take minutes)
+            what = "the whole backbone" if unfreeze_stages == "all" else f"the last {unfreeze_stages} backbone stage(s)"
+            print(f"fine-tuning {what} and the head: {epochs} epoch(s) of {len(labels):,} images ...", file=sys.stderr,
+                  flush=True)
+        result.fine_history = clf.fit(train, epochs=epochs, batch_size=batch_size, validation=val,
                                       augment=augment, seed=seed, callbacks=callbacks, verbose=verbose,
                                       class_weight=class_weight, sampler=sampler)
+        clf.input_size = (channels, pre.crop, pre.crop)  # what the model takes: the crop, not the stored size
         seconds["fine_tune"] = time.perf_counter() - t0
         freeze(model.backbone)
         model.batch_norm_eval = False

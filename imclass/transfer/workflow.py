@@ -23,7 +23,8 @@ import torch
 from imclass import data as imdata
 from imclass.data.check import quick_check
 from imclass.data.dataset import ImageDataset
-from imclass.data.folder import class_folders, list_images, split_folders
+from imclass.data.folder import class_folders, list_images, split_folders, split_word
+from imclass.data.progress import Progress
 from imclass.data.source import Decoder, ImageList, open_images
 from imclass.data.split import limit_indices, split_indices
 from imclass.model_file.save import save
@@ -33,6 +34,7 @@ from imclass.models.weights import backbone_name, preprocessing_for
 from imclass.train.run_folder import (BEST_FILE, CONFUSION_FILE, CURVES_FILE, HISTORY_FILE, LAST_FILE, MODEL_FILE,
                                       fresh_run_dir, held_out_figures, link_or_copy, save_confusion_matrix,
                                       save_curves, write_history)
+from imclass.train import distributed
 from imclass.train.seed import seed_everything
 from imclass.transfer import finetune  # called as finetune.X: tests replace finetune.fine_tune
 from imclass.transfer.features import FeatureCache, preprocessing_decoder
@@ -119,8 +121,8 @@ def _limited(paths: list[Path], labels: list[int], limit: int | None, seed: int,
 
 
 def read_folder_for(folder: str | os.PathLike, pre: Preprocessing, *, val_fraction: float = 0.2, seed: int = 0,
-                    limit: int | None = None, mode: str | None = None,
-                    verbose: bool = True) -> tuple[ImageDataset, ImageDataset, ImageDataset | None]:
+                    limit: int | None = None, mode: str | None = None, verbose: bool = True,
+                    train_crop: int | None = None) -> tuple[ImageDataset, ImageDataset, ImageDataset | None]:
     """(train, val, test or None) of a class-per-folder tree, every photo prepared as ``pre`` says.
 
     ``val/`` is the validation split when the folder has one; otherwise ``val_fraction`` of each
@@ -129,6 +131,9 @@ def read_folder_for(folder: str | os.PathLike, pre: Preprocessing, *, val_fracti
     stratified sample (:func:`imclass.data.split.limit_indices`) of at most that many images (the
     training part is sampled so that ``limit`` images remain after the hold-out). Each part is decoded
     in the tier ``mode`` (``imclass.data.source``; None: chosen from the headers and said on stderr).
+    ``train_crop``: the training split is centre-cropped to that size instead of ``pre.crop`` (fine-tuning
+    reads it at ``pre.resize``, e.g. 256 for a 224 crop: its random-resized crops then reach the margin the
+    evaluation crop cuts off; its centre ``pre.crop`` square is exactly the evaluation image).
     """
     root = Path(folder).expanduser()
     if not root.is_dir():
@@ -162,7 +167,9 @@ def read_folder_for(folder: str | os.PathLike, pre: Preprocessing, *, val_fracti
         files = files.subset(limit_indices(torch.tensor(files.labels), limit, seed=seed).tolist())
     files.notes, v_files.notes = list(notes), list(notes)
     v_files.split = "val"
-    train = _open(files, pre, mode, verbose)
+    train_pre = pre if not train_crop or train_crop == pre.crop else dataclasses.replace(
+        pre, crop=train_crop, input_size=(pre.input_size[0], train_crop, train_crop))
+    train = _open(files, train_pre, mode, verbose)
     val = _open(v_files, pre, mode, verbose)
     test = None
     if "test" in splits:
@@ -188,26 +195,29 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
     if cfg.image_size:
         pre = pre.with_size(cfg.image_size)
     t0 = time.perf_counter()
+    main = distributed.is_main()  # under torchrun: rank 0 writes the run folder, every rank trains
     train, val, test = read_folder_for(cfg.dataset, pre, val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit,
-                                       mode=cfg.data_mode)
+                                       mode=cfg.data_mode, train_crop=pre.resize if cfg.epochs else None)
     seconds = {"read": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    _warn_about_data(train, val, Path(cfg.dataset).expanduser().name)
+    if main:
+        _warn_about_data(_centre_view(train, pre.crop), val, Path(cfg.dataset).expanduser().name)
     seconds["check"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     seed_everything(cfg.seed)  # the new head's initial weights too: identical commands, identical model files
     model = _transfer_for(cfg, backbone, len(train.classes))
     seconds["backbone"] = time.perf_counter() - t0
     wanted = Path(cfg.out or f"runs/transfer-{backbone.replace(':', '_')}-{Path(cfg.dataset).expanduser().name}")
-    out = fresh_run_dir(wanted, exist_ok=cfg.exist_ok)
-    if out != wanted:
-        warnings.warn(f"{wanted} holds an earlier run: this run goes to {out} (--exist-ok writes into {wanted})",
-                      stacklevel=2)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    out = distributed.broadcast_object(fresh_run_dir(wanted, exist_ok=cfg.exist_ok) if main else None)  # rank 0 names it
+    if main:
+        if out != wanted:
+            warnings.warn(f"{wanted} holds an earlier run: this run goes to {out} (--exist-ok writes into {wanted})",
+                          stacklevel=2)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     cache = FeatureCache(cfg.cache_dir) if cfg.cache_dir else None
     common = dict(validation=val, unfreeze_stages=cfg.unfreeze, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                  cache=cache, verbose=cfg.verbose, feature_augment=cfg.feature_augment,
+                  cache=cache, verbose=cfg.verbose and main, feature_augment=cfg.feature_augment,
                   class_weight=cfg.class_weight, sampler=cfg.sampler, batch_norm=cfg.batch_norm)
     head = finetune.fine_tune(model, train, epochs=0, freeze_epochs=cfg.freeze_epochs, **common) if cfg.freeze_epochs else None
     fine = None
@@ -218,45 +228,56 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
         seconds.update(stage.seconds if stage is not None else {})
     clf = (fine or head).classifier
     t_end = time.perf_counter()
+    # the held-out figures of the saved (and last) models, the test split, the files: a minute on a busy CPU
+    closing = Progress(len(val), f"evaluating the models on the {split_word(cfg.dataset, 'val')} images and writing "
+                       "the run folder",
+                       verbose=cfg.verbose and main)
     history = _joined_history(head, fine)
     last = held_out_figures(clf, val)
     head_accuracy = _last(head.head_history) if head is not None else None
-    chosen, selected = last, "last"
+    chosen = last
+    # every rank holds the same weights and computes the same figures; only rank 0 writes files
     if fine is not None and head is not None:
-        save(clf, out / LAST_FILE, train_config=_train_config(cfg, clf),
-             metrics=_metrics(last, history, len(history["epoch"]), test_figures(clf, test)))
+        if main:
+            save(clf, out / LAST_FILE, train_config=_train_config(cfg, clf),
+                 metrics=_metrics(last, history, len(history["epoch"]), test_figures(clf, test)))
         last_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         model.load_state_dict(head_state)
         head_figures = held_out_figures(clf, val)
         if head_figures["accuracy"] > last["accuracy"]:
-            chosen, selected = head_figures, "best"
-            warnings.warn(f"fine-tuning ended below the frozen head ({last['accuracy']:.1%} < "
-                          f"{head_figures['accuracy']:.1%} validation accuracy): the frozen head is the saved model "
-                          f"({MODEL_FILE}, {BEST_FILE}), the fine-tuned one is {LAST_FILE}; give fine-tuning more "
-                          f"--epochs (3 took the flowers photos from 91.1 % to 92.1 %) or a lower --lr", stacklevel=2)
-            save(clf, out / BEST_FILE, train_config=_train_config(cfg, clf),
-                 metrics=_metrics(head_figures, history, cfg.freeze_epochs, test_figures(clf, test)))
+            chosen = head_figures
+            if main:
+                warnings.warn(f"fine-tuning ended below the frozen head ({last['accuracy']:.1%} < "
+                              f"{head_figures['accuracy']:.1%} validation accuracy): the frozen head is the saved "
+                              f"model ({MODEL_FILE}, {BEST_FILE}), the fine-tuned one is {LAST_FILE}; give fine-tuning "
+                              f"more --epochs (3 took the flowers photos from 91.1 % to 92.1 %) or a lower --lr",
+                              stacklevel=2)
+                save(clf, out / BEST_FILE, train_config=_train_config(cfg, clf),
+                     metrics=_metrics(head_figures, history, cfg.freeze_epochs, test_figures(clf, test)))
         else:
             model.load_state_dict(last_state)
-            link_or_copy(out / LAST_FILE, out / BEST_FILE)
-            selected = "best"  # the fine-tuned model beats the head: last and best are the same file
-    else:
+            if main:  # the fine-tuned model beats the head: last and best are the same file
+                link_or_copy(out / LAST_FILE, out / BEST_FILE)
+    elif main:
         save(clf, out / LAST_FILE, train_config=_train_config(cfg, clf),
              metrics=_metrics(last, history, len(history["epoch"]), test_figures(clf, test)))
         link_or_copy(out / LAST_FILE, out / BEST_FILE)
-    link_or_copy(out / BEST_FILE, out / MODEL_FILE)
     model_file = out / MODEL_FILE
-    write_history(history, out / HISTORY_FILE)
-    marks = {"fine-tuning starts": cfg.freeze_epochs + 0.5} if head is not None and fine is not None else None
-    save_curves(history, out / CURVES_FILE, title=f"training curves ({out.name})", marks=marks)
-    save_confusion_matrix(chosen["confusion_matrix"], list(val.classes), out / CONFUSION_FILE,
-                          title=f"{out.name}: {'the frozen head' if chosen is not last else 'the saved model'} "
-                                f"on the validation split")
-    histories = {"head": head.head_history.to_dict() if head is not None and head.head_history else None,
-                 "fine_tune": fine.fine_history.to_dict() if fine is not None and fine.fine_history else None}
-    (out / "history.json").write_text(json.dumps(histories, indent=1) + "\n")
+    if main:
+        link_or_copy(out / BEST_FILE, out / MODEL_FILE)
+        write_history(history, out / HISTORY_FILE)
+        marks = {"fine-tuning starts": cfg.freeze_epochs + 0.5} if head is not None and fine is not None else None
+        save_curves(history, out / CURVES_FILE, title=f"training curves ({out.name})", marks=marks)
+        save_confusion_matrix(chosen["confusion_matrix"], list(val.classes), out / CONFUSION_FILE,
+                              title=f"{out.name}: {'the frozen head' if chosen is not last else 'the saved model'} "
+                                    f"on the validation split")
+        histories = {"head": head.head_history.to_dict() if head is not None and head.head_history else None,
+                     "fine_tune": fine.fine_history.to_dict() if fine is not None and fine.fine_history else None}
+        (out / "history.json").write_text(json.dumps(histories, indent=1) + "\n")
+    distributed.barrier()  # the run folder is complete before any rank returns
     if test is not None:
         test_accuracy = test_figures(clf, test)["accuracy"]
+    closing.close()
     seconds["evaluate + save"] = time.perf_counter() - t_end
     total = time.perf_counter() - t_start
     seconds["other"] = max(0.0, total - sum(seconds.values()))  # the breakdown adds up to the total
@@ -275,6 +296,7 @@ def train_transfer(cfg: TransferConfig) -> dict[str, Any]:
         "head_accuracy": head_accuracy,
         "suspected_label_errors": chosen["suspected_label_errors"],  # confident learning on the held-out predictions
         "data_mode": getattr(train, "mode", "memory"),
+        "processes": distributed.world_size(),
         "seconds": total,
         "seconds_per_stage": seconds,
         "model_file": str(model_file),
@@ -310,7 +332,7 @@ def _joined_history(head: Any, fine: Any) -> dict[str, list]:
 
 
 def _train_config(cfg: TransferConfig, clf: Any) -> dict[str, Any]:
-    return {"transfer": dataclasses.asdict(cfg), **clf.training_config()}
+    return {"transfer": dataclasses.asdict(cfg), **(dataclasses.asdict(clf.compile_config) if clf.compile_config is not None else {})}
 
 
 def test_figures(clf: Any, test: Any) -> dict[str, Any] | None:
@@ -348,6 +370,17 @@ def _transfer_for(cfg: TransferConfig, backbone: str, num_classes: int) -> Any:
         except PoolStagesUnsupported:
             pass
     return build(0)
+
+
+def _centre_view(ds: Any, side: int) -> Any:
+    """``ds`` with its images' centre ``side`` square (a view, no copy; a memory-mapped set stays mapped):
+    the fine-tuning training split, stored at the resize size, as the evaluation crop sees it."""
+    images = getattr(ds, "images", None)
+    if not isinstance(images, torch.Tensor) or tuple(images.shape[-2:]) == (side, side):
+        return ds
+    top, left = (images.shape[-2] - side) // 2, (images.shape[-1] - side) // 2
+    return ImageDataset(images[..., top : top + side, left : left + side], ds.labels, list(ds.classes), name=ds.name,
+                        split=ds.split, source=ds.source, mode=ds.mode)
 
 
 def _warn_about_data(train: Any, val: Any, name: str) -> None:

@@ -44,6 +44,7 @@ from imclass.train.state import TrainingDiverged
 from imclass.tuning.config import TuneConfig
 from imclass.tuning.space import DEFAULT_SPACES, KNN_KEYS, TRAIN_KEYS, Param, load_space, parse_space, suggest
 from imclass.tuning.study import fail_orphaned_trials, finished_trials, open_study
+from imclass.visualize.plots import pyplot
 from imclass.workflows.training import create_model
 
 __all__ = [
@@ -289,7 +290,7 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
     the best parameters retrained on the whole training split, with its test accuracy in the summary.
     With ``report`` (a folder), the final model's evaluation report on the test split is written there
     (``imclass.evaluate.report``; ``report.html`` with the tuning section: best parameters, top trials,
-    these plots), as ``imclass evaluate OUT DATASET --report DIR`` would write it.
+    these plots), as ``imclass evaluate OUT DATA --report DIR`` would write it.
     """
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -353,10 +354,7 @@ def _summarise(study, cfg: TuneConfig) -> dict[str, Any]:
 def _plots(study, out: Path) -> dict[str, str]:
     """Optimisation history, parameter importances, accuracy against each parameter (Optuna's
     matplotlib plots); a plot that cannot be drawn yet (too few trials) is skipped."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import optuna
     from optuna.visualization import matplotlib as ovm
 

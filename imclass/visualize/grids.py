@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from imclass.visualize.plots import save_figure
+from imclass.visualize.plots import pyplot, save_figure
 
 
 def to_hwc(img: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -33,10 +33,7 @@ def save_captioned_grid(
 ) -> Path:
     """Write a PNG grid of (C, H, W) images, ``cols`` per row, each with its caption (e.g.
     "cat -> dog 0.97") underneath; ``caption_colors`` colours each caption."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     images = list(images)
     if not images:

@@ -2,19 +2,30 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg back end: the one way imclass code gets it.
+
+    Imported here, on the first picture, not at module level: matplotlib costs about half a second
+    of start-up that commands drawing nothing (``imclass --help``, ``predict``, ``serve``) never pay."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_figure(fig, path: str | Path) -> Path:
     """Lay out ``fig``, write it to ``path`` (PNG; parent folders made) and close it: the last step of
     every picture imclass draws with matplotlib. Returns the path."""
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -35,10 +46,7 @@ def save_line_plot(
     ``logx`` puts x on a log scale (learning rates); ``marks`` draws a labelled dashed vertical line
     at each x value (a suggested learning rate, a chosen k).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for label, ys in series.items():

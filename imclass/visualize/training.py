@@ -9,18 +9,9 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from imclass.visualize.plots import save_figure
+from imclass.visualize.plots import pyplot, save_figure
 
 __all__ = ["save_confusion_matrix", "save_curves"]
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def save_curves(history: Mapping[str, Sequence[float]], path: str | os.PathLike, *, title: str = "training curves",
@@ -32,7 +23,7 @@ def save_curves(history: Mapping[str, Sequence[float]], path: str | os.PathLike,
     """
     from matplotlib.ticker import MaxNLocator
 
-    plt = _plt()
+    plt = pyplot()
     epochs = [float(e) for e in history.get("epoch", [])] or list(range(1, len(history.get("loss", [])) + 1))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
     names = {"loss": "training", "val_loss": "validation", "accuracy": "training", "val_accuracy": "validation"}
@@ -61,7 +52,7 @@ def save_confusion_matrix(cm: torch.Tensor | np.ndarray, classes: Sequence[str],
     colour by the fraction of the true class, full class names (long names wrapped, never cut)."""
     import textwrap
 
-    plt = _plt()
+    plt = pyplot()
     cm = np.asarray(cm, dtype=np.int64)
     rows = cm.sum(1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)

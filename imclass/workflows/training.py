@@ -42,7 +42,7 @@ from imclass.train.seed import seed_everything
 from imclass.visualize.training import save_confusion_matrix
 from imclass.workflows import recipes
 
-__all__ = ["AUGMENTATIONS", "RunConfig", "TrainConfig", "check_resumable", "config_from_dict", "load_config",
+__all__ = ["AUGMENTATIONS", "RunConfig", "check_resumable", "config_from_dict", "load_config",
            "seed_everything", "train_from_config"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
@@ -55,7 +55,7 @@ TARGETS = (90, 94, 95)
 class RunConfig:
     """Everything a training run needs; saved as ``config.json`` beside the model it produced.
 
-    (Not to be confused with ``imclass.train.TrainConfig``, the resolved ``compile`` options.)
+    (Not to be confused with ``imclass.train.CompileConfig``, the resolved ``compile`` options.)
     """
 
     model: str | None = None  # registry name (imclass models list); None with cifar10 -> the fast recipe
@@ -140,8 +140,6 @@ class RunConfig:
         so that ``imclass train --out DIR --resume`` can read it back."""
         return {k: v for k, v in self.to_dict().items() if k not in ("resume", "verbose", "exist_ok")}
 
-
-TrainConfig = RunConfig  # the name used in the design notes
 
 
 def _check(ok: bool, message: str) -> None:
