@@ -139,7 +139,7 @@ def test_train_prints_one_summary_line(tmp_path, data_root):
     # the end-of-run breakdown names every stage and adds up to the total (each figure rounded to 0.1 s)
     total, stages = re.fullmatch(r"time (\d+\.\d) s = (.*)", timing).groups()
     parts = dict(re.fullmatch(r"(.+) (\d+\.\d) s", p).groups() for p in stages.split(", "))
-    assert list(parts) == ["read", "check", "training", "evaluate + save", "other"], parts
+    assert list(parts) == ["start-up", "read", "check", "training", "evaluate + save", "other"], parts
     assert sum(float(v) for v in parts.values()) == pytest.approx(float(total), abs=0.3)
 
 

@@ -211,3 +211,15 @@ def test_cli_explain_writes_the_png_and_reports_errors(cifar_small, tmp_path):
     assert res.exit_code == 2 and "error: saliency needs a neural network" in res.output and not (tmp_path / "k.png").exists()
     res = runner.invoke(app, ["explain", str(tmp_path / "run"), str(photo), "--method", "magic", "--out", str(tmp_path / "m.png")])
     assert res.exit_code == 2 and "unknown method 'magic'" in res.output
+
+
+def test_neighbours_says_it_is_computing_the_training_images_features(region_clf, image, capsys):
+    """No silent phase: the features of 256+ training images (53 s on the flowers) have a progress line."""
+    g = torch.Generator().manual_seed(1)
+    train = torch.randint(0, 255, (300, 3, 16, 16), dtype=torch.uint8, generator=g)
+    result = ex.neighbours(region_clf, image, train, torch.arange(300) % 2, k=3)
+    assert len(result["feature"]) == 3
+    err = capsys.readouterr().err  # not a terminal: a start and an end line
+    assert "model features: 301 images ..." in err and "model features: 301 images in " in err
+    ex.neighbours(region_clf, image, train[:100], torch.arange(100) % 2, k=3)
+    assert "model features" not in capsys.readouterr().err  # a quick phase stays quiet

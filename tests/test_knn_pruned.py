@@ -115,7 +115,8 @@ def test_pruned_votes_equal_sklearn_and_the_full_kernels(near_ties):
 def test_pruning_skips_most_distances_on_real_images(cifar_small):
     x, _, xt, _ = cifar_small
     rows = x.reshape(len(x), -1)
-    index = _knn_pruned.PrunedIndex.build(rows, tuple(x.shape[1:]), "torch")
+    kernel = _select.fastest_l2_kernel(_knn_pruned.pooled_features(tuple(x.shape[1:]), _knn_pruned.COARSE), 100, len(x))
+    index = _knn_pruned.PrunedIndex.build(rows, tuple(x.shape[1:]), kernel)  # the kernel a search would take
     d, i, work = index.search(xt.reshape(len(xt), -1)[:100], 5)
     sq, order = _oracle_order(xt[:100], x, 5)
     assert i.numpy().tolist() == order.tolist() and d.numpy().tolist() == sq.tolist()

@@ -516,3 +516,20 @@ def test_compare_on_a_photo_folder_trains_every_entry_on_every_class(real, tmp_p
     assert knn.classes_.tolist() == [0, 1, 2]  # every class among its training images
     head = imclass.load(by_name["transfer:mobilenetv2_100"]["model_file"])
     assert head.classes == ["daisy", "dandelion", "roses"] and by_name["transfer:mobilenetv2_100"]["stopped_by_budget"]
+
+
+def test_reading_many_files_has_a_progress_line(tmp_path, capsys):
+    """`imclass similar`'s raw pixels of every photo (read_for) no longer pass in silence: 256+ files, a line."""
+    from PIL import Image
+
+    paths = []
+    for i in range(260):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (40, 36), (i % 256, 0, 0)).save(path)
+        paths.append(path)
+    pixels = read_for(paths, TINY)
+    assert pixels.shape == (260, 3, 32, 32) and int(pixels[7, 0, 0, 0]) == 7
+    err = capsys.readouterr().err
+    assert "reading images at 32 px: 260 images ..." in err and "reading images at 32 px: 260 images in " in err
+    read_for(paths[:10], TINY)
+    assert capsys.readouterr().err == ""

@@ -84,6 +84,7 @@ def _config(photos: Path, out: Path, mode: str, **kw):
     return TransferConfig(**{**options, **kw})
 
 
+@pytest.mark.filterwarnings("ignore:fine-tuning ended below the frozen head")
 def test_fine_tuning_crops_come_from_the_stored_resize_square_differ_per_epoch_and_repeat_per_seed(
         photos, tmp_path, monkeypatch, one_thread):
     """The training split is stored at the resize size (37 px for a 32 px crop), the validation split at the
@@ -120,6 +121,7 @@ def test_fine_tuning_crops_come_from_the_stored_resize_square_differ_per_epoch_a
     assert shapes == [(9, 3, 32, 32)] * 2 + [(27, 3, 37, 37)] * 2
 
 
+@pytest.mark.filterwarnings("ignore:fine-tuning ended below the frozen head", "ignore:the stream tier reads")
 def test_memory_cache_and_stream_tiers_fine_tune_to_the_same_model(photos, tmp_path, monkeypatch, one_thread):
     """Head, then one fine-tuning epoch with random-resized crops, in each tier: the stream tier decodes the
     source files each epoch, the cache tier crops from the memory-mapped 37 px images; same batches, same

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -260,6 +261,7 @@ def train(
         if lr_find:
             return _lr_find(cfg, as_json)
         with plain_warnings():
+            began = time.perf_counter()
             result = train_from_config(cfg)
     except KeyboardInterrupt:
         fail("interrupted; the run folder keeps the last checkpoint: add --resume to continue", code=130)
@@ -283,7 +285,7 @@ def train(
                    f"loss {result['loss']:.4f}; saved {result['model_file']}")
         if word == HELD_OUT:
             typer.echo(f"({HELD_OUT_NOTE})")
-        typer.echo(time_line(result["total_seconds"], result["seconds_per_stage"]))
+        typer.echo(time_line(result["total_seconds"], result["seconds_per_stage"], began=began))
 
 
 def _is_model_file(path: str) -> bool:

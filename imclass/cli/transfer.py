@@ -3,6 +3,7 @@ where they are), and the helpers behind ``imclass train FOLDER [--backbone NAME]
 ``imclass predict --backbone NAME IMAGE...``."""
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -96,6 +97,7 @@ def run_transfer(*, dataset: str | None, backbone: str | None, weights: str | No
                              verbose=not as_json)
         # under torchrun: each rank extracts its share of the features, rank 0 writes the run folder and reports
         with plain_warnings(), distributed.session("cpu"):
+            began = time.perf_counter()
             result = train_transfer(cfg)
     except KeyboardInterrupt:
         fail("interrupted", code=130)
@@ -113,7 +115,7 @@ def run_transfer(*, dataset: str | None, backbone: str | None, weights: str | No
                "images)")
     if word == HELD_OUT:
         typer.echo(f"({HELD_OUT_NOTE}; they also chose the saved model: frozen head or fine-tuned)")
-    typer.echo(time_line(result["seconds"], result["seconds_per_stage"]))
+    typer.echo(time_line(result["seconds"], result["seconds_per_stage"], began=began))
     typer.echo(f"saved {result['model_file']} (best), {Path(result['out']) / 'last.safetensors'} (last), history.csv, "
                f"curves.png, confusion_matrix.png")
     if result.get("suspected_label_errors"):

@@ -15,6 +15,9 @@ there, the fallback). ``l2_choice(n_features, queries, train)`` decides:
 - the choice is remembered in ``$IMCLASS_CACHE/knn_kernels.json`` keyed by CPU model and flags, torch
   version, thread count, row length and shape class, and in memory, so it is measured once per host and
   shape class: a user's second search of the same class pays no measurement and no warm-up.
+
+Images (C, H, W) with at least ``PRUNE_MIN_TRAIN`` training images take the pruned search instead
+(``prune_pays``): pooled lower bounds, computed with the kernel chosen here for the pooled row length.
 """
 from __future__ import annotations
 
@@ -177,9 +180,15 @@ def _choose(n_features: int, shape: tuple[int, int]) -> dict:
     return choice
 
 
-PRUNE_MIN_TRAIN = 2048  # training images from which the pruned search (imclass.knn._knn_pruned) pays
+# Training images from which the pruned search (imclass.knn._knn_pruned) pays: on CIFAR-10 (one thread,
+# interleaved, a busy host: rough) it took 0.4-0.6x the int8 kernel's time from 100 x 1,000 to 2,000 x
+# 50,000; below this size both take milliseconds and the plain kernel has fewer steps.
+# A rule, not a measurement like the kernel choice: how much pruning saves depends on the images, so
+# random blocks cannot time it; the search itself switches to the plain kernel when pruning does not pay.
+PRUNE_MIN_TRAIN = 2048
 
 
 def prune_pays(queries: int, train: int) -> bool:
-    """True when the pruned L2 search of images is expected to beat the plain kernels for this shape."""
+    """True when the pruned L2 search of images is expected to beat the plain kernels for this shape
+    (``queries`` x ``train`` images)."""
     return train >= PRUNE_MIN_TRAIN

@@ -291,6 +291,16 @@ class KerasMethods:
             return ModelLayer(self)(first)
         return nn.Module.__call__(self, *args, **kwargs)
 
+    def attach_classifier(self, classifier: Classifier, loss: Any = None) -> None:
+        """Make ``classifier`` (e.g. a loaded model file's) the engine behind ``fit`` / ``evaluate`` /
+        ``predict``; with ``loss`` (an ``imclass.losses`` object) ``evaluate`` works without ``compile``
+        (``fit`` still needs it: model files hold no optimizer state)."""
+        state = KerasState(classifier)
+        if loss is not None:
+            classifier.use_loss(loss)
+            state.loss, state.compiled = loss, True
+        self._keras_state = state
+
     @property
     def classifier(self) -> Any:
         """The ``imclass.Classifier`` that ``compile`` made (``None`` before)."""

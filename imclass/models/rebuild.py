@@ -24,7 +24,7 @@ from imclass.model_file.format import (
 )
 from imclass.models._registry import create
 from imclass.models.functional import Model
-from imclass.models.keras_training import KerasState
+from imclass.models.keras_training import KerasMethods
 from imclass.models.sequential import Sequential
 from imclass.models.weights import Preprocessing
 from imclass.train.classifier import Classifier
@@ -125,13 +125,8 @@ def load_model(filepath: str | Path, device: str = "auto") -> nn.Module:
             raise ValueError(f"{filepath}: holds a {type(obj).__name__}, not a neural network model")
         return obj
     model = obj.model
-    if getattr(model, "input_shape", None) is None:
+    if not isinstance(model, KerasMethods) or getattr(model, "input_shape", None) is None:
         return model
-    state = KerasState(obj)
-    config = obj.train_config if isinstance(getattr(obj, "train_config", None), dict) else {}
-    if config.get("loss") in losses.names():
-        state.loss = losses.get(config["loss"])
-        obj.use_loss(state.loss)
-        state.compiled = True  # evaluate works; fit needs compile (the optimizer state is not in model files)
-    model._keras_state = state
+    config = obj.train_config if isinstance(obj.train_config, dict) else {}
+    model.attach_classifier(obj, losses.get(config["loss"]) if config.get("loss") in losses.names() else None)
     return model

@@ -43,6 +43,23 @@ class _TimmContract:
     """timm's contract on top of a torchvision classifier (mixed into its own class; keys unchanged)."""
 
     tv_family: str = ""
+    num_classes: int = 0  # outputs of the classifier now (timm's attribute)
+    pretrained_cfg: dict[str, Any] = {}  # timm's description of the expected input
+
+    @classmethod
+    def adopt(cls, base: nn.Module, name: str, num_classes: int) -> nn.Module:
+        """Give a torchvision classifier this contract in place (same module and state-dict keys; only
+        methods are added): ``base`` becomes an instance of a subclass of its own class and ``cls``."""
+        base.__class__ = type(type(base).__name__, (cls, type(base)), {"tv_family": _family(name)})
+        base.init_contract(name, num_classes)
+        return base
+
+    def init_contract(self, name: str, num_classes: int) -> None:
+        """Set the contract's attributes (called once, by ``adopt``)."""
+        self.num_classes = num_classes
+        self.pretrained_cfg = {"input_size": (3, 224, 224), "architecture": name}
+        if num_classes == 0:
+            self.reset_classifier(0)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> the last feature map (N, C, h, w)."""
@@ -101,18 +118,12 @@ def create_torchvision(name: str, num_classes: int = 1000, **kwargs: Any) -> nn.
     if name not in available:
         close = difflib.get_close_matches(name, available, n=5)
         raise ValueError(f"unknown torchvision model {name!r}." + (f" Did you mean one of {close}?" if close else ""))
-    family = _family(name)
+    _family(name)  # an unsupported family fails before the model is built
     if kwargs.get("weights") is not None:
         raise ValueError("torchvision weights cannot be downloaded here; use apply_weights(model, arch, PATH)")
     kwargs.pop("weights", None)
     base = torchvision.models.get_model(name, weights=None, num_classes=max(num_classes, 1), **kwargs)
-    cls = type(type(base).__name__, (_TimmContract, type(base)), {"tv_family": family})
-    base.__class__ = cls  # same module, same state dict keys; only methods are added
-    base.num_classes = num_classes
-    base.pretrained_cfg = {"input_size": (3, 224, 224), "architecture": name}
-    if num_classes == 0:
-        base.reset_classifier(0)
-    return base
+    return _TimmContract.adopt(base, name, num_classes)
 
 
 register_prefix("torchvision", create_torchvision)

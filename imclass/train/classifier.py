@@ -64,7 +64,7 @@ class Classifier(Fitting, TrainingStep, Checkpointing, Inference, LRFinding):
         self.input_size: tuple[int, int, int] | None = None  # (C, H, W) of the training images, set by fit
         self.tta: str | None = None  # the test-time augmentation this model is evaluated with (model files record it)
         self.compile_config: CompileConfig | None = None  # the resolved compile() options (None before compile)
-        self.train_config: dict[str, Any] | None = None  # the resolved training config a model file recorded
+        self.train_config: dict[str, Any] | None = None  # the run's training config (what a model file recorded)
         self.training_metrics: dict[str, Any] | None = None  # the numbers a model file recorded at training time
         self.preprocessing: Any = None  # resize/crop of pretrained weights (imclass.models.weights.Preprocessing)
         self.optimizer: torch.optim.Optimizer | None = None

@@ -404,7 +404,7 @@ def fast_recipe(
     clf.fit(train, epochs=math.ceil(total_steps / steps_per_epoch), batch_size=cfg.batch_size, augment=augment,
             callbacks=cbs, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume, verbose=verbose,
             checkpoint_every=checkpoint_every)
-    clf.recipe = {"name": "fast", **asdict(cfg)}
+    clf.train_config = {"fast_recipe": asdict(cfg)}  # the run's training config, as a model file records it
     clf.tta = tta_name(cfg.tta)  # evaluated with it below and by `imclass evaluate` / `predict` (model file)
     return clf
 
