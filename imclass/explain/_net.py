@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from imclass.data.arrays import as_images
+from imclass.data.arrays import as_images, as_tensor, is_channels_last
 from imclass.data.progress import Progress
 
 
@@ -81,8 +81,8 @@ def as_net(model: Any) -> Net:
 
 def one_image(image: Any, net: Net) -> torch.Tensor:
     """One image (uint8 or [0, 1] float, (C, H, W) or (1, C, H, W)) as float (1, C, H, W) on [0, 1]."""
-    x = torch.as_tensor(image) if not isinstance(image, torch.Tensor) else image
-    if x.ndim == 3 and x.shape[0] not in (1, 3) and x.shape[-1] in (1, 3):  # (H, W, C) from PIL / numpy
+    x = as_tensor(image, name="image")
+    if is_channels_last(tuple(x.shape)):  # (H, W, C) from PIL / numpy
         x = x.permute(2, 0, 1)
     if x.ndim == 3:
         x = x[None]

@@ -73,6 +73,8 @@ def load(path: str | os.PathLike, *, device: str = "auto") -> Any:
 
 
 def rebuild_model(path: Path, arch: dict) -> nn.Module:
+    """The network a model file's ``architecture`` describes (a registry spec, a Sequential or a Model
+    config), its weights not yet loaded; a ``ModelFileError`` naming ``path`` when it cannot be built."""
     try:
         if "sequential" in arch:
             return Sequential.from_config(arch["sequential"])
@@ -110,6 +112,7 @@ def check_size_before_building(path: Path, arch: dict, tensors: dict[str, torch.
 
 
 def rebuild_knn(path: Path, header: dict, tensors: dict[str, torch.Tensor]) -> Any:
+    """The k-NN classifier stored in a model file (its training set and options), or a ``ModelFileError``."""
     try:
         return KNN.from_state(tensors, header.get("knn") or {})
     except Exception as err:

@@ -64,14 +64,17 @@ def conv_output_size(size: int, kernel_size: int, stride: int = 1, padding: int 
 
 
 def format_shape(shape: Iterable[int]) -> str:
+    """A shape with its batch dimension, for messages: ``(3, 32, 32)`` -> ``"(N, 3, 32, 32)"``."""
     return "(" + ", ".join(["N", *(str(d) for d in shape)]) + ")"
 
 
 def is_int(value: Any, low: int = 1) -> bool:
+    """True for an integer (not a bool) of at least ``low``."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
 
 
 def check_int(name: str, value: Any, low: int = 1) -> int:
+    """``value`` as an int when it is an integer >= ``low``, else a ``ValueError`` naming ``name``."""
     if not is_int(value, low):
         kind = "a positive integer" if low == 1 else f"an integer >= {low}"
         raise ValueError(f"expected {kind} for {name}, received {name}={value!r}")
@@ -79,6 +82,7 @@ def check_int(name: str, value: Any, low: int = 1) -> int:
 
 
 def int_pair(name: str, value: Any) -> tuple[int, int]:
+    """A kernel size or stride given as one int or a pair -> ``(a, b)``; else a ``ValueError`` naming ``name``."""
     if is_int(value):
         return (int(value), int(value))
     if isinstance(value, (tuple, list)) and len(value) == 2 and all(is_int(v) for v in value):
@@ -87,12 +91,14 @@ def int_pair(name: str, value: Any) -> tuple[int, int]:
 
 
 def check_padding(value: Any) -> str:
+    """``"valid"`` or ``"same"`` as given; anything else is a ``ValueError``."""
     if value not in ("valid", "same"):
         raise ValueError(f"expected padding='valid' or padding='same', received padding={value!r}")
     return value
 
 
 def needs_image(layer: str, shape: Shape) -> None:
+    """A ``ValueError`` when ``layer`` (a 2-D layer's name) would receive non-image input of ``shape``."""
     if len(shape) != 3:
         raise ValueError(f"{layer} expects image input (N, C, H, W), received {format_shape(shape)} from the previous layer")
 

@@ -67,6 +67,8 @@ def Input(shape: int | Sequence[int] | None = None, batch_size: int | None = Non
 
 
 def as_tensor_list(inputs: Any, what: str) -> list[KerasTensor]:
+    """``inputs`` (one ``KerasTensor`` or a list of them) as a list; anything else is a ``TypeError``
+    naming ``what``."""
     items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
     for item in items:
         if not isinstance(item, KerasTensor):

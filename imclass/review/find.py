@@ -150,6 +150,7 @@ class ReviewItems:
 
 
 def folder_items(root: Path, split: str) -> ReviewItems:
+    """The images of a photo folder to review (``split``: all, train, val or test), with their labels and paths."""
     images = image_set(root)
     if images.layout == "flat":
         raise ValueError(f"{root} has no class folders: a label review needs labelled images (one sub-folder per class)")
