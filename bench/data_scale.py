@@ -349,6 +349,14 @@ def main() -> None:
         print(f"N={smallest:,} {key}: " + ", ".join(
             f"{name} {s['images_per_s']['median']:.0f} img/s ({s['images_per_s']['min']:.0f}-{s['images_per_s']['max']:.0f})"
             for name, s in sides.items()), flush=True)
+    # the children measured; import their libraries here too so that the provenance lists their versions
+    # and BLAS kernels (each child runs with OMP_NUM_THREADS=1 and torch.set_num_threads(1))
+    import numpy  # noqa: F401
+    import PIL  # noqa: F401
+    import torch  # noqa: F401
+    import torchvision  # noqa: F401
+
+    result["child_threads"] = {"torch": 1, "OMP_NUM_THREADS": 1, "decode_workers": args.workers}
     result["goals"] = goals(result)
     for goal, v in result["goals"].items():
         print(f"  {'ok  ' if v['ok'] else 'MISS'} {goal}: {v['value']}")

@@ -106,7 +106,7 @@ def blas_kernel_line(kernels: list[dict] | None = None) -> str:
 
 def _versions() -> dict:
     out = {"python": platform.python_version()}
-    for name in ("torch", "numpy", "sklearn", "scipy", "numba", "faiss"):
+    for name in ("torch", "numpy", "sklearn", "scipy", "numba", "faiss", "torchvision", "PIL", "webdataset"):
         mod = sys.modules.get(name)
         if mod is not None:
             out[name] = getattr(mod, "__version__", "unknown")

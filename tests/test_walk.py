@@ -99,3 +99,23 @@ def test_data_info_command_finishes_promptly_on_a_loop_and_a_fifo(hostile):
     info = json.loads(result.stdout)
     assert info["class_counts"] == [3, 3] and info["size"] == 6
     assert any("daisy/x.jpg" in n and "daisy/loop" in n for n in info["notes"])
+
+
+def test_walk_stats_are_each_files_own_path_size_and_mtime(tmp_path, monkeypatch):
+    """The walk's one stat per file is what a cache key needs: the path as os.fspath gives it (from an
+    absolute root, a relative one, '.' and one with a trailing slash), st_size and st_mtime_ns; files
+    are in Path order (a sub-folder 'a' before a file 'a-b.png', whose '-' sorts before '/' as text)."""
+    root = _photos(tmp_path / "photos")
+    (root / "daisy" / "a").mkdir()
+    Image.new("RGB", (4, 4)).save(root / "daisy" / "a" / "z.png")
+    Image.new("RGB", (4, 4)).save(root / "daisy" / "a-b.png")
+    os.utime(root / "daisy" / "0.png", ns=(1, 1_234_567_891_234_567_890))
+    monkeypatch.chdir(tmp_path)
+    for start in (root, "photos", "photos/", "./photos/daisy/.."):
+        found = walk_images(start)
+        assert found.files == sorted(found.files) and len(found.files) == 7
+        assert found.stats == [(os.fspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in found.files]
+    monkeypatch.chdir(root)
+    here = walk_classes(".", ["daisy", "roses"])
+    assert [s[0] for s in here.stats] == [os.fspath(p) for p in here.paths] and here.stats[0][0] == "daisy/0.png"
+    assert here.stats[0][2] == 1_234_567_891_234_567_890

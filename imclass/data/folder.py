@@ -90,8 +90,8 @@ def list_images(folder: Path, classes: Sequence[str]) -> tuple[list[Path], list[
 
 
 def list_class_files(folder: Path, classes: Sequence[str]) -> ClassWalk:
-    """``list_images`` with each file's ``(st_size, st_mtime_ns)`` from the walk (``ClassWalk.stats``:
-    pass them to ``ImageList(stats=...)`` so that a cache key stats nothing again)."""
+    """``list_images`` with each file's ``(os.fspath(path), st_size, st_mtime_ns)`` from the walk
+    (``ClassWalk.stats``: pass them to ``ImageList(stats=...)`` so that a cache key stats nothing again)."""
     found = walk_classes(folder, classes)
     message = found.message(folder)
     if message:

@@ -287,9 +287,9 @@ class ImageList:
     name: str = ""
     split: str = ""
     notes: list[str] = field(default_factory=list)
-    # (st_size, st_mtime_ns) per path from the folder walk's one stat of each file (imclass.data.walk),
-    # so that the cache key stats nothing again; None: cache_key stats the files itself
-    stats: list[tuple[int, int]] | None = None
+    # (os.fspath(path), st_size, st_mtime_ns) per path from the folder walk's one stat of each file
+    # (imclass.data.walk), so that the cache key stats nothing again; None: cache_key stats the files itself
+    stats: list[tuple[str, int, int]] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -371,9 +371,8 @@ def cache_key(images: ImageList, decoder: Decoder) -> str:
     h.update(json.dumps(head, sort_keys=True).encode())
     stats = images.stats
     if stats is None or len(stats) != len(images.paths):
-        stats = [(st.st_size, st.st_mtime_ns) for st in map(os.stat, images.paths)]
-    lines = [f"{os.fspath(path)}\0{size}\0{mtime}\0{label}\n"
-             for path, label, (size, mtime) in zip(images.paths, images.labels, stats)]
+        stats = [(os.fspath(p), st.st_size, st.st_mtime_ns) for p, st in zip(images.paths, map(os.stat, images.paths))]
+    lines = [f"{text}\0{size}\0{mtime}\0{label}\n" for (text, size, mtime), label in zip(stats, images.labels)]
     h.update("".join(lines).encode())  # the same bytes as one update per file
     return h.hexdigest()[:32]
 

@@ -44,12 +44,12 @@ _SHOWN = 3  # entries named per kind before "..."
 @dataclass
 class Walk:
     """Image files found (sorted) and every entry skipped, as ``(path, kind)`` with kind in ``SKIP_KINDS``;
-    ``stats[i]`` is ``(st_size, st_mtime_ns)`` of ``files[i]`` from the walk's one ``stat`` of it (what a
-    cache key needs, so nothing stats the files again)."""
+    ``stats[i]`` is ``(os.fspath(files[i]), st_size, st_mtime_ns)`` from the walk's one ``stat`` of the
+    file (what a cache key needs, so that nothing stats the files again or formats their paths)."""
 
     files: list[Path] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
-    stats: list[tuple[int, int]] = field(default_factory=list)
+    stats: list[tuple[str, int, int]] = field(default_factory=list)
 
     def message(self, root: str | os.PathLike | None = None) -> str | None:
         """One line naming every skipped entry by kind (paths relative to ``root``), or None."""
@@ -64,7 +64,7 @@ class ClassWalk:
     paths: list[Path]
     labels: list[int]
     skipped: list[tuple[Path, str]]
-    stats: list[tuple[int, int]] = field(default_factory=list)  # (st_size, st_mtime_ns) per path
+    stats: list[tuple[str, int, int]] = field(default_factory=list)  # (os.fspath(path), st_size, st_mtime_ns)
 
     def message(self, root: str | os.PathLike | None = None) -> str | None:
         """One line naming every skipped entry by kind, or None."""
@@ -127,13 +127,15 @@ def walk_images(root: str | os.PathLike, *, seen: set[tuple[int, int]] | None = 
         return walk
     seen.add(start)
     wanted = tuple(e.lower() for e in extensions)
-    found: list[tuple[tuple[str, ...], Path, int, int]] = []  # (parts below root, path, size, mtime_ns)
+    found: list[tuple[tuple[str, ...], Path, tuple[str, int, int]]] = []  # (parts below root, path, stats)
     stack: list[tuple[Path, tuple[str, ...]]] = [(root, ())]
     # Per entry: one stat (it follows links and never opens the file) and nothing else; the path is
     # built as folder / name (parsing one name, not the whole path) and sorted by its parts below
     # root, which is Path's own order (start-up on an existing cache is this walk plus one hash).
     while stack:
         folder, parts = stack.pop()
+        base = os.fspath(folder)
+        base = "" if base == "." else base  # os.fspath(Path(".") / name) is name itself
         try:
             with os.scandir(folder) as it:
                 entries = sorted(it, key=_by_name)
@@ -158,7 +160,8 @@ def walk_images(root: str | os.PathLike, *, seen: set[tuple[int, int]] | None = 
             mode = st.st_mode
             if stat.S_ISREG(mode):
                 if is_image_name(name) and name.lower().endswith(wanted):
-                    found.append(((*parts, name), folder / name, st.st_size, st.st_mtime_ns))
+                    text = os.path.join(base, name)  # == os.fspath(folder / name), without formatting the Path
+                    found.append(((*parts, name), folder / name, (text, st.st_size, st.st_mtime_ns)))
                 else:
                     walk.skipped.append((folder / name, "not an image name"))
             elif stat.S_ISDIR(mode):
@@ -173,7 +176,7 @@ def walk_images(root: str | os.PathLike, *, seen: set[tuple[int, int]] | None = 
         stack.extend(reversed(subfolders))
     found.sort(key=lambda f: f[0])  # the parts below root: the order of sorting the Paths themselves
     walk.files = [f[1] for f in found]
-    walk.stats = [(f[2], f[3]) for f in found]
+    walk.stats = [f[2] for f in found]
     walk.skipped.sort()
     return walk
 
@@ -193,7 +196,7 @@ def walk_classes(folder: str | os.PathLike, classes: Sequence[str]) -> ClassWalk
     paths: list[Path] = []
     labels: list[int] = []
     skipped: list[tuple[Path, str]] = []
-    stats: list[tuple[int, int]] = []
+    stats: list[tuple[str, int, int]] = []
     done: set[tuple[int, int]] = set()
     for label, name in enumerate(classes):
         class_dir = folder / name
