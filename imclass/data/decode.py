@@ -37,6 +37,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+# Deferred imports (inside functions), for start-up time: PIL, ctypes
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 __all__ = [
     "ALLOWED_FORMATS", "DEFAULT_BUDGET_BYTES", "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "ImageError", "ImageInfo",
     "PixelBudget", "SHARED_BUDGET", "decode_array", "decode_image", "is_image_name", "probe_image", "stack_images",

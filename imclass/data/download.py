@@ -16,6 +16,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+# Deferred imports (inside functions), for start-up time: tqdm.auto
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 DEFAULT_ROOT = "~/.cache/imclass"
 ENV_VAR = "IMCLASS_DATA"
 CACHE_ENV_VAR = "IMCLASS_CACHE"  # where small state is remembered (checksums verified once); default DEFAULT_ROOT

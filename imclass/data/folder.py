@@ -33,6 +33,9 @@ from imclass.data.source import Decoder, ImageList, UnreadableImageError, open_i
 from imclass.data.split import limit_indices, split_indices
 from imclass.data.walk import ClassWalk, relative_name, walk_classes
 
+# Deferred imports (inside functions), for start-up time: tqdm.auto
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 TEST_FRACTION = 0.2  # share of each class held out as "test" in a plain tree
 SPLIT_SEED = 0
 _SHOWN = 10  # unreadable files named in a message before "... and N more"

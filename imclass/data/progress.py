@@ -5,6 +5,9 @@ from __future__ import annotations
 import sys
 import time
 
+# Deferred imports (inside functions), for start-up time: tqdm.auto
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 __all__ = ["Progress"]
 
 

@@ -46,6 +46,9 @@ from imclass.data.split import split_indices
 from imclass.data.stream import StreamLoader, StreamSource, default_workers, to_chw, worker_loader
 from imclass.data.walk import relative_name
 
+# Deferred imports (inside functions), for start-up time: tqdm.auto
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 __all__ = ["FORMAT", "Sample", "ShardLoader", "ShardSet", "ShardSource", "parse_shard_size", "read_shard", "write_shards"]
 
 FORMAT = "imclass-webdataset/1"

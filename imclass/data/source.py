@@ -38,6 +38,9 @@ from imclass.data.dataset import ImageDataset
 from imclass.data.download import cache_dir as state_dir
 from imclass.data.progress import Progress
 
+# Deferred imports (inside functions), for start-up time: torch.distributed
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 __all__ = [
     "CACHE_SUBDIR",
     "MODES",

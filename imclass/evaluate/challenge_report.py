@@ -34,6 +34,9 @@ from imclass.visualize.plots import pyplot, save_figure
 from imclass.data import as_images, as_labels
 from imclass.data.folder import split_folders
 
+# Deferred imports (inside functions), for start-up time: tqdm
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 __all__ = ["JSON_NAME", "HTML_NAME", "ModelUnderTest", "challenge_report", "load_models"]
 
 JSON_NAME = "challenges.json"

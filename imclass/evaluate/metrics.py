@@ -13,6 +13,9 @@ import torch
 
 from imclass.data.arrays import as_labels
 
+# Deferred imports (inside functions), for start-up time: sklearn.metrics, torchmetrics.functional.classification
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 __all__ = ["accuracy", "confusion_matrix", "per_class_accuracy", "top_k_accuracy", "classification_metrics",
            "reliability_bins", "expected_calibration_error", "fit_temperature", "nll"]
 

@@ -37,6 +37,9 @@ from imclass.visualize.grids import save_captioned_grid
 from imclass.visualize.plots import pyplot, save_figure
 from imclass.visualize.training import save_confusion_matrix
 
+# Deferred imports (inside functions), for start-up time: tqdm.auto
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 __all__ = ["report", "score", "tuning_folder", "HTML_NAME", "JSON_NAME"]
 
 HTML_NAME = "report.html"

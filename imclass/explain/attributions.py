@@ -12,6 +12,9 @@ import torch
 from imclass.explain._net import Net, as_net, class_name, find_layer, one_image, resolve_target
 from imclass.explain.pictures import save_overlay
 
+# Deferred imports (inside functions), for start-up time: captum.attr
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 __all__ = ["Explanation", "gradcam", "saliency", "occlusion"]
 
 

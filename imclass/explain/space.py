@@ -13,6 +13,9 @@ from imclass.explain._net import as_net, class_name, features, one_image
 from imclass.visualize.grids import save_captioned_grid
 from imclass.visualize.plots import pyplot, save_figure
 
+# Deferred imports (inside functions), for start-up time: sklearn.manifold, sklearn.neighbors
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 __all__ = ["neighbours", "tsne_map", "same_l2"]
 
 

@@ -28,6 +28,9 @@ import functools
 
 import numpy as np
 
+# Deferred imports (inside functions), for start-up time: llvmlite.binding, numba, torch
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 ROW_ALIGN = 32  # bytes per row must be a multiple of this
 QUERY_BLOCK = 4
 TRAIN_BLOCK = 2

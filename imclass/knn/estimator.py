@@ -51,6 +51,9 @@ from imclass.knn._knn_torch import smallest_k as _smallest_k
 from imclass.visualize import save_image_grid, save_line_plot
 from imclass.visualize.grids import save_captioned_grid
 
+# Deferred imports (inside functions), for start-up time: faiss, tqdm.auto
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 __all__ = ["KNN", "NearestNeighbor", "KSelection", "choose_k", "neighbour_grid"]
 
 METRICS = ("l1", "l2", "cosine")

@@ -16,6 +16,9 @@ import torch.nn as nn
 
 from imclass.models._registry import register_prefix
 
+# Deferred imports (inside functions), for start-up time: torchvision
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 # family prefix -> dotted path of the module whose last layer is the classifier
 _HEADS = {
     "squeezenet": "classifier",

@@ -20,6 +20,9 @@ import torch
 from imclass.data.download import DownloadError, cache_dir, cached_digest, download_file
 from imclass.data.preprocessing import Preprocessing
 
+# Deferred imports (inside functions), for start-up time: safetensors.torch, timm, torchvision
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 __all__ = ["DEFAULT_ROOT", "ENV_VAR", "HUB_CACHE", "HUB_ENDPOINT", "KNOWN_WEIGHTS", "KnownWeights", "TORCH_SUFFIXES",
            "WeightsError", "backbone_name", "bare_arch", "find_known_weights", "hub_file", "hub_state",
            "imagenet_classes", "is_known_file", "online", "read_state_dict", "resolve_weights_root", "sha256_of",

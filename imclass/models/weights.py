@@ -55,6 +55,9 @@ from imclass.models.weight_files import (  # several re-exported: imclass.models
     weights_options,
 )
 
+# Deferred imports (inside functions), for start-up time: safetensors, timm
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 __all__ = [
     "ENV_VAR",
     "IMAGENET_MEAN",

@@ -18,6 +18,9 @@ import torch
 
 from imclass.workflows.recipes import fast_config, fast_recipe
 
+# Deferred imports (inside functions), for start-up time: sklearn.exceptions, sklearn.linear_model
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 __all__ = ["cross_val_features", "cross_val_images", "fit_logistic", "stratified_folds"]
 
 

@@ -19,6 +19,9 @@ import torch
 
 from imclass.data.decode import decode_array
 
+# Deferred imports (inside functions), for start-up time: PIL
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 __all__ = ["PAGE_FILE", "REVIEW_FILE", "thumbnail", "write_review"]
 
 PAGE_FILE = "index.html"

@@ -31,6 +31,9 @@ from imclass.serve.batching import MicroBatcher, Overloaded
 from imclass.serve.explaining import ExplainUnavailable, explain_available, gradcam_overlay
 from imclass.serve.predictor import DEFAULT_MAX_PIXELS, ImageError, Predictor
 
+# Deferred imports (inside functions), for start-up time: torch
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 __all__ = ["ServeConfig", "create_app", "API_KEY_ENV"]
 
 API_KEY_ENV = "IMCLASS_API_KEY"

@@ -10,7 +10,11 @@ import importlib
 import io
 from typing import Any
 
+import numpy as np
 import torch
+
+# Deferred imports (inside functions), for start-up time: PIL, matplotlib
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
 
 __all__ = ["ExplainUnavailable", "explain_available", "gradcam_overlay"]
 
@@ -55,7 +59,6 @@ def gradcam_overlay(predictor: Any, image: torch.Tensor, target: int | None = No
 
 
 def _overlay_png(image: torch.Tensor, heat: torch.Tensor) -> str:
-    import numpy as np
     from matplotlib import colormaps
     from PIL import Image
 

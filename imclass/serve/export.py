@@ -24,6 +24,9 @@ import torch.nn as nn
 from imclass.serve.predictor import ONNX_METADATA_KEY, Predictor
 from imclass.tta import tta_views
 
+# Deferred imports (inside functions), for start-up time: onnx
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 __all__ = ["EXPORT_FORMATS", "Deployable", "KNNGraph", "export", "deployable"]
 
 EXPORT_FORMATS = ("onnx", "torchscript")

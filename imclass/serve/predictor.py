@@ -32,6 +32,9 @@ from imclass.models.rebuild import load
 from imclass.train import Classifier
 from imclass.tta import choose_tta
 
+# Deferred imports (inside functions), for start-up time: onnx, onnxruntime
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 __all__ = ["DEFAULT_MAX_PIXELS", "ImageError", "Predictor", "decode_image", "find_images", "IMAGE_EXTENSIONS"]
 
 ONNX_METADATA_KEY = "imclass"

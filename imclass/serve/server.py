@@ -16,6 +16,9 @@ import ipaddress
 import socket
 from typing import Any
 
+# Deferred imports (inside functions), for start-up time: h11, uvicorn, uvicorn.protocols.http.h11_impl
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 __all__ = ["default_allowed_hosts", "listen", "run"]
 
 

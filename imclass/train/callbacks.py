@@ -23,6 +23,9 @@ from imclass.model_file.save import save
 from imclass.train.state import TrainState
 from imclass.visualize.training import save_curves
 
+# Deferred imports (inside functions), for start-up time: torch.utils.tensorboard, tqdm.auto
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 EVENTS = ("on_train_begin", "on_epoch_begin", "on_batch_begin", "on_batch_end", "on_epoch_end", "on_train_end")
 
 

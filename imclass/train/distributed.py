@@ -27,6 +27,9 @@ import torch.distributed as dist
 
 from imclass.data.loader import shard_slice
 
+# Deferred imports (inside functions), for start-up time: torch.nn.parallel
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 __all__ = ["DistContext", "all_gather_objects", "barrier", "broadcast_object", "env_rank", "init_from_env",
            "is_distributed", "is_main", "launched", "leave", "rank", "session", "shard", "sum_across", "world_size",
            "wrap_model"]

@@ -16,6 +16,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+# Deferred imports (inside functions), for start-up time: sklearn.utils.class_weight
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 SAMPLERS = (None, "balanced")
 
 __all__ = ["SAMPLERS", "class_weights", "parse_class_weight", "sample_weights"]

@@ -16,6 +16,9 @@ from typing import Any, Mapping, Sequence
 from imclass.confident import find_label_issues
 from imclass.visualize.training import save_confusion_matrix, save_curves
 
+# Deferred imports (inside functions), for start-up time: torch, torch.nn.functional
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 __all__ = ["BEST_FILE", "CONFUSION_FILE", "CURVES_FILE", "HISTORY_FILE", "LAST_FILE", "MODEL_FILE", "fresh_run_dir",
            "held_out_figures", "link_or_copy", "save_confusion_matrix", "save_curves", "write_history"]
 

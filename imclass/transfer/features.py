@@ -35,6 +35,9 @@ from imclass.train import cpu_has_native_bf16
 from imclass.train import distributed
 from imclass.train.memory import retain_freed_memory
 
+# Deferred imports (inside functions), for start-up time: safetensors.torch, torchvision.transforms.v2
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 __all__ = ["FeatureCache", "embed", "extract_features", "extract_features_shared", "feature_key", "open_for",
            "preprocessing_decoder", "prepare_batch", "read_for"]
 

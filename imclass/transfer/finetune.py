@@ -33,6 +33,9 @@ from imclass.train import Classifier, cpu_has_native_bf16
 from imclass.train.inputs import as_data, is_source
 from imclass.transfer.features import FeatureCache, extract_features_shared
 
+# Deferred imports (inside functions), for start-up time: timm.models, torchvision.transforms.v2
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 __all__ = ["BATCH_NORM_MODES", "FineTuneResult", "backbone_groups", "fine_tune", "fit_head", "freeze",
            "has_folded_batch_norm", "resize_for", "transfer", "unfreeze"]
 

@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from imclass import data as imdata
@@ -46,6 +47,9 @@ from imclass.tuning.space import DEFAULT_SPACES, KNN_KEYS, TRAIN_KEYS, Param, lo
 from imclass.tuning.study import fail_orphaned_trials, finished_trials, open_study
 from imclass.visualize.plots import pyplot
 from imclass.workflows.training import create_model
+
+# Deferred imports (inside functions), for start-up time: matplotlib.ticker, optuna, optuna.study, optuna.trial, optuna.visualization, sklearn.model_selection
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
 
 __all__ = [
     "DEFAULT_SPACES", "Param", "PruningCallback", "TuneConfig", "load_space", "parse_space", "suggest", "tune",
@@ -400,7 +404,6 @@ def _complete(study) -> int:
 def _readable_slices(fig, axes: list, study) -> None:
     """Optuna's slice plot made readable: at most 4 labelled ticks per axis (no overlapping minor labels
     on log axes), whole numbers on integer parameters and on the trial colour bar, a plain title."""
-    import numpy as np
     from matplotlib.ticker import MaxNLocator, NullLocator
 
     kinds: dict[str, set] = {}

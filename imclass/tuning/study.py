@@ -11,6 +11,9 @@ from typing import Any
 from imclass.data.loader import derive_seed
 from imclass.tuning.config import TuneConfig
 
+# Deferred imports (inside functions), for start-up time: optuna, optuna.storages, optuna.trial
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 __all__ = ["fail_orphaned_trials", "finished_trials", "open_study"]
 
 

@@ -12,6 +12,9 @@ import torch
 
 from imclass.visualize.plots import pyplot, save_figure
 
+# Deferred imports (inside functions), for start-up time: matplotlib.ticker
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 __all__ = ["save_confusion_matrix", "save_curves"]
 
 

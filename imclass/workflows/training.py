@@ -43,6 +43,9 @@ from imclass.train.seed import seed_everything
 from imclass.visualize.training import save_confusion_matrix
 from imclass.workflows import recipes
 
+# Deferred imports (inside functions), for start-up time: torch.distributed
+# optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
+
 __all__ = ["AUGMENTATIONS", "RunConfig", "check_resumable", "config_from_dict", "load_config",
            "seed_everything", "train_from_config"]
 
