@@ -47,6 +47,55 @@ def _fast(d: dict) -> str:
             f"run on {where}{images}")
 
 
+def _mean_std(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
+    return f"{_pct(mean)} ± {100 * std:.2f}"
+
+
+def _median_range(t: dict) -> str:
+    return f"{t['median']:.1f} s (range {t['min']:.1f}–{t['max']:.1f} over {len(t['runs'])} rounds)"
+
+
+def _fine_tune(d: dict) -> str:
+    ft = d["imclass"]["fine_tune"]
+    return (f"frozen head {_mean_std(ft['head_test_accuracy'])} → kept model {_mean_std(ft['kept_test_accuracy'])} "
+            f"({ft['kept'].count('fine-tuned')} of {len(ft['kept'])} splits kept the fine-tuned one on validation)")
+
+
+def _label_noise(d: dict) -> str:
+    level = d["levels"][0]
+    by = {m["method"]: m for m in level["methods"]}
+    runs = level["retrain"]["runs"]
+    noisy = sum(r["noisy"] for r in runs) / len(runs)
+    clean = sum(r["without flagged"] for r in runs) / len(runs)
+    return (f"{by['imclass (self_confidence)']['precision_at_k']:.3f} vs {by['cleanlab (self_confidence)']['precision_at_k']:.3f}"
+            f" (loss alone {by['loss alone']['precision_at_k']:.3f}); test accuracy {_pct(noisy)} → {_pct(clean)} "
+            f"without the {level['retrain']['flagged']:,} flagged ({len(runs)} seeds)")
+
+
+def _data_scale(d: dict) -> str:
+    per_n = d["per_n"]
+    sizes = sorted(per_n, key=int)
+    parts = []
+    for tier in ("cache_warm", "stream"):
+        peaks = [per_n[n][tier]["peak_anon_total"] / 1e9 for n in sizes if tier in per_n[n]]
+        parts.append(f"{tier.replace('_warm', '')} {peaks[0]:.2f} → {peaks[-1]:.2f} GB")
+    starts = [per_n[n]["cache_warm"]["startup_s"] for n in sizes if "cache_warm" in per_n[n]]
+    return (f"{'; '.join(parts)} (N = {int(sizes[0]):,} → {int(sizes[-1]):,}); start-up on a cache ≤ {max(starts):.2f} s")
+
+
+def _data_speed(d: dict) -> str:
+    r = d["rounds"]
+
+    def ratio(key: str, ours: str) -> float:
+        return r[key][ours]["images_per_s"]["median"] / r[key]["torchvision"]["images_per_s"]["median"]
+
+    return (f"cache build {ratio('cache_build_vs_torchvision', 'cache_build'):.2f}×, warm-cache epoch "
+            f"{ratio('warm_cache_vs_torchvision', 'warm_cache'):.1f}×, stream {ratio('stream_vs_torchvision', 'stream'):.2f}× "
+            f"torchvision's images/s (N = {r['n']:,}, {d['workers']} workers)")
+
+
 FIGURES: tuple[Figure, ...] = (
     Figure("raw-pixel 1-NN on CIFAR-10, L1 / L2, all 10,000 test images (CS231n notes: 38.6 % / 35.4 %)",
            "bench/knn_full_test_set.json",
@@ -78,18 +127,35 @@ FIGURES: tuple[Figure, ...] = (
                    "keep-alive fix"),
     Figure("flowers transfer (MobileNetV2 features + head) vs a plain PyTorch script, same allocator setting",
            "bench/transfer_flowers_v2.json",
-           lambda d: f"{d['plain']['end_to_end_s'] / d['imclass']['end_to_end_s']:.2f}× end to end",
+           lambda d: (f"{d['plain']['end_to_end_s'] / d['imclass']['end_to_end_s']:.2f}× end to end "
+                      f"({d['imclass']['end_to_end_s']:.1f} vs {d['plain']['end_to_end_s']:.1f} s), accuracy "
+                      f"{_mean_std(d['imclass']['accuracy'])} vs {_mean_std(d['plain']['accuracy'])}"),
            command="python bench/transfer.py --seeds 0 1 2 --json bench/transfer_flowers_v2.json",
            minutes=10, pending="the earlier 4.00× gave imclass a malloc setting the plain script lacked"),
-    Figure("flowers fine-tuning accuracy on held-out splits (recipe not chosen on them)",
-           "bench/transfer_flowers_finetune_v2.json",
-           lambda d: f"{_pct(d['imclass']['accuracy'])}",
-           command="python bench/transfer.py --seeds 1 2 3 --fine-tune-epochs 3 --fine-tune-seeds 3 "
-                   "--json bench/transfer_flowers_finetune_v2.json", minutes=30,
-           pending="the earlier 92.11 % chose the recipe on split 0's validation photos and reported split 0"),
+    Figure("flowers fine-tuning on held-out 20 % test splits (recipe fixed on split 0's validation photos; "
+           "split seeds 1–3)",
+           "bench/transfer_flowers_finetune_heldout.json", _fine_tune,
+           command="python bench/transfer.py --seeds 1 2 3 --skip-plain --fine-tune-epochs 3 --fine-tune-seeds 3 "
+                   "--fine-tune-lr 1e-4 --backbone-lr-ratio 1 --lr-decay 1 "
+                   "--json bench/transfer_flowers_finetune_heldout.json", minutes=60),
     Figure("`make demo` wall time and accuracy (fast recipe, target 90, one seed)", "bench/demo_fast90.json", _fast,
            command="python bench/fast.py --target 90 --seeds 0 --no-baseline --json bench/demo_fast90.json", minutes=4,
            pending="the README's 124 s / 237 s had no result file"),
+    Figure("label review, CIFAR-10 with 20 % of the 50,000 training labels flipped: precision at the true count, "
+           "imclass vs cleanlab on the same out-of-sample probabilities; fast recipe retrained without the flagged",
+           "bench/label_review_cifar10_noise20.json", _label_noise),
+    Figure("label review of the 3,670 flowers photos, whole `imclass review` (features cached), 2 cores",
+           "bench/label_review_time.json",
+           lambda d: f"{_median_range(next(v for k, v in d['times'].items() if k.startswith('imclass')))} (goal ≤ 120 s)",
+           command="python bench/label_review.py time --rounds 3 --json bench/label_review_time.json", minutes=10),
+    Figure("data of any size: peak anonymous memory of the cache / stream tiers (with their workers) from the "
+           "smallest to the largest N of synthetic 400×300 JPEGs; start-up on an existing cache",
+           "bench/data_scale.json", _data_scale,
+           command="python bench/data_scale.py --json bench/data_scale.json", minutes=40),
+    Figure("data of any size: images/s against torchvision ImageFolder + DataLoader, same workers and transforms "
+           "(interleaved rounds, smallest N)",
+           "bench/data_scale.json", _data_speed,
+           command="python bench/data_scale.py --json bench/data_scale.json", minutes=40),
 )
 
 
@@ -101,7 +167,7 @@ def _load(fig: Figure) -> dict | None:
 
 
 def _host(d: dict) -> str:
-    h = d.get("host")
+    h = d.get("host") or d.get("host_before")
     if isinstance(h, dict):
         cpu = h.get("cpu", {})
         return f"{cpu.get('model', '?')}, {h.get('date_utc', '?')[:10]}, commit {str(h.get('commit'))[:7]}"
@@ -120,7 +186,8 @@ def rows() -> list[tuple[str, str, str, str]]:
             out.append((fig.what, fig.render(data), _host(data), f"`{fig.file}`"))
         else:
             minutes = f", about {fig.minutes:g} min" if fig.minutes else ""
-            out.append((fig.what, f"pending re-measure ({fig.pending}): `{fig.command}`{minutes}", "—",
+            why = f"pending re-measure ({fig.pending})" if fig.pending else "not measured yet"
+            out.append((fig.what, f"{why}: `{fig.command}`{minutes}", "—",
                         f"`{fig.file}` (to come)" if fig.file else "—"))
     return out
 

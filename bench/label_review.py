@@ -29,10 +29,8 @@ load average before and after, date):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -53,35 +51,8 @@ FLOWERS = DATA / "flowers" / "photos"
 
 
 def provenance() -> dict:
-    """Where and how the figures were taken (bench/host.py's own ``provenance`` when it has one)."""
-    if hasattr(host, "provenance"):
-        return host.provenance()
-    import sklearn
-
-    info = {"cpu": host.cpu_info(), "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "sklearn": sklearn.__version__, "threads": torch.get_num_threads(),
-            "load_avg": list(os.getloadavg()), "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-    try:
-        import cleanlab
-
-        info["cleanlab"] = cleanlab.__version__
-    except ImportError:
-        pass
-    try:
-        from threadpoolctl import threadpool_info
-
-        info["blas"] = [{k: p.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
-                        for p in threadpool_info()]
-    except ImportError:
-        pass
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                        check=True).stdout.strip()
-        info["dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                            capture_output=True, text=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        info["commit"] = None
-    return info
+    """Where and how the figures were taken: commit, CPU and flags, versions, BLAS kernels, threads, load."""
+    return host.provenance()
 
 
 def flip(labels: np.ndarray, share: float, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -274,7 +245,8 @@ def timing(args) -> dict:
     for v in figures.values():
         v.pop("result", None)
     status = guard.check()
-    return {"load": status, "images": len(labels), "command": " ".join(command[1:]), "times": figures}
+    return {"host": provenance(), "load": status, "images": len(labels), "command": " ".join(command[1:]),
+            "times": figures}
 
 
 def _write(path: str | None, obj: dict) -> None:
