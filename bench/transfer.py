@@ -16,6 +16,10 @@ Both use the same real ImageNet weights (timm ``mobilenetv2_100``, TF "same" pad
   NCHW, batch 64, ``timm.create_model``, then scikit-learn ``LogisticRegression`` on the pooled features,
   in a fresh process of its own, given the same allocator setting as imclass's process (its process-wide
   malloc setting alone sped the plain script up 2.5x; ``--plain-default-malloc`` runs it without).
+* **end to end, interleaved** (``--rounds``, default 3): imclass on the first split (model, decode, features into
+  an empty cache, head) and the plain script, each in a fresh process per run with the same allocator setting,
+  A B B A ... over the rounds; the processes' wall times (start and imports included) and the seconds each
+  measured inside itself, median and range.
 * **course CNN from scratch** (``--scratch``): the course's Keras CNN (``keras_cnn``) on the same photos at
   64x64, Adam, crop + flip, given the same wall time as imclass end to end (``TimeBudget``), each seed.
 * ``--fine-tune-epochs N``: stage 2 after the head (the whole network or ``--unfreeze`` last stages,
@@ -45,7 +49,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from host import LoadGuard, cpu_info, cpu_line, provenance  # noqa: E402
+from host import LoadGuard, cpu_info, cpu_line, interleave, provenance, summarise  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -212,10 +216,10 @@ def fine_tune_held_out(build, pixels, labels, classes, splits, cache, args) -> d
     return out
 
 
-def plain_in_own_process(paths, labels, splits, weights_file: Path, same_malloc: bool = True) -> dict:
-    """``plain_script`` in a fresh interpreter, as a user's script would run. ``same_malloc``: it gets the
-    allocator setting imclass's process uses (``imclass.train.memory.retain_freed_memory``: big blocks from
-    the heap, never trimmed), through glibc's own variables, so the ratio measures imclass, not malloc."""
+def in_fresh_process(fn, *args, same_malloc: bool = True):
+    """``fn(*args)`` in a fresh interpreter (spawned), as a user's script would run, given the allocator
+    setting imclass's process uses (``imclass.train.memory.retain_freed_memory``: big blocks from the heap,
+    never trimmed) through glibc's own variables when ``same_malloc``, so a ratio measures the code, not malloc."""
     import multiprocessing
 
     from imclass.train.memory import retain_freed_memory
@@ -225,14 +229,70 @@ def plain_in_own_process(paths, labels, splits, weights_file: Path, same_malloc:
         os.environ.update({"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)})
     try:
         with multiprocessing.get_context("spawn").Pool(1) as pool:
-            out = pool.apply(plain_script, (paths, labels, splits, weights_file))
+            return pool.apply(fn, args)
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def plain_in_own_process(paths, labels, splits, weights_file: Path, same_malloc: bool = True) -> dict:
+    """``plain_script`` in a fresh interpreter with imclass's allocator setting (``in_fresh_process``)."""
+    from imclass.train.memory import retain_freed_memory
+
+    out = in_fresh_process(plain_script, paths, labels, splits, weights_file, same_malloc=same_malloc)
     return out | {"same_malloc": bool(same_malloc and retain_freed_memory())}
+
+
+def imclass_first_split(paths: list[Path], labels: torch.Tensor, classes: list[str], split: tuple,
+                        options: dict) -> dict:
+    """imclass end to end on one split, as ``imclass_run`` measures it (model, decode, features into an empty
+    cache, head), for a fresh process of its own."""
+    from imclass.transfer import FeatureCache, extract_features, fit_head, read_for, transfer
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = transfer("mobilenetv2_100", len(classes), weights="imagenet", head=options["head"],
+                     input_size=options["size"], pool_stages=options["pool_stages"])
+    pixels = read_for(paths, model.preprocessing)
+    feats = extract_features(model, pixels, model.preprocessing, cache=FeatureCache())
+    keep, held = split
+    history = fit_head(model, feats[keep], labels[keep], classes, epochs=options["head_epochs"], lr=options["lr"],
+                       validation=(feats[held], labels[held]), seed=0)
+    return {"accuracy": [float(history.history["val_accuracy"][-1])], "end_to_end_s": time.perf_counter() - t0}
+
+
+def end_to_end_rounds(paths, labels, classes, split, weights_file: Path, args) -> dict:
+    """imclass and the plain script end to end on the first split, each in a fresh process per run with the same
+    allocator setting, interleaved (A B B A ...) over ``args.rounds`` rounds: the wall time of each process
+    (start, imports, work) and the seconds each measured inside itself, median and range."""
+    options = {k: getattr(args, k) for k in ("head", "size", "pool_stages", "head_epochs", "lr")}
+    inside: dict[str, list[dict]] = {"imclass": [], "plain script": []}
+    same = not args.plain_default_malloc
+
+    def imclass_side():
+        inside["imclass"].append(in_fresh_process(imclass_first_split, paths, labels, classes, split, options,
+                                                  same_malloc=same))
+
+    def plain_side():
+        inside["plain script"].append(in_fresh_process(plain_script, paths, labels, [split], weights_file,
+                                                       same_malloc=same))
+
+    walls = interleave({"imclass": imclass_side, "plain script": plain_side}, rounds=args.rounds,
+                       on_round=lambda r, s: print(f"  round {r + 1}: " + ", ".join(f"{k} {v:.1f} s" for k, v in s.items()),
+                                                   flush=True))
+    out = {}
+    for name, runs in inside.items():
+        wall = walls[name]
+        wall.pop("result", None)
+        out[name] = {"process_wall_s": wall, "inside_s": summarise([r["end_to_end_s"] for r in runs]),
+                     "accuracy": [r["accuracy"][0] for r in runs]}
+    out["ratio_process_wall"] = out["plain script"]["process_wall_s"]["median"] / out["imclass"]["process_wall_s"]["median"]
+    out["ratio_inside"] = out["plain script"]["inside_s"]["median"] / out["imclass"]["inside_s"]["median"]
+    out["same_malloc"] = same
+    return out
 
 
 def course_cnn(paths, labels, classes, splits, seconds: float) -> dict:
@@ -285,6 +345,8 @@ def main() -> None:
     parser.add_argument("--skip-plain", action="store_true")
     parser.add_argument("--plain-default-malloc", action="store_true",
                         help="run the plain script with glibc's default allocator settings (imclass keeps its own)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="end to end: imclass and the plain script each in a fresh process, interleaved rounds (0: skip)")
     parser.add_argument("--scratch", action="store_true", help="also the course CNN from scratch, same wall time")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -305,6 +367,8 @@ def main() -> None:
     ours = imclass_run(paths, labels, classes, splits, args)
     plain = None if args.skip_plain else plain_in_own_process(paths, labels, splits, weights_file,
                                                                    same_malloc=not args.plain_default_malloc)
+    rounds = (end_to_end_rounds(paths, labels, classes, splits[0], weights_file, args)
+              if args.rounds and not args.skip_plain else None)
     scratch = course_cnn(paths, labels, classes, splits, ours["end_to_end_s"]) if args.scratch else None
     print()
     print(f"{'':32}{'imclass':>22}{'plain script':>22}{'ratio':>10}")
@@ -322,6 +386,13 @@ def main() -> None:
           f"{ours['head_epoch_uncached_s']:.1f} s through the frozen backbone "
           f"({ours['head_epoch_uncached_s'] / ours['head_epoch_cached_s']:.0f}x)")
     print(f"head per seed (cached features): {', '.join(f'{s:.1f} s' for s in ours['head_s'])}")
+    if rounds:
+        a, b = rounds["imclass"], rounds["plain script"]
+        print(f"end to end, each in a fresh process, {args.rounds} interleaved rounds (median, range): imclass "
+              f"{a['process_wall_s']['median']:.1f} s ({a['process_wall_s']['min']:.1f}-{a['process_wall_s']['max']:.1f}), "
+              f"plain script {b['process_wall_s']['median']:.1f} s ({b['process_wall_s']['min']:.1f}-"
+              f"{b['process_wall_s']['max']:.1f}): {rounds['ratio_process_wall']:.2f}x "
+              f"(inside the processes {rounds['ratio_inside']:.2f}x)")
     if "fine_tune" in ours:
         ft = ours["fine_tune"]
         print(f"held-out test accuracy over {len(ft['seconds'])} splits: head {_mean_sd(ft['head_test_accuracy'])}, "
@@ -332,7 +403,7 @@ def main() -> None:
               f"(imclass transfer {_mean_sd(ours['accuracy'])} in the same time)")
     if args.json:
         args.json.write_text(json.dumps({"host": provenance(guard.before), "load": guard.check(), "cpu": cpu_info(), "args": {k: str(v) for k, v in vars(args).items()},
-                                         "photos": len(paths), "imclass": ours, "plain": plain,
+                                         "photos": len(paths), "imclass": ours, "plain": plain, "end_to_end_rounds": rounds,
                                          "course_cnn": scratch}, indent=1) + "\n")
 
 
