@@ -154,7 +154,7 @@ def test_evaluate_matches_training_figures(mnist_run, data_root):
     per_class = report["per_class_accuracy"]
     assert per_class["0"] == pytest.approx(cm[0, 0] / cm[0].sum())
     text = invoke("evaluate", out, "mnist", "--data", data_root, "--limit", 256)
-    assert text.exit_code == 0 and f"accuracy {report['accuracy']:.4f}" in text.stdout
+    assert text.exit_code == 0 and f"accuracy {report['accuracy']:.2%}" in text.stdout
 
 
 def test_predict_pngs_and_a_bad_image(mnist_run, data_root, tmp_path):

@@ -154,6 +154,23 @@ def test_knn_takes_occlusion_and_neighbours_but_not_gradients(tmp_path):
     assert (tmp_path / "n.png").stat().st_size > 1000
 
 
+def test_the_neighbours_picture_captions_the_query_with_its_true_and_predicted_class(tmp_path, monkeypatch):
+    import imclass.explain.space as space
+
+    drawn = {}
+    monkeypatch.setattr(space, "save_captioned_grid", lambda imgs, caps, out, **kw: drawn.update(caps=caps, n=len(imgs)))
+    x, y = _blobs()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 3))
+    clf = imclass.Classifier(model, classes=["r", "g", "b"], mean=[0.5] * 3, std=[0.25] * 3, device="cpu")
+    r = ex.neighbours(clf, x[25], x, y, k=3, out=tmp_path / "n.png", true_class="g")
+    assert r["predicted"] in {"r", "g", "b"} and drawn["n"] == 8
+    assert drawn["caps"][0] == drawn["caps"][4] == f"g → {r['predicted']}"  # the query starts both rows
+    assert drawn["caps"][1] == "g 0"  # the nearest in pixels is the image itself: its class and distance
+    ex.neighbours(clf, x[25], x, y, k=3, out=tmp_path / "n.png")
+    assert drawn["caps"][0] == f"query → {r['predicted']}"  # true class unknown (a file given as the query)
+
+
 def test_neighbours_find_the_image_itself_in_both_spaces_and_tsne_separates_classes(tmp_path):
     x, y = _blobs()
     torch.manual_seed(0)

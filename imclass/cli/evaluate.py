@@ -99,12 +99,12 @@ def evaluate(
     from imclass.data.folder import HELD_OUT, HELD_OUT_NOTE, split_word
 
     word = split_word(dataset, split)
-    typer.echo(f"{dataset} {word} ({len(data):,} images): accuracy {report['accuracy']:.4f}{loss}  (tta: {tta_used})")
+    typer.echo(f"{dataset} {word} ({len(data):,} images): accuracy {report['accuracy']:.2%}{loss}  (tta: {tta_used})")
     if word == HELD_OUT:
         typer.echo(f"({HELD_OUT_NOTE})")
     width = max(len(c) for c in data.classes)
     for name, acc in report["per_class_accuracy"].items():
-        typer.echo(f"  {name:<{width}}  {acc:.4f}" if acc is not None else f"  {name:<{width}}  (no images)")
+        typer.echo(f"  {name:<{width}}  {acc:>7.2%}" if acc is not None else f"  {name:<{width}}  (no images)")
     if confusion:
         typer.echo("confusion matrix (rows: true class, columns: predicted class):")
         cell = max(5, *(len(c) for c in data.classes))  # full class names as column headers, never cut

@@ -106,7 +106,9 @@ def explain(
                 classes = saved.classes or train.classes
                 pixels = _pixels(train)
                 if method == "neighbours":
-                    result = ex.neighbours(model, x, pixels, train.labels, k=k, classes=classes, out=out)
+                    true_class = None if label is None else (classes[label] if label < len(classes) else str(label))
+                    result = ex.neighbours(model, x, pixels, train.labels, k=k, classes=classes, out=out,
+                                           true_class=true_class)
                 else:
                     network = model if hasattr(model, "predict_logits") else None
                     result = ex.same_l2(x, pixels, train.labels, network, classes=classes, out=out)

@@ -28,10 +28,12 @@ def _nearest(train: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, 
 
 
 def neighbours(model: Any, image: Any, train_images: Any, train_labels: Any, *, k: int = 8,
-               classes: Sequence[str] | None = None, out: str | Path | None = None) -> dict[str, Any]:
+               classes: Sequence[str] | None = None, out: str | Path | None = None,
+               true_class: str | None = None) -> dict[str, Any]:
     """The ``k`` nearest training images of ``image`` by L2 distance in raw pixels and in the model's
     feature space (L2 on unit-length features: cosine), by scikit-learn's ``NearestNeighbors``;
-    ``out`` writes the picture (query then neighbours; pixel row above feature row)."""
+    ``out`` writes the picture (query then neighbours; pixel row above feature row; the query captioned
+    with its ``true_class``, when known, and the predicted class)."""
     net = as_net(model)
     train_images = as_images(train_images)
     train_labels = as_labels(train_labels, len(train_images), name="train labels")
@@ -52,10 +54,12 @@ def neighbours(model: Any, image: Any, train_images: Any, train_labels: Any, *, 
     if out is not None:
         kk = len(pix_i)
         imgs = [query] + [train_images[i] for i in pix_i] + [query] + [train_images[i] for i in feat_i]
-        caps = (["query (pixels)"] + [f"{r['label']} {r['distance']:.0f}" for r in result["pixel"]]
-                + ["query (features)"] + [f"{r['label']} {r['distance']:.2f}" for r in result["feature"]])
+        query_caption = (f"{true_class} → " if true_class is not None else "query → ") + f"{result['predicted']}"
+        caps = ([query_caption] + [f"{r['label']} {r['distance']:.0f}" for r in result["pixel"]]
+                + [query_caption] + [f"{r['label']} {r['distance']:.2f}" for r in result["feature"]])
         save_captioned_grid(imgs, caps, out, cols=kk + 1,
-                            title=f"nearest training images: raw-pixel L2 (top) vs {result['feature_space']} (bottom)")
+                            title=f"query (true → predicted class), then its nearest training images: raw-pixel L2 "
+                                 f"(top) vs {result['feature_space']} (bottom)")
         result["out"] = str(out)
     return result
 
