@@ -252,6 +252,43 @@ def test_stream_memory_is_flat_in_the_number_of_images(tmp_path):
     assert ml["anon"] - ms["anon"] > 35e6, (ms, ml)  # the measurement sees 800 x 49 KB when it is held
 
 
+class _FreedBlock(torch.utils.data.Dataset):
+    """Item 0: how much of a 64 MB block, written and freed in the worker, its RssAnon still holds (MB)."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, i: int) -> int:
+        def anon() -> int:
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) // 1024
+
+        before = anon()
+        block = np.ones(64 << 20, dtype=np.uint8)  # written: every page resident
+        del block
+        return anon() - before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings (Linux)")
+def test_stream_workers_return_freed_blocks_even_when_the_parent_keeps_its_own():
+    # the parent keeps freed memory (as Classifier.fit does on a CPU), so a forked worker would too
+    script = textwrap.dedent("""
+        import sys, torch
+        from imclass.train.memory import retain_freed_memory
+        from imclass.data.stream import worker_loader
+        sys.path.insert(0, sys.argv[1])
+        from test_stream import _FreedBlock
+        assert retain_freed_memory()
+        plain = torch.utils.data.DataLoader(_FreedBlock(), batch_size=None, num_workers=1)
+        print(next(iter(plain)), next(iter(worker_loader(_FreedBlock(), 1))))
+    """)
+    out = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent)], capture_output=True, text=True,
+                         check=True).stdout.split()
+    kept_plain, kept_ours = int(out[0]), int(out[1])
+    assert kept_plain >= 60  # glibc kept the whole block in the worker: the parent's setting, inherited
+    assert kept_ours <= 4  # bound_worker_heap: mapped, and unmapped when freed
+
+
 def test_two_gloo_processes_read_disjoint_files_and_shards(photos, shard_dir, tmp_path):
     """Under torchrun (2 gloo processes) each rank streams its own slice of every global batch of files and its
     own shards: no image is read by both ranks, together they read every image once, in the same steps."""

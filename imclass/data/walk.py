@@ -160,7 +160,7 @@ def walk_images(root: str | os.PathLike, *, seen: set[tuple[int, int]] | None = 
             mode = st.st_mode
             if stat.S_ISREG(mode):
                 if is_image_name(name) and name.lower().endswith(wanted):
-                    text = os.path.join(base, name)  # == os.fspath(folder / name), without formatting the Path
+                    text = entry.path if base else name  # == os.fspath(folder / name), without formatting the Path
                     found.append(((*parts, name), folder / name, (text, st.st_size, st.st_mtime_ns)))
                 else:
                     walk.skipped.append((folder / name, "not an image name"))
