@@ -43,8 +43,8 @@ def _fast(d: dict) -> str:
     n = len(d["runs"])
     where = d.get("gpu") or f"{d['cpu']['cores']} CPU cores"
     images = f", {d['test_images']:,} test images" if d.get("test_images") else ""
-    return (f"{_pct(d['accuracy_mean'])} ± {100 * d['accuracy_std']:.2f} over {n} seeds, {d['seconds_mean']:.1f} s per "
-            f"run on {where}{images}")
+    spread = f" ± {100 * d['accuracy_std']:.2f} over {n} seeds" if n > 1 else " (one seed)"
+    return f"{_pct(d['accuracy_mean'])}{spread}, {d['seconds_mean']:.1f} s per run on {where}{images}"
 
 
 def _mean_std(values: list[float]) -> str:
