@@ -301,6 +301,19 @@ def test_errors_are_one_line(args, message, data_root):
     assert "Traceback" not in result.output
 
 
+def test_a_mistyped_model_fails_before_any_data_is_read_and_leaves_no_run_folder(tmp_path, monkeypatch, data_root):
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "no_such_folder"  # never read: the model name is checked first
+    result = runner.invoke(app, ["train", str(missing), "--model", "resnet_2O"])
+    assert result.exit_code == 2 and "unknown model 'resnet_2O'" in result.stderr
+    assert not (tmp_path / "runs").exists()
+    # a run that fails after its folder was made (here: a model that cannot take these images) removes it again
+    result = runner.invoke(app, ["train", "mnist", "--model", "mlp", "--limit", "10", "--epochs", "1", "--data",
+                                 str(data_root), "-o", "no_such_option=1"])
+    assert result.exit_code != 0
+    assert not (tmp_path / "runs" / "mlp-mnist").exists()
+
+
 def test_limit_on_a_folder_samples_every_class(tmp_path, cifar_small):
     """A folder lists its files class by class: --limit takes a seeded sample of all classes, not the first class."""
     from imclass.models.weights import Preprocessing

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import importlib
 
-from imclass.models._registry import create, names, register_model, register_prefix
+from imclass.models._registry import create, names, register_model, register_prefix, require
 from imclass.models.functional import Input, Model
 from imclass.models.rebuild import load_model
 from imclass.models.sequential import Sequential
 
-__all__ = ["Input", "Model", "Sequential", "create", "load_model", "names", "register_model", "register_prefix"]
+__all__ = ["Input", "Model", "Sequential", "create", "load_model", "names", "register_model", "register_prefix", "require"]
 
 # Families that register themselves on import (one module per family); the applications' layer
 # class registers with the layer registry, so every model config can be rebuilt once this runs.

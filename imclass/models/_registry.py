@@ -42,18 +42,26 @@ def names(pattern: str = "*") -> list[str]:
     return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
 
 
-def create(name: str, **options: Any) -> nn.Module:
-    """Build the architecture ``name`` with keyword ``options`` (e.g. ``num_classes=10``)."""
+def require(name: str) -> None:
+    """Raise the ``ValueError`` that ``create(name)`` would for a name no factory answers to, without
+    building anything (a command checks its ``--model`` before it reads any data)."""
     if ":" in name:
-        prefix, rest = name.split(":", 1)
+        prefix = name.split(":", 1)[0]
         if prefix not in _PREFIX_FACTORIES:
             raise ValueError(f"unknown model family {prefix!r} in {name!r}; known: {sorted(_PREFIX_FACTORIES)}")
+    elif name not in _MODELS:
+        close = [n for n in _MODELS if name.lower() in n.lower()]
+        hint = f" Did you mean {close}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} Known models: {sorted(_MODELS)}")
+
+
+def create(name: str, **options: Any) -> nn.Module:
+    """Build the architecture ``name`` with keyword ``options`` (e.g. ``num_classes=10``)."""
+    require(name)
+    if ":" in name:
+        prefix, rest = name.split(":", 1)
         model = _PREFIX_FACTORIES[prefix](rest, **options)
     else:
-        if name not in _MODELS:
-            close = [n for n in _MODELS if name.lower() in n.lower()]
-            hint = f" Did you mean {close}?" if close else ""
-            raise ValueError(f"unknown model {name!r}.{hint} Known models: {sorted(_MODELS)}")
         model = _MODELS[name](**options)
     model.imclass_spec = {"name": name, "options": dict(options)}
     return model

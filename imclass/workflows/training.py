@@ -249,6 +249,8 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
             f"expected a model name (--model) to train on {cfg.dataset!r} (see `imclass models list`); "
             "only cifar10 has a default (the fast recipe)"
         )
+    if cfg.model is not None and cfg.weights is None and not cfg.uses_fast_recipe:
+        models.require(cfg.model)  # a mistyped --model: one line before any image is read
     wanted = Path(cfg.out or f"runs/{(cfg.model or 'fast').replace(':', '_')}-{Path(cfg.dataset).name}")
     if wanted.exists() and not wanted.is_dir():
         raise ValueError(f"--out {wanted}: a file is in the way; expected a run folder (new or existing)")
@@ -263,11 +265,17 @@ def train_from_config(cfg: RunConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     _warn_about_data(cfg, train_set, test_set)
     stages["check"] = time.perf_counter() - t0
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(cfg, out=str(out))
     start = time.perf_counter()
     fit = _fit_fast_recipe if cfg.uses_fast_recipe else _fit_model
-    clf, cfg, details = fit(cfg, train_set, test_set, out)
+    try:
+        clf, cfg, details = fit(cfg, train_set, test_set, out)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):  # a run that failed before writing: no empty folder
+            out.rmdir()
+        raise
     seconds = time.perf_counter() - start
     stages["training"] = seconds
     t0 = time.perf_counter()
