@@ -10,6 +10,8 @@ from torch import nn
 
 from imclass.data.arrays import as_images, as_tensor, is_channels_last
 from imclass.data.progress import Progress
+from imclass.data.source import inference_batch_size
+from imclass.train.memory import retain_freed_memory
 
 
 class _Normalise(nn.Module):
@@ -142,13 +144,18 @@ def find_layer(module: nn.Module, name: str | None, kind: type | tuple = nn.Conv
     return found[-1] if last else found[0]
 
 
-def features(net: Net, images: torch.Tensor, batch_size: int = 256, *, progress: bool = True) -> torch.Tensor:
+def features(net: Net, images: torch.Tensor, batch_size: int | None = None, *, progress: bool = True) -> torch.Tensor:
     """Feature vectors (N, D) of uint8 images: what the classifier head sees (``forward_head(...,
     pre_logits=True)`` of the timm contract, else the input of the last ``nn.Linear``); raw pixels for a k-NN.
-    ``progress``: a progress line on stderr (tqdm on a terminal) for 256 images or more."""
+    ``batch_size``: default ``inference_batch_size`` of the images' size (about 2 M pixels a batch, so the
+    activations stay bounded: 256 images at 224 px held 6.5 GB). ``progress``: a progress line on stderr
+    (tqdm on a terminal) for 256 images or more."""
     images = as_images(images)
     if net.knn is not None:
         return images.flatten(1).float()
+    batch_size = batch_size or inference_batch_size(images.shape[1:])
+    if torch.device(net.device).type == "cpu":
+        retain_freed_memory()  # the forward's activations reuse freed memory instead of faulting in new pages
     module = net.module
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     has_contract = hasattr(module, "forward_features") and hasattr(module, "forward_head")
