@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from imclass.data.arrays import as_images, as_labels
+from imclass.data.progress import Progress
 from imclass.knn import _knn_int8, _knn_kernels, _knn_pruned, _select
 from imclass.knn._knn_torch import TRAIN_CHUNK as _TRAIN_CHUNK
 from imclass.knn._knn_torch import cosine_block as _cosine_block
@@ -305,11 +306,9 @@ class KNN:
         chunk = _TRAIN_CHUNK if backend == "torch" else 4 * _TRAIN_CHUNK
         batch = self.batch_size or max(64, _MAX_BLOCK // min(n, chunk))
         block, row_constant = self._block_fn(backend, exact)  # integer L2 rankings leave out |q|^2
-        from tqdm.auto import tqdm
-
+        bar = Progress(len(queries), f"{k}-NN {self.metric_}", unit="queries", verbose=self.verbose)
         out_d, out_i = [], []
-        starts = range(0, len(queries), batch)
-        for q0 in tqdm(starts, desc=f"{k}-NN {self.metric_}", unit="chunk", disable=not self.verbose):
+        for q0 in range(0, len(queries), batch):
             q = queries[q0:q0 + batch]
             best = None
             for t0 in range(0, n, chunk):
@@ -320,6 +319,8 @@ class KNN:
                 vals = vals.long() + row_constant(q)
             out_d.append(vals)
             out_i.append(idx)
+            bar.update(len(q))
+        bar.close()
         return torch.cat(out_d), torch.cat(out_i)
 
     def _search_pruned(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -330,19 +331,20 @@ class KNN:
         index = self._cached("pruned", lambda: _knn_pruned.PrunedIndex.build(
             self._fit_X, self.sample_shape_, _select.fastest_l2_kernel(pooled_features, len(queries), n)))
         batch = self.batch_size or max(64, _MAX_BLOCK // n)
-        from tqdm.auto import tqdm
-
+        bar = Progress(len(queries), f"{k}-NN l2", unit="queries", verbose=self.verbose)
         out_d, out_i = [], []
-        for q0 in tqdm(range(0, len(queries), batch), desc=f"{k}-NN l2", unit="chunk", disable=not self.verbose):
+        for q0 in range(0, len(queries), batch):
             dist, idx, work = index.search(queries[q0:q0 + batch], k)
             out_d.append(dist)
             out_i.append(idx)
+            bar.update(len(idx))
             if work > _knn_pruned.MAX_WORK_FRACTION and q0 + batch < len(queries):
                 plain = _select.fastest_l2_kernel(self.n_features_in_, len(queries), n)
                 dist, idx = self._search_blocks(queries[q0 + batch:], k, plain, True)
                 out_d.append(dist.long())  # exact integers (float64 from the torch kernel)
                 out_i.append(idx)
                 break
+        bar.close()
         return torch.cat(out_d), torch.cat(out_i)
 
     def _search_faiss(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
