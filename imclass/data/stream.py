@@ -21,10 +21,7 @@ encoded bytes for shards), whatever the number of images.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -33,6 +30,7 @@ import numpy as np
 import torch
 
 from imclass.data.loader import TensorLoader
+from imclass.data.malloc import M_MMAP_MAX, M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, mallopt
 
 __all__ = ["StreamLoader", "StreamSource", "default_workers", "to_chw", "worker_loader"]
 
@@ -87,9 +85,6 @@ class _Batches(torch.utils.data.Dataset):
         return out, bad
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # mallopt parameters (glibc's malloc.h)
-
-
 def bound_worker_heap(worker_id: int) -> None:
     """A DataLoader worker's start (glibc): blocks of 1 MiB and more are mapped and returned to the system
     when freed, with a fixed threshold. A worker makes a 12 MB batch, hands it over in shared memory and
@@ -97,15 +92,11 @@ def bound_worker_heap(worker_id: int) -> None:
     which fragments, and a worker's private memory wandered from 40 MB to 450 MB between identical runs
     (20,000 photos, 2 workers). It also undoes, in the worker only, a parent's ``retain_freed_memory``
     (which keeps every block on the heap: right for training's steady-state buffers, not for this)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):  # musl and other C libraries have no mallopt
-        return
-    mallopt(_M_MMAP_MAX, 65536)
-    mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-    mallopt(_M_TRIM_THRESHOLD, 2 << 20)
+    setting = mallopt()
+    if setting is not None:
+        setting(M_MMAP_MAX, 65536)
+        setting(M_MMAP_THRESHOLD, 1 << 20)
+        setting(M_TRIM_THRESHOLD, 2 << 20)
 
 
 def worker_loader(dataset: Any, workers: int, **kw: Any) -> torch.utils.data.DataLoader:

@@ -8,15 +8,12 @@ once freed memory is kept; bench/fast.py). The price: the process keeps its peak
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
-import sys
+
+from imclass.data.malloc import M_MMAP_MAX, M_TRIM_THRESHOLD, mallopt
 
 __all__ = ["retain_freed_memory"]
 
-_M_TRIM_THRESHOLD = -1  # mallopt parameter numbers from glibc's malloc.h
-_M_MMAP_MAX = -4
 _active = False
 
 
@@ -31,12 +28,8 @@ def retain_freed_memory() -> bool:
     global _active
     if _active:
         return True
-    if os.environ.get("IMCLASS_RETAIN_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+    setting = mallopt()
+    if os.environ.get("IMCLASS_RETAIN_MEMORY", "1") == "0" or setting is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and other C libraries have no mallopt
-        return False
-    _active = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    _active = bool(setting(M_MMAP_MAX, 0)) and bool(setting(M_TRIM_THRESHOLD, 2**31 - 1))
     return _active
