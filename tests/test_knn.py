@@ -451,3 +451,21 @@ def test_searches_keep_the_callers_torch_thread_count(small):
             require_kernel(backend)
         KNN(2, metric=metric, backend=backend).fit(x, y).predict(xt[:4])
         assert torch.get_num_threads() == 1, (metric, backend)
+
+
+def test_torch_blocks_on_wide_rows_take_fewer_rows_at_a_time_and_find_the_same_neighbours(monkeypatch):
+    """A chunk's float64 copy is bounded in bytes, not rows (4,096 rows of a 224 px image were 4.9 GB)."""
+    from imclass.knn import _knn_torch
+
+    assert _knn_torch.chunk_rows(3 * 32 * 32) == _knn_torch.TRAIN_CHUNK  # CIFAR-10 rows: unchanged
+    assert _knn_torch.chunk_rows(3 * 224 * 224) == 111  # 111 x 150,528 x 8 bytes < 128 MB
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (300, 3, 8, 8), dtype=torch.uint8, generator=g)
+    q = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=g)
+    whole = KNN(5, metric="l2", backend="torch").fit(x, torch.arange(300) % 3).kneighbors(q)
+    monkeypatch.setattr(_knn_torch, "CHUNK_BYTES", 8 * 192 * 7)  # 7 rows of 192 values per chunk
+    assert _knn_torch.chunk_rows(192) == 7
+    chunked = KNN(5, metric="l2", backend="torch").fit(x, torch.arange(300) % 3).kneighbors(q)
+    assert torch.equal(chunked[1], whole[1]) and torch.equal(chunked[0], whole[0])
+    exact = ((q.flatten(1).double()[:, None] - x.flatten(1).double()[None]) ** 2).sum(-1)
+    assert torch.equal(whole[1], torch.sort(exact, dim=1, stable=True).indices[:, :5])

@@ -10,6 +10,7 @@ import torch
 
 from imclass.data.arrays import as_images, as_labels
 from imclass.explain._net import as_net, class_name, features, one_image
+from imclass.knn import KNN
 from imclass.visualize.grids import save_captioned_grid
 from imclass.visualize.plots import pyplot, save_figure
 
@@ -27,20 +28,6 @@ def _nearest(train: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, 
     return dist[0], idx[0]
 
 
-def _nearest_pixels(train_images: torch.Tensor, query: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` training images nearest to ``query`` by L2 distance over raw pixels, ties by index: exact
-    (float64 sums of squared uint8 differences), a chunk of images at a time, so no float copy of the whole
-    set is made (2,936 photos at 224 px: 1.8 GB as float32)."""
-    q = query.flatten().to(torch.int32)
-    chunk = max(1, (1 << 22) // max(1, q.numel()))  # about 4 M pixel values (16 MB of int32) at a time
-    squared = torch.empty(len(train_images), dtype=torch.float64)
-    for start in range(0, len(train_images), chunk):
-        diff = train_images[start : start + chunk].flatten(1).to(torch.int32) - q
-        squared[start : start + chunk] = (diff * diff).sum(1, dtype=torch.int64).to(torch.float64)
-    order = torch.argsort(squared, stable=True)[: min(k, len(train_images))]
-    return squared[order].sqrt().numpy(), order.numpy()
-
-
 def neighbours(model: Any, image: Any, train_images: Any, train_labels: Any, *, k: int = 8,
                classes: Sequence[str] | None = None, out: str | Path | None = None,
                true_class: str | None = None) -> dict[str, Any]:
@@ -54,7 +41,9 @@ def neighbours(model: Any, image: Any, train_images: Any, train_labels: Any, *, 
     x = one_image(image, net)
     query = (x[0].cpu() * 255).round().to(torch.uint8)
     names = list(classes or net.classes or [str(i) for i in range(int(train_labels.max()) + 1)])
-    pix_d, pix_i = _nearest_pixels(train_images, query, k)
+    # exact L2 over the uint8 pixels, ties by index, a bounded chunk of rows at a time (no float copy of the set)
+    pixels = KNN(k=min(k, len(train_images)), metric="l2", backend="torch").fit(train_images, train_labels)
+    pix_d, pix_i = (t[0].numpy() for t in pixels.kneighbors(query[None]))
     query_feats = torch.nn.functional.normalize(features(net, query[None], progress=False), dim=1).numpy()
     train_feats = torch.nn.functional.normalize(features(net, train_images), dim=1).numpy()  # no copy of the images
     feat_d, feat_i = _nearest(train_feats, query_feats, k)

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["TRAIN_CHUNK", "cosine_block", "l1_block", "l2_block", "norms", "smallest_k"]
+__all__ = ["TRAIN_CHUNK", "chunk_rows", "cosine_block", "l1_block", "l2_block", "norms", "smallest_k"]
 
 TRAIN_CHUNK = 4096  # training rows compared with a query chunk at once
+CHUNK_BYTES = 1 << 27  # the float64 copy a block makes of a chunk of rows stays under 128 MB
+
+
+def chunk_rows(width: int) -> int:
+    """Rows per chunk for rows of ``width`` values: ``TRAIN_CHUNK``, fewer for wide rows (images at 224 px:
+    111), so that a chunk's float64 copy stays under ``CHUNK_BYTES`` whatever the image size."""
+    return max(1, min(TRAIN_CHUNK, CHUNK_BYTES // (8 * max(1, width))))
 
 
 def l2_block(q: torch.Tensor, t: torch.Tensor, qn: torch.Tensor, tn: torch.Tensor) -> torch.Tensor:
@@ -34,7 +41,7 @@ def norms(rows: torch.Tensor, metric: str) -> torch.Tensor | None:
     """Per-row quantity the block function needs: squared norms (L2), norms with 0 -> 1 (cosine)."""
     if metric == "l1":
         return None
-    sq = torch.cat([(c.double() ** 2).sum(1) for c in rows.split(TRAIN_CHUNK)])
+    sq = torch.cat([(c.double() ** 2).sum(1) for c in rows.split(chunk_rows(rows.shape[1]))])
     if metric == "l2":
         return sq
     n = sq.sqrt()

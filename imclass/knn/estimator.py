@@ -44,6 +44,7 @@ from imclass.data.arrays import as_images, as_labels
 from imclass.data.progress import Progress
 from imclass.knn import _knn_int8, _knn_kernels, _knn_pruned, _select
 from imclass.knn._knn_torch import TRAIN_CHUNK as _TRAIN_CHUNK
+from imclass.knn._knn_torch import chunk_rows as _chunk_rows
 from imclass.knn._knn_torch import cosine_block as _cosine_block
 from imclass.knn._knn_torch import l1_block as _l1_block_torch
 from imclass.knn._knn_torch import l2_block as _l2_block_torch
@@ -303,8 +304,10 @@ class KNN:
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """``_search`` with a block kernel: every distance computed, chunk by chunk."""
         n = self.n_samples_fit_
-        chunk = _TRAIN_CHUNK if backend == "torch" else 4 * _TRAIN_CHUNK
+        chunk = _chunk_rows(self.n_features_in_) if backend == "torch" else 4 * _TRAIN_CHUNK
         batch = self.batch_size or max(64, _MAX_BLOCK // min(n, chunk))
+        if backend == "torch" and self.batch_size is None:  # its blocks copy the query rows to float64 too
+            batch = min(batch, chunk)
         block, row_constant = self._block_fn(backend, exact)  # integer L2 rankings leave out |q|^2
         bar = Progress(len(queries), f"{k}-NN {self.metric_}", unit="queries", verbose=self.verbose)
         out_d, out_i = [], []
