@@ -189,7 +189,7 @@ def _noise_photos(root: Path, per_class: int) -> Path:
 def test_cache_tier_fine_tuning_peak_anonymous_memory_does_not_grow_with_the_number_of_photos(tmp_path):
     """Both stages over 4x more photos stored at 320 px (307 kB each): the cache tier's peak anonymous memory
     (sampled every 2 ms in a child process) stays put (measured: -3 to +8 MB for 99.5 MB more pixels: the
-    features, N x D floats, and allocator noise); the memory tier's grows by the pixels (the measure sees them)."""
+    features, N x D floats, and allocator noise); the memory tier's holds the pixels on top (the measure sees them)."""
     small, large = _noise_photos(tmp_path / "small", 40), _noise_photos(tmp_path / "large", 160)
     script = tmp_path / "peak.py"
     script.write_text(textwrap.dedent(_PEAK))
@@ -201,11 +201,13 @@ def test_cache_tier_fine_tuning_peak_anonymous_memory_does_not_grow_with_the_num
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(done.stdout.strip().splitlines()[-1])
 
-    c_small, c_large, m_small = run(small, "cache"), run(large, "cache"), run(small, "memory")
+    c_small, c_large, m_large = run(small, "cache"), run(large, "cache"), run(large, "memory")
     extra = c_large["stored"] - c_small["stored"]  # 324 more training images of 3x320x320: 99.5 MB
     assert c_large["n"] == 432 and extra > 99e6
-    figures = {"cache small": c_small, "cache large": c_large, "memory small": m_small}
-    assert m_small["peak"] > c_small["peak"] + 0.8 * c_small["stored"], figures  # the measure sees held pixels
+    figures = {"cache small": c_small, "cache large": c_large, "memory large": m_large}
+    # the measure sees held pixels: 132.7 MB held, measured +130 to +143 MB over the cache tier (the 33 MB of the
+    # small set were within the runs' noise of about 10 MB, and once came out 22 MB)
+    assert m_large["peak"] > c_large["peak"] + 0.8 * c_large["stored"], figures
     assert c_large["peak"] - c_small["peak"] < 0.2 * extra, figures
 
 
