@@ -225,17 +225,18 @@ class TierChoice:
                 f"({self.reason}): {where}")
 
 
-def model_reserve(model: torch.nn.Module | None = None) -> int:
+def model_reserve(model: torch.nn.Module | None = None, activations: int | None = None) -> int:
     """Bytes to keep free beside the images for ``model`` while it trains or predicts: ``RESERVE_FACTOR``
-    x its parameter and buffer bytes (weights, gradients, two optimizer moments) + ``ACTIVATION_RESERVE``
-    (one batch's activations); None (the model is built after the data is read): ``DEFAULT_MODEL_BYTES``
-    of parameters (512 MB in all)."""
+    x its parameter and buffer bytes (weights, gradients, two optimizer moments) + ``activations``, the
+    bytes of one batch's activations (None: ``ACTIVATION_RESERVE``; the engine counts them for a model and a
+    batch size: ``imclass.train.memory.activation_reserve``); ``model`` None (the model is built after the data
+    is read): ``DEFAULT_MODEL_BYTES`` of parameters (512 MB in all)."""
     if model is None:
         weights = DEFAULT_MODEL_BYTES
     else:
         tensors = list(model.parameters()) + list(model.buffers())
         weights = sum(t.numel() * t.element_size() for t in tensors)
-    return RESERVE_FACTOR * weights + ACTIVATION_RESERVE
+    return RESERVE_FACTOR * weights + (ACTIVATION_RESERVE if activations is None else int(activations))
 
 
 def choose_mode(n_images: int, image_shape: Sequence[int], requested: str | None = None, *,

@@ -23,12 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from imclass import config_file
 
 from imclass import data as imdata, models
 from imclass.data.challenge_transforms import ChallengeAugment, parse_challenges
 from imclass.data.check import quick_check
-from imclass.data.folder import default_image_size
+from imclass.data.folder import class_folders, default_image_size, parse_image_size, split_folders
+from imclass.data.source import model_reserve
 from imclass.model_file.format import load_weights
 from imclass.model_file.save import save
 from imclass.models.rebuild import load
@@ -38,6 +41,7 @@ from imclass.train.checkpoint import CHECKPOINT_NAME
 from imclass.train.device import resolve_device
 from imclass.train.distributed import is_main
 from imclass.train.lr_range import LRFindResult, clean_curve
+from imclass.train.memory import activation_reserve
 from imclass.train.run_folder import BEST_FILE, CONFUSION_FILE, LAST_FILE, fresh_run_dir, held_out_figures, link_or_copy
 from imclass.train.seed import seed_everything
 from imclass.visualize.training import save_confusion_matrix
@@ -497,13 +501,37 @@ def _load_data(cfg: RunConfig):
     shards = (folder / "index.json").is_file()  # `imclass data shard` output: images at the size they were written
     if folder.is_dir() and size is None and not shards:
         size = default_image_size(folder)
+    reserve = _model_reserve(cfg, folder, size) if folder.is_dir() and size is not None and not shards else None
     # --limit: a seeded, stratified sample of each split (imclass.data.split.limit_indices), before decoding
     sets = [imdata.load(cfg.dataset, split=split, root=cfg.data_root, image_size=size, limit=cfg.limit,
-                        seed=cfg.seed or 0, mode=cfg.data_mode) for split in ("train", "test")]
+                        seed=cfg.seed or 0, mode=cfg.data_mode, reserve=reserve) for split in ("train", "test")]
     if folder.is_dir() and cfg.image_size is None and not shards:
         for ds in sets:
             ds.notes.append(f"images resized to {size[0]}x{size[1]} (the default without --image-size)")
     return sets[0], sets[1]
+
+
+def _model_reserve(cfg: RunConfig, folder: Path, size: int | tuple[int, int]) -> int | None:
+    """The memory a registry model (``cfg.model``) needs to train on ``folder``'s images at ``size``: its
+    weights, gradients and optimizer moments, and its activations at ``cfg.batch_size`` counted on the meta
+    device (``imclass.train.memory.activation_reserve``) for the tier chooser; None (the chooser's default
+    reserve) for the fast recipe, a model file, or a model the meta device cannot run."""
+    if cfg.uses_fast_recipe or cfg.model is None or cfg.weights is not None:
+        return None
+    classes = class_folders(split_folders(folder).get("train", folder))
+    shape = (3, *parse_image_size(size))  # the channel count is read from the images later; colour is the larger case
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the seeded initialisation stays untouched
+        model = create_model(cfg.model, _DataShape(classes, shape), cfg.model_options)
+    activations = activation_reserve(model, shape, cfg.batch_size or DEFAULT_BATCH_SIZE)
+    return None if activations is None else model_reserve(model, activations)
+
+
+@dataclass(frozen=True)
+class _DataShape:
+    """What ``create_model`` reads of a data set: its classes and its image shape."""
+
+    classes: list
+    image_shape: tuple[int, int, int]
 
 
 def _warn_about_data(cfg: RunConfig, train_set, test_set) -> None:
