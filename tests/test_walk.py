@@ -119,3 +119,24 @@ def test_walk_stats_are_each_files_own_path_size_and_mtime(tmp_path, monkeypatch
     here = walk_classes(".", ["daisy", "roses"])
     assert [s[0] for s in here.stats] == [os.fspath(p) for p in here.paths] and here.stats[0][0] == "daisy/0.png"
     assert here.stats[0][2] == 1_234_567_891_234_567_890
+
+
+def test_a_listing_keeps_paths_as_text_and_reads_them_as_paths(tmp_path):
+    """A walk's paths are a PathTable: the text of each entry (os.fspath of folder / name), read back as the
+    Path the walk found, by index, slice, ``take`` (kept rows, in that order) and iteration; it pickles as
+    text (a stream tier's workers under spawn) and compares equal to the list of the same paths."""
+    import pickle
+
+    from imclass.data.walk import PathTable, take_paths
+
+    root = _photos(tmp_path / "photos")
+    listing = walk_classes(root, ["daisy", "roses"])
+    expected = sorted((root / "daisy").glob("*.png")) + sorted((root / "roses").glob("*.png"))
+    assert isinstance(listing.paths, PathTable) and listing.paths == expected and list(listing.paths) == expected
+    assert listing.paths.texts == [os.fspath(p) for p in expected]
+    assert listing.paths[1] == expected[1] and isinstance(listing.paths[1], type(expected[1]))
+    assert listing.paths[1:3] == expected[1:3] and isinstance(listing.paths[1:3], PathTable)
+    assert take_paths(listing.paths, [3, 0]) == [expected[3], expected[0]]
+    assert take_paths(expected, [3, 0]) == [expected[3], expected[0]]  # a plain list too
+    assert pickle.loads(pickle.dumps(listing.paths)) == listing.paths
+    assert listing.paths != expected[:-1] and (listing.paths + [root / "x.png"])[-1] == root / "x.png"

@@ -31,7 +31,7 @@ from imclass.data.decode import (
 )
 from imclass.data.source import Decoder, ImageList, UnreadableImageError, open_images
 from imclass.data.split import limit_indices, split_indices
-from imclass.data.walk import ClassWalk, relative_name, walk_classes
+from imclass.data.walk import ClassWalk, relative_name, take_paths, walk_classes
 
 # Deferred imports (inside functions), for start-up time: tqdm.auto
 # optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
@@ -188,7 +188,7 @@ def folder_images(path: str | os.PathLike, split: str = "train", *, test_fractio
         if split in ("train", "test"):
             train_idx, test_idx = split_indices(torch.tensor(labels), test_fraction, seed=seed)
             chosen = (train_idx if split == "train" else test_idx).tolist()
-            paths, labels, stats = [paths[i] for i in chosen], [labels[i] for i in chosen], [stats[i] for i in chosen]
+            paths, labels, stats = take_paths(paths, chosen), [labels[i] for i in chosen], [stats[i] for i in chosen]
             notes.append(
                 f"{split} split of a plain class-per-folder tree: "
                 f"{test_fraction:.0%} of each class held out as test, the rest train (seed {seed})"

@@ -37,6 +37,7 @@ import torch
 from imclass.data.dataset import ImageDataset
 from imclass.data.download import cache_dir as state_dir
 from imclass.data.progress import Progress
+from imclass.data.walk import take_paths
 
 # Deferred imports (inside functions), for start-up time: torch.distributed
 # optional or slow to import, loaded only where used (`import imclass`, `imclass --help` stay fast).
@@ -284,7 +285,7 @@ def _disk_free(folder: Path) -> int:
 class ImageList:
     """A data set before decoding: the image files, their labels, the class names, where they came from."""
 
-    paths: list[Path]
+    paths: Sequence[Path]  # a folder walk's PathTable (each Path made when read) or a list
     labels: list[int]
     classes: list[str]
     root: Path
@@ -302,7 +303,7 @@ class ImageList:
         """The files at ``indices`` (in that order), e.g. a seeded ``--limit`` sample before anything is decoded."""
         idx = [int(i) for i in indices]
         stats = [self.stats[i] for i in idx] if self.stats is not None else None
-        return ImageList([self.paths[i] for i in idx], [self.labels[i] for i in idx], list(self.classes), self.root,
+        return ImageList(take_paths(self.paths, idx), [self.labels[i] for i in idx], list(self.classes), self.root,
                          self.name, self.split, list(self.notes), stats)
 
 

@@ -172,7 +172,7 @@ class StreamSource:
                  verbose: bool = False) -> None:
         if len(images) == 0:
             raise ValueError("expected at least one image, received an empty data set")
-        self.paths: list[Path] = list(images.paths)
+        self.paths: Sequence[Path] = images.paths  # a PathTable from a folder walk: text, each Path made when read
         self.labels = torch.as_tensor(list(images.labels), dtype=torch.long)
         self.classes = list(images.classes)
         self.root = Path(images.root)

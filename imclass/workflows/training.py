@@ -520,8 +520,11 @@ def _model_reserve(cfg: RunConfig, folder: Path, size: int | tuple[int, int]) ->
         return None
     classes = class_folders(split_folders(folder).get("train", folder))
     shape = (3, *parse_image_size(size))  # the channel count is read from the images later; colour is the larger case
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the seeded initialisation stays untouched
-        model = create_model(cfg.model, _DataShape(classes, shape), cfg.model_options)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the seeded initialisation stays untouched
+            model = create_model(cfg.model, _DataShape(classes, shape), cfg.model_options)
+    except Exception:  # noqa: BLE001 - a factory that needs real tensors (e.g. reads weights): the default reserve
+        return None
     activations = activation_reserve(model, shape, cfg.batch_size or DEFAULT_BATCH_SIZE)
     return None if activations is None else model_reserve(model, activations)
 
