@@ -108,6 +108,28 @@ def _data_speed(d: dict) -> str:
             f"torchvision's images/s (N = {r['n']:,}, {d['workers']} workers)")
 
 
+def _data_start(d: dict) -> str:
+    per_n = d["per_n"]
+    sizes = sorted(per_n, key=int)
+    warm = [per_n[n]["cache_warm"] for n in sizes]
+
+    def each(key: str, scale: float = 1.0) -> str:
+        return " / ".join(f"{w[key] / scale:.2f}" for w in warm)
+
+    return (f"start-up {each('startup_s')} s (listing {each('listing_s')} s); peak anonymous memory "
+            f"{each('peak_anon_total', 1e9)} GB at N = {' / '.join(f'{int(n):,}' for n in sizes)}")
+
+
+def _memory_cap(d: dict) -> str:
+    parts = []
+    for case, r in d["cases"].items():
+        j = r.get("json") or {}
+        ran = (f"{_pct(j['accuracy'])}, {j['data_mode']} tier, {r['wall_s']:.0f} s" if r["rc"] == 0 and j
+               else f"rc {r['rc']}{', timed out' if r['timed_out'] else ''}")
+        parts.append(f"{case}: {ran}, peak anon {r['peak_anon_bytes_sampled'] / 1e9:.2f} GB, {r['oom_kills']} OOM kills")
+    return "; ".join(parts)
+
+
 FIGURES: tuple[Figure, ...] = (
     Figure("raw-pixel 1-NN on CIFAR-10, L1 / L2, all 10,000 test images (CS231n notes: 38.6 % / 35.4 %)",
            "bench/knn_full_test_set.json",
@@ -162,6 +184,13 @@ FIGURES: tuple[Figure, ...] = (
            "smallest to the largest N of synthetic 400×300 JPEGs; start-up on an existing cache",
            "bench/data_scale.json", _data_scale,
            command="python bench/data_scale.py --json bench/data_scale.json", minutes=40),
+    Figure("data of any size: start-up on an existing cache (listing, key, mapping, first batch in hand) and the "
+           "cache tier's peak anonymous memory, after the listing kept paths as text",
+           "bench/data_scale_cache.json", _data_start,
+           command="python bench/data_scale.py --tiers cache --out bench/data_scale_cache.json", minutes=10),
+    Figure("2 GiB memory cgroup: `imclass train` on 10,000 photos (transfer) and keras_cnn at 128 px on 30,000",
+           "bench/memory_cap_2gib.json", _memory_cap,
+           command="python bench/memory_cap.py --json bench/memory_cap_2gib.json", minutes=30),
     Figure("data of any size: images/s against torchvision ImageFolder + DataLoader, same workers and transforms "
            "(interleaved rounds, smallest N)",
            "bench/data_scale.json", _data_speed,

@@ -165,6 +165,7 @@ def _dir_id(path: str | os.PathLike) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
+_STAT_AT = os.stat in os.supports_dir_fd and os.scandir in os.supports_fd and hasattr(os, "O_DIRECTORY")
 _by_name = attrgetter("name")
 _is_link = methodcaller("is_symlink")  # from the directory entry's type: no system call
 
@@ -195,44 +196,54 @@ def walk_images(root: str | os.PathLike, *, seen: set[tuple[int, int]] | None = 
     while stack:
         folder, parts = stack.pop()
         base = os.fspath(folder)
-        base = "" if base == "." else base  # os.fspath(Path(".") / name) is name itself
+        # os.fspath(folder / name): name itself under ".", base + name under "/", else base + "/" + name
+        prefix = "" if base == "." else base if base.endswith(os.sep) else base + os.sep
+        dir_fd = None
         try:
-            with os.scandir(folder) as it:
+            if _STAT_AT:  # stat each name relative to the open folder: no walk of the whole path per file
+                dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            with os.scandir(folder if dir_fd is None else dir_fd) as it:
                 entries = sorted(it, key=_by_name)
             entries.sort(key=_is_link)  # stable: real entries first (real folders claim themselves), each part by name
         except OSError:
+            if dir_fd is not None:
+                os.close(dir_fd)
             walk.skipped.append((folder, "unreadable"))
             continue
         subfolders = []
-        for entry in entries:
-            name = entry.name
-            if name.startswith("."):
-                walk.skipped.append((folder / name, "hidden"))
-                continue
-            try:
-                st = os.stat(entry.path)  # follows links; never opens the file
-            except FileNotFoundError:
-                walk.skipped.append((folder / name, "broken link"))
-                continue
-            except OSError:
-                walk.skipped.append((folder / name, "unreadable"))
-                continue
-            mode = st.st_mode
-            if stat.S_ISREG(mode):
-                if name.lower().endswith(wanted):
-                    text = entry.path if base else name  # == os.fspath(folder / name), without formatting the Path
-                    found.append(((*parts, name), (text, st.st_size, st.st_mtime_ns)))
+        try:
+            for entry in entries:
+                name = entry.name
+                if name.startswith("."):
+                    walk.skipped.append((folder / name, "hidden"))
+                    continue
+                try:
+                    # follows links; never opens the file
+                    st = os.stat(prefix + name) if dir_fd is None else os.stat(name, dir_fd=dir_fd)
+                except FileNotFoundError:
+                    walk.skipped.append((folder / name, "broken link"))
+                    continue
+                except OSError:
+                    walk.skipped.append((folder / name, "unreadable"))
+                    continue
+                mode = st.st_mode
+                if stat.S_ISREG(mode):
+                    if name.lower().endswith(wanted):
+                        found.append(((*parts, name), (prefix + name, st.st_size, st.st_mtime_ns)))
+                    else:
+                        walk.skipped.append((folder / name, "not an image name"))
+                elif stat.S_ISDIR(mode):
+                    key = (st.st_dev, st.st_ino)
+                    if key in seen:
+                        walk.skipped.append((folder / name, "repeated folder"))
+                    else:
+                        seen.add(key)
+                        subfolders.append((folder / name, (*parts, name)))
                 else:
-                    walk.skipped.append((folder / name, "not an image name"))
-            elif stat.S_ISDIR(mode):
-                key = (st.st_dev, st.st_ino)
-                if key in seen:
-                    walk.skipped.append((folder / name, "repeated folder"))
-                else:
-                    seen.add(key)
-                    subfolders.append((folder / name, (*parts, name)))
-            else:
-                walk.skipped.append((folder / name, "not a regular file"))
+                    walk.skipped.append((folder / name, "not a regular file"))
+        finally:
+            if dir_fd is not None:
+                os.close(dir_fd)
         stack.extend(reversed(subfolders))
     found.sort(key=lambda f: f[0])  # the parts below root: the order of sorting the Paths themselves
     walk.stats = [f[1] for f in found]
