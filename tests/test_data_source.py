@@ -228,6 +228,26 @@ def test_cache_is_invalidated_by_any_change(tmp_path, cache_env):
     assert len(imdata.load(folder, split="all", image_size=16, mode="cache")) == len(ds)
 
 
+def test_the_cache_key_is_the_digest_of_every_file_line_whatever_the_chunk(tmp_path, monkeypatch):
+    """The key hashes one line per file (path, size, mtime, label) a chunk at a time, so that the text of a
+    100,000-file key is never held at once (93 MB of anonymous memory it kept before): the digest is the
+    sha256 of all the lines in one piece, whatever the chunk size."""
+    import hashlib
+
+    import imclass.data.source as source
+
+    images = folder_images(_photos(tmp_path / "photos", 5), "all")
+    decoder = folder_decoder((16, 16))
+    whole = source.cache_key(images, decoder)
+    monkeypatch.setattr(source, "_KEY_CHUNK", 2)
+    assert source.cache_key(images, decoder) == whole
+    head = {"v": source._CACHE_VERSION, "decoder": decoder.key, "size": [16, 16], "channels": decoder.channels,
+            "classes": images.classes}
+    lines = "".join(f"{t}\0{size}\0{mtime}\0{y}\n" for (t, size, mtime), y in zip(images.stats, images.labels))
+    expected = hashlib.sha256(json.dumps(head, sort_keys=True).encode() + lines.encode()).hexdigest()[:32]
+    assert whole == expected and len(images) == len(images.stats) > 2
+
+
 def test_a_warm_start_stats_each_file_once_and_decodes_nothing(tmp_path, cache_env, monkeypatch):
     """Start-up on an existing cache: listing the folder, the cache key and mapping the cache take one
     stat per image file, no open of any image file and no decode; a plain (unsplit) copy of the key
@@ -243,10 +263,12 @@ def test_a_warm_start_stats_each_file_once_and_decodes_nothing(tmp_path, cache_e
     opened: list[str] = []
     real_stat, real_open = os.stat, builtins.open
 
-    def counting_stat(path, *args, **kwargs):
-        if os.fspath(path) in files:
-            stats.append(os.fspath(path))
-        return real_stat(path, *args, **kwargs)
+    def counting_stat(path, *args, dir_fd=None, **kwargs):
+        # the walk stats each name relative to its open folder (dir_fd): name the file it reaches
+        full = os.fspath(path) if dir_fd is None else os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+        if full in files:
+            stats.append(full)
+        return real_stat(path, *args, dir_fd=dir_fd, **kwargs)
 
     def counting_open(path, *args, **kwargs):
         if isinstance(path, (str, os.PathLike)) and os.fspath(path) in files:

@@ -73,6 +73,7 @@ RESERVE_FACTOR = 4
 ACTIVATION_RESERVE = 256 << 20
 DEFAULT_MODEL_BYTES = 64 << 20
 _CACHE_VERSION = 1
+_KEY_CHUNK = 4096  # files hashed per update: the key's text is never held for every file at once
 _FLUSH_BYTES = 256 << 20  # write a building cache back to disk every so many bytes (bounded dirty pages)
 
 
@@ -377,8 +378,10 @@ def cache_key(images: ImageList, decoder: Decoder) -> str:
     stats = images.stats
     if stats is None or len(stats) != len(images.paths):
         stats = [(os.fspath(p), st.st_size, st.st_mtime_ns) for p, st in zip(images.paths, map(os.stat, images.paths))]
-    lines = [f"{text}\0{size}\0{mtime}\0{label}\n" for (text, size, mtime), label in zip(stats, images.labels)]
-    h.update("".join(lines).encode())  # the same bytes as one update per file
+    labels = images.labels
+    for start in range(0, len(stats), _KEY_CHUNK):  # the same bytes as one update per file, a chunk at a time
+        h.update("".join(f"{text}\0{size}\0{mtime}\0{label}\n" for (text, size, mtime), label
+                         in zip(stats[start:start + _KEY_CHUNK], labels[start:start + _KEY_CHUNK])).encode())
     return h.hexdigest()[:32]
 
 
