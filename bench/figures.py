@@ -116,8 +116,11 @@ def _data_start(d: dict) -> str:
     def each(key: str, scale: float = 1.0) -> str:
         return " / ".join(f"{w[key] / scale:.2f}" for w in warm)
 
-    return (f"start-up {each('startup_s')} s (listing {each('listing_s')} s); peak anonymous memory "
-            f"{each('peak_anon_total', 1e9)} GB at N = {' / '.join(f'{int(n):,}' for n in sizes)}")
+    spread = [max(w["rounds"]["peak_anon_total"]) - min(w["rounds"]["peak_anon_total"]) for w in warm if "rounds" in w]
+    runs = f"median of {len(warm[0]['rounds']['startup_s'])} warm starts; " if "rounds" in warm[0] else ""
+    moved = f", moving up to {max(spread) / 1e6:.0f} MB between identical runs" if spread else ""
+    return (f"{runs}start-up {each('startup_s')} s (listing {each('listing_s')} s); peak anonymous memory "
+            f"{each('peak_anon_total', 1e9)} GB{moved}; N = {' / '.join(f'{int(n):,}' for n in sizes)}")
 
 
 def _memory_cap(d: dict) -> str:
