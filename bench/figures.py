@@ -123,6 +123,13 @@ def _data_start(d: dict) -> str:
             f"{each('peak_anon_total', 1e9)} GB{moved}; N = {' / '.join(f'{int(n):,}' for n in sizes)}")
 
 
+def _data_stream(d: dict) -> str:
+    per_n = d["per_n"]
+    sizes = sorted(per_n, key=int)
+    peaks = " / ".join(f"{per_n[n]['stream']['peak_anon_total'] / 1e9:.2f}" for n in sizes)
+    return f"{peaks} GB with its workers; N = {' / '.join(f'{int(n):,}' for n in sizes)}"
+
+
 def _memory_cap(d: dict) -> str:
     parts = []
     for case, r in d["cases"].items():
@@ -191,6 +198,10 @@ FIGURES: tuple[Figure, ...] = (
            "cache tier's peak anonymous memory, after the listing kept paths as text",
            "bench/data_scale_cache.json", _data_start,
            command="python bench/data_scale.py --tiers cache --out bench/data_scale_cache.json", minutes=10),
+    Figure("data of any size: the stream tier's peak anonymous memory (main process and its 2 decoding workers, "
+           "one epoch), after the listing kept paths as text",
+           "bench/data_scale_stream.json", _data_stream,
+           command="python bench/data_scale.py --tiers stream --out bench/data_scale_stream.json", minutes=5),
     Figure("2 GiB memory cgroup: `imclass train` on 10,000 photos (transfer) and keras_cnn at 128 px on 30,000",
            "bench/memory_cap_2gib.json", _memory_cap,
            command="python bench/memory_cap.py --json bench/memory_cap_2gib.json", minutes=30),
