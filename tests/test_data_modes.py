@@ -69,6 +69,20 @@ def test_explain_neighbours_and_tsne_read_every_tier_alike(setup):
     assert maps["memory"] == maps["cache"] == maps["stream"]  # the same neighbours drawn
 
 
+def test_explain_searches_the_training_images_where_they_are(setup):
+    """The pixel search of explain's neighbours and same_l2 takes the memory tier's tensor and the cache tier's
+    memory map themselves (no copy of every training image into the process); the stream tier reads them."""
+    from imclass import data as imdata
+    from imclass.cli.explain import _pixels
+
+    folder, _, _ = setup
+    sets = {m: imdata.load(folder, split="train", image_size=16, mode=m, verbose=False) for m in MODES}
+    for m in ("memory", "cache"):
+        assert _pixels(sets[m]).data_ptr() == sets[m].images.data_ptr(), m
+    streamed = _pixels(sets["stream"])
+    assert streamed.shape == (24, 3, 16, 16) and torch.equal(streamed, sets["memory"].images)
+
+
 def test_challenge_gives_the_same_accuracies_in_every_tier(setup):
     folder, run, root = setup
     results = {m: _json(["challenge", run, folder, "--report", root / f"ch-{m}", "--challenges", "occlusion,illumination",

@@ -146,9 +146,14 @@ def _load(saved: Any, dataset: str, split: str, root: Optional[str], *, limit: O
 
 
 def _pixels(source: Any) -> Any:
-    """All images of a (``--limit``-sized) source as one uint8 tensor (N, C, H, W), whatever its tier."""
+    """All images of a (``--limit``-sized) source as one uint8 tensor (N, C, H, W), whatever its tier: the
+    source's own tensor when it holds one (the memory tier's, or the cache tier's memory map: no copy, which
+    was 0.44 GB more for the flowers at 224 px), else read (the stream tier)."""
     import torch
 
+    images = getattr(source, "images", None)
+    if isinstance(images, torch.Tensor):
+        return images
     return source.read(torch.arange(len(source)))
 
 
