@@ -193,11 +193,11 @@ FIGURES: tuple[Figure, ...] = (
     Figure("data of any size: peak anonymous memory of the cache / stream tiers (with their workers) from the "
            "smallest to the largest N of synthetic 400×300 JPEGs; start-up on an existing cache",
            "bench/data_scale.json", _data_scale,
-           command="python bench/data_scale.py --json bench/data_scale.json", minutes=40),
+           command="python bench/data_scale.py --out bench/data_scale.json", minutes=40),
     Figure("data of any size: start-up on an existing cache (listing, key, mapping, first batch in hand) and the "
            "cache tier's peak anonymous memory, after the listing kept paths as text",
            "bench/data_scale_cache.json", _data_start,
-           command="python bench/data_scale.py --tiers cache --out bench/data_scale_cache.json", minutes=10),
+           command="python bench/data_scale.py --tiers cache --rounds 5 --out bench/data_scale_cache.json", minutes=10),
     Figure("data of any size: the stream tier's peak anonymous memory (main process and its 2 decoding workers, "
            "one epoch), after the listing kept paths as text",
            "bench/data_scale_stream.json", _data_stream,
@@ -208,7 +208,7 @@ FIGURES: tuple[Figure, ...] = (
     Figure("data of any size: images/s against torchvision ImageFolder + DataLoader, same workers and transforms "
            "(interleaved rounds, smallest N)",
            "bench/data_scale.json", _data_speed,
-           command="python bench/data_scale.py --json bench/data_scale.json", minutes=40),
+           command="python bench/data_scale.py --out bench/data_scale.json", minutes=40),
 )
 
 
