@@ -193,7 +193,12 @@ def test_shard_loader_splits_shards_over_ranks_and_workers(shard_dir):
     for k, _, y in source.loader(8, seed=5, workers=0).indexed_batches(0):
         assert torch.equal(labels[k], y)
     with pytest.raises(ValueError, match="8 train shard\\(s\\) for 4 rank\\(s\\) x 4 worker\\(s\\): write smaller shards"):
-        source.loader(8, world_size=4, workers=4)
+        source.loader(8, world_size=4, workers=4)  # asked for: refused
+    with pytest.warns(UserWarning, match="8 train shard\\(s\\) for 8 rank\\(s\\): reading them with 1 worker\\(s\\) per rank, not 2"):
+        fewer = source.loader(8, world_size=8, rank=3)  # the default: as many workers as the shards allow
+    assert fewer.workers == 1 and fewer.stream(0).assigned(0) == [fewer.order(0).tolist()[3]]
+    with pytest.raises(ValueError, match="8 train shard\\(s\\) for 16 rank\\(s\\): every rank reads shards of its own"):
+        source.loader(16, world_size=16)
 
 
 _CHILD = textwrap.dedent('''

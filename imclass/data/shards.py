@@ -402,6 +402,15 @@ class ShardLoader:
         per_rank = len(source) // self.world_size
         self.steps = per_rank // self.local if drop_last or per_rank % self.local == 0 else -(-per_rank // self.local)
         shards = len(source.shard_paths)
+        if shards < self.world_size:
+            raise ValueError(f"{source.folder} has {shards} {source.split} shard(s) for {self.world_size} rank(s): "
+                             "every rank reads shards of its own; write smaller shards (imclass data shard --shard-size)")
+        if workers is None and self.workers > shards // self.world_size:
+            # each worker reads shards of its own: a small set written as one shard reads with one worker
+            warnings.warn(f"{source.folder} has {shards} {source.split} shard(s) for {self.world_size} rank(s): "
+                          f"reading them with {shards // self.world_size} worker(s) per rank, not {self.workers} "
+                          "(smaller shards, imclass data shard --shard-size, read with more)", stacklevel=2)
+            self.workers = shards // self.world_size
         if shards < self.world_size * max(1, self.workers):
             raise ValueError(f"{source.folder} has {shards} {source.split} shard(s) for {self.world_size} rank(s) x "
                              f"{max(1, self.workers)} worker(s): write smaller shards (imclass data shard --shard-size) "
