@@ -27,6 +27,7 @@ __all__ = ["activation_reserve", "limited_memory", "retain_freed_memory", "step_
 
 RETAIN_MIN_BYTES = 4 << 30
 _active = False
+_limited: bool | None = None  # limited_memory(), read once (every prediction of a server asks)
 
 
 def retain_freed_memory() -> bool:
@@ -38,11 +39,15 @@ def retain_freed_memory() -> bool:
     than ``RETAIN_MIN_BYTES`` (``limited_memory``). ``Classifier.fit`` and ``Classifier.predict*``/``evaluate``
     call it on a CPU, and so does ``imclass.transfer.extract_features``.
     """
-    global _active
+    global _active, _limited
     if _active:
         return True
     setting = mallopt()
-    if os.environ.get("IMCLASS_RETAIN_MEMORY", "1") == "0" or setting is None or limited_memory():
+    if os.environ.get("IMCLASS_RETAIN_MEMORY", "1") == "0" or setting is None:
+        return False
+    if _limited is None:
+        _limited = limited_memory()
+    if _limited:
         return False
     _active = bool(setting(M_MMAP_MAX, 0)) and bool(setting(M_TRIM_THRESHOLD, 2**31 - 1))
     return _active
