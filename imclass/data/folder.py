@@ -82,6 +82,15 @@ def split_folders(root: Path) -> dict[str, Path]:
     return found if "train" in found and len(found) > 1 else {}
 
 
+def folder_classes(root: Path) -> list[str]:
+    """The class names of a class-per-folder tree: the class sub-folders of every split folder (sorted, all
+    splits together) when it has them (``split_folders``), else its own class sub-folders."""
+    splits = split_folders(root)
+    if splits:
+        return sorted({c.name for folder in splits.values() for c in class_folders(folder)})
+    return [c.name for c in class_folders(root)]
+
+
 def list_images(folder: Path, classes: Sequence[str]) -> tuple[list[Path], list[int]]:
     """Image files under ``folder/<class>/`` (searched recursively, sorted) and their class indices.
 
@@ -166,9 +175,9 @@ def folder_images(path: str | os.PathLike, split: str = "train", *, test_fractio
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder: {root}")
     splits = split_folders(root)
+    classes = folder_classes(root)
     notes: list[str] = []
     if splits:
-        classes = sorted({c.name for folder in splits.values() for c in class_folders(folder)})
         if split == "test" and "test" not in splits:
             notes.append(f"{root} has no test/ folder: val/ is used as the test split")
             split_dir = splits["val"]
@@ -182,7 +191,6 @@ def folder_images(path: str | os.PathLike, split: str = "train", *, test_fractio
         found = list_class_files(split_dir, classes)
         paths, labels, stats = found.paths, found.labels, found.stats
     else:
-        classes = [c.name for c in class_folders(root)]
         found = list_class_files(root, classes)
         paths, labels, stats = found.paths, found.labels, found.stats
         if split in ("train", "test"):

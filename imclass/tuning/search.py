@@ -172,7 +172,7 @@ def train_classifier(cfg: TuneConfig, params: dict[str, Any], train_set, validat
     model_name, options, train = _split_params(params, cfg)
     if model_name == "knn":
         raise ValueError("model 'knn' cannot be searched together with neural networks in one space")
-    model = create_model(model_name, train_set, options)
+    model = create_model(model_name, len(train_set.classes), train_set.image_shape, options)
     clf = Classifier(model, classes=train_set.classes, device=cfg.device)
     optimizer = train.get("optimizer", "adam")
     clf.compile(

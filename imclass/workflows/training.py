@@ -30,7 +30,7 @@ from imclass import config_file
 from imclass import data as imdata, models
 from imclass.data.challenge_transforms import ChallengeAugment, parse_challenges
 from imclass.data.check import quick_check
-from imclass.data.folder import class_folders, default_image_size, parse_image_size, split_folders
+from imclass.data.folder import default_image_size, folder_classes, parse_image_size
 from imclass.data.source import model_reserve
 from imclass.model_file.format import load_weights
 from imclass.model_file.save import save
@@ -518,23 +518,14 @@ def _model_reserve(cfg: RunConfig, folder: Path, size: int | tuple[int, int]) ->
     reserve) for the fast recipe, a model file, or a model the meta device cannot run."""
     if cfg.uses_fast_recipe or cfg.model is None or cfg.weights is not None:
         return None
-    classes = class_folders(split_folders(folder).get("train", folder))
     shape = (3, *parse_image_size(size))  # the channel count is read from the images later; colour is the larger case
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the seeded initialisation stays untouched
-            model = create_model(cfg.model, _DataShape(classes, shape), cfg.model_options)
+            model = create_model(cfg.model, len(folder_classes(folder)), shape, cfg.model_options)
     except Exception:  # noqa: BLE001 - a factory that needs real tensors (e.g. reads weights): the default reserve
         return None
     activations = activation_reserve(model, shape, cfg.batch_size or DEFAULT_BATCH_SIZE)
     return None if activations is None else model_reserve(model, activations)
-
-
-@dataclass(frozen=True)
-class _DataShape:
-    """What ``create_model`` reads of a data set: its classes and its image shape."""
-
-    classes: list
-    image_shape: tuple[int, int, int]
 
 
 def _warn_about_data(cfg: RunConfig, train_set, test_set) -> None:
@@ -554,7 +545,7 @@ def _warn_about_data(cfg: RunConfig, train_set, test_set) -> None:
 def _build_classifier(cfg: RunConfig, train_set):
     """A fresh model from the registry, or the model of the file ``cfg.weights`` (fine-tuning)."""
     if cfg.weights is None:
-        model = create_model(cfg.model, train_set, cfg.model_options)
+        model = create_model(cfg.model, len(train_set.classes), train_set.image_shape, cfg.model_options)
         # mean/std are computed from the training images by the first fit
         return Classifier(model, classes=train_set.classes, device=cfg.device)
     start = load(cfg.weights, device=cfg.device)
@@ -575,10 +566,11 @@ def _build_classifier(cfg: RunConfig, train_set):
     return Classifier(model, classes=train_set.classes, mean=start.mean, std=start.std, device=cfg.device)
 
 
-def create_model(name: str, train_set, options: dict):
-    """``models.create`` with the data set's classes, channels and (when the model takes it) image size."""
-    c, h, w = train_set.image_shape
-    base = {"num_classes": len(train_set.classes), "in_chans": c}
+def create_model(name: str, num_classes: int, image_shape: tuple[int, int, int], options: dict):
+    """``models.create`` for ``num_classes`` classes of images of ``image_shape`` (C, H, W): its channels and
+    (when the model takes it) its size."""
+    c, h, w = image_shape
+    base = {"num_classes": num_classes, "in_chans": c}
     if h == w and "img_size" not in options:
         try:
             return models.create(name, **base, img_size=h, **options)
